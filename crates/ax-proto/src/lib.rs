@@ -1,0 +1,156 @@
+//! Wire types between `ax exec`, the `ax` CLI and `ax daemon`.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of
+//! postcard-encoded [`Frame`]. Every frame carries [`PROTOCOL_VERSION`]; a
+//! peer that speaks another version gets [`Response::Error`] and the
+//! connection is closed. Frames above [`MAX_FRAME_LEN`] are refused before
+//! they are read.
+//!
+//! The launcher hands its notify fd to the daemon as `SCM_RIGHTS` ancillary
+//! data on the frame carrying [`Request::AttachListener`].
+
+use ax_registry::{AppId, AppInfo, AppSpec, RegisterError, ServiceInfo};
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest accepted frame body, in bytes.
+pub const MAX_FRAME_LEN: usize = 1 << 20;
+
+/// One message on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame<T> {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u16,
+    /// The message.
+    pub body: T,
+}
+
+/// What a client asks the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and version check.
+    Ping,
+    /// Registers an app (reserving its VIPs) before its program starts.
+    RegisterApp(AppSpec),
+    /// Hands over the notify fd (attached as `SCM_RIGHTS`) of a registered
+    /// app whose program has pid `pid`. The app lives as long as any of its
+    /// processes does.
+    AttachListener {
+        /// The app, as returned by `RegisterApp`.
+        app: AppId,
+        /// The program's pid.
+        pid: u32,
+    },
+    /// Lists apps.
+    ListApps,
+    /// Lists services.
+    ListServices,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Ping`.
+    Pong {
+        /// The daemon's version string.
+        daemon_version: String,
+        /// The daemon's pid.
+        pid: u32,
+    },
+    /// The app was registered.
+    AppRegistered(AppInfo),
+    /// Registration was refused.
+    RegisterFailed(RegisterError),
+    /// The notify fd was taken; the daemon now serves the app.
+    Attached,
+    /// Answer to `ListApps`.
+    Apps(Vec<AppInfo>),
+    /// Answer to `ListServices`.
+    Services(Vec<ServiceInfo>),
+    /// The request could not be served.
+    Error(String),
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME_LEN`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    TooLarge(usize),
+    /// The peer speaks another protocol version.
+    #[error("protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Encodes `body` as a complete frame, length prefix included.
+pub fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, FrameError> {
+    let frame = Frame {
+        version: PROTOCOL_VERSION,
+        body,
+    };
+    let mut out = vec![0u8; 4];
+    out = postcard::to_extend(&frame, out)?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Reads the body length from a 4-byte prefix, refusing oversized frames.
+pub fn body_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        Err(FrameError::TooLarge(len))
+    } else {
+        Ok(len)
+    }
+}
+
+/// Decodes a frame body (without its length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    // Check the version before trusting the rest of the layout.
+    let (version, _) = postcard::take_from_bytes::<u16>(body)?;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let frame: Frame<T> = postcard::from_bytes(body)?;
+    Ok(frame.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let req = Request::RegisterApp(AppSpec {
+            names: vec!["web".into()],
+            ..AppSpec::default()
+        });
+        let bytes = encode(&req).unwrap();
+        let len = body_len(bytes[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(decode::<Request>(&bytes[4..]).unwrap(), req);
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        assert!(matches!(
+            body_len((MAX_FRAME_LEN as u32 + 1).to_be_bytes()),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(decode::<Request>(&[]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<Request>(&[0x02, 0x00]),
+            Err(FrameError::Version(2))
+        ));
+        assert!(decode::<Request>(&[0x01, 0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! The only crate in ax that contains `unsafe` code.
+//!
+//! It wraps the kernel interfaces the broker and the launcher need and that no
+//! safe crate offers: the seccomp user-notification ioctls
+//! (`SECCOMP_IOCTL_NOTIF_*`), installing a filter between `fork` and `execve`,
+//! pidfds, reading and writing a target's memory, raw `sockaddr` calls made on
+//! the broker's own copy of an address, and signal waiting for the launcher.
+//!
+//! Every `unsafe` block carries a `// SAFETY:` comment. Everything exported is
+//! safe to call with any argument: bad input yields an [`std::io::Error`].
+
+pub mod notify;
+pub mod prexec;
+pub mod process;
+pub mod signal;
+pub mod sockaddr;
+
+pub use notify::{Notification, NotifyFd};

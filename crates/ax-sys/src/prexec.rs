@@ -1,0 +1,158 @@
+//! Installing the seccomp filter in a freshly forked child, before `execve`.
+//!
+//! Everything here runs between `fork` and `exec`, where only
+//! async-signal-safe work is allowed: no allocation, no locks, raw system
+//! calls only. The program is prepared in the parent with
+//! [`FilterProgram::from_bpf_bytes`]; the child calls
+//! [`install_filter_and_send_listener`].
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// A compiled classic-BPF seccomp program, ready to be loaded.
+#[derive(Debug, Clone)]
+pub struct FilterProgram {
+    insns: Vec<libc::sock_filter>,
+}
+
+impl FilterProgram {
+    /// Builds a program from the raw bytes `seccomp_export_bpf` writes
+    /// (8 bytes per instruction, native endianness).
+    pub fn from_bpf_bytes(bytes: &[u8]) -> io::Result<Self> {
+        if bytes.is_empty() || bytes.len() % 8 != 0 || bytes.len() / 8 > u16::MAX as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "BPF program size is not a whole, loadable number of instructions",
+            ));
+        }
+        let insns = bytes
+            .chunks_exact(8)
+            .map(|c| libc::sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        Ok(Self { insns })
+    }
+
+    /// Number of BPF instructions.
+    pub fn len(&self) -> usize {
+        self.insns.len()
+    }
+
+    /// True for an empty program (never produced by `from_bpf_bytes`).
+    pub fn is_empty(&self) -> bool {
+        self.insns.is_empty()
+    }
+}
+
+fn errno() -> io::Error {
+    // Reading errno does not allocate; building an io::Error from a raw code
+    // does not allocate either.
+    io::Error::last_os_error()
+}
+
+/// Loads `program` as a seccomp filter on the calling thread with
+/// `SECCOMP_FILTER_FLAG_NEW_LISTENER` (and `WAIT_KILLABLE_RECV` where the
+/// kernel has it), sends the resulting notification fd over the connected
+/// UNIX socket `channel` with `SCM_RIGHTS`, then closes both.
+///
+/// `no_new_privs` sets `PR_SET_NO_NEW_PRIVS` first, which an unprivileged
+/// caller needs.
+///
+/// Async-signal-safe: meant for `CommandExt::pre_exec`.
+pub fn install_filter_and_send_listener(
+    program: &FilterProgram,
+    no_new_privs: bool,
+    channel: RawFd,
+) -> io::Result<()> {
+    if no_new_privs {
+        // SAFETY: prctl with integer arguments only; no memory is passed.
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        if rc != 0 {
+            return Err(errno());
+        }
+    }
+    let fprog = libc::sock_fprog {
+        len: program.insns.len() as u16,
+        filter: program.insns.as_ptr() as *mut libc::sock_filter,
+    };
+    let base = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+    let mut listener = -1;
+    for flags in [base | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, base] {
+        // SAFETY: `fprog` points at `program.insns`, which outlives the call;
+        // the kernel copies the program and does not keep the pointer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &fprog as *const libc::sock_fprog,
+            )
+        };
+        if rc >= 0 {
+            listener = rc as RawFd;
+            break;
+        }
+        let err = errno();
+        // Kernels before 5.19 reject the unknown WAIT_KILLABLE_RECV flag.
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
+    if listener < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let sent = send_fd(channel, listener);
+    // SAFETY: closing fds this function owns (the new listener) or was handed
+    // for this purpose (the channel); nothing else refers to them here.
+    unsafe {
+        libc::close(listener);
+        libc::close(channel);
+    }
+    sent
+}
+
+/// Sends `fd` with one data byte over `channel`. Async-signal-safe.
+fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
+    // CMSG_SPACE(sizeof(int)) is 24 on 64-bit Linux and 16 on 32-bit; the
+    // u64 array keeps the buffer aligned for cmsghdr.
+    let mut cmsg_buf = [0u64; 4];
+    let mut byte = [b'f'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: msghdr is plain old data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as _;
+    // SAFETY: msg_control points at cmsg_buf, which is large and aligned
+    // enough for one cmsghdr carrying one int (checked by the size above).
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    loop {
+        // SAFETY: msg and everything it points to live on this stack frame.
+        let rc = unsafe { libc::sendmsg(channel, &msg, libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let err = errno();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}

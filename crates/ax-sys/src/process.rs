@@ -1,0 +1,120 @@
+//! Reaching into a trapped target: pidfds, `pidfd_getfd`, and its memory.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `PIDFD_THREAD` (Linux 6.9): a pidfd for a thread that is not its group's
+/// leader. Same value as `O_EXCL`.
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+fn fd_result(rc: libc::c_long) -> io::Result<OwnedFd> {
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+/// Opens a pidfd for `tid`. With `thread` set, `tid` may be any thread
+/// (`PIDFD_THREAD`, Linux 6.9+); otherwise it must be a thread-group leader.
+pub fn pidfd_open(tid: u32, thread: bool) -> io::Result<OwnedFd> {
+    let flags = if thread { PIDFD_THREAD } else { 0 };
+    // SAFETY: integer arguments only.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, flags) };
+    fd_result(rc)
+}
+
+/// Duplicates fd `target_fd` of the process behind `pidfd` into this process
+/// (`pidfd_getfd`). The copy refers to the same open file description.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0u32) };
+    fd_result(rc)
+}
+
+/// Sends signal `sig` to the process behind `pidfd`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: a null siginfo pointer is allowed and means "as kill(2)".
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `addr` in the address space of `tid`.
+/// A short or failed read is `EFAULT`, as the kernel reports a bad pointer.
+pub fn read_memory(tid: u32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes `buf`, which we own mutably for the call;
+    // `remote` is only interpreted by the kernel, in the target's address
+    // space, and faults there are reported as errors.
+    let n = unsafe { libc::process_vm_readv(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ESRCH) | Some(libc::EPERM) => Err(e),
+                _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            }
+        }
+        n if n as usize != buf.len() => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes all of `data` at `addr` in the address space of `tid`, honouring
+/// page protections (a read-only destination is `EFAULT`).
+pub fn write_memory(tid: u32, addr: u64, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: `local` describes `data`, which the kernel only reads;
+    // `remote` is only interpreted in the target's address space.
+    let n = unsafe { libc::process_vm_writev(tid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ESRCH) | Some(libc::EPERM) => Err(e),
+                _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            }
+        }
+        n if n as usize != data.len() => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+        _ => Ok(()),
+    }
+}
+
+/// True when the calling process is root in its user namespace (effective
+/// uid 0), which can load a seccomp filter without `PR_SET_NO_NEW_PRIVS`.
+pub fn is_effective_root() -> bool {
+    // SAFETY: geteuid cannot fail and takes no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
