@@ -156,3 +156,23 @@ fn send_fd(channel: RawFd, fd: RawFd) -> io::Result<()> {
         }
     }
 }
+
+/// Arranges for `cmd`'s child to load `program` and send its listener over
+/// `channel` (see [`install_filter_and_send_listener`]) right before
+/// `execve`. The caller keeps `channel` open until `spawn` returns, then
+/// closes its copy and receives the listener on the other end.
+pub fn arrange_filter_before_exec(
+    cmd: &mut std::process::Command,
+    program: FilterProgram,
+    no_new_privs: bool,
+    channel: RawFd,
+) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || install_filter_and_send_listener(&program, no_new_privs, channel);
+    // SAFETY: the hook only makes raw, async-signal-safe system calls
+    // (prctl, seccomp, sendmsg, close) on memory prepared before fork, and
+    // touches no lock or allocator; that is what pre_exec requires.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -1,0 +1,120 @@
+//! `bind(fd, addr, addrlen)`.
+//!
+//! * Inputs: an `AF_INET`/`AF_INET6` stream socket and an address read once
+//!   from the program's memory.
+//! * Decision: a wildcard address or one of the app's VIPs is virtual; a
+//!   loopback or host address is left to the kernel; another app's VIP (or
+//!   an unowned pool address) is `EADDRNOTAVAIL`.
+//! * Effect: the VIP:port (port 0: one from the ephemeral range) is
+//!   registered, and an `AF_UNIX` listener named after it replaces the
+//!   program's socket at the same fd number. `listen` then runs natively.
+
+use super::{classify, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket, Call, Outcome, Sock};
+use crate::addr::{self, Purpose};
+use crate::names::SocketName;
+use crate::target::{Errno, Target};
+use ax_registry::{BindRequest, UnixEndpoint};
+use std::net::{IpAddr, SocketAddr};
+
+pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
+    run(call, target).into()
+}
+
+fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
+    let fd_arg = call.arg(0);
+    let (v6, copy) = match classify(call, target, fd_arg) {
+        Ok(Sock::Inet { v6, fd }) => (v6, fd),
+        // Binding a socket we already installed: it is bound.
+        Ok(Sock::Swapped { .. }) => return Ok(Outcome::Errno(libc::EINVAL)),
+        Ok(Sock::Other) | Err(_) => return Ok(Outcome::Continue),
+    };
+    let addrlen = call.arg(2) as u32 as i32;
+    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
+        return Ok(Outcome::Errno(libc::EINVAL));
+    }
+    let bytes = target.read(call.arg(1), addrlen as usize)?;
+    call.check_valid()?;
+    let Some(want) = addr::parse(&bytes, v6, Purpose::Bind) else {
+        // Malformed for this family: the kernel rejects it the same way
+        // whatever the bytes become.
+        return Ok(Outcome::Continue);
+    };
+    let ip = want.ip();
+    if ip.is_loopback() {
+        return Ok(Outcome::Continue);
+    }
+    let dir = &call.shared.directory;
+    let vips = dir.app_vips(call.app);
+    let ips: Vec<IpAddr> = if ip.is_unspecified() {
+        let v6only = v6 && rustix::net::sockopt::ipv6_v6only(&copy).unwrap_or(false);
+        vips.iter()
+            .copied()
+            .filter(|vip| match (v6, v6only) {
+                (false, _) => vip.is_ipv4(),
+                (true, true) => vip.is_ipv6(),
+                (true, false) => true,
+            })
+            .collect()
+    } else if vips.contains(&ip) {
+        vec![ip]
+    } else if dir.is_virtual(ip) {
+        return Ok(Outcome::Errno(libc::EADDRNOTAVAIL));
+    } else {
+        // A host address: nothing virtual about it.
+        return Ok(Outcome::Continue);
+    };
+    if ips.is_empty() {
+        // e.g. an IPV6_V6ONLY wildcard in an app without an IPv6 VIP.
+        return Ok(Outcome::Continue);
+    }
+    // Binding twice is EINVAL, as the kernel says for a bound socket.
+    if let Ok(local) = rustix::net::getsockname(&copy) {
+        if let Ok(sa) = SocketAddr::try_from(local) {
+            if sa.port() != 0 {
+                return Ok(Outcome::Errno(libc::EINVAL));
+            }
+        }
+    }
+    let instance = call.instance();
+    let app = call.app;
+    let name_for = |port: u16| {
+        UnixEndpoint::Abstract(
+            SocketName::Listener {
+                instance,
+                v6,
+                app,
+                bound: SocketAddr::new(ip, port),
+            }
+            .encode(),
+        )
+    };
+    let req = BindRequest {
+        app,
+        ips,
+        port: want.port(),
+    };
+    let port = dir
+        .bind(&req, &name_for, &endpoint_alive)
+        .map_err(|e| e.errno())?;
+    let endpoint = name_for(port);
+    let installed = (|| {
+        let sock = unix_socket()?;
+        rustix::net::bind(&sock, &endpoint_addr(&endpoint)?).map_err(|e| match e.raw_os_error() {
+            libc::EADDRINUSE => libc::EADDRINUSE,
+            other => other,
+        })?;
+        copy_nonblock(&copy, &sock)?;
+        call.check_valid()?;
+        Ok(install_over(call, target, fd_arg, &sock))
+    })();
+    match installed {
+        Ok(Outcome::Value(v)) => {
+            tracing::debug!(app, %ip, port, "bound virtual listener");
+            Ok(Outcome::Value(v))
+        }
+        other => {
+            dir.release(&endpoint);
+            other
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! One handler per trapped system call, and what they share.
+//!
+//! A handler reads like the call's man page: inputs, decision, effect. It
+//! returns an [`Outcome`]; calls that may block (a blocking accept, an
+//! egress connect on a blocking socket, a connect to a full backlog) are
+//! finished on a helper thread by [`defer`], so the receive loop never
+//! waits on the network.
+
+mod accept;
+mod bind;
+mod connect;
+mod sockname;
+mod sockopt;
+
+use crate::names::SocketName;
+use crate::serve::{respond, Shared};
+use crate::target::{Errno, Target};
+use ax_registry::{AppId, UnixEndpoint};
+use ax_sys::{Notification, NotifyFd};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// How a trapped call is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Return this value.
+    Value(i64),
+    /// Fail with this errno.
+    Errno(Errno),
+    /// Let the kernel run the call unchanged.
+    Continue,
+    /// Already answered (by `ADDFD_FLAG_SEND`, or from a helper thread).
+    Answered,
+}
+
+impl From<Result<Outcome, Errno>> for Outcome {
+    fn from(r: Result<Outcome, Errno>) -> Self {
+        r.unwrap_or_else(Outcome::Errno)
+    }
+}
+
+/// One trapped call and what answering it needs.
+pub(crate) struct Call<'a> {
+    pub(crate) shared: &'a Arc<Shared>,
+    pub(crate) app: AppId,
+    pub(crate) listener: &'a Arc<NotifyFd>,
+    pub(crate) notif: Notification,
+}
+
+impl Call<'_> {
+    pub(crate) fn arg(&self, i: usize) -> u64 {
+        self.notif.args[i]
+    }
+
+    /// True while the target still waits for this answer.
+    pub(crate) fn still_valid(&self) -> bool {
+        self.listener.id_valid(self.notif.id)
+    }
+
+    /// Fails with `ENOENT`-like silence when the target went away: the
+    /// answer would go nowhere.
+    pub(crate) fn check_valid(&self) -> Result<(), Errno> {
+        if self.still_valid() {
+            Ok(())
+        } else {
+            Err(libc::ENOENT)
+        }
+    }
+
+    pub(crate) fn instance(&self) -> u32 {
+        self.shared.config.instance
+    }
+}
+
+/// Routes a notification to its handler.
+pub(crate) fn handle(call: &Call<'_>) -> Outcome {
+    let nr = call.notif.nr as libc::c_long;
+    let target = match Target::open(call.notif.pid) {
+        Ok(t) => t,
+        // The thread is gone; whatever we answer goes nowhere.
+        Err(_) => return Outcome::Continue,
+    };
+    let outcome = match nr {
+        libc::SYS_bind => bind::handle(call, &target),
+        libc::SYS_connect => connect::handle(call, &target),
+        libc::SYS_accept => accept::handle(call, &target, false),
+        libc::SYS_accept4 => accept::handle(call, &target, true),
+        libc::SYS_getsockname => sockname::handle(call, &target, false),
+        libc::SYS_getpeername => sockname::handle(call, &target, true),
+        libc::SYS_setsockopt => sockopt::handle_set(call, &target),
+        libc::SYS_getsockopt => sockopt::handle_get(call, &target),
+        _ => Outcome::Continue,
+    };
+    if let Outcome::Errno(e) = outcome {
+        tracing::trace!(app = call.app, nr, errno = e, "answered with an error");
+    }
+    outcome
+}
+
+/// What the broker's copy of a target fd turned out to be.
+pub(crate) enum Sock {
+    /// An `AF_INET`/`AF_INET6` stream socket the kernel still owns.
+    Inet { v6: bool, fd: OwnedFd },
+    /// A UNIX socket this broker installed.
+    Swapped { name: SocketName, fd: OwnedFd },
+    /// Anything else: not ours to touch.
+    Other,
+}
+
+/// Classifies the target's fd number `arg`. `Err` carries the errno of an
+/// fd that cannot be copied (`EBADF`): the caller lets the kernel say it.
+pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Sock, Errno> {
+    let fd = target.fd(arg)?;
+    let Ok(domain) = rustix::net::sockopt::socket_domain(&fd) else {
+        return Ok(Sock::Other);
+    };
+    match rustix::net::sockopt::socket_type(&fd) {
+        Ok(t) if t == SocketType::STREAM => {}
+        _ => return Ok(Sock::Other),
+    }
+    if domain == AddressFamily::INET || domain == AddressFamily::INET6 {
+        return Ok(Sock::Inet {
+            v6: domain == AddressFamily::INET6,
+            fd,
+        });
+    }
+    if domain == AddressFamily::UNIX {
+        if let Some(name) = own_name(&fd) {
+            let ours = match name {
+                SocketName::Listener { instance, .. } | SocketName::Client { instance, .. } => {
+                    instance == call.instance()
+                }
+            };
+            if ours {
+                return Ok(Sock::Swapped { name, fd });
+            }
+        }
+    }
+    Ok(Sock::Other)
+}
+
+fn parse_unix(addr: rustix::net::SocketAddrAny) -> Option<SocketName> {
+    let unix = SocketAddrUnix::try_from(addr).ok()?;
+    SocketName::parse(unix.abstract_name()?)
+}
+
+/// The ax name a UNIX socket is bound to, if any.
+pub(crate) fn own_name(fd: &OwnedFd) -> Option<SocketName> {
+    parse_unix(rustix::net::getsockname(fd).ok()?)
+}
+
+/// The ax name of a UNIX socket's peer, if any.
+pub(crate) fn peer_name(fd: &OwnedFd) -> Option<SocketName> {
+    parse_unix(rustix::net::getpeername(fd).ok()??)
+}
+
+/// A new `AF_UNIX` stream socket for the broker (close-on-exec here; the
+/// flag the target sees is chosen at install time).
+pub(crate) fn unix_socket() -> Result<OwnedFd, Errno> {
+    rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| e.raw_os_error())
+}
+
+/// The socket address of an endpoint.
+pub(crate) fn endpoint_addr(ep: &UnixEndpoint) -> Result<SocketAddrUnix, Errno> {
+    match ep {
+        UnixEndpoint::Abstract(name) => SocketAddrUnix::new_abstract_name(name),
+        UnixEndpoint::Path(p) => SocketAddrUnix::new(p.as_path()),
+    }
+    .map_err(|e| e.raw_os_error())
+}
+
+/// True while a listener holds `ep`. An abstract name is free again the
+/// moment its last socket closes, so a probe bind tells.
+pub(crate) fn endpoint_alive(ep: &UnixEndpoint) -> bool {
+    match ep {
+        UnixEndpoint::Abstract(_) => {
+            let (Ok(sock), Ok(addr)) = (unix_socket(), endpoint_addr(ep)) else {
+                return true;
+            };
+            !matches!(rustix::net::bind(&sock, &addr), Ok(()))
+        }
+        UnixEndpoint::Path(p) => p.exists(),
+    }
+}
+
+/// Copies `O_NONBLOCK` from the target's file to the replacement.
+pub(crate) fn copy_nonblock(from: &OwnedFd, to: &OwnedFd) -> Result<bool, Errno> {
+    use rustix::fs::OFlags;
+    let flags = rustix::fs::fcntl_getfl(from).map_err(|e| e.raw_os_error())?;
+    let nonblocking = flags.contains(OFlags::NONBLOCK);
+    set_nonblock(to, nonblocking)?;
+    Ok(nonblocking)
+}
+
+pub(crate) fn set_nonblock(fd: &OwnedFd, on: bool) -> Result<(), Errno> {
+    use rustix::fs::OFlags;
+    let flags = rustix::fs::fcntl_getfl(fd).map_err(|e| e.raw_os_error())?;
+    let want = if on {
+        flags | OFlags::NONBLOCK
+    } else {
+        flags - OFlags::NONBLOCK
+    };
+    if want != flags {
+        rustix::fs::fcntl_setfl(fd, want).map_err(|e| e.raw_os_error())?;
+    }
+    Ok(())
+}
+
+pub(crate) fn is_nonblocking(fd: &OwnedFd) -> bool {
+    rustix::fs::fcntl_getfl(fd)
+        .map(|f| f.contains(rustix::fs::OFlags::NONBLOCK))
+        .unwrap_or(false)
+}
+
+/// Installs `new` over the target's fd `fd_arg` (same number), keeping its
+/// close-on-exec flag, and answers 0.
+pub(crate) fn install_over(call: &Call<'_>, target: &Target, fd_arg: u64, new: &OwnedFd) -> Outcome {
+    let cloexec = target.fd_cloexec(fd_arg);
+    match call
+        .listener
+        .add_fd(call.notif.id, new.as_fd(), Some(fd_arg as i32), cloexec, false)
+    {
+        Ok(_) => Outcome::Value(0),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Outcome::Answered,
+            Some(errno) => Outcome::Errno(errno),
+            None => Outcome::Errno(libc::EIO),
+        },
+    }
+}
+
+/// Writes a socket address to the target as `move_addr_to_user` does:
+/// reads the buffer length at `len_ptr`, copies at most that much of
+/// `bytes` to `addr_ptr`, and stores the full length back.
+pub(crate) fn write_sockaddr(
+    target: &Target,
+    addr_ptr: u64,
+    len_ptr: u64,
+    bytes: &[u8],
+) -> Result<(), Errno> {
+    let len = target.read_int(len_ptr)?;
+    if len < 0 {
+        return Err(libc::EINVAL);
+    }
+    let n = (len as usize).min(bytes.len());
+    if n > 0 {
+        target.write(addr_ptr, &bytes[..n])?;
+    }
+    target.write(len_ptr, &(bytes.len() as i32).to_ne_bytes())
+}
+
+/// Finishes a call on a helper thread, for work that may block.
+pub(crate) fn defer<F>(call: &Call<'_>, work: F) -> Outcome
+where
+    F: FnOnce(&Call<'_>) -> Outcome + Send + 'static,
+{
+    let shared = call.shared.clone();
+    let listener = call.listener.clone();
+    let app = call.app;
+    let notif = call.notif;
+    let spawned = std::thread::Builder::new()
+        .name("ax-wait".into())
+        .spawn(move || {
+            let call = Call {
+                shared: &shared,
+                app,
+                listener: &listener,
+                notif,
+            };
+            let outcome = work(&call);
+            respond(&listener, &notif, outcome);
+        });
+    match spawned {
+        Ok(_) => Outcome::Answered,
+        Err(_) => Outcome::Errno(libc::EAGAIN),
+    }
+}

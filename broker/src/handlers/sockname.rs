@@ -1,0 +1,42 @@
+//! `getsockname(fd, addr, addrlen)` and `getpeername(fd, addr, addrlen)`.
+//!
+//! * Inputs: a socket this broker installed (anything else runs natively).
+//! * Decision: the answer is derived from the socket's own name and its
+//!   peer's: a listener answers the address it was bound to; an accepted
+//!   connection answers the VIP:port the client dialled and the client's
+//!   VIP:port; a client answers its own VIP:port and the destination.
+//! * Effect: the address is written in the family of the socket the
+//!   program created (v4-mapped on `AF_INET6`), cut as the kernel does.
+
+use super::{classify, peer_name, write_sockaddr, Call, Outcome, Sock};
+use crate::addr;
+use crate::names::SocketName;
+use crate::target::{Errno, Target};
+use rustix::net::sockopt;
+use std::net::SocketAddr;
+
+pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
+    let (name, fd) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd }) => (name, fd),
+        _ => return Outcome::Continue,
+    };
+    let answer: Result<SocketAddr, Errno> = match name {
+        SocketName::Client { local, peer: dst, .. } => Ok(if peer { dst } else { local }),
+        SocketName::Listener { bound, .. } => {
+            let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
+            let client = if listening { None } else { peer_name(&fd) };
+            match (client, peer) {
+                (Some(SocketName::Client { local, peer: dst, .. }), _) => Ok(if peer { local } else { dst }),
+                (_, false) => Ok(bound),
+                (_, true) => Err(libc::ENOTCONN),
+            }
+        }
+    };
+    let result = answer.and_then(|a| {
+        write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, name.is_v6()))
+    });
+    match result {
+        Ok(()) => Outcome::Value(0),
+        Err(e) => Outcome::Errno(e),
+    }
+}

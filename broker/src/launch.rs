@@ -1,0 +1,152 @@
+//! Starting a program under ax's seccomp filter.
+//!
+//! [`compile_filter`] builds the BPF program once (with libseccomp), before
+//! any `fork`. [`spawn`] starts a [`Command`] whose child loads it between
+//! `fork` and `execve` — doing only async-signal-safe work there — and hands
+//! the notify fd back to the parent, which passes it to a [`crate::Broker`].
+//! Until a broker receives on that fd, the program's trapped calls simply
+//! wait in the kernel.
+
+use ax_sys::prexec::{arrange_filter_before_exec, FilterProgram};
+use ax_sys::NotifyFd;
+use libseccomp::{
+    ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterAttr, ScmpFilterContext, ScmpSyscall,
+};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command};
+
+/// Why the filter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// libseccomp refused a rule.
+    #[error("libseccomp: {0}")]
+    Seccomp(#[from] libseccomp::error::SeccompError),
+    /// Exporting the program failed.
+    #[error("exporting the BPF program: {0}")]
+    Export(#[from] io::Error),
+}
+
+/// The system calls ax traps unconditionally.
+pub const TRAPPED_SYSCALLS: &[&str] = &[
+    "bind",
+    "connect",
+    "accept",
+    "accept4",
+    "getsockname",
+    "getpeername",
+];
+
+const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
+const SOCKOPT_LEVELS: &[u64] = &[
+    libc::IPPROTO_TCP as u64,
+    libc::IPPROTO_IP as u64,
+    libc::IPPROTO_IPV6 as u64,
+];
+const SOCKOPT_SOCKET_NAMES: &[u64] = &[libc::SO_DOMAIN as u64, libc::SO_PROTOCOL as u64];
+
+/// Compiles ax's filter for the native architecture.
+///
+/// * the calls in [`TRAPPED_SYSCALLS`] are trapped (`SECCOMP_RET_USER_NOTIF`);
+/// * `setsockopt`/`getsockopt` are trapped only at the TCP, IP and IPv6
+///   levels and for `SO_DOMAIN`/`SO_PROTOCOL` — the cases a swapped socket
+///   must answer as TCP would; every other option runs untouched;
+/// * `io_uring_setup` fails with `ENOSYS`: io_uring's connect and accept
+///   would not be seen by seccomp, and programs fall back to plain calls;
+/// * calls from another ABI (32-bit `int 0x80`, x32) fail with `ENOSYS`
+///   rather than slip past the trap.
+pub fn compile_filter() -> Result<FilterProgram, FilterError> {
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
+    ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))?;
+    // The launcher sets PR_SET_NO_NEW_PRIVS itself when it must.
+    ctx.set_filter_attr(ScmpFilterAttr::CtlNnp, 0)?;
+    for name in TRAPPED_SYSCALLS {
+        ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
+    }
+    // int arguments: compare the low 32 bits only, as the kernel reads them.
+    let int = |arg: u32, v: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
+    for name in ["setsockopt", "getsockopt"] {
+        let sys = ScmpSyscall::from_name(name)?;
+        for &level in SOCKOPT_LEVELS {
+            ctx.add_rule_conditional(ScmpAction::Notify, sys, &[int(1, level)])?;
+        }
+        for &opt in SOCKOPT_SOCKET_NAMES {
+            ctx.add_rule_conditional(ScmpAction::Notify, sys, &[int(1, SOL_SOCKET), int(2, opt)])?;
+        }
+    }
+    ctx.add_rule(
+        ScmpAction::Errno(libc::ENOSYS),
+        ScmpSyscall::from_name("io_uring_setup")?,
+    )?;
+    let (mut reader, writer) = std::io::pipe()?;
+    // The program is a few hundred bytes: far below the pipe's capacity, so
+    // exporting cannot block before we read.
+    ctx.export_bpf(&writer)?;
+    drop(writer);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes)?;
+    Ok(FilterProgram::from_bpf_bytes(&bytes)?)
+}
+
+/// A child running under the filter, and its notify fd.
+#[derive(Debug)]
+pub struct Sandboxed {
+    /// The started program.
+    pub child: Child,
+    /// Its notify fd: hand it to [`crate::Broker::serve`].
+    pub listener: NotifyFd,
+}
+
+/// Spawns `cmd` with `filter` loaded in the child just before `execve`.
+///
+/// `PR_SET_NO_NEW_PRIVS` is set unless the caller is root. The child's
+/// descendants inherit the filter. Errors from `execve` (program not found,
+/// not executable) are returned as by [`Command::spawn`].
+pub fn spawn(cmd: &mut Command, filter: &FilterProgram) -> io::Result<Sandboxed> {
+    let (parent_end, child_end) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let no_new_privs = !ax_sys::process::is_effective_root();
+    // The child only makes raw system calls (prctl, seccomp, sendmsg, close)
+    // before execve; none of them is trapped.
+    arrange_filter_before_exec(cmd, filter.clone(), no_new_privs, child_end.as_raw_fd());
+    let spawned = cmd.spawn();
+    drop(child_end);
+    let child = spawned?;
+    let listener = receive_listener(&parent_end).inspect_err(|_| {
+        // The child could not hand over its listener; it must not run free.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::KILL,
+        );
+    })?;
+    Ok(Sandboxed { child, listener })
+}
+
+fn receive_listener(sock: &OwnedFd) -> io::Result<NotifyFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+            if let Some(fd) = fds.next() {
+                return Ok(NotifyFd::from(fd));
+            }
+        }
+    }
+    let _ = msg;
+    Err(io::Error::new(
+        io::ErrorKind::Other,
+        "the child exited before handing over its seccomp listener",
+    ))
+}

@@ -1,0 +1,176 @@
+//! The names ax gives the UNIX sockets it installs.
+//!
+//! Every swapped socket carries its own meaning in its abstract-namespace
+//! name, so the broker keeps no per-socket table: `dup`, `fork`, fd passing
+//! and a broker restart lose nothing. An accepted socket shares its
+//! listener's name, and its peer's name tells who connected to what.
+//!
+//! ```text
+//! ax/<instance>/l4/<app>/<bound ip>/<port>                 listener (bind)
+//! ax/<instance>/c6/<local ip>/<port>/<peer ip>/<port>      client (connect)
+//! ```
+//!
+//! `4`/`6` is the family of the socket the program created, so addresses
+//! are answered in that family (`AF_INET6` sockets see v4-mapped addresses).
+
+use ax_registry::AppId;
+use std::net::{IpAddr, SocketAddr};
+
+const PREFIX: &str = "ax/";
+
+/// The longest abstract name Linux accepts (`sun_path` minus the NUL).
+pub const MAX_NAME_LEN: usize = 107;
+
+/// What a swapped socket stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketName {
+    /// A listener installed by `bind` on a virtual or wildcard address.
+    Listener {
+        /// The broker instance that made it.
+        instance: u32,
+        /// The program's socket was `AF_INET6`.
+        v6: bool,
+        /// The app that bound it.
+        app: AppId,
+        /// The address as the program bound it (wildcard or VIP) and port.
+        bound: SocketAddr,
+    },
+    /// A client socket installed by `connect` to a virtual address.
+    Client {
+        /// The broker instance that made it.
+        instance: u32,
+        /// The program's socket was `AF_INET6`.
+        v6: bool,
+        /// The client's virtual address and port.
+        local: SocketAddr,
+        /// The virtual address and port it connected to.
+        peer: SocketAddr,
+    },
+}
+
+impl SocketName {
+    /// The abstract name (without the leading NUL).
+    pub fn encode(&self) -> Vec<u8> {
+        let fam = |v6: bool| if v6 { '6' } else { '4' };
+        match *self {
+            SocketName::Listener {
+                instance,
+                v6,
+                app,
+                bound,
+            } => format!(
+                "{PREFIX}{instance:08x}/l{}/{app}/{}/{}",
+                fam(v6),
+                bound.ip(),
+                bound.port()
+            ),
+            SocketName::Client {
+                instance,
+                v6,
+                local,
+                peer,
+            } => format!(
+                "{PREFIX}{instance:08x}/c{}/{}/{}/{}/{}",
+                fam(v6),
+                local.ip(),
+                local.port(),
+                peer.ip(),
+                peer.port()
+            ),
+        }
+        .into_bytes()
+    }
+
+    /// Parses an abstract name; `None` for anything ax did not make.
+    pub fn parse(name: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(name).ok()?;
+        let rest = s.strip_prefix(PREFIX)?;
+        let mut parts = rest.split('/');
+        let instance = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let kind = parts.next()?;
+        let v6 = match kind.as_bytes().get(1)? {
+            b'4' => false,
+            b'6' => true,
+            _ => return None,
+        };
+        let addr = |parts: &mut std::str::Split<'_, char>| -> Option<SocketAddr> {
+            let ip: IpAddr = parts.next()?.parse().ok()?;
+            let port: u16 = parts.next()?.parse().ok()?;
+            Some(SocketAddr::new(ip, port))
+        };
+        let name = match kind.as_bytes().first()? {
+            b'l' if kind.len() == 2 => {
+                let app: AppId = parts.next()?.parse().ok()?;
+                SocketName::Listener {
+                    instance,
+                    v6,
+                    app,
+                    bound: addr(&mut parts)?,
+                }
+            }
+            b'c' if kind.len() == 2 => SocketName::Client {
+                instance,
+                v6,
+                local: addr(&mut parts)?,
+                peer: addr(&mut parts)?,
+            },
+            _ => return None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(name)
+    }
+
+    /// True when the program created an `AF_INET6` socket.
+    pub fn is_v6(&self) -> bool {
+        match *self {
+            SocketName::Listener { v6, .. } | SocketName::Client { v6, .. } => v6,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_fits() {
+        let longest = SocketName::Client {
+            instance: u32::MAX,
+            v6: true,
+            local: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
+            peer: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
+        };
+        assert!(longest.encode().len() <= MAX_NAME_LEN);
+        assert_eq!(SocketName::parse(&longest.encode()), Some(longest));
+        let l = SocketName::Listener {
+            instance: 7,
+            v6: false,
+            app: 42,
+            bound: "0.0.0.0:8000".parse().unwrap(),
+        };
+        assert_eq!(
+            String::from_utf8(l.encode()).unwrap(),
+            "ax/00000007/l4/42/0.0.0.0/8000"
+        );
+        assert_eq!(SocketName::parse(&l.encode()), Some(l));
+    }
+
+    #[test]
+    fn rejects_foreign_names() {
+        for bad in [
+            &b""[..],
+            b"ax/",
+            b"ax/zz/l4/1/0.0.0.0/1",
+            b"ax/1/l4/1/0.0.0.0/1/extra",
+            b"ax/1/x4/1/0.0.0.0/1",
+            b"ax/1/l5/1/0.0.0.0/1",
+            b"ax/1/l4/1/0.0.0.0/70000",
+            b"\xff\xfe",
+            b"/tmp/.X11-unix/X0",
+        ] {
+            assert_eq!(SocketName::parse(bad), None, "{:?}", bad);
+        }
+    }
+}

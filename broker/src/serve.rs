@@ -1,0 +1,185 @@
+//! The broker object and its per-app receive loop.
+
+use crate::handlers::{self, Outcome};
+use ax_registry::{AppId, Directory};
+use ax_sys::{Notification, NotifyFd};
+use rustix::event::{poll, PollFd, PollFlags};
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Settings of a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Tags every UNIX socket name this broker makes, so that several
+    /// brokers (one per user, or per test) can share a network namespace.
+    /// Keep it stable across restarts of the same daemon.
+    pub instance: u32,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        // Distinct per process and per start, which suits an embedder that
+        // runs one broker.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        Self {
+            instance: std::process::id().rotate_left(16) ^ nanos,
+        }
+    }
+}
+
+/// State shared by every app a broker serves.
+pub(crate) struct Shared {
+    pub(crate) directory: Arc<dyn Directory>,
+    pub(crate) config: BrokerConfig,
+    /// Next client port to try when naming a connected client socket.
+    pub(crate) next_client_port: AtomicU32,
+    /// Held around "is a connection waiting? then accept it" on listeners
+    /// whose file is blocking, so that the accept never blocks the broker.
+    pub(crate) accept_lock: Mutex<()>,
+}
+
+/// Answers trapped socket calls for any number of apps.
+///
+/// Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One app being served; see [`Broker::serve`].
+#[derive(Debug)]
+pub struct Session {
+    app: AppId,
+    thread: JoinHandle<()>,
+}
+
+impl Session {
+    /// The app served.
+    pub fn app(&self) -> AppId {
+        self.app
+    }
+
+    /// True once every process of the app has exited and its services have
+    /// been released.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits until [`Session::is_finished`].
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+impl Broker {
+    /// A broker answering from `directory`.
+    pub fn new(directory: Arc<dyn Directory>, config: BrokerConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                directory,
+                config,
+                next_client_port: AtomicU32::new(0),
+                accept_lock: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.shared.config
+    }
+
+    /// Serves the trapped calls of `app`, whose processes share `listener`,
+    /// on a new thread. When the app's last process exits, its services are
+    /// released ([`Directory::app_exited`]) and the thread ends.
+    pub fn serve(&self, app: AppId, listener: NotifyFd) -> io::Result<Session> {
+        let shared = self.shared.clone();
+        let listener = Arc::new(listener);
+        // Same-CPU wake-ups halve the round trip where the kernel has them.
+        let sync = listener.set_sync_wake_up();
+        tracing::debug!(app, sync_wake_up = sync, "serving app");
+        let thread = std::thread::Builder::new()
+            .name(format!("ax-app-{app}"))
+            .spawn(move || receive_loop(&shared, app, &listener))?;
+        Ok(Session { app, thread })
+    }
+}
+
+fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
+    loop {
+        let mut fds = [PollFd::new(listener.as_ref(), PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(app, error = %e, "polling the notify fd failed; giving up on the app");
+                break;
+            }
+        }
+        let revents = fds[0].revents();
+        if !revents.contains(PollFlags::IN) {
+            if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
+                break;
+            }
+            continue;
+        }
+        match listener.recv() {
+            Ok(n) => dispatch(shared, app, listener, n),
+            // The target died or was interrupted between wake-up and read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => {
+                tracing::error!(app, error = %e, "receiving a notification failed; giving up on the app");
+                break;
+            }
+        }
+    }
+    shared.directory.app_exited(app);
+    tracing::debug!(app, "app exited; services released");
+}
+
+/// Handles one notification and answers it (now, or from a helper thread
+/// for calls that may block).
+pub(crate) fn dispatch(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>, n: Notification) {
+    let call = handlers::Call {
+        shared,
+        app,
+        listener,
+        notif: n,
+    };
+    let outcome = handlers::handle(&call);
+    respond(listener, &n, outcome);
+}
+
+pub(crate) fn respond(listener: &NotifyFd, n: &Notification, outcome: Outcome) {
+    let result = match outcome {
+        Outcome::Value(v) => listener.respond_value(n.id, v),
+        Outcome::Errno(e) => listener.respond_error(n.id, e),
+        Outcome::Continue => listener.respond_continue(n.id),
+        Outcome::Answered => Ok(()),
+    };
+    if let Err(e) = result {
+        // ENOENT: the target died or was interrupted meanwhile.
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::warn!(id = n.id, nr = n.nr, error = %e, "answering a trapped call failed");
+        }
+    }
+}
+
+pub(crate) fn next_client_port(shared: &Shared) -> u16 {
+    const FIRST: u32 = 32768;
+    const SPAN: u32 = 60999 - 32768 + 1;
+    (FIRST + shared.next_client_port.fetch_add(1, Ordering::Relaxed) % SPAN) as u16
+}

@@ -1,0 +1,1 @@
+//! Examples of embedding ax; see `embed.rs` (`cargo run --example embed`).
