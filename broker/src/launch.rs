@@ -64,7 +64,8 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
         ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
     }
     // int arguments: compare the low 32 bits only, as the kernel reads them.
-    let int = |arg: u32, v: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
+    let int =
+        |arg: u32, v: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
     for name in ["setsockopt", "getsockopt"] {
         let sys = ScmpSyscall::from_name(name)?;
         for &level in SOCKOPT_LEVELS {
@@ -145,8 +146,7 @@ fn receive_listener(sock: &OwnedFd) -> io::Result<NotifyFd> {
         }
     }
     let _ = msg;
-    Err(io::Error::new(
-        io::ErrorKind::Other,
+    Err(io::Error::other(
         "the child exited before handing over its seccomp listener",
     ))
 }

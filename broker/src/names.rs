@@ -139,8 +139,12 @@ mod tests {
         let longest = SocketName::Client {
             instance: u32::MAX,
             v6: true,
-            local: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
-            peer: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
+            local: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
+            peer: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
         };
         assert!(longest.encode().len() <= MAX_NAME_LEN);
         assert_eq!(SocketName::parse(&longest.encode()), Some(longest));

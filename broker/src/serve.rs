@@ -152,7 +152,12 @@ fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
 
 /// Handles one notification and answers it (now, or from a helper thread
 /// for calls that may block).
-pub(crate) fn dispatch(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>, n: Notification) {
+pub(crate) fn dispatch(
+    shared: &Arc<Shared>,
+    app: AppId,
+    listener: &Arc<NotifyFd>,
+    n: Notification,
+) {
     let call = handlers::Call {
         shared,
         app,

@@ -72,7 +72,7 @@ fn python_server_and_client_talk_over_unix() {
 
     let mut server_cmd = Command::new("python3");
     server_cmd.args(["-c", SERVER]).stdout(Stdio::piped());
-    let mut server = launch::spawn(&mut server_cmd, &filter).unwrap();
+    let server = launch::spawn(&mut server_cmd, &filter).unwrap();
     let server_session = broker.serve(server_app.id, server.listener).unwrap();
 
     // Readiness: the registry lists the service once bind was answered.
@@ -93,7 +93,10 @@ fn python_server_and_client_talk_over_unix() {
     let server_out = server.child.wait_with_output().unwrap();
     let server_text = String::from_utf8_lossy(&server_out.stdout);
     assert!(out.status.success(), "client failed: {text}");
-    assert!(server_text.contains("listening ('0.0.0.0', 7000)"), "{server_text}");
+    assert!(
+        server_text.contains("listening ('0.0.0.0', 7000)"),
+        "{server_text}"
+    );
     assert!(text.contains("echo:hi peer=('10.233.0.11', "), "{text}");
     assert!(text.contains("local=('10.233.0.10', 7000)"), "{text}");
     assert!(text.contains("them= ('10.233.0.10', 7000)"), "{text}");

@@ -17,7 +17,10 @@ fn run_under_filter(program: &str, args: &[&str]) -> String {
 }
 
 fn run_native(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect("run natively");
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .expect("run natively");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -47,7 +50,10 @@ fn io_uring_and_x32_are_refused() {
     assert!(under.contains("x32_getpid -38"), "{under}");
     assert!(under.contains("getpid_ok True"), "{under}");
     let native = run_native("python3", &["-c", RAW_SYSCALLS]);
-    assert!(!native.contains("io_uring_setup -38"), "natively io_uring is not ENOSYS: {native}");
+    assert!(
+        !native.contains("io_uring_setup -38"),
+        "natively io_uring is not ENOSYS: {native}"
+    );
 }
 
 const INT80: &str = r#"
@@ -72,7 +78,12 @@ fn int80_cannot_bypass_the_trap() {
     let src = dir.join("int80.c");
     let bin = dir.join("int80");
     std::fs::write(&src, INT80).unwrap();
-    let built = Command::new("cc").arg("-O0").arg("-o").arg(&bin).arg(&src).status();
+    let built = Command::new("cc")
+        .arg("-O0")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status();
     if !matches!(built, Ok(s) if s.success()) {
         eprintln!("SKIP: no C compiler");
         return;

@@ -31,10 +31,16 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         _ => return Outcome::Continue,
     };
     let v6 = name.is_v6();
-    if !matches!(name, SocketName::Listener { .. }) || !sockopt::socket_acceptconn(&listener).unwrap_or(false) {
+    if !matches!(name, SocketName::Listener { .. })
+        || !sockopt::socket_acceptconn(&listener).unwrap_or(false)
+    {
         return Outcome::Errno(libc::EINVAL);
     }
-    let flags = if has_flags { call.arg(3) as u32 as i32 } else { 0 };
+    let flags = if has_flags {
+        call.arg(3) as u32 as i32
+    } else {
+        0
+    };
     if flags & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) != 0 {
         return Outcome::Errno(libc::EINVAL);
     }
@@ -55,7 +61,9 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             Err(e) => Outcome::Errno(e),
         };
     }
-    let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv).ok().flatten();
+    let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
+        .ok()
+        .flatten();
     defer(call, move |call| {
         let deadline = timeout.map(|t| Instant::now() + t);
         let Ok(target) = Target::open(call.notif.pid) else {
@@ -63,7 +71,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         };
         loop {
             let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-            let tick = Timespec::try_from(WAIT_TICK).unwrap_or(Timespec { tv_sec: 0, tv_nsec: 50_000_000 });
+            let tick = Timespec::try_from(WAIT_TICK).unwrap_or(Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            });
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
@@ -89,17 +100,36 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
 /// Accepts if a connection is waiting, without ever blocking: every accept
 /// on a swapped listener goes through the broker, and this check-then-accept
 /// runs under one lock.
-fn try_accept(call: &Call<'_>, listener: &OwnedFd, flags: SocketFlags) -> Option<Result<OwnedFd, Errno>> {
-    let _guard = call.shared.accept_lock.lock().unwrap_or_else(|e| e.into_inner());
+fn try_accept(
+    call: &Call<'_>,
+    listener: &OwnedFd,
+    flags: SocketFlags,
+) -> Option<Result<OwnedFd, Errno>> {
+    let _guard = call
+        .shared
+        .accept_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut fds = [PollFd::new(listener, PollFlags::IN)];
-    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     match poll(&mut fds, Some(&zero)) {
-        Ok(n) if n > 0 => Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error())),
+        Ok(n) if n > 0 => {
+            Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error()))
+        }
         _ => None,
     }
 }
 
-fn complete(call: &Call<'_>, target: &Target, conn: OwnedFd, v6: bool, cloexec: bool) -> Result<Outcome, Errno> {
+fn complete(
+    call: &Call<'_>,
+    target: &Target,
+    conn: OwnedFd,
+    v6: bool,
+    cloexec: bool,
+) -> Result<Outcome, Errno> {
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
         let peer = match peer_name(&conn) {
@@ -111,7 +141,10 @@ fn complete(call: &Call<'_>, target: &Target, conn: OwnedFd, v6: bool, cloexec: 
         write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
     }
     call.check_valid()?;
-    match call.listener.add_fd(call.notif.id, conn.as_fd(), None, cloexec, true) {
+    match call
+        .listener
+        .add_fd(call.notif.id, conn.as_fd(), None, cloexec, true)
+    {
         Ok(_) => Ok(Outcome::Answered),
         Err(e) => match e.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Ok(Outcome::Answered),

@@ -9,7 +9,10 @@
 //!   registered, and an `AF_UNIX` listener named after it replaces the
 //!   program's socket at the same fd number. `listen` then runs natively.
 
-use super::{classify, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket, Call, Outcome, Sock};
+use super::{
+    classify, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket, Call,
+    Outcome, Sock,
+};
 use crate::addr::{self, Purpose};
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
@@ -99,9 +102,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let endpoint = name_for(port);
     let installed = (|| {
         let sock = unix_socket()?;
-        rustix::net::bind(&sock, &endpoint_addr(&endpoint)?).map_err(|e| match e.raw_os_error() {
-            libc::EADDRINUSE => libc::EADDRINUSE,
-            other => other,
+        rustix::net::bind(&sock, &endpoint_addr(&endpoint)?).map_err(|e| {
+            match e.raw_os_error() {
+                libc::EADDRINUSE => libc::EADDRINUSE,
+                other => other,
+            }
         })?;
         copy_nonblock(&copy, &sock)?;
         call.check_valid()?;

@@ -42,7 +42,9 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
             match name {
                 // Bound by us but never listened on: it may still connect.
-                SocketName::Listener { v6, .. } if !listening && super::peer_name(&fd).is_none() => {
+                SocketName::Listener { v6, .. }
+                    if !listening && super::peer_name(&fd).is_none() =>
+                {
                     (v6, fd, Some(name))
                 }
                 _ => return Ok(Outcome::Errno(libc::EISCONN)),
@@ -59,7 +61,9 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let dst = addr::parse(&bytes, v6, Purpose::Connect);
     let dir = &call.shared.directory;
     match dst {
-        Some(dst) if dir.is_virtual(dst.ip()) => connect_virtual(call, target, &copy, v6, dst, rebind),
+        Some(dst) if dir.is_virtual(dst.ip()) => {
+            connect_virtual(call, target, &copy, v6, dst, rebind)
+        }
         _ if rebind.is_some() => Ok(Outcome::Errno(libc::EINVAL)),
         _ => Ok(egress(call, copy, bytes)),
     }
@@ -67,10 +71,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
 
 fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     let nonblocking = is_nonblocking(&copy);
-    let attempt = move || match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
-        Ok(()) => Outcome::Value(0),
-        Err(e) => Outcome::Errno(errno_of(&e)),
-    };
+    let attempt =
+        move || match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
+            Ok(()) => Outcome::Value(0),
+            Err(e) => Outcome::Errno(errno_of(&e)),
+        };
     if nonblocking {
         attempt()
     } else {
@@ -140,9 +145,11 @@ fn connect_virtual(
                     set_nonblock(&sock, false)?;
                     sockopt::set_socket_timeout(&sock, Timeout::Send, Some(FULL_BACKLOG_WAIT))
                         .map_err(|e| e.raw_os_error())?;
-                    rustix::net::connect(&sock, &target_addr).map_err(|e| match e.raw_os_error() {
-                        libc::EAGAIN => libc::ETIMEDOUT,
-                        other => other,
+                    rustix::net::connect(&sock, &target_addr).map_err(|e| {
+                        match e.raw_os_error() {
+                            libc::EAGAIN => libc::ETIMEDOUT,
+                            other => other,
+                        }
                     })?;
                     sockopt::set_socket_timeout(&sock, Timeout::Send, None)
                         .map_err(|e| e.raw_os_error())?;

@@ -221,12 +221,20 @@ pub(crate) fn is_nonblocking(fd: &OwnedFd) -> bool {
 
 /// Installs `new` over the target's fd `fd_arg` (same number), keeping its
 /// close-on-exec flag, and answers 0.
-pub(crate) fn install_over(call: &Call<'_>, target: &Target, fd_arg: u64, new: &OwnedFd) -> Outcome {
+pub(crate) fn install_over(
+    call: &Call<'_>,
+    target: &Target,
+    fd_arg: u64,
+    new: &OwnedFd,
+) -> Outcome {
     let cloexec = target.fd_cloexec(fd_arg);
-    match call
-        .listener
-        .add_fd(call.notif.id, new.as_fd(), Some(fd_arg as i32), cloexec, false)
-    {
+    match call.listener.add_fd(
+        call.notif.id,
+        new.as_fd(),
+        Some(fd_arg as i32),
+        cloexec,
+        false,
+    ) {
         Ok(_) => Outcome::Value(0),
         Err(e) => match e.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Outcome::Answered,

@@ -21,19 +21,31 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         _ => return Outcome::Continue,
     };
     let answer: Result<SocketAddr, Errno> = match name {
-        SocketName::Client { local, peer: dst, .. } => Ok(if peer { dst } else { local }),
+        SocketName::Client {
+            local, peer: dst, ..
+        } => Ok(if peer { dst } else { local }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
             let client = if listening { None } else { peer_name(&fd) };
             match (client, peer) {
-                (Some(SocketName::Client { local, peer: dst, .. }), _) => Ok(if peer { local } else { dst }),
+                (
+                    Some(SocketName::Client {
+                        local, peer: dst, ..
+                    }),
+                    _,
+                ) => Ok(if peer { local } else { dst }),
                 (_, false) => Ok(bound),
                 (_, true) => Err(libc::ENOTCONN),
             }
         }
     };
     let result = answer.and_then(|a| {
-        write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, name.is_v6()))
+        write_sockaddr(
+            target,
+            call.arg(1),
+            call.arg(2),
+            &addr::encode(a, name.is_v6()),
+        )
     });
     match result {
         Ok(()) => Outcome::Value(0),

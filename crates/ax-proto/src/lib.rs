@@ -146,7 +146,10 @@ mod tests {
             body_len((MAX_FRAME_LEN as u32 + 1).to_be_bytes()),
             Err(FrameError::TooLarge(_))
         ));
-        assert!(matches!(decode::<Request>(&[]), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<Request>(&[]),
+            Err(FrameError::Malformed(_))
+        ));
         assert!(matches!(
             decode::<Request>(&[0x02, 0x00]),
             Err(FrameError::Version(2))

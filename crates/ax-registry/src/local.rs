@@ -317,7 +317,10 @@ mod tests {
             requested_ips: vec!["127.0.0.1".parse().unwrap()],
             ..AppSpec::default()
         };
-        assert!(matches!(r.register_app(&lo, 0), Err(RegisterError::InvalidIp { .. })));
+        assert!(matches!(
+            r.register_app(&lo, 0),
+            Err(RegisterError::InvalidIp { .. })
+        ));
     }
 
     #[test]

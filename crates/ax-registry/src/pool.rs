@@ -4,9 +4,9 @@ use std::net::IpAddr;
 
 /// Parses `ADDR/PREFIX`, e.g. `10.233.0.0/16`.
 pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, prefix) = s
-        .split_once('/')
-        .ok_or_else(|| format!("'{s}' is not a CIDR block (expected ADDR/PREFIX, e.g. 10.233.0.0/16)"))?;
+    let (addr, prefix) = s.split_once('/').ok_or_else(|| {
+        format!("'{s}' is not a CIDR block (expected ADDR/PREFIX, e.g. 10.233.0.0/16)")
+    })?;
     let addr: IpAddr = addr
         .parse()
         .map_err(|_| format!("'{addr}' in '{s}' is not an IP address"))?;
@@ -15,7 +15,9 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
         .map_err(|_| format!("'{prefix}' in '{s}' is not a prefix length"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     if prefix > max {
-        return Err(format!("prefix /{prefix} is longer than {max} bits in '{s}'"));
+        return Err(format!(
+            "prefix /{prefix} is longer than {max} bits in '{s}'"
+        ));
     }
     Ok((addr, prefix))
 }
@@ -66,7 +68,11 @@ impl VipPool {
     }
 
     fn mask(bits: u8, prefix: u8) -> u128 {
-        let all: u128 = if bits == 32 { u32::MAX as u128 } else { u128::MAX };
+        let all: u128 = if bits == 32 {
+            u32::MAX as u128
+        } else {
+            u128::MAX
+        };
         if prefix == 0 {
             0
         } else {
@@ -108,14 +114,25 @@ impl VipPool {
     pub fn host(&self, n: u128) -> Option<IpAddr> {
         let bits = Self::bits_of(self.base);
         let host_bits = bits - self.prefix;
-        let size: u128 = if host_bits >= 128 { u128::MAX } else { 1u128 << host_bits };
+        let size: u128 = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
         let first = 2u128;
-        let last = if self.base.is_ipv4() { size - 2 } else { size - 1 };
+        let last = if self.base.is_ipv4() {
+            size - 2
+        } else {
+            size - 1
+        };
         let offset = first.checked_add(n)?;
         if offset > last {
             return None;
         }
-        Some(Self::from_u128(self.base, Self::to_u128(self.base) + offset))
+        Some(Self::from_u128(
+            self.base,
+            Self::to_u128(self.base) + offset,
+        ))
     }
 
     /// Number of usable host addresses, saturating.
@@ -152,7 +169,10 @@ mod tests {
         assert!(!p.contains("10.234.0.1".parse().unwrap()));
         assert!(!p.contains("fd00:a8::1".parse().unwrap()));
         assert_eq!(p.host(p.capacity()), None);
-        assert_eq!(p.host(p.capacity() - 1), Some("10.233.255.254".parse().unwrap()));
+        assert_eq!(
+            p.host(p.capacity() - 1),
+            Some("10.233.255.254".parse().unwrap())
+        );
     }
 
     #[test]
@@ -161,7 +181,10 @@ mod tests {
         assert!(VipPool::parse("10.0.0.0/33").is_err());
         assert!(VipPool::parse("10.0.0.0/31").is_err());
         assert!(VipPool::parse("x/8").is_err());
-        assert_eq!(VipPool::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            VipPool::parse("10.1.2.3/8").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert!(VipPool::default_v6().contains("fd00:a8::5".parse().unwrap()));
     }
 }

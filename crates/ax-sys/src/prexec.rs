@@ -19,7 +19,8 @@ impl FilterProgram {
     /// Builds a program from the raw bytes `seccomp_export_bpf` writes
     /// (8 bytes per instruction, native endianness).
     pub fn from_bpf_bytes(bytes: &[u8]) -> io::Result<Self> {
-        if bytes.is_empty() || bytes.len() % 8 != 0 || bytes.len() / 8 > u16::MAX as usize {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(8) || bytes.len() / 8 > u16::MAX as usize
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "BPF program size is not a whole, loadable number of instructions",

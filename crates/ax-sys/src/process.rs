@@ -118,3 +118,46 @@ pub fn is_effective_root() -> bool {
     // SAFETY: geteuid cannot fail and takes no arguments.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// `CLOSE_RANGE_CLOEXEC` (Linux 5.11).
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// Marks every fd from 3 up, except `keep`, close-on-exec. Async-signal-safe;
+/// best effort (kernels before 5.11 lack the flag and are left as they are).
+fn cloexec_from_3_except(keep: Option<RawFd>) {
+    let mut ranges = [(3u32, u32::MAX), (0, 0)];
+    let mut count = 1;
+    if let Some(k) = keep.filter(|&k| k >= 3) {
+        let k = k as u32;
+        ranges = [(3, k.saturating_sub(1)), (k.saturating_add(1), u32::MAX)];
+        count = 2;
+    }
+    for &(first, last) in &ranges[..count] {
+        if first > last {
+            continue;
+        }
+        // SAFETY: integer arguments only; with CLOSE_RANGE_CLOEXEC nothing
+        // is closed in this process, the fds only close at execve.
+        unsafe {
+            libc::syscall(libc::SYS_close_range, first, last, CLOSE_RANGE_CLOEXEC);
+        }
+    }
+}
+
+/// Makes `cmd`'s child inherit no fd above 2 except `keep`, whatever this
+/// process was given without `O_CLOEXEC` (a test harness's pipe, a shell's
+/// `3>`): a long-lived child such as a daemon would otherwise hold them open
+/// and keep whoever waits for their EOF waiting.
+pub fn inherit_only_stdio_and(cmd: &mut std::process::Command, keep: Option<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || {
+        cloexec_from_3_except(keep);
+        Ok(())
+    };
+    // SAFETY: the hook only makes raw close_range system calls with integer
+    // arguments: async-signal-safe, no allocation, no lock, as pre_exec
+    // requires.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -68,3 +68,33 @@ pub fn wait(signals: &[i32]) -> io::Result<ReceivedSignal> {
         });
     }
 }
+
+/// Empties the calling thread's signal mask. Async-signal-safe.
+fn clear_mask() -> io::Result<()> {
+    // SAFETY: sigset_t is plain old data, initialised by sigemptyset below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, owned sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: `set` is valid; the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Makes `cmd`'s child start with an empty signal mask.
+///
+/// `std::process::Command` leaves the child the mask of the thread that
+/// spawns it, so a launcher that [`block`]s signals to [`wait`] for them
+/// would otherwise start programs that never see `SIGINT` or `SIGTERM`.
+/// Ignored signals stay ignored, as with any other launcher.
+pub fn clear_mask_before_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook only calls sigemptyset and pthread_sigmask on a value
+    // on its own stack: async-signal-safe, no allocation, no lock, which is
+    // what pre_exec requires.
+    unsafe {
+        cmd.pre_exec(clear_mask);
+    }
+}

@@ -25,7 +25,11 @@ fn storage(addr: &[u8]) -> (libc::sockaddr_storage, libc::socklen_t) {
     let n = addr.len().min(SOCKADDR_STORAGE_LEN);
     // SAFETY: both regions are at least `n` bytes and do not overlap.
     unsafe {
-        std::ptr::copy_nonoverlapping(addr.as_ptr(), (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(), n)
+        std::ptr::copy_nonoverlapping(
+            addr.as_ptr(),
+            (&mut ss as *mut libc::sockaddr_storage).cast::<u8>(),
+            n,
+        )
     };
     (ss, n as libc::socklen_t)
 }

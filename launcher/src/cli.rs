@@ -1,0 +1,414 @@
+//! Command-line syntax of `ax`: the clap structures and the validators that
+//! reject bad option values before anything runs.
+
+use ax_registry::VipPool;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+const TOP_AFTER_HELP: &str = "\
+Examples:
+  ax exec --ip 10.233.0.10 --name web -- python3 -m http.server 8000
+  ax exec -- curl http://10.233.0.10:8000/
+  ax get apps
+  ax daemon --vip-pool 10.99.0.0/16
+
+A daemon is started in the background the first time 'ax exec' needs one.
+Control socket: --socket PATH, else $AX_SOCKET, else $XDG_RUNTIME_DIR/ax/ax.sock
+(root: /run/ax/ax.sock; without XDG_RUNTIME_DIR: /tmp/ax-UID/ax.sock).";
+
+const EXEC_AFTER_HELP: &str = "\
+The program and everything it starts keep the terminal, stdin, stdout and
+stderr. Their bind, connect and accept calls on virtual IPs are served by the
+daemon; data never passes through it.
+
+Exit status: the program's own, or 128+N when signal N killed it;
+125 when ax itself fails, 126 when the program cannot be run,
+127 when it is not found.
+
+Examples:
+  # A web server reachable by programs under ax at 10.233.0.10:8000
+  ax exec --ip 10.233.0.10 --name web -- python3 -m http.server 8000
+
+  # A client in another terminal; its virtual IP comes from the pool
+  ax exec -- curl -s http://10.233.0.10:8000/
+
+  # Labels for 'ax get apps' (and, later, policy)
+  ax exec --label tier=backend --label team=pay -- ./server";
+
+const DAEMON_AFTER_HELP: &str = "\
+The daemon runs in the foreground and logs to stderr (set RUST_LOG, e.g.
+RUST_LOG=debug, for more). SIGINT or SIGTERM stops it and removes its socket.
+Programs still running keep their established connections, but their next
+bind, connect or accept waits: handing them to a new daemon is not
+implemented yet, so restart them.
+
+Examples:
+  ax daemon
+  ax daemon --socket /tmp/ax-test/ax.sock --vip-pool 10.99.0.0/16
+  RUST_LOG=debug ax daemon";
+
+const GET_AFTER_HELP: &str = "\
+Examples:
+  ax get apps
+  ax get services
+  ax get apps -o json | jq '.[].vips'";
+
+/// Run unmodified programs with a network identity of their own.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ax",
+    version,
+    about = "Run unmodified programs with a virtual network identity",
+    long_about = "Run unmodified programs with a virtual network identity.\n\n\
+        'ax exec' starts a program whose socket control calls (bind, connect, accept, …) \
+        are trapped with seccomp and answered by the ax daemon: programs under ax reach \
+        each other at virtual IPs and names, over a UNIX socket on the same host, \
+        without root, containers or code changes.",
+    after_help = TOP_AFTER_HELP,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a program with a virtual IP (starts a daemon if none is running)
+    #[command(
+        after_help = EXEC_AFTER_HELP,
+        override_usage = "ax exec [OPTIONS] [--] PROGRAM [ARGS]..."
+    )]
+    Exec(ExecArgs),
+    /// Serve programs started with 'ax exec' (foreground)
+    #[command(after_help = DAEMON_AFTER_HELP)]
+    Daemon(DaemonArgs),
+    /// List running apps or listening services
+    #[command(after_help = GET_AFTER_HELP)]
+    Get(GetArgs),
+}
+
+/// Options shared by every subcommand that talks to the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct SocketArg {
+    /// Control socket of the daemon [default: $AX_SOCKET, else
+    /// $XDG_RUNTIME_DIR/ax/ax.sock, /run/ax/ax.sock for root, /tmp/ax-UID/ax.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// `ax exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Virtual IP of the program (IPv4 or IPv6; at most one of each)
+    /// [default: one from the daemon's pool]
+    #[arg(long = "ip", value_name = "VIP", value_parser = parse_vip)]
+    pub ips: Vec<IpAddr>,
+
+    /// Name of the app, e.g. 'web', shown by 'ax get apps' (resolving
+    /// names for other programs is not implemented yet)
+    #[arg(long = "name", value_name = "NAME", value_parser = parse_name)]
+    pub names: Vec<String>,
+
+    /// Label of the program, shown by 'ax get apps'
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Fail instead of starting a daemon when none is running
+    #[arg(long)]
+    pub no_autostart: bool,
+
+    /// The program to run and its arguments
+    #[arg(
+        value_name = "PROGRAM",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_hint = clap::ValueHint::CommandWithArguments
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// `ax daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Block to allocate virtual IPs from (repeatable)
+    /// [default: 10.233.0.0/16 and fd00:a8::/64]
+    #[arg(long = "vip-pool", value_name = "CIDR", value_parser = parse_pool)]
+    pub vip_pools: Vec<VipPool>,
+
+    /// Write "ready" and a newline to this inherited fd (a pipe or file)
+    /// once the socket listens
+    #[arg(long, value_name = "N")]
+    pub ready_fd: Option<u32>,
+
+    /// Started in the background by 'ax exec': ignore SIGHUP.
+    #[arg(long, hide = true)]
+    pub detached: bool,
+}
+
+/// `ax get`.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to list
+    #[arg(value_enum)]
+    pub resource: Resource,
+
+    /// Output format
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+/// Resources `ax get` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Resource {
+    /// Running apps (one per 'ax exec')
+    #[value(alias = "app")]
+    Apps,
+    /// Listening virtual IP:port services
+    #[value(alias = "service", alias = "svc")]
+    Services,
+}
+
+/// Output formats of `ax get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns with a header row
+    Table,
+    /// A JSON array
+    Json,
+}
+
+/// Parses a `--ip` value.
+pub fn parse_vip(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address"))?;
+    let reason = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address (ax leaves loopback to the kernel)")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address")
+    } else if matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        Some("an IPv4-mapped IPv6 address (give the IPv4 address instead)")
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => Err(format!("{ip} cannot be a virtual IP: it is {r}")),
+        None => Ok(ip),
+    }
+}
+
+/// Parses a `--name` value: dot-separated labels of `a-z`, `0-9` and `-`,
+/// each 1 to 63 characters, not starting or ending with `-`.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a name cannot be empty".into());
+    }
+    if s.len() > 253 {
+        return Err(format!("'{s}' is longer than 253 characters"));
+    }
+    for label in s.split('.') {
+        if label.is_empty() {
+            return Err(format!(
+                "'{s}' has an empty part between dots (use e.g. 'web' or 'web.shop')"
+            ));
+        }
+        if label.len() > 63 {
+            return Err(format!("'{label}' in '{s}' is longer than 63 characters"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            let hint = if c.is_ascii_uppercase() {
+                " (names are lowercase)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "'{s}' contains '{c}': names use a-z, 0-9, '-' and '.'{hint}"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("'{label}' in '{s}' starts or ends with '-'"));
+        }
+    }
+    Ok(s.to_string())
+}
+
+fn label_part_ok(part: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    part.len() <= 63
+        && part
+            .chars()
+            .all(|c| alnum(c) || c == '-' || c == '_' || c == '.')
+        && (part.is_empty() || (part.starts_with(alnum) && part.ends_with(alnum)))
+}
+
+/// Parses a `--label KEY=VALUE` value, with the rules Kubernetes uses: the
+/// key is `[PREFIX/]NAME`, NAME 1–63 characters of letters, digits, `-`, `_`
+/// and `.`, starting and ending with a letter or digit, PREFIX a DNS name;
+/// the value follows NAME's rules but may be empty.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE (e.g. --label tier=backend)"))?;
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        parse_name(p).map_err(|e| format!("label key prefix of '{key}': {e}"))?;
+    }
+    if name.is_empty() {
+        return Err(format!("'{s}' has an empty label key"));
+    }
+    if !label_part_ok(name) {
+        return Err(format!(
+            "label key '{key}' is not valid: up to 63 letters, digits, '-', '_' or '.', \
+             starting and ending with a letter or digit"
+        ));
+    }
+    if !label_part_ok(value) {
+        return Err(format!(
+            "label value '{value}' is not valid: up to 63 letters, digits, '-', '_' or '.', \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Parses a `--vip-pool` value.
+pub fn parse_pool(s: &str) -> Result<VipPool, String> {
+    VipPool::parse(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["web", "web.ax", "a", "db-1", "x1.y2.z3", &"a".repeat(63)] {
+            assert_eq!(parse_name(ok).as_deref(), Ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Web",
+            "web_1",
+            "-web",
+            "web-",
+            "a..b",
+            ".a",
+            "a.",
+            "wéb",
+            "a b",
+            &"a".repeat(64),
+        ] {
+            assert!(parse_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_name("Web").unwrap_err().contains("lowercase"));
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(
+            parse_label("tier=backend"),
+            Ok(("tier".into(), "backend".into()))
+        );
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert_eq!(
+            parse_label("ax.dev/role=db_1.x"),
+            Ok(("ax.dev/role".into(), "db_1.x".into()))
+        );
+        assert!(parse_label("k=a=b").is_err(), "'=' in value");
+        for bad in [
+            "novalue",
+            "=v",
+            "-k=v",
+            "k-=v",
+            "k=-v",
+            "k=v v",
+            "Bad Prefix/k=v",
+            "/k=v",
+            "p/=v",
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_label(&format!("k={}", "v".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn vips() {
+        assert!(parse_vip("10.233.0.10").is_ok());
+        assert!(parse_vip("fd00:a8::10").is_ok());
+        for bad in [
+            "10.233.0",
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::ffff:10.0.0.1",
+            "web",
+        ] {
+            assert!(parse_vip(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn exec_takes_program_and_args_verbatim() {
+        let cli = Cli::try_parse_from([
+            "ax", "exec", "--ip", "10.1.2.3", "--name", "web", "--", "ls", "-l", "--ip",
+        ])
+        .unwrap();
+        let Command::Exec(e) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(e.ips, vec!["10.1.2.3".parse::<IpAddr>().unwrap()]);
+        assert_eq!(e.command, vec!["ls", "-l", "--ip"]);
+        // Without "--", the first positional starts the command.
+        let cli = Cli::try_parse_from(["ax", "exec", "sh", "-c", "exit 3"]).unwrap();
+        let Command::Exec(e) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(e.command, vec!["sh", "-c", "exit 3"]);
+        assert!(Cli::try_parse_from(["ax", "exec"]).is_err());
+        assert!(Cli::try_parse_from(["ax", "exec", "--ip", "nope", "--", "true"]).is_err());
+    }
+
+    #[test]
+    fn get_resources() {
+        assert!(Cli::try_parse_from(["ax", "get", "apps"]).is_ok());
+        assert!(Cli::try_parse_from(["ax", "get", "services", "-o", "json"]).is_ok());
+        assert!(Cli::try_parse_from(["ax", "get", "pods"]).is_err());
+        assert!(Cli::try_parse_from(["ax", "get", "apps", "-o", "yaml"]).is_err());
+    }
+}

@@ -1,0 +1,497 @@
+//! `ax daemon`: the registry, the broker and the control socket.
+//!
+//! The control socket speaks length-prefixed postcard frames
+//! ([`ax_proto`]). Only the daemon's own user and root are served. A client
+//! registers an app, starts its program under the filter and hands over the
+//! notify fd (`SCM_RIGHTS` on the `AttachListener` frame); the broker then
+//! serves the app on a thread of its own until its last process exits.
+
+use crate::cli::DaemonArgs;
+use crate::paths;
+use anyhow::{bail, Context};
+use ax_broker::{Broker, BrokerConfig, NotifyFd, Session};
+use ax_proto::{FrameError, Request, Response};
+use ax_registry::{AppId, Directory, LocalRegistry};
+use rustix::fs::FlockOperation;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use std::io::{self, IoSliceMut, IsTerminal, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Most fds accepted with one read; more are closed unread.
+const MAX_FDS_PER_READ: usize = 4;
+
+/// What `readlink /proc/self/fd/N` shows for a seccomp listener.
+const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
+
+/// The daemon's state, shared by every connection.
+struct Daemon {
+    registry: Arc<LocalRegistry>,
+    broker: Broker,
+    uid: u32,
+    sessions: Mutex<Vec<Session>>,
+}
+
+impl Daemon {
+    fn sessions(&self) -> MutexGuard<'_, Vec<Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_attached(&self, app: AppId) -> bool {
+        self.sessions()
+            .iter()
+            .any(|s| s.app() == app && !s.is_finished())
+    }
+
+    /// Forgets sessions whose app has exited, logging each.
+    fn reap_sessions(&self) {
+        let mut sessions = self.sessions();
+        let (done, live): (Vec<Session>, Vec<Session>) =
+            sessions.drain(..).partition(|s| s.is_finished());
+        *sessions = live;
+        drop(sessions);
+        for s in done {
+            tracing::info!(app = s.app(), "app exited");
+            s.join();
+        }
+    }
+}
+
+/// Runs `ax daemon` until SIGINT or SIGTERM; returns the exit status.
+pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
+    init_tracing();
+    let path = paths::socket_path(args.socket.socket.as_deref())?;
+    let dir = paths::socket_dir(&path);
+    paths::prepare_dir(dir)?;
+    let _lock = lock_socket(&path)?;
+    let listener = bind(&path)?;
+    let socket_id = std::fs::metadata(&path)
+        .map(|m| (m.dev(), m.ino()))
+        .with_context(|| format!("cannot inspect {}", path.display()))?;
+
+    let registry = Arc::new(if args.vip_pools.is_empty() {
+        LocalRegistry::default()
+    } else {
+        LocalRegistry::new(args.vip_pools.clone())
+    });
+    let instance = paths::fnv1a32(path.as_os_str().as_bytes());
+    let directory: Arc<dyn Directory> = registry.clone();
+    let broker = Broker::new(directory, BrokerConfig { instance });
+    let pools = registry
+        .pools()
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let daemon = Arc::new(Daemon {
+        registry,
+        broker,
+        uid: paths::euid(),
+        sessions: Mutex::new(Vec::new()),
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ax-daemon")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(async {
+        let listener =
+            tokio::net::UnixListener::from_std(listener).context("cannot watch the socket")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        // A daemon started by `ax exec` outlives the terminal it came from.
+        let mut sighup = if args.detached {
+            Some(signal(SignalKind::hangup()).context("cannot handle SIGHUP")?)
+        } else {
+            None
+        };
+        tracing::info!(
+            socket = %path.display(),
+            pid = std::process::id(),
+            pools = %pools,
+            instance = format_args!("{instance:08x}"),
+            "ax daemon listening"
+        );
+        if let Some(fd) = args.ready_fd {
+            if let Err(e) = signal_ready(fd) {
+                tracing::warn!(fd, error = %e, "could not write to --ready-fd");
+            }
+        }
+        let mut reap = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let d = daemon.clone();
+                        tokio::spawn(async move { serve_connection(d, stream).await });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = async {
+                    match sighup.as_mut() {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => tracing::info!("SIGHUP ignored (started by ax exec)"),
+                _ = reap.tick() => daemon.reap_sessions(),
+            }
+        }
+        anyhow::Ok(())
+    });
+    // Remove the socket only if it is still ours.
+    if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
+        let _ = std::fs::remove_file(&path);
+    }
+    daemon.reap_sessions();
+    let running = daemon.sessions().len();
+    if running > 0 {
+        tracing::warn!(
+            apps = running,
+            "apps still running; their socket calls wait until a daemon serves them again"
+        );
+    }
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result?;
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .try_init();
+}
+
+/// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
+/// at once cannot both decide the socket is stale.
+fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            bail!("another daemon is already serving {}", path.display())
+        }
+        Err(e) => {
+            Err(io::Error::from(e)).with_context(|| format!("cannot lock {}", lock_path.display()))
+        }
+    }
+}
+
+/// Binds the control socket (mode 0600), replacing a stale socket file but
+/// never a live daemon's.
+fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => bail!(
+            "{} exists and is not a socket; remove it or choose another --socket",
+            path.display()
+        ),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => bail!("another daemon is already serving {}", path.display()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "removing stale socket");
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot check {}", path.display()));
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    // Nobody else may connect, not even between bind and chmod.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Writes "ready\n" to inherited fd `fd`, reached through `/proc/self/fd`
+/// (no unsafe fd adoption needed). Non-blocking: a pipe whose reader is gone
+/// fails instead of hanging.
+fn signal_ready(fd: u32) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{fd}"))?;
+    f.write_all(b"ready\n")
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    pid: i32,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads frames from a connection with `recvmsg`, so that fds sent as
+/// `SCM_RIGHTS` are received rather than discarded.
+struct FrameReader {
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl FrameReader {
+    /// The next frame's body and the fds that came with it, or `None` at a
+    /// clean end of stream.
+    async fn next(
+        &mut self,
+        stream: &UnixStream,
+    ) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, ReadError> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if self.buf.len() >= 4 {
+                let prefix: [u8; 4] = self.buf[..4].try_into().expect("4 bytes");
+                let len = ax_proto::body_len(prefix)?;
+                if self.buf.len() >= 4 + len {
+                    let body = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    return Ok(Some((body, std::mem::take(&mut self.fds))));
+                }
+            }
+            let (n, fds) = recv_with_fds(stream, &mut chunk).await?;
+            for fd in fds {
+                if self.fds.len() < MAX_FDS_PER_READ {
+                    self.fds.push(fd);
+                }
+            }
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame",
+                )
+                .into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+async fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    stream
+        .async_io(Interest::READABLE, || {
+            let mut space =
+                [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
+            let mut anc = RecvAncillaryBuffer::new(&mut space);
+            let msg = rustix::net::recvmsg(
+                stream,
+                &mut [IoSliceMut::new(buf)],
+                &mut anc,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+            )?;
+            let mut fds = Vec::new();
+            for m in anc.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = m {
+                    fds.extend(received);
+                }
+            }
+            Ok((msg.bytes, fds))
+        })
+        .await
+}
+
+async fn send(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
+    let frame = ax_proto::encode(resp).map_err(io::Error::other)?;
+    stream.write_all(&frame).await
+}
+
+async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
+    let cred = match rustix::net::sockopt::socket_peercred(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot identify a client; closing");
+            return;
+        }
+    };
+    let peer = Peer {
+        uid: cred.uid.as_raw(),
+        pid: cred.pid.as_raw_nonzero().get(),
+    };
+    if peer.uid != daemon.uid && peer.uid != 0 {
+        tracing::warn!(
+            uid = peer.uid,
+            pid = peer.pid,
+            "refusing a client of another user"
+        );
+        let msg = format!(
+            "permission denied: this daemon serves uid {} (and root), you are uid {}; \
+             start your own with 'ax daemon' or use your own --socket",
+            daemon.uid, peer.uid
+        );
+        let _ = send(&mut stream, &Response::Error(msg)).await;
+        return;
+    }
+    let mut reader = FrameReader {
+        buf: Vec::new(),
+        fds: Vec::new(),
+    };
+    // Apps registered here and not (yet) handed over: if the client goes
+    // away first, nothing will ever run in them.
+    let mut pending: Vec<AppId> = Vec::new();
+    loop {
+        match reader.next(&stream).await {
+            Ok(None) => break,
+            Ok(Some((body, fds))) => {
+                let resp = match ax_proto::decode::<Request>(&body) {
+                    Ok(req) => daemon.handle(req, fds, peer, &mut pending),
+                    Err(e) => {
+                        tracing::warn!(pid = peer.pid, error = %e, "bad frame; closing the connection");
+                        let _ = send(&mut stream, &Response::Error(e.to_string())).await;
+                        break;
+                    }
+                };
+                if send(&mut stream, &resp).await.is_err() {
+                    break;
+                }
+            }
+            Err(ReadError::Frame(e)) => {
+                tracing::warn!(pid = peer.pid, error = %e, "bad frame; closing the connection");
+                let _ = send(&mut stream, &Response::Error(e.to_string())).await;
+                break;
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(pid = peer.pid, error = %e, "connection lost");
+                break;
+            }
+        }
+    }
+    for app in pending {
+        if !daemon.is_attached(app) && daemon.registry.app(app).is_some() {
+            tracing::info!(app, "client left before starting the app; unregistering it");
+            daemon.registry.app_exited(app);
+        }
+    }
+}
+
+impl Daemon {
+    fn handle(
+        &self,
+        req: Request,
+        fds: Vec<OwnedFd>,
+        peer: Peer,
+        pending: &mut Vec<AppId>,
+    ) -> Response {
+        match req {
+            Request::Ping => Response::Pong {
+                daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+            },
+            Request::RegisterApp(spec) => match self.registry.register_app(&spec, peer.uid) {
+                Ok(info) => {
+                    tracing::info!(
+                        app = info.id,
+                        uid = peer.uid,
+                        vips = ?info.vips,
+                        names = ?info.names,
+                        command = ?info.command,
+                        "app registered"
+                    );
+                    pending.push(info.id);
+                    Response::AppRegistered(info)
+                }
+                Err(e) => {
+                    tracing::info!(uid = peer.uid, error = %e, "registration refused");
+                    Response::RegisterFailed(e)
+                }
+            },
+            Request::AttachListener { app, pid } => {
+                let resp = self.attach(app, pid, fds, peer);
+                if resp == Response::Attached {
+                    pending.retain(|&a| a != app);
+                }
+                resp
+            }
+            Request::ListApps => Response::Apps(self.registry.apps()),
+            Request::ListServices => Response::Services(self.registry.services()),
+        }
+    }
+
+    fn attach(&self, app: AppId, pid: u32, fds: Vec<OwnedFd>, peer: Peer) -> Response {
+        let Some(fd) = fds.into_iter().next() else {
+            return Response::Error(
+                "AttachListener carried no notify fd (it must come as SCM_RIGHTS)".into(),
+            );
+        };
+        let Some(info) = self.registry.app(app) else {
+            return Response::Error(format!("no app with id {app}; register it first"));
+        };
+        if peer.uid != 0 && info.uid != peer.uid {
+            return Response::Error(format!(
+                "permission denied: app {app} belongs to uid {}",
+                info.uid
+            ));
+        }
+        if pid == 0 {
+            return Response::Error("AttachListener needs the program's pid".into());
+        }
+        if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+            if link.as_os_str() != NOTIFY_FD_LINK {
+                return Response::Error(format!(
+                    "the fd sent is not a seccomp notify fd ({})",
+                    link.display()
+                ));
+            }
+        }
+        // Checked and recorded under one lock: two attaches cannot race.
+        let mut sessions = self.sessions();
+        if sessions.iter().any(|s| s.app() == app && !s.is_finished()) {
+            return Response::Error(format!("app {app} is already being served"));
+        }
+        if let Err(e) = self.registry.set_pid(app, pid) {
+            return Response::Error(e.to_string());
+        }
+        match self.broker.serve(app, NotifyFd::from(fd)) {
+            Ok(session) => {
+                tracing::info!(app, pid, "serving app");
+                sessions.push(session);
+                Response::Attached
+            }
+            Err(e) => Response::Error(format!("cannot serve app {app}: {e}")),
+        }
+    }
+}

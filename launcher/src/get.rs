@@ -1,0 +1,110 @@
+//! `ax get apps|services`: ask the daemon and print a table or JSON.
+
+use crate::cli::{GetArgs, Output, Resource};
+use crate::client::{Client, ConnectError};
+use crate::{paths, table, Failure};
+use anyhow::bail;
+use ax_proto::{Request, Response};
+use ax_registry::{AppId, ServiceInfo};
+use serde::Serialize;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Runs `ax get`; returns the exit status.
+pub fn run(args: GetArgs) -> anyhow::Result<i32> {
+    let path = paths::socket_path(args.socket.socket.as_deref())?;
+    let mut client = match Client::connect(&path) {
+        Ok(c) => c,
+        Err(ConnectError::NoDaemon(p)) => {
+            return Err(Failure::new(
+                1,
+                format!(
+                    "no daemon is listening on {} (start one with 'ax daemon'; 'ax exec' also \
+                     starts one)",
+                    p.display()
+                ),
+            )
+            .into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let request = match args.resource {
+        Resource::Apps => Request::ListApps,
+        Resource::Services => Request::ListServices,
+    };
+    let out = match (client.call(&request)?, args.output) {
+        (Response::Apps(apps), Output::Json) => serde_json::to_string_pretty(&apps)? + "\n",
+        (Response::Services(s), Output::Json) => {
+            let view: Vec<ServiceView> = s.iter().map(ServiceView::from).collect();
+            serde_json::to_string_pretty(&view)? + "\n"
+        }
+        (Response::Apps(apps), Output::Table) if apps.is_empty() => {
+            eprintln!("No apps are running.");
+            String::new()
+        }
+        (Response::Services(s), Output::Table) if s.is_empty() => {
+            eprintln!("No services are listening.");
+            String::new()
+        }
+        (Response::Apps(apps), Output::Table) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            table::apps_table(&apps, now)
+        }
+        (Response::Services(s), Output::Table) => table::services_table(&s),
+        (Response::Error(e), _) => bail!("the daemon refused: {e}"),
+        (other, _) => bail!("unexpected answer from the daemon: {other:?}"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        // `ax get apps | head -1` is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        r => r.map(|_| 0).map_err(Into::into),
+    }
+}
+
+/// A service as `ax get services -o json` shows it: [`ServiceInfo`] with
+/// the endpoint spelled as in the table (`@name` for an abstract socket, a
+/// path otherwise) rather than as an array of bytes.
+#[derive(Debug, Serialize)]
+struct ServiceView {
+    addr: SocketAddr,
+    owner: AppId,
+    endpoint: String,
+}
+
+impl From<&ServiceInfo> for ServiceView {
+    fn from(s: &ServiceInfo) -> Self {
+        Self {
+            addr: s.addr,
+            owner: s.owner,
+            endpoint: s.endpoint.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ax_registry::UnixEndpoint;
+
+    #[test]
+    fn service_json_spells_the_endpoint() {
+        let s = ServiceInfo {
+            addr: "10.233.0.10:8000".parse().unwrap(),
+            owner: 4,
+            endpoint: UnixEndpoint::Abstract(b"ax/1/x".to_vec()),
+        };
+        let json = serde_json::to_value(ServiceView::from(&s)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"addr": "10.233.0.10:8000", "owner": 4, "endpoint": "@ax/1/x"})
+        );
+    }
+}
