@@ -1,6 +1,7 @@
 //! The broker object and its per-app receive loop.
 
 use crate::handlers::{self, Outcome};
+use crate::target::PidfdCache;
 use ax_registry::{AppId, Directory};
 use ax_sys::{Notification, NotifyFd};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -119,6 +120,7 @@ impl Broker {
 }
 
 fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
+    let mut pidfds = PidfdCache::default();
     loop {
         let mut fds = [PollFd::new(listener.as_ref(), PollFlags::IN)];
         match poll(&mut fds, None) {
@@ -137,7 +139,7 @@ fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch(shared, app, listener, n),
+            Ok(n) => dispatch(shared, app, listener, n, &mut pidfds),
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
@@ -157,6 +159,7 @@ pub(crate) fn dispatch(
     app: AppId,
     listener: &Arc<NotifyFd>,
     n: Notification,
+    pidfds: &mut PidfdCache,
 ) {
     let call = handlers::Call {
         shared,
@@ -164,7 +167,7 @@ pub(crate) fn dispatch(
         listener,
         notif: n,
     };
-    let outcome = handlers::handle(&call);
+    let outcome = handlers::handle(&call, pidfds);
     respond(listener, &n, outcome);
 }
 

@@ -3,14 +3,58 @@
 //! notification is still valid, so that a recycled pid is never trusted.
 
 use ax_sys::process;
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 /// The trapped thread.
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) tid: u32,
-    pidfd: OwnedFd,
+    pidfd: Arc<OwnedFd>,
+    /// Set when the pidfd turned out to belong to an earlier thread that had
+    /// the same tid: the cache must forget it.
+    stale: Cell<bool>,
+}
+
+/// Pidfds of an app's threads, kept between calls: opening one is a system
+/// call on every notification otherwise. A pidfd names one task for ever,
+/// so an entry can only go stale (its thread exited and the tid was
+/// reused), never point at the wrong task; stale entries are replaced.
+#[derive(Debug, Default)]
+pub(crate) struct PidfdCache {
+    by_tid: HashMap<u32, Arc<OwnedFd>>,
+}
+
+/// Entries kept before the cache starts over (threads come and go).
+const PIDFD_CACHE_LIMIT: usize = 1024;
+
+impl PidfdCache {
+    /// The target `tid`, from the cache or freshly opened.
+    pub(crate) fn target(&mut self, tid: u32) -> io::Result<Target> {
+        if let Some(pidfd) = self.by_tid.get(&tid) {
+            return Ok(Target {
+                tid,
+                pidfd: pidfd.clone(),
+                stale: Cell::new(false),
+            });
+        }
+        let target = Target::open(tid)?;
+        if self.by_tid.len() >= PIDFD_CACHE_LIMIT {
+            self.by_tid.clear();
+        }
+        self.by_tid.insert(tid, target.pidfd.clone());
+        Ok(target)
+    }
+
+    /// Drops the entry of a target whose pidfd went stale.
+    pub(crate) fn settle(&mut self, target: &Target) {
+        if target.stale.get() {
+            self.by_tid.remove(&target.tid);
+        }
+    }
 }
 
 /// An errno, as handlers answer them.
@@ -31,7 +75,11 @@ impl Target {
             }
             Err(e) => return Err(e),
         };
-        Ok(Self { tid, pidfd })
+        Ok(Self {
+            tid,
+            pidfd: Arc::new(pidfd),
+            stale: Cell::new(false),
+        })
     }
 
     /// A copy of the target's fd `fd` (same open file description).
@@ -42,7 +90,16 @@ impl Target {
         if fd < 0 {
             return Err(libc::EBADF);
         }
-        process::pidfd_getfd(self.pidfd.as_fd(), fd).map_err(|e| errno_of(&e))
+        match process::pidfd_getfd(self.pidfd.as_fd(), fd) {
+            Ok(copy) => Ok(copy),
+            // A cached pidfd of an exited thread whose tid was reused.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                self.stale.set(true);
+                let fresh = Target::open(self.tid).map_err(|e| errno_of(&e))?;
+                process::pidfd_getfd(fresh.pidfd.as_fd(), fd).map_err(|e| errno_of(&e))
+            }
+            Err(e) => Err(errno_of(&e)),
+        }
     }
 
     /// Reads `len` bytes at `addr`; `EFAULT` if any is unreadable.
@@ -73,10 +130,14 @@ impl Target {
     /// `/proc/TID/fdinfo/FD` (a copy taken with pidfd_getfd always has it,
     /// so the copy cannot tell).
     pub(crate) fn fd_cloexec(&self, fd: u64) -> bool {
+        use std::io::Read;
         let path = format!("/proc/{}/fdinfo/{}", self.tid, fd as i64);
-        let Ok(text) = std::fs::read_to_string(path) else {
+        // "pos:\t0\nflags:\t02000002\n…": the flags come within 64 bytes.
+        let mut buf = [0u8; 64];
+        let Ok(n) = std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) else {
             return true;
         };
+        let text = String::from_utf8_lossy(&buf[..n]);
         text.lines()
             .find_map(|l| l.strip_prefix("flags:"))
             .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())

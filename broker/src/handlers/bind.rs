@@ -29,7 +29,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         Ok(Sock::Inet { v6, fd }) => (v6, fd),
         // Binding a socket we already installed: it is bound.
         Ok(Sock::Swapped { .. }) => return Ok(Outcome::Errno(libc::EINVAL)),
-        Ok(Sock::Other) | Err(_) => return Ok(Outcome::Continue),
+        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
+        Err(e) => return Ok(super::inaccessible(call, e)),
     };
     let addrlen = call.arg(2) as u32 as i32;
     if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {

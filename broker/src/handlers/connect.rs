@@ -50,7 +50,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
                 _ => return Ok(Outcome::Errno(libc::EISCONN)),
             }
         }
-        Ok(Sock::Other) | Err(_) => return Ok(Outcome::Continue),
+        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
+        Err(e) => return Ok(super::inaccessible(call, e)),
     };
     let addrlen = call.arg(2) as u32 as i32;
     if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {

@@ -14,7 +14,7 @@ mod sockopt;
 
 use crate::names::SocketName;
 use crate::serve::{respond, Shared};
-use crate::target::{Errno, Target};
+use crate::target::{Errno, PidfdCache, Target};
 use ax_registry::{AppId, UnixEndpoint};
 use ax_sys::{Notification, NotifyFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
@@ -74,9 +74,9 @@ impl Call<'_> {
 }
 
 /// Routes a notification to its handler.
-pub(crate) fn handle(call: &Call<'_>) -> Outcome {
+pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
     let nr = call.notif.nr as libc::c_long;
-    let target = match Target::open(call.notif.pid) {
+    let target = match pidfds.target(call.notif.pid) {
         Ok(t) => t,
         // The thread is gone; whatever we answer goes nowhere.
         Err(_) => return Outcome::Continue,
@@ -92,10 +92,26 @@ pub(crate) fn handle(call: &Call<'_>) -> Outcome {
         libc::SYS_getsockopt => sockopt::handle_get(call, &target),
         _ => Outcome::Continue,
     };
+    pidfds.settle(&target);
     if let Outcome::Errno(e) = outcome {
         tracing::trace!(app = call.app, nr, errno = e, "answered with an error");
     }
     outcome
+}
+
+/// The broker may not reach into the target (`EPERM`: a non-dumpable or
+/// set-uid process, or Yama's `ptrace_scope` for a rootless broker). A
+/// `bind` or `connect` must not fall through to the kernel, where a virtual
+/// address would be routed: it fails loudly instead.
+pub(crate) fn inaccessible(call: &Call<'_>, errno: Errno) -> Outcome {
+    tracing::warn!(
+        app = call.app,
+        pid = call.notif.pid,
+        errno,
+        "cannot inspect the program's socket (non-dumpable or set-uid program, or \
+         kernel.yama.ptrace_scope >= 1 with a rootless daemon); failing the call with EPERM"
+    );
+    Outcome::Errno(libc::EPERM)
 }
 
 /// What the broker's copy of a target fd turned out to be.
