@@ -5,6 +5,7 @@ use crate::target::PidfdCache;
 use ax_registry::{AppId, Directory};
 use ax_sys::{Notification, NotifyFd};
 use rustix::event::{poll, PollFd, PollFlags};
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,34 @@ pub(crate) struct Shared {
     /// Held around "is a connection waiting? then accept it" on listeners
     /// whose file is blocking, so that the accept never blocks the broker.
     pub(crate) accept_lock: Mutex<()>,
+    /// TCP/IP options set on swapped sockets, by (app, inode, level, name).
+    options: Mutex<HashMap<OptionKey, Vec<u8>>>,
+}
+
+type OptionKey = (AppId, u64, i32, i32);
+
+/// Options remembered before the table starts over; a program setting
+/// options on this many live swapped sockets at once is far beyond normal.
+const OPTION_LIMIT: usize = 65536;
+
+impl Shared {
+    pub(crate) fn remember_option(&self, key: OptionKey, value: Vec<u8>) {
+        let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= OPTION_LIMIT {
+            map.clear();
+        }
+        map.insert(key, value);
+    }
+
+    pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {
+        let map = self.options.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&key).cloned()
+    }
+
+    fn forget_app_options(&self, app: AppId) {
+        let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, _| k.0 != app);
+    }
 }
 
 /// Answers trapped socket calls for any number of apps.
@@ -94,6 +123,7 @@ impl Broker {
                 config,
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
+                options: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -149,6 +179,7 @@ fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
         }
     }
     shared.directory.app_exited(app);
+    shared.forget_app_options(app);
     tracing::debug!(app, "app exited; services released");
 }
 

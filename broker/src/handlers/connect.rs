@@ -15,7 +15,7 @@
 
 use super::{
     classify, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over, is_nonblocking,
-    set_nonblock, unix_socket, Call, Outcome, Sock,
+    set_nonblock, Call, Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
 use crate::names::SocketName;
@@ -106,7 +106,14 @@ fn connect_virtual(
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
     let dir = &call.shared.directory;
-    if rebind.is_none() {
+    // A socket with no local port is neither connected nor listening: the
+    // common case costs one call.
+    let local_port = rustix::net::getsockname(copy)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .map(|a| a.port())
+        .unwrap_or(0);
+    if rebind.is_none() && local_port != 0 {
         if sockopt::socket_acceptconn(copy).unwrap_or(false) {
             return Ok(Outcome::Errno(libc::EISCONN));
         }
@@ -124,17 +131,18 @@ fn connect_virtual(
     // A port the program bound before connecting is kept.
     let bound_port = match rebind {
         Some(SocketName::Listener { bound, .. }) => bound.port(),
-        _ => rustix::net::getsockname(copy)
-            .ok()
-            .and_then(|a| SocketAddr::try_from(a).ok())
-            .map(|a| a.port())
-            .unwrap_or(0),
+        _ => local_port,
     };
     let local_ip = client_vip(&dir.app_vips(call.app), dst);
-    let sock = unix_socket()?;
+    let sock = rustix::net::socket_with(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| e.raw_os_error())?;
     bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
     let target_addr = endpoint_addr(&endpoint)?;
-    set_nonblock(&sock, true)?;
     match rustix::net::connect(&sock, &target_addr) {
         Ok(()) => finish(call, target, copy, sock, rebind),
         Err(e) if e == rustix::io::Errno::AGAIN => {

@@ -1,0 +1,894 @@
+//! Harness for ax's end-to-end tests.
+//!
+//! Every test starts its own daemon ([`Daemon::start`]) on a socket in a
+//! private temporary directory, runs real programs under `ax exec`
+//! ([`Daemon::spawn`], [`Daemon::run`]) and kills everything it started, by
+//! pid, when the guards drop — also when an assertion panics, in which case
+//! the daemon's log and the programs' output are printed for diagnosis.
+//!
+//! The tests only run inside a network namespace that has loopback only and
+//! no default route (see `scripts/test.sh`): a VIP is on no interface, so if
+//! interception ever failed a connect to it must end in `ENETUNREACH` and
+//! never leave the machine. Outside such a namespace every test prints
+//! `SKIP: …` and returns; with `AX_E2E_STRICT=1` (set by `scripts/test.sh`)
+//! a test that cannot run fails instead.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+use serde_json::Value;
+
+pub use serde_json;
+
+/// How long a daemon may take to answer on its socket.
+pub const DAEMON_READY: Duration = Duration::from_secs(10);
+/// How long a service may take to appear in `ax get services`.
+pub const SERVICE_READY: Duration = Duration::from_secs(15);
+/// Default limit for one short command (a client, `ax get`).
+pub const SHORT: Duration = Duration::from_secs(30);
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes a line to the real stderr, bypassing libtest's output capture, so
+/// that `SKIP:` lines are visible in a normal run.
+pub fn note(msg: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+}
+
+/// Name of the running test (libtest names each test's thread after it).
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("<unknown test>")
+        .to_string()
+}
+
+/// True when `AX_E2E_STRICT=1`: a test that cannot run fails instead of skipping.
+pub fn strict() -> bool {
+    std::env::var_os("AX_E2E_STRICT").is_some_and(|v| v == "1")
+}
+
+/// The `ax` binary under test: `$AX_BIN`, else `target/debug/ax` of this workspace.
+pub fn ax_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AX_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/ax")
+}
+
+/// Finds a program the way a shell would (`name` containing `/` is taken as a path).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return is_executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Why this network namespace is not safe for VIP traffic, if it is not:
+/// it must have no interface but `lo` and no IPv4 route in the main table
+/// (so no default route).
+pub fn isolation_problem() -> Option<String> {
+    let dev = match fs::read_to_string("/proc/net/dev") {
+        Ok(s) => s,
+        Err(e) => return Some(format!("cannot read /proc/net/dev: {e}")),
+    };
+    let ifaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    if ifaces.iter().any(|i| *i != "lo") {
+        return Some(format!(
+            "this network namespace has interfaces other than lo: {ifaces:?}"
+        ));
+    }
+    let routes = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    if routes.lines().skip(1).any(|l| !l.trim().is_empty()) {
+        return Some(format!("this network namespace has IPv4 routes:\n{routes}"));
+    }
+    None
+}
+
+/// Checks that a test can run here: isolated network namespace, the `ax`
+/// binary, and each of `programs`. Prints `SKIP: …` and returns false when
+/// not (panics instead under `AX_E2E_STRICT=1`).
+pub fn preflight(programs: &[&str]) -> bool {
+    let mut problems = Vec::new();
+    if let Some(p) = isolation_problem() {
+        problems.push(format!(
+            "not inside an isolated network namespace ({p}); run scripts/test.sh"
+        ));
+    }
+    let ax = ax_bin();
+    if !is_executable(&ax) {
+        problems.push(format!(
+            "ax binary {} not found (build it, or set AX_BIN)",
+            ax.display()
+        ));
+    }
+    for prog in programs {
+        if find_program(prog).is_none() {
+            problems.push(format!("required program `{prog}` is not installed"));
+        }
+    }
+    if problems.is_empty() {
+        return true;
+    }
+    let msg = format!("{}: {}", test_name(), problems.join("; "));
+    if strict() {
+        panic!("cannot run (AX_E2E_STRICT=1): {msg}");
+    }
+    note(&format!("SKIP: {msg}"));
+    false
+}
+
+/// Returns from the calling test (after printing `SKIP: …`) unless it can run
+/// here; see [`preflight`].
+#[macro_export]
+macro_rules! require {
+    ($($prog:expr),* $(,)?) => {
+        if !$crate::preflight(&[$($prog),*]) {
+            return;
+        }
+    };
+}
+
+/// A unique suffix for names: pid, a counter and the clock.
+pub fn unique() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{n}-{nanos:08x}", std::process::id())
+}
+
+/// A private directory (mode 0700) under the temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `ax-e2e-TAG-<unique>` under `std::env::temp_dir()`.
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::temp_dir();
+        for _ in 0..100 {
+            let path = base.join(format!("ax-e2e-{tag}-{}", unique()));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create {}: {e}", path.display()),
+            }
+        }
+        panic!(
+            "cannot create a unique temporary directory under {}",
+            base.display()
+        );
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Writes a file inside the directory and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.join(name);
+        fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Polls `f` every `every` until it returns `Some` or `limit` passes.
+pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        sleep(every);
+    }
+}
+
+fn signal_group(pgid: u32, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pgid as i32) {
+        let _ = kill_process_group(pid, sig);
+    }
+}
+
+/// Sends `sig` to one process.
+pub fn signal_pid(pid: u32, sig: Signal) -> std::io::Result<()> {
+    let pid = Pid::from_raw(pid as i32).ok_or_else(|| std::io::Error::other("pid 0"))?;
+    kill_process(pid, sig).map_err(std::io::Error::from)
+}
+
+/// Waits for `child` up to `limit`; `None` if it is still running.
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    poll(limit, Duration::from_millis(10), || {
+        child.try_wait().ok().flatten()
+    })
+}
+
+/// Stops a process group led by `child`: SIGTERM, up to `grace`, then SIGKILL.
+fn stop_group(child: &mut Child, grace: Duration) -> ExitStatus {
+    let pgid = child.id();
+    if let Ok(Some(st)) = child.try_wait() {
+        signal_group(pgid, Signal::KILL);
+        return st;
+    }
+    signal_group(pgid, Signal::TERM);
+    let st = wait_timeout(child, grace);
+    signal_group(pgid, Signal::KILL);
+    match st {
+        Some(st) => st,
+        None => child.wait().expect("wait for killed child"),
+    }
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn read_lossy(p: &Path) -> String {
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Describes an exit status as a shell would (`exit 7`, `signal 9`).
+pub fn describe(st: &ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{st:?}"),
+    }
+}
+
+/// The result of a finished command.
+#[derive(Debug)]
+pub struct Output {
+    /// What was run, for messages.
+    pub what: String,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl Output {
+    /// The exit code, if it exited normally.
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Panics with the full output unless the command exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert!(self.status.success(), "{} failed: {self}", self.what);
+        self
+    }
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` ended with {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n---",
+            self.what,
+            describe(&self.status),
+            tail(&self.stdout, 8000),
+            tail(&self.stderr, 8000)
+        )
+    }
+}
+
+fn describe_command(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| {
+        let a = a.to_string_lossy();
+        if a.contains(|c: char| c.is_whitespace() || c == '\'') || a.is_empty() {
+            format!("{a:?}")
+        } else {
+            a.into_owned()
+        }
+    }));
+    let s = parts.join(" ");
+    if s.chars().count() > 300 {
+        format!("{}…", s.chars().take(300).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Runs `cmd` to completion with `stdin` as its input, killing its process
+/// group if it takes longer than `limit` (and then panicking).
+pub fn run_with_input(cmd: &mut Command, stdin: &[u8], limit: Duration) -> Output {
+    let dir = TempDir::new("run");
+    let input = dir.join("stdin");
+    fs::write(&input, stdin).expect("write stdin file");
+    let out_path = dir.join("stdout");
+    let err_path = dir.join("stderr");
+    let what = describe_command(cmd);
+    cmd.stdin(File::open(&input).expect("open stdin file"))
+        .stdout(File::create(&out_path).expect("create stdout file"))
+        .stderr(File::create(&err_path).expect("create stderr file"))
+        .process_group(0);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
+    let status = wait_timeout(&mut child, limit);
+    let timed_out = status.is_none();
+    let status = match status {
+        Some(st) => {
+            // Strays of the command's own group (none expected).
+            signal_group(child.id(), Signal::KILL);
+            st
+        }
+        None => stop_group(&mut child, Duration::from_secs(1)),
+    };
+    let out = Output {
+        what,
+        status,
+        stdout: read_lossy(&out_path),
+        stderr: read_lossy(&err_path),
+    };
+    if timed_out {
+        panic!("timed out after {limit:?}: {out}");
+    }
+    out
+}
+
+/// Runs `cmd` to completion with empty input; see [`run_with_input`].
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    run_with_input(cmd, b"", limit)
+}
+
+/// A program started in its own process group, killed (the whole group) on drop.
+#[derive(Debug)]
+pub struct App {
+    label: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    status: Option<ExitStatus>,
+    out_path: PathBuf,
+    err_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl App {
+    /// Starts `cmd` with piped stdin and stdout/stderr going to files.
+    pub fn spawn(mut cmd: Command) -> App {
+        let dir = TempDir::new("app");
+        let out_path = dir.join("stdout");
+        let err_path = dir.join("stderr");
+        let label = describe_command(&cmd);
+        cmd.stdin(Stdio::piped())
+            .stdout(File::create(&out_path).expect("create stdout file"))
+            .stderr(File::create(&err_path).expect("create stderr file"))
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
+        let stdin = child.stdin.take();
+        App {
+            label,
+            child,
+            stdin,
+            status: None,
+            out_path,
+            err_path,
+            _dir: dir,
+        }
+    }
+
+    /// Pid of the process started (for `ax exec`, the launcher).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What was started.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Standard output so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.out_path)
+    }
+
+    /// Standard error so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.err_path)
+    }
+
+    /// Everything known about the app, for failure messages.
+    pub fn report(&mut self) -> String {
+        let state = match self.try_status() {
+            Some(st) => describe(&st),
+            None => "running".to_string(),
+        };
+        let procs = if state == "running" {
+            format!("\n--- processes ---\n{}", describe_processes(&self.pids()))
+        } else {
+            String::new()
+        };
+        format!(
+            "`{}` (pid {}, {state})\n--- stdout ---\n{}\n--- stderr ---\n{}{procs}\n---",
+            self.label,
+            self.pid(),
+            tail(&self.stdout(), 8000),
+            tail(&self.stderr(), 8000)
+        )
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits until stdout contains `needle`; returns stdout. Panics (with
+    /// the app's output) if the app ends first or `limit` passes.
+    pub fn wait_for_stdout(&mut self, needle: &str, limit: Duration) -> String {
+        let found = poll(limit, Duration::from_millis(20), || {
+            let out = self.stdout();
+            if out.contains(needle) {
+                return Some(Ok(out));
+            }
+            if self.try_status().is_some() {
+                // One last look: the line may have been written just before exit.
+                let out = self.stdout();
+                return Some(if out.contains(needle) {
+                    Ok(out)
+                } else {
+                    Err(())
+                });
+            }
+            None
+        });
+        match found {
+            Some(Ok(out)) => out,
+            Some(Err(())) => {
+                panic!("ended before printing {needle:?}: {}", self.report())
+            }
+            None => panic!(
+                "did not print {needle:?} within {limit:?}: {}",
+                self.report()
+            ),
+        }
+    }
+
+    /// Writes to the app's stdin.
+    pub fn send(&mut self, data: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        stdin
+            .write_all(data.as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("write to stdin of {}: {e}", self.label));
+    }
+
+    /// Closes the app's stdin.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the app to end; panics (killing it) after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(st) = self.try_status() {
+            return st;
+        }
+        match wait_timeout(&mut self.child, limit) {
+            Some(st) => {
+                self.status = Some(st);
+                st
+            }
+            None => {
+                let report = self.report();
+                self.kill();
+                panic!("did not end within {limit:?}: {report}");
+            }
+        }
+    }
+
+    /// Sends a signal to the started process only (not its group).
+    pub fn signal(&self, sig: Signal) {
+        signal_pid(self.pid(), sig)
+            .unwrap_or_else(|e| panic!("signal {sig:?} to {}: {e}", self.pid()));
+    }
+
+    /// Kills the whole process group (SIGTERM, then SIGKILL) and reaps the process.
+    pub fn kill(&mut self) -> ExitStatus {
+        let st = stop_group(&mut self.child, Duration::from_secs(2));
+        self.status = Some(st);
+        st
+    }
+
+    /// The started process and all its descendants, by pid.
+    pub fn pids(&self) -> Vec<u32> {
+        descendants(self.pid())
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stdin = None;
+        if std::thread::panicking() {
+            let report = self.report();
+            note(&format!("[{}] app {report}", test_name()));
+        }
+        self.kill();
+    }
+}
+
+/// One line per process (and per thread): state, signal masks and the
+/// system call it waits in, from `/proc` — for diagnosing a hang.
+pub fn describe_processes(pids: &[u32]) -> String {
+    let mut out = String::new();
+    for pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        out.push_str(&format!("pid {pid} {}\n", comm.trim()));
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let status =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+                    .unwrap_or_default()
+            };
+            let wchan =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan")).unwrap_or_default();
+            let syscall =
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).unwrap_or_default();
+            let nr = syscall.split_whitespace().next().unwrap_or("?").to_string();
+            out.push_str(&format!(
+                "  tid {tid} {} state {} wchan {wchan} syscall {nr} SigPnd {} ShdPnd {} SigBlk {} SigCgt {}\n",
+                field("Name:"),
+                field("State:"),
+                field("SigPnd:"),
+                field("ShdPnd:"),
+                field("SigBlk:"),
+                field("SigCgt:"),
+            ));
+        }
+    }
+    out
+}
+
+/// `pid` and all its descendants, from `/proc/*/stat`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            // Fields after the command name, which is in parentheses and may contain spaces.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+                parent_of.push((p, ppid));
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let cur = out[i];
+        for &(p, pp) in &parent_of {
+            if pp == cur && !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// A private `ax daemon` on a socket in its own temp dir; killed on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    sock: PathBuf,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `ax daemon --socket DIR/ax.sock` and waits until it accepts
+    /// connections on its socket.
+    pub fn start() -> Daemon {
+        let dir = TempDir::new("daemon");
+        let sock = dir.join("ax.sock");
+        let log = dir.join("daemon.log");
+        let logf = File::create(&log).expect("create daemon log");
+        let mut cmd = Command::new(ax_bin());
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&sock)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("AX_SOCKET", &sock)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log fd"))
+            .stderr(logf)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} daemon: {e}", ax_bin().display()));
+        let mut d = Daemon {
+            child,
+            sock,
+            log,
+            dir,
+        };
+        let ready = poll(DAEMON_READY, Duration::from_millis(20), || {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                return Some(Err(st));
+            }
+            UnixStream::connect(&d.sock).ok().map(|_| Ok(()))
+        });
+        match ready {
+            Some(Ok(())) => d,
+            Some(Err(st)) => panic!(
+                "ax daemon exited ({}) before answering on {}:\n{}",
+                describe(&st),
+                d.sock.display(),
+                d.log()
+            ),
+            None => panic!(
+                "ax daemon did not answer on {} within {DAEMON_READY:?}:\n{}",
+                d.sock.display(),
+                d.log()
+            ),
+        }
+    }
+
+    /// The daemon's control socket.
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's temp dir (for scratch files of the test).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// True while the daemon process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// An `ax` command aimed at this daemon (environment only; add `--socket` yourself).
+    pub fn ax(&self) -> Command {
+        let mut cmd = Command::new(ax_bin());
+        cmd.env("AX_SOCKET", &self.sock)
+            .env("XDG_RUNTIME_DIR", self.dir.path());
+        cmd
+    }
+
+    /// `ax exec --socket SOCK OPTS… -- ARGV…`
+    pub fn exec_command<S: AsRef<OsStr>>(&self, opts: &[&str], argv: &[S]) -> Command {
+        let mut cmd = self.ax();
+        cmd.arg("exec").arg("--socket").arg(&self.sock);
+        cmd.args(opts).arg("--").args(argv);
+        cmd
+    }
+
+    /// Starts `ax exec … -- ARGV…` in the background.
+    pub fn spawn<S: AsRef<OsStr>>(&self, opts: &[&str], argv: &[S]) -> App {
+        App::spawn(self.exec_command(opts, argv))
+    }
+
+    /// Runs `ax exec … -- ARGV…` to completion (limit [`SHORT`]).
+    pub fn run<S: AsRef<OsStr>>(&self, opts: &[&str], argv: &[S]) -> Output {
+        run(&mut self.exec_command(opts, argv), SHORT)
+    }
+
+    /// Runs `ax get WHAT --socket SOCK EXTRA…`, which must succeed.
+    pub fn get(&self, what: &str, extra: &[&str]) -> Output {
+        let mut cmd = self.ax();
+        cmd.arg("get")
+            .arg(what)
+            .args(extra)
+            .arg("--socket")
+            .arg(&self.sock);
+        let out = run(&mut cmd, SHORT);
+        assert!(
+            out.status.success(),
+            "ax get {what} failed: {out}\ndaemon log:\n{}",
+            tail(&self.log(), 8000)
+        );
+        out
+    }
+
+    /// `ax get WHAT -o json`, parsed.
+    pub fn get_json(&self, what: &str) -> Value {
+        let out = self.get(what, &["-o", "json"]);
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("ax get {what} -o json is not JSON ({e}): {out}"))
+    }
+
+    /// Services as `ax get services -o json` lists them.
+    pub fn services(&self) -> Vec<Value> {
+        match self.get_json("services") {
+            Value::Array(v) => v,
+            other => panic!("ax get services -o json is not an array: {other}"),
+        }
+    }
+
+    /// Apps as `ax get apps -o json` lists them.
+    pub fn apps(&self) -> Vec<Value> {
+        match self.get_json("apps") {
+            Value::Array(v) => v,
+            other => panic!("ax get apps -o json is not an array: {other}"),
+        }
+    }
+
+    /// Waits until `ax get services -o json` lists `addr` (e.g. `10.233.0.10:8000`
+    /// or `[fd00:a8::30]:9000`) and returns its entry. Panics, with the
+    /// server's output, if `server` ends first or [`SERVICE_READY`] passes.
+    pub fn wait_for_service(&self, server: &mut App, addr: &str) -> Value {
+        let mut last = Vec::new();
+        let found = poll(SERVICE_READY, Duration::from_millis(50), || {
+            last = self.services();
+            if let Some(s) = last.iter().find(|s| s["addr"] == addr) {
+                return Some(Ok(s.clone()));
+            }
+            server.try_status().map(|_| Err(()))
+        });
+        match found {
+            Some(Ok(s)) => s,
+            Some(Err(())) => panic!(
+                "server ended before service {addr} appeared: {}",
+                server.report()
+            ),
+            None => panic!(
+                "service {addr} did not appear within {SERVICE_READY:?}; services: {}\nserver: {}",
+                Value::Array(last),
+                server.report()
+            ),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let st = stop_group(&mut self.child, Duration::from_secs(3));
+        if std::thread::panicking() {
+            note(&format!(
+                "[{}] ax daemon ({}) log:\n{}\n--- end of daemon log ---",
+                test_name(),
+                describe(&st),
+                tail(&self.log(), 20000)
+            ));
+        }
+    }
+}
+
+/// True if the ELF file at `path` has no `PT_INTERP` program header, i.e. it
+/// is statically linked (no dynamic loader, so no `LD_PRELOAD` either).
+pub fn elf_is_static(path: &Path) -> std::io::Result<bool> {
+    let b = fs::read(path)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an ELF file");
+    if b.len() < 64 || &b[..4] != b"\x7fELF" {
+        return Err(bad());
+    }
+    let is64 = b[4] == 2;
+    let le = b[5] == 1;
+    let rd = |off: usize, n: usize| -> Option<u64> {
+        let s = b.get(off..off + n)?;
+        let mut v = 0u64;
+        for i in 0..n {
+            let byte = if le { s[n - 1 - i] } else { s[i] } as u64;
+            v = (v << 8) | byte;
+        }
+        Some(v)
+    };
+    let (phoff, phentsize, phnum) = if is64 {
+        (rd(0x20, 8), rd(0x36, 2), rd(0x38, 2))
+    } else {
+        (rd(0x1c, 4), rd(0x2a, 2), rd(0x2c, 2))
+    };
+    let (phoff, phentsize, phnum) = (
+        phoff.ok_or_else(bad)? as usize,
+        phentsize.ok_or_else(bad)? as usize,
+        phnum.ok_or_else(bad)? as usize,
+    );
+    for i in 0..phnum {
+        let p_type = rd(phoff + i * phentsize, 4).ok_or_else(bad)?;
+        if p_type == 3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to 0, then closed).
+pub fn free_loopback_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Pid of the process at the other end of a UNIX socket (`SO_PEERCRED`).
+pub fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    rustix::net::sockopt::socket_peercred(stream)
+        .ok()
+        .map(|c| c.pid.as_raw_nonzero().get() as u32)
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
