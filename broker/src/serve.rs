@@ -3,6 +3,7 @@
 use crate::handlers::{self, Outcome};
 use crate::target::PidfdCache;
 use ax_registry::{AppId, Directory};
+use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
 use rustix::event::{poll, PollFd, PollFlags};
 use std::collections::HashMap;
@@ -137,20 +138,50 @@ impl Broker {
     /// on a new thread. When the app's last process exits, its services are
     /// released ([`Directory::app_exited`]) and the thread ends.
     pub fn serve(&self, app: AppId, listener: NotifyFd) -> io::Result<Session> {
+        self.serve_with_journal(app, listener, None)
+    }
+
+    /// Like [`Broker::serve`], recording every call between its receipt and
+    /// its answer in `journal` (a memfd the launcher keeps; see
+    /// [`ax_sys::journal`]). Calls a previous broker recorded there and
+    /// never answered are finished first: this is how a restarted daemon
+    /// takes over an app without losing a call.
+    pub fn serve_with_journal(
+        &self,
+        app: AppId,
+        listener: NotifyFd,
+        journal: Option<Journal>,
+    ) -> io::Result<Session> {
         let shared = self.shared.clone();
         let listener = Arc::new(listener);
+        let journal = journal.map(Arc::new);
         // Same-CPU wake-ups halve the round trip where the kernel has them.
         let sync = listener.set_sync_wake_up();
         tracing::debug!(app, sync_wake_up = sync, "serving app");
         let thread = std::thread::Builder::new()
             .name(format!("ax-app-{app}"))
-            .spawn(move || receive_loop(&shared, app, &listener))?;
+            .spawn(move || receive_loop(&shared, app, &listener, &journal))?;
         Ok(Session { app, thread })
     }
 }
 
-fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
+fn receive_loop(
+    shared: &Arc<Shared>,
+    app: AppId,
+    listener: &Arc<NotifyFd>,
+    journal: &Option<Arc<Journal>>,
+) {
     let mut pidfds = PidfdCache::default();
+    if let Some(j) = journal {
+        for n in j.pending() {
+            if listener.id_valid(n.id) {
+                tracing::info!(app, id = n.id, nr = n.nr, "finishing a call the previous daemon left unanswered");
+                dispatch(shared, app, listener, journal, n, true, &mut pidfds);
+            } else {
+                j.clear(n.id);
+            }
+        }
+    }
     loop {
         let mut fds = [PollFd::new(listener.as_ref(), PollFlags::IN)];
         match poll(&mut fds, None) {
@@ -169,7 +200,7 @@ fn receive_loop(shared: &Arc<Shared>, app: AppId, listener: &Arc<NotifyFd>) {
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch(shared, app, listener, n, &mut pidfds),
+            Ok(n) => dispatch(shared, app, listener, journal, n, false, &mut pidfds),
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
@@ -189,26 +220,42 @@ pub(crate) fn dispatch(
     shared: &Arc<Shared>,
     app: AppId,
     listener: &Arc<NotifyFd>,
+    journal: &Option<Arc<Journal>>,
     n: Notification,
+    replay: bool,
     pidfds: &mut PidfdCache,
 ) {
+    if let Some(j) = journal {
+        j.record(&n);
+    }
     let call = handlers::Call {
         shared,
         app,
         listener,
+        journal,
+        replay,
         notif: n,
     };
     let outcome = handlers::handle(&call, pidfds);
-    respond(listener, &n, outcome);
+    respond(listener, journal, &n, outcome);
 }
 
-pub(crate) fn respond(listener: &NotifyFd, n: &Notification, outcome: Outcome) {
+pub(crate) fn respond(
+    listener: &NotifyFd,
+    journal: &Option<Arc<Journal>>,
+    n: &Notification,
+    outcome: Outcome,
+) {
     let result = match outcome {
         Outcome::Value(v) => listener.respond_value(n.id, v),
         Outcome::Errno(e) => listener.respond_error(n.id, e),
         Outcome::Continue => listener.respond_continue(n.id),
         Outcome::Answered => Ok(()),
+        Outcome::Deferred => return,
     };
+    if let Some(j) = journal {
+        j.clear(n.id);
+    }
     if let Err(e) = result {
         // ENOENT: the target died or was interrupted meanwhile.
         if e.raw_os_error() != Some(libc::ENOENT) {

@@ -82,14 +82,17 @@ impl Client {
         }
     }
 
-    /// Sends `req` with `fd` attached as `SCM_RIGHTS`, and waits for the
-    /// answer.
-    pub fn call_with_fd(&mut self, req: &Request, fd: BorrowedFd<'_>) -> anyhow::Result<Response> {
+    /// Sends `req` with `fds` (at most two) attached as `SCM_RIGHTS`, and
+    /// waits for the answer.
+    pub fn call_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> anyhow::Result<Response> {
         let frame = ax_proto::encode(req)?;
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
-        let fds = [fd];
-        if !anc.push(SendAncillaryMessage::ScmRights(&fds)) {
+        if !anc.push(SendAncillaryMessage::ScmRights(fds)) {
             bail!("internal error: no room for the fd in the control message");
         }
         let sent = loop {
@@ -111,6 +114,21 @@ impl Client {
             return self.answer_after_failed_send(e, "handing over the program");
         }
         self.read_response()
+    }
+
+    /// Blocks until the daemon closes the connection (it never speaks
+    /// unasked): how a launcher learns that its daemon died.
+    pub fn wait_closed(&mut self) {
+        let _ = self.stream.set_read_timeout(None);
+        let mut buf = [0u8; 256];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
     }
 
     fn read_response(&mut self) -> anyhow::Result<Response> {

@@ -11,7 +11,9 @@ use crate::paths;
 use anyhow::{bail, Context};
 use ax_broker::{Broker, BrokerConfig, NotifyFd, Session};
 use ax_proto::{FrameError, Request, Response};
-use ax_registry::{AppId, Directory, LocalRegistry};
+use ax_registry::{AppId, AppInfo, Directory, LocalRegistry, Snapshot, UnixEndpoint};
+use ax_broker::SocketName;
+use ax_sys::journal::Journal;
 use rustix::fs::FlockOperation;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use std::io::{self, IoSliceMut, IsTerminal, Write};
@@ -38,6 +40,10 @@ struct Daemon {
     broker: Broker,
     uid: u32,
     sessions: Mutex<Vec<Session>>,
+    /// Where the registry's apps are kept for a successor daemon.
+    state_path: PathBuf,
+    /// What was last written there.
+    saved: Mutex<Option<Snapshot>>,
 }
 
 impl Daemon {
@@ -51,8 +57,74 @@ impl Daemon {
             .any(|s| s.app() == app && !s.is_finished())
     }
 
-    /// Forgets sessions whose app has exited, logging each.
+    /// Writes the registry's apps to the state file when they changed, so
+    /// that a daemon started after this one dies can take them over.
+    fn save_state(&self) {
+        let snap = self.registry.snapshot();
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if saved.as_ref() == Some(&snap) {
+            return;
+        }
+        match write_state(&self.state_path, &snap) {
+            Ok(()) => *saved = Some(snap),
+            Err(e) => tracing::warn!(path = %self.state_path.display(), error = %e, "cannot save state"),
+        }
+    }
+
+    /// Registers the listeners found in this network namespace that an
+    /// earlier daemon (same socket, same instance) installed for `apps`.
+    fn rediscover_services(&self) {
+        let instance = self.broker.config().instance;
+        let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+            return;
+        };
+        for line in table.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode Path
+            if cols.len() < 8 || cols[3] != "00010000" {
+                continue;
+            }
+            let Some(name) = cols[7].strip_prefix('@') else {
+                continue;
+            };
+            let Some(SocketName::Listener {
+                instance: inst,
+                v6,
+                app,
+                bound,
+            }) = SocketName::parse(name.as_bytes())
+            else {
+                continue;
+            };
+            if inst != instance {
+                continue;
+            }
+            let vips = self.registry.app_vips(app);
+            let ips: Vec<_> = if bound.ip().is_unspecified() {
+                vips.into_iter().filter(|ip| v6 || ip.is_ipv4()).collect()
+            } else {
+                vec![bound.ip()]
+            };
+            let endpoint = UnixEndpoint::Abstract(name.as_bytes().to_vec());
+            if !ips.is_empty() && self.registry.restore_service(app, &ips, bound.port(), endpoint) {
+                tracing::info!(app, addr = %bound, "service taken over from the previous daemon");
+            }
+        }
+    }
+
+    /// Forgets sessions whose app has exited, logging each, and apps that
+    /// nobody serves whose program is gone (taken over from a predecessor
+    /// but never handed back).
     fn reap_sessions(&self) {
+        for info in self.registry.apps() {
+            if info.pid != 0
+                && !self.is_attached(info.id)
+                && !Path::new(&format!("/proc/{}", info.pid)).exists()
+            {
+                tracing::info!(app = info.id, "app gone before its launcher came back; forgetting it");
+                self.registry.app_exited(info.id);
+            }
+        }
         let mut sessions = self.sessions();
         let (done, live): (Vec<Session>, Vec<Session>) =
             sessions.drain(..).partition(|s| s.is_finished());
@@ -91,12 +163,17 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join(",");
+    let mut state_path = path.as_os_str().to_owned();
+    state_path.push(".state");
     let daemon = Arc::new(Daemon {
         registry,
         broker,
         uid: paths::euid(),
         sessions: Mutex::new(Vec::new()),
+        state_path: PathBuf::from(state_path),
+        saved: Mutex::new(None),
     });
+    daemon.take_over_predecessor();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,7 +226,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                         None => std::future::pending().await,
                     }
                 } => tracing::info!("SIGHUP ignored (started by ax exec)"),
-                _ = reap.tick() => daemon.reap_sessions(),
+                _ = reap.tick() => {
+                    daemon.reap_sessions();
+                    daemon.save_state();
+                }
             }
         }
         anyhow::Ok(())
@@ -159,6 +239,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_file(&path);
     }
     daemon.reap_sessions();
+    daemon.save_state();
     let running = daemon.sessions().len();
     if running > 0 {
         tracing::warn!(
@@ -237,6 +318,24 @@ fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
         .with_context(|| format!("cannot chmod {}", path.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// Writes the state file atomically (a temporary file renamed over it),
+/// mode 0600.
+fn write_state(path: &Path, snap: &Snapshot) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let json = serde_json::to_vec(snap).map_err(io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&json)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes "ready\n" to inherited fd `fd`, reached through `/proc/self/fd`
@@ -432,6 +531,7 @@ impl Daemon {
                         "app registered"
                     );
                     pending.push(info.id);
+                    self.save_state();
                     Response::AppRegistered(info)
                 }
                 Err(e) => {
@@ -446,13 +546,59 @@ impl Daemon {
                 }
                 resp
             }
+            Request::ReattachApp(info) => self.reattach(info, fds, peer),
             Request::ListApps => Response::Apps(self.registry.apps()),
             Request::ListServices => Response::Services(self.registry.services()),
         }
     }
 
+    /// Takes over an app a launcher hands back after this daemon replaced
+    /// one that died: same id, same VIPs, its listeners found again.
+    fn reattach(&self, info: AppInfo, fds: Vec<OwnedFd>, peer: Peer) -> Response {
+        if peer.uid != 0 && info.uid != peer.uid {
+            return Response::Error(format!(
+                "permission denied: app {} belongs to uid {}",
+                info.id, info.uid
+            ));
+        }
+        if let Err(e) = self.registry.readopt_app(&info) {
+            return Response::Error(format!("cannot take over app {}: {e}", info.id));
+        }
+        self.rediscover_services();
+        let resp = self.attach(info.id, info.pid, fds, peer);
+        if resp == Response::Attached {
+            tracing::info!(app = info.id, pid = info.pid, "app handed over again after a daemon restart");
+            self.save_state();
+        }
+        resp
+    }
+
+    /// Restores the apps a predecessor on this socket left in its state
+    /// file (those whose program still runs) and their listeners, so that
+    /// connections to them work before their launchers even reconnect.
+    fn take_over_predecessor(&self) {
+        let Ok(text) = std::fs::read_to_string(&self.state_path) else {
+            return;
+        };
+        let snap: Snapshot = match serde_json::from_str(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(path = %self.state_path.display(), error = %e, "ignoring an unreadable state file");
+                return;
+            }
+        };
+        let alive = |info: &AppInfo| info.pid != 0 && Path::new(&format!("/proc/{}", info.pid)).exists();
+        let restored = self.registry.restore(&snap, &alive);
+        if !restored.is_empty() {
+            tracing::info!(apps = ?restored, "taking over apps from the previous daemon; waiting for their launchers");
+            self.rediscover_services();
+        }
+        self.save_state();
+    }
+
     fn attach(&self, app: AppId, pid: u32, fds: Vec<OwnedFd>, peer: Peer) -> Response {
-        let Some(fd) = fds.into_iter().next() else {
+        let mut fds = fds.into_iter();
+        let Some(fd) = fds.next() else {
             return Response::Error(
                 "AttachListener carried no notify fd (it must come as SCM_RIGHTS)".into(),
             );
@@ -485,7 +631,17 @@ impl Daemon {
         if let Err(e) = self.registry.set_pid(app, pid) {
             return Response::Error(e.to_string());
         }
-        match self.broker.serve(app, NotifyFd::from(fd)) {
+        let journal = fds.next().and_then(|j| match Journal::map(j) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::warn!(app, error = %e, "ignoring an unusable journal");
+                None
+            }
+        });
+        match self
+            .broker
+            .serve_with_journal(app, NotifyFd::from(fd), journal)
+        {
             Ok(session) => {
                 tracing::info!(app, pid, "serving app");
                 sessions.push(session);

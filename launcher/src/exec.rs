@@ -116,8 +116,12 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
     // gets its own copy, and this one would let a restarted daemon take the
     // program over. Meanwhile trapped calls wait in the kernel.
     let listener = sandboxed.listener;
+    // Calls the daemon received but had not answered when it died are
+    // recorded here; its successor finishes them.
+    let journal = ax_sys::journal::create()
+        .map_err(|e| Failure::new(EXIT_AX_FAILED, format!("cannot create the call journal: {e}")))?;
     let attach = Request::AttachListener { app: app.id, pid };
-    let refused = match client.call_with_fd(&attach, listener.as_fd()) {
+    let refused = match client.call_with_fds(&attach, &[listener.as_fd(), journal.as_fd()]) {
         Ok(Response::Attached) => None,
         Ok(Response::Error(e)) => Some(format!("the daemon did not take the program: {e}")),
         Ok(other) => Some(format!("unexpected answer from the daemon: {other:?}")),
@@ -132,6 +136,22 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
     }
     tracing::debug!(app = app.id, pid, "program attached");
 
+    // If the daemon dies, hand the program to the next one: trapped calls
+    // wait in the kernel meanwhile, established connections never notice.
+    let mut info = app.clone();
+    info.pid = pid;
+    let handover = Handover {
+        path: path.clone(),
+        autostart: !args.no_autostart,
+        info,
+        listener,
+        journal,
+    };
+    std::thread::Builder::new()
+        .name("ax-handover".into())
+        .spawn(move || handover.run(client))
+        .context("cannot start the hand-over thread")?;
+
     let status = loop {
         match child.wait() {
             Ok(s) => break s,
@@ -140,10 +160,67 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
         }
     };
     *lock(&state) = ChildState::Exited;
-    drop(listener);
-    // The control connection stays open until the program has exited.
-    drop(client);
     Ok(exit_code(status))
+}
+
+/// What a launcher needs to hand its program to a new daemon.
+struct Handover {
+    path: std::path::PathBuf,
+    autostart: bool,
+    info: AppInfo,
+    listener: ax_sys::NotifyFd,
+    journal: OwnedFd,
+}
+
+/// How often a launcher whose daemon died looks for a new one.
+const HANDOVER_RETRY: Duration = Duration::from_millis(50);
+
+impl Handover {
+    /// Waits for the daemon to go away, then hands the program to its
+    /// successor, for as long as the program runs (the process exits with
+    /// it, ending this thread).
+    fn run(self, mut client: Client) {
+        loop {
+            client.wait_closed();
+            tracing::warn!(path = %self.path.display(), "lost the daemon; waiting for another");
+            client = self.reattach();
+        }
+    }
+
+    fn reattach(&self) -> Client {
+        let mut started = false;
+        loop {
+            let mut client = match Client::connect(&self.path) {
+                Ok(c) => c,
+                Err(ConnectError::NoDaemon(_)) if self.autostart && !started => {
+                    // Another launcher may win the race; either way a daemon
+                    // comes up.
+                    started = true;
+                    if let Err(e) = start_daemon(&self.path) {
+                        tracing::debug!(error = %format!("{e:#}"), "starting a daemon failed");
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    std::thread::sleep(HANDOVER_RETRY);
+                    continue;
+                }
+            };
+            let req = Request::ReattachApp(self.info.clone());
+            match client.call_with_fds(&req, &[self.listener.as_fd(), self.journal.as_fd()]) {
+                Ok(Response::Attached) => {
+                    tracing::info!(app = self.info.id, "handed the program to the new daemon");
+                    return client;
+                }
+                Ok(other) => {
+                    tracing::warn!(answer = ?other, "the new daemon did not take the program; retrying");
+                    std::thread::sleep(HANDOVER_RETRY * 20);
+                }
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "hand-over failed; retrying"),
+            }
+            std::thread::sleep(HANDOVER_RETRY);
+        }
+    }
 }
 
 /// The app spec for the daemon, after the checks clap cannot make alone.

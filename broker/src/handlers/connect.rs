@@ -47,6 +47,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
                 {
                     (v6, fd, Some(name))
                 }
+                // An earlier daemon installed it and died before answering.
+                SocketName::Client { .. } if call.replay => return Ok(Outcome::Value(0)),
                 _ => return Ok(Outcome::Errno(libc::EISCONN)),
             }
         }
@@ -66,6 +68,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             connect_virtual(call, target, &copy, v6, dst, rebind)
         }
         _ if rebind.is_some() => Ok(Outcome::Errno(libc::EINVAL)),
+        _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
         _ => Ok(egress(call, copy, bytes)),
     }
 }
@@ -83,6 +86,30 @@ fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
         // A blocking connect takes a network round trip or more.
         defer(call, move |_| attempt())
     }
+}
+
+/// An egress connect an earlier daemon started and did not answer: the
+/// socket may be connected or connecting already.
+fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
+    defer(call, move |_| {
+        match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
+            Ok(()) => Outcome::Value(0),
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => Outcome::Value(0),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EALREADY) | Some(libc::EINPROGRESS)) => {
+                if is_nonblocking(&copy) {
+                    return Outcome::Errno(libc::EINPROGRESS);
+                }
+                let mut fds = [rustix::event::PollFd::new(&copy, rustix::event::PollFlags::OUT)];
+                let _ = rustix::event::poll(&mut fds, None);
+                match sockopt::socket_error(&copy) {
+                    Ok(Ok(())) => Outcome::Value(0),
+                    Ok(Err(e)) => Outcome::Errno(e.raw_os_error()),
+                    Err(e) => Outcome::Errno(e.raw_os_error()),
+                }
+            }
+            Err(e) => Outcome::Errno(errno_of(&e)),
+        }
+    })
 }
 
 fn client_vip(vips: &[IpAddr], dst: SocketAddr) -> IpAddr {

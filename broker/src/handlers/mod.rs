@@ -16,6 +16,7 @@ use crate::names::SocketName;
 use crate::serve::{respond, Shared};
 use crate::target::{Errno, PidfdCache, Target};
 use ax_registry::{AppId, UnixEndpoint};
+use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,8 +31,10 @@ pub(crate) enum Outcome {
     Errno(Errno),
     /// Let the kernel run the call unchanged.
     Continue,
-    /// Already answered (by `ADDFD_FLAG_SEND`, or from a helper thread).
+    /// Already answered (by `ADDFD_FLAG_SEND`), or nobody waits any more.
     Answered,
+    /// Handed to a helper thread, which answers later.
+    Deferred,
 }
 
 impl From<Result<Outcome, Errno>> for Outcome {
@@ -45,6 +48,11 @@ pub(crate) struct Call<'a> {
     pub(crate) shared: &'a Arc<Shared>,
     pub(crate) app: AppId,
     pub(crate) listener: &'a Arc<NotifyFd>,
+    /// Where received, unanswered calls are recorded (see `ax_sys::journal`).
+    pub(crate) journal: &'a Option<Arc<Journal>>,
+    /// The call was received by an earlier daemon that died before
+    /// answering: part of it may already be done.
+    pub(crate) replay: bool,
     pub(crate) notif: Notification,
 }
 
@@ -287,6 +295,8 @@ where
 {
     let shared = call.shared.clone();
     let listener = call.listener.clone();
+    let journal = call.journal.clone();
+    let replay = call.replay;
     let app = call.app;
     let notif = call.notif;
     let spawned = std::thread::Builder::new()
@@ -296,13 +306,15 @@ where
                 shared: &shared,
                 app,
                 listener: &listener,
+                journal: &journal,
+                replay,
                 notif,
             };
             let outcome = work(&call);
-            respond(&listener, &notif, outcome);
+            respond(&listener, &journal, &notif, outcome);
         });
     match spawned {
-        Ok(_) => Outcome::Answered,
+        Ok(_) => Outcome::Deferred,
         Err(_) => Outcome::Errno(libc::EAGAIN),
     }
 }

@@ -34,7 +34,8 @@ pub enum Request {
     Ping,
     /// Registers an app (reserving its VIPs) before its program starts.
     RegisterApp(AppSpec),
-    /// Hands over the notify fd (attached as `SCM_RIGHTS`) of a registered
+    /// Hands over the notify fd (attached as `SCM_RIGHTS`, optionally
+    /// followed by a journal memfd, see `ax_sys::journal`) of a registered
     /// app whose program has pid `pid`. The app lives as long as any of its
     /// processes does.
     AttachListener {
@@ -43,6 +44,10 @@ pub enum Request {
         /// The program's pid.
         pid: u32,
     },
+    /// After a daemon restart: hands over an app registered with a
+    /// predecessor, keeping its id and VIPs. Carries the notify fd and the
+    /// journal memfd as `SCM_RIGHTS`, like `AttachListener`.
+    ReattachApp(AppInfo),
     /// Lists apps.
     ListApps,
     /// Lists services.

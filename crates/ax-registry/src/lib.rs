@@ -8,7 +8,7 @@
 mod local;
 mod pool;
 
-pub use local::LocalRegistry;
+pub use local::{LocalRegistry, Snapshot};
 pub use pool::{parse_cidr, VipPool};
 
 use serde::{Deserialize, Serialize};

@@ -42,7 +42,104 @@ impl Default for LocalRegistry {
     }
 }
 
+/// What a daemon keeps on disk so that a successor can take over the apps
+/// it served: their ids and VIPs stay reserved until their launchers hand
+/// them over again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// The next app id to hand out (ids are never reused).
+    pub next_app: AppId,
+    /// Every registered app.
+    pub apps: Vec<AppInfo>,
+}
+
 impl LocalRegistry {
+    /// The apps and the id counter, for a successor daemon.
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        Snapshot {
+            next_app: st.next_app,
+            apps: st.apps.values().cloned().collect(),
+        }
+    }
+
+    /// Takes over apps from a predecessor's snapshot; `keep` decides which
+    /// (e.g. those whose program still runs). Returns the apps restored.
+    pub fn restore(&self, snap: &Snapshot, keep: &dyn Fn(&AppInfo) -> bool) -> Vec<AppId> {
+        let mut st = self.lock();
+        st.next_app = st.next_app.max(snap.next_app);
+        let mut restored = Vec::new();
+        for info in &snap.apps {
+            if !keep(info) || st.apps.contains_key(&info.id) {
+                continue;
+            }
+            if info.vips.iter().any(|ip| st.vip_owner.contains_key(ip)) {
+                continue;
+            }
+            for &ip in &info.vips {
+                st.vip_owner.insert(ip, info.id);
+            }
+            st.next_app = st.next_app.max(info.id + 1);
+            st.apps.insert(info.id, info.clone());
+            restored.push(info.id);
+        }
+        restored
+    }
+
+    /// Re-registers an app a launcher hands over after a daemon restart,
+    /// with the id and VIPs it had. Succeeds when the app is already known
+    /// with the same VIPs (restored from a snapshot).
+    pub fn readopt_app(&self, info: &AppInfo) -> Result<(), RegisterError> {
+        let mut st = self.lock();
+        if let Some(known) = st.apps.get(&info.id) {
+            if known.vips == info.vips {
+                return Ok(());
+            }
+            return Err(RegisterError::IpInUse {
+                ip: info.vips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                owner: info.id,
+            });
+        }
+        for &ip in &info.vips {
+            if let Some(&owner) = st.vip_owner.get(&ip) {
+                return Err(RegisterError::IpInUse { ip, owner });
+            }
+        }
+        for &ip in &info.vips {
+            st.vip_owner.insert(ip, info.id);
+        }
+        st.next_app = st.next_app.max(info.id + 1);
+        st.apps.insert(info.id, info.clone());
+        Ok(())
+    }
+
+    /// Records a live listener found after a restart (it was bound under a
+    /// predecessor). Existing registrations are left alone.
+    /// Returns true when something new was recorded.
+    pub fn restore_service(
+        &self,
+        app: AppId,
+        ips: &[IpAddr],
+        port: u16,
+        endpoint: UnixEndpoint,
+    ) -> bool {
+        let mut st = self.lock();
+        if !st.apps.contains_key(&app) {
+            return false;
+        }
+        let mut added = false;
+        for &ip in ips {
+            st.services.entry((ip, port)).or_insert_with(|| {
+                added = true;
+                Service {
+                    owner: app,
+                    endpoint: endpoint.clone(),
+                }
+            });
+        }
+        added
+    }
+
     /// A registry allocating VIPs from `pools` (the first IPv4 pool is used
     /// for apps that ask for none).
     pub fn new(pools: Vec<VipPool>) -> Self {

@@ -9,6 +9,7 @@
 //! Every `unsafe` block carries a `// SAFETY:` comment. Everything exported is
 //! safe to call with any argument: bad input yields an [`std::io::Error`].
 
+pub mod journal;
 pub mod notify;
 pub mod prexec;
 pub mod process;

@@ -1,0 +1,215 @@
+//! A shared-memory journal of notifications a broker has received and not
+//! yet answered.
+//!
+//! The launcher creates a memfd and hands it to the daemon with the notify
+//! fd. The broker records each notification before handling it and clears
+//! it once answered. If the daemon dies in between, the notification stays
+//! "received" in the kernel, where no later `RECV` will show it again; the
+//! next daemon reads the journal, finds the entries whose id is still valid,
+//! and finishes them. The journal lives in the memfd, which the launcher
+//! keeps, so it survives the daemon.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Notification;
+
+/// Words per record: id, pid|nr, arch, six arguments, spare.
+const WORDS: usize = 10;
+/// Bytes per record.
+pub const RECORD_LEN: usize = WORDS * 8;
+/// Records in a journal made by [`create`]: notifications in flight at once
+/// beyond this many may overwrite each other's record.
+pub const DEFAULT_SLOTS: usize = 16384;
+
+/// Creates a journal memfd sized for [`DEFAULT_SLOTS`] records.
+pub fn create() -> io::Result<OwnedFd> {
+    let fd = new_memfd()?;
+    let len = (DEFAULT_SLOTS * RECORD_LEN) as libc::off_t;
+    // SAFETY: ftruncate on an fd we own, integer argument.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn new_memfd() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let name = c"ax-journal";
+    // SAFETY: `name` is a valid NUL-terminated string; flags are constants.
+    let rc = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
+}
+
+/// A mapped journal.
+#[derive(Debug)]
+pub struct Journal {
+    ptr: *mut AtomicU64,
+    words: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics, which are
+// Sync; the pointer stays valid until Drop, which needs `&mut self`.
+unsafe impl Send for Journal {}
+// SAFETY: as above: all access goes through AtomicU64.
+unsafe impl Sync for Journal {}
+
+impl Journal {
+    /// Maps the journal in `fd` (shared, read-write). The size must be a
+    /// non-zero whole number of records.
+    pub fn map(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: fstat on an fd we own into a zeroed, owned struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_fd().as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = st.st_size as usize;
+        if len == 0 || !len.is_multiple_of(RECORD_LEN) || len > 64 << 20 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "journal size is not a whole number of records",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of `len` bytes of a file we hold;
+        // the kernel picks the address. Failure is MAP_FAILED, checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            words: len / 8,
+            _fd: fd,
+        })
+    }
+
+    fn slots(&self) -> usize {
+        self.words / WORDS
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.words);
+        // SAFETY: `i` is in bounds (checked above); the mapping is
+        // page-aligned, so every u64 in it is aligned, and AtomicU64 has the
+        // layout of u64. The mapping lives as long as `self`.
+        unsafe { &*self.ptr.add(i) }
+    }
+
+    fn base(&self, id: u64) -> usize {
+        (id % self.slots() as u64) as usize * WORDS
+    }
+
+    /// Records `n` as received and not yet answered.
+    pub fn record(&self, n: &Notification) {
+        let b = self.base(n.id);
+        self.word(b).store(0, Ordering::Release);
+        self.word(b + 1)
+            .store(n.pid as u64 | (n.nr as u32 as u64) << 32, Ordering::Relaxed);
+        self.word(b + 2).store(n.arch as u64, Ordering::Relaxed);
+        for (k, a) in n.args.iter().enumerate() {
+            self.word(b + 3 + k).store(*a, Ordering::Relaxed);
+        }
+        // The id goes last: a reader that sees it sees the rest.
+        self.word(b).store(n.id, Ordering::Release);
+    }
+
+    /// Marks `id` answered.
+    pub fn clear(&self, id: u64) {
+        let b = self.base(id);
+        let _ = self
+            .word(b)
+            .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Every recorded, unanswered notification.
+    pub fn pending(&self) -> Vec<Notification> {
+        let mut out = Vec::new();
+        for s in 0..self.slots() {
+            let b = s * WORDS;
+            let id = self.word(b).load(Ordering::Acquire);
+            if id == 0 {
+                continue;
+            }
+            let pid_nr = self.word(b + 1).load(Ordering::Relaxed);
+            let mut args = [0u64; 6];
+            for (k, a) in args.iter_mut().enumerate() {
+                *a = self.word(b + 3 + k).load(Ordering::Relaxed);
+            }
+            let n = Notification {
+                id,
+                pid: pid_nr as u32,
+                nr: (pid_nr >> 32) as u32 as i32,
+                arch: self.word(b + 2).load(Ordering::Relaxed) as u32,
+                args,
+            };
+            if self.word(b).load(Ordering::Acquire) == id {
+                out.push(n);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in `map`; no reference
+        // into it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.words * 8);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_clear_pending() {
+        let fd = create().unwrap();
+        let j = Journal::map(fd.try_clone().unwrap()).unwrap();
+        let n = Notification {
+            id: 77,
+            pid: 1234,
+            nr: 42,
+            arch: 0xc000003e,
+            args: [1, 2, 3, 4, 5, 6],
+        };
+        j.record(&n);
+        // A second mapping (the next daemon) sees it.
+        let other = Journal::map(fd).unwrap();
+        assert_eq!(other.pending(), vec![n]);
+        j.clear(77);
+        assert!(other.pending().is_empty());
+        // Clearing a stale id leaves a newer record alone.
+        let m = Notification {
+            id: 77 + DEFAULT_SLOTS as u64,
+            ..n
+        };
+        j.record(&m);
+        j.clear(77);
+        assert_eq!(other.pending(), vec![m]);
+    }
+
+    #[test]
+    fn map_rejects_bad_sizes() {
+        let fd = new_memfd().unwrap();
+        assert!(Journal::map(fd).is_err());
+    }
+}
