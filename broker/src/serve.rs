@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub(crate) accept_lock: Mutex<()>,
     /// TCP/IP options set on swapped sockets, by (app, inode, level, name).
     options: Mutex<HashMap<OptionKey, Vec<u8>>>,
+    /// Processes under ax that connected a UNIX socket: pid → (start time,
+    /// app).
+    unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
 }
 
 type OptionKey = (AppId, u64, i32, i32);
@@ -68,7 +71,22 @@ impl Shared {
         map.get(&key).cloned()
     }
 
+    pub(crate) fn note_unix_connector(&self, pid: u32, started: u64, app: AppId) {
+        let mut map = self
+            .unix_connectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.len() >= OPTION_LIMIT {
+            map.clear();
+        }
+        map.insert(pid, (started, app));
+    }
+
     fn forget_app_options(&self, app: AppId) {
+        self.unix_connectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, v| v.1 != app);
         let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, _| k.0 != app);
     }
@@ -125,8 +143,24 @@ impl Broker {
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
                 options: Mutex::new(HashMap::new()),
+                unix_connectors: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// The app whose program `pid` is, if `pid` connected a UNIX socket
+    /// while under ax (every connect under ax is seen by the broker first).
+    /// A daemon uses this on its control socket's peers (`SO_PEERCRED`) to
+    /// refuse programs under ax: they must not change their own identity or
+    /// another app's. Pid reuse is ruled out by the process start time.
+    pub fn app_of_peer(&self, pid: u32) -> Option<AppId> {
+        let (started, app) = *self
+            .shared
+            .unix_connectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pid)?;
+        (crate::target::start_time(pid) == Some(started)).then_some(app)
     }
 
     /// The settings in force.
@@ -175,7 +209,12 @@ fn receive_loop(
     if let Some(j) = journal {
         for n in j.pending() {
             if listener.id_valid(n.id) {
-                tracing::info!(app, id = n.id, nr = n.nr, "finishing a call the previous daemon left unanswered");
+                tracing::info!(
+                    app,
+                    id = n.id,
+                    nr = n.nr,
+                    "finishing a call the previous daemon left unanswered"
+                );
                 dispatch(shared, app, listener, journal, n, true, &mut pidfds);
             } else {
                 j.clear(n.id);

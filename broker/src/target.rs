@@ -161,6 +161,21 @@ impl Target {
     }
 }
 
+/// The process a thread belongs to and that process's start time (in clock
+/// ticks since boot), which tells a process from a later one with its pid.
+pub(crate) fn process_identity(tid: u32) -> Option<(u32, u64)> {
+    let tgid = thread_group_leader(tid).ok()?;
+    Some((tgid, start_time(tgid)?))
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain anything, ')' included: skip past the last.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 fn thread_group_leader(tid: u32) -> io::Result<u32> {
     let text = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
     text.lines()

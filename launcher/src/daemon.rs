@@ -9,10 +9,10 @@
 use crate::cli::DaemonArgs;
 use crate::paths;
 use anyhow::{bail, Context};
+use ax_broker::SocketName;
 use ax_broker::{Broker, BrokerConfig, NotifyFd, Session};
 use ax_proto::{FrameError, Request, Response};
 use ax_registry::{AppId, AppInfo, Directory, LocalRegistry, Snapshot, UnixEndpoint};
-use ax_broker::SocketName;
 use ax_sys::journal::Journal;
 use rustix::fs::FlockOperation;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -67,7 +67,9 @@ impl Daemon {
         }
         match write_state(&self.state_path, &snap) {
             Ok(()) => *saved = Some(snap),
-            Err(e) => tracing::warn!(path = %self.state_path.display(), error = %e, "cannot save state"),
+            Err(e) => {
+                tracing::warn!(path = %self.state_path.display(), error = %e, "cannot save state")
+            }
         }
     }
 
@@ -106,7 +108,11 @@ impl Daemon {
                 vec![bound.ip()]
             };
             let endpoint = UnixEndpoint::Abstract(name.as_bytes().to_vec());
-            if !ips.is_empty() && self.registry.restore_service(app, &ips, bound.port(), endpoint) {
+            if !ips.is_empty()
+                && self
+                    .registry
+                    .restore_service(app, &ips, bound.port(), endpoint)
+            {
                 tracing::info!(app, addr = %bound, "service taken over from the previous daemon");
             }
         }
@@ -121,7 +127,10 @@ impl Daemon {
                 && !self.is_attached(info.id)
                 && !Path::new(&format!("/proc/{}", info.pid)).exists()
             {
-                tracing::info!(app = info.id, "app gone before its launcher came back; forgetting it");
+                tracing::info!(
+                    app = info.id,
+                    "app gone before its launcher came back; forgetting it"
+                );
                 self.registry.app_exited(info.id);
             }
         }
@@ -465,6 +474,20 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         let _ = send(&mut stream, &Response::Error(msg)).await;
         return;
     }
+    if let Some(app) = daemon.broker.app_of_peer(peer.pid as u32) {
+        tracing::warn!(
+            app,
+            pid = peer.pid,
+            "refusing a program under ax: it may not use the control socket"
+        );
+        let msg = format!(
+            "permission denied: pid {} runs under ax (app {app}); programs under ax may not \
+             use the daemon's control socket (ax exec and ax get cannot be nested)",
+            peer.pid
+        );
+        let _ = send(&mut stream, &Response::Error(msg)).await;
+        return;
+    }
     let mut reader = FrameReader {
         buf: Vec::new(),
         fds: Vec::new(),
@@ -567,7 +590,11 @@ impl Daemon {
         self.rediscover_services();
         let resp = self.attach(info.id, info.pid, fds, peer);
         if resp == Response::Attached {
-            tracing::info!(app = info.id, pid = info.pid, "app handed over again after a daemon restart");
+            tracing::info!(
+                app = info.id,
+                pid = info.pid,
+                "app handed over again after a daemon restart"
+            );
             self.save_state();
         }
         resp
@@ -587,7 +614,8 @@ impl Daemon {
                 return;
             }
         };
-        let alive = |info: &AppInfo| info.pid != 0 && Path::new(&format!("/proc/{}", info.pid)).exists();
+        let alive =
+            |info: &AppInfo| info.pid != 0 && Path::new(&format!("/proc/{}", info.pid)).exists();
         let restored = self.registry.restore(&snap, &alive);
         if !restored.is_empty() {
             tracing::info!(apps = ?restored, "taking over apps from the previous daemon; waiting for their launchers");

@@ -118,8 +118,12 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
     let listener = sandboxed.listener;
     // Calls the daemon received but had not answered when it died are
     // recorded here; its successor finishes them.
-    let journal = ax_sys::journal::create()
-        .map_err(|e| Failure::new(EXIT_AX_FAILED, format!("cannot create the call journal: {e}")))?;
+    let journal = ax_sys::journal::create().map_err(|e| {
+        Failure::new(
+            EXIT_AX_FAILED,
+            format!("cannot create the call journal: {e}"),
+        )
+    })?;
     let attach = Request::AttachListener { app: app.id, pid };
     let refused = match client.call_with_fds(&attach, &[listener.as_fd(), journal.as_fd()]) {
         Ok(Response::Attached) => None,

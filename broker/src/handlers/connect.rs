@@ -52,7 +52,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
                 _ => return Ok(Outcome::Errno(libc::EISCONN)),
             }
         }
-        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
+        Ok(Sock::Other) => {
+            note_unix_connector(call, target);
+            return Ok(Outcome::Continue);
+        }
+        Err(libc::EBADF) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
     let addrlen = call.arg(2) as u32 as i32;
@@ -88,6 +92,23 @@ fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     }
 }
 
+/// A program under ax connecting a UNIX socket may be reaching for the
+/// daemon's control socket: remember who, before the connection exists, so
+/// that the daemon can tell it from a client that is not under ax
+/// ([`crate::Broker::app_of_peer`]).
+fn note_unix_connector(call: &Call<'_>, target: &Target) {
+    let is_unix = target
+        .fd(call.arg(0))
+        .ok()
+        .and_then(|fd| sockopt::socket_domain(&fd).ok())
+        == Some(rustix::net::AddressFamily::UNIX);
+    if is_unix {
+        if let Some((pid, started)) = crate::target::process_identity(target.tid) {
+            call.shared.note_unix_connector(pid, started, call.app);
+        }
+    }
+}
+
 /// An egress connect an earlier daemon started and did not answer: the
 /// socket may be connected or connecting already.
 fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
@@ -95,11 +116,19 @@ fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
         match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
             Ok(()) => Outcome::Value(0),
             Err(e) if e.raw_os_error() == Some(libc::EISCONN) => Outcome::Value(0),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EALREADY) | Some(libc::EINPROGRESS)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EALREADY) | Some(libc::EINPROGRESS)
+                ) =>
+            {
                 if is_nonblocking(&copy) {
                     return Outcome::Errno(libc::EINPROGRESS);
                 }
-                let mut fds = [rustix::event::PollFd::new(&copy, rustix::event::PollFlags::OUT)];
+                let mut fds = [rustix::event::PollFd::new(
+                    &copy,
+                    rustix::event::PollFlags::OUT,
+                )];
                 let _ = rustix::event::poll(&mut fds, None);
                 match sockopt::socket_error(&copy) {
                     Ok(Ok(())) => Outcome::Value(0),
