@@ -448,6 +448,23 @@ async fn send(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
     stream.write_all(&frame).await
 }
 
+/// Answers a refused client and closes gracefully: closing a socket with
+/// unread input would reset the connection and lose the answer.
+async fn refuse(stream: &mut UnixStream, msg: String) {
+    use tokio::io::AsyncReadExt;
+    let _ = send(stream, &Response::Error(msg)).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
 async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
     let cred = match rustix::net::sockopt::socket_peercred(&stream) {
         Ok(c) => c,
@@ -471,7 +488,7 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
              start your own with 'ax daemon' or use your own --socket",
             daemon.uid, peer.uid
         );
-        let _ = send(&mut stream, &Response::Error(msg)).await;
+        refuse(&mut stream, msg).await;
         return;
     }
     if let Some(app) = daemon.broker.app_of_peer(peer.pid as u32) {
@@ -485,7 +502,7 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
              use the daemon's control socket (ax exec and ax get cannot be nested)",
             peer.pid
         );
-        let _ = send(&mut stream, &Response::Error(msg)).await;
+        refuse(&mut stream, msg).await;
         return;
     }
     let mut reader = FrameReader {
