@@ -42,6 +42,7 @@ mod addr;
 mod handlers;
 pub mod launch;
 mod names;
+mod pool;
 mod serve;
 mod target;
 

@@ -1,6 +1,7 @@
 //! The broker object and its per-app receive loop.
 
 use crate::handlers::{self, Outcome};
+use crate::pool::WorkerPool;
 use crate::target::PidfdCache;
 use ax_registry::{AppId, Directory};
 use ax_sys::journal::Journal;
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) accept_lock: Mutex<()>,
     /// TCP/IP options set on swapped sockets, by (app, inode, level, name).
     options: Mutex<HashMap<OptionKey, Vec<u8>>>,
+    /// Threads for calls that may block.
+    pub(crate) pool: Arc<WorkerPool>,
     /// Processes under ax that connected a UNIX socket: pid → (start time,
     /// app).
     unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
@@ -144,6 +147,7 @@ impl Broker {
                 accept_lock: Mutex::new(()),
                 options: Mutex::new(HashMap::new()),
                 unix_connectors: Mutex::new(HashMap::new()),
+                pool: Arc::new(WorkerPool::default()),
             }),
         }
     }

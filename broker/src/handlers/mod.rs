@@ -299,20 +299,19 @@ where
     let replay = call.replay;
     let app = call.app;
     let notif = call.notif;
-    let spawned = std::thread::Builder::new()
-        .name("ax-wait".into())
-        .spawn(move || {
-            let call = Call {
-                shared: &shared,
-                app,
-                listener: &listener,
-                journal: &journal,
-                replay,
-                notif,
-            };
-            let outcome = work(&call);
-            respond(&listener, &journal, &notif, outcome);
-        });
+    let pool = call.shared.pool.clone();
+    let spawned = pool.spawn(Box::new(move || {
+        let call = Call {
+            shared: &shared,
+            app,
+            listener: &listener,
+            journal: &journal,
+            replay,
+            notif,
+        };
+        let outcome = work(&call);
+        respond(&listener, &journal, &notif, outcome);
+    }));
     match spawned {
         Ok(_) => Outcome::Deferred,
         Err(_) => Outcome::Errno(libc::EAGAIN),
