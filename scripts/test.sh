@@ -4,9 +4,10 @@
 #   1. installs missing system packages (scripts/install-deps.sh),
 #   2. builds the workspace and every test target,
 #   3. runs the unit and crate tests, in a namespace with loopback only,
-#   4. runs the end-to-end suite (crate ax-e2e) twice, each time inside a
-#      fresh network namespace with loopback only and no default route:
-#      once as root and once as the unprivileged user `axtest`.
+#   4. runs the end-to-end suite (every test binary of crate ax-e2e: e2e,
+#      hostile, …) twice, each binary inside a fresh network namespace with
+#      loopback only and no default route: once as root and once as the
+#      unprivileged user `axtest`.
 #
 # A VIP is on no interface: if interception ever failed, a connect to it
 # ends in ENETUNREACH inside the namespace and nothing leaves the machine.
@@ -15,8 +16,8 @@
 # runs) and exits non-zero if anything failed.
 #
 # Environment: AX_E2E_THREADS (default 4) test threads per e2e run;
-# AX_E2E_TIMEOUT (default 15m) limit per e2e run; extra arguments are passed
-# to the e2e test binary (e.g. a test name filter).
+# AX_E2E_TIMEOUT (default 15m) limit per e2e test binary and run; extra
+# arguments are passed to every e2e test binary (e.g. a test name filter).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -71,25 +72,37 @@ cargo test --workspace --no-run
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 AX_BIN="$TARGET_DIR/debug/ax"
-E2E_BIN=$(cargo test -p ax-e2e --no-run --message-format=json 2>/dev/null | python3 -c '
+# Every test binary of crate ax-e2e (tests/tests/*.rs), as "NAME PATH" lines.
+E2E_LIST=$(cargo test -p ax-e2e --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
-exe = None
+exes = {}
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
     t = m.get("target") or {}
-    if m.get("reason") == "compiler-artifact" and t.get("name") == "e2e" and m.get("executable"):
-        exe = m["executable"]
-if not exe:
+    if (m.get("reason") == "compiler-artifact" and t.get("kind") == ["test"]
+            and "ax-e2e" in m.get("package_id", "") and m.get("executable")):
+        exes[t["name"]] = m["executable"]
+if "e2e" not in exes:
     sys.exit("cannot find the e2e test binary in cargo output")
-print(exe)
+for name in sorted(exes):
+    print(name, exes[name])
 ')
+E2E_NAMES=()
+E2E_BINS=()
+while read -r name exe; do
+    E2E_NAMES+=("$name")
+    E2E_BINS+=("$exe")
+done <<<"$E2E_LIST"
 [ -x "$AX_BIN" ] || { echo "test.sh: $AX_BIN was not built" >&2; exit 1; }
-[ -x "$E2E_BIN" ] || { echo "test.sh: $E2E_BIN was not built" >&2; exit 1; }
+for exe in "${E2E_BINS[@]}"; do
+    [ -x "$exe" ] || { echo "test.sh: $exe was not built" >&2; exit 1; }
+done
 echo "ax binary:      $AX_BIN"
-echo "e2e test binary: $E2E_BIN"
+echo "e2e test binaries:"
+printf '  %s\n' "${E2E_BINS[@]}"
 
 # Sums the `test result:` lines of a cargo/libtest log: prints "PASSED FAILED".
 # A log without any result line (crash, timeout) counts one failure.
@@ -118,7 +131,7 @@ account() { # label log rc
     fi
     TOTAL_PASSED=$((TOTAL_PASSED + passed))
     TOTAL_FAILED=$((TOTAL_FAILED + failed))
-    SUMMARY+=("$(printf '%-22s %s passed, %s failed (exit %s)' "$1:" "$passed" "$failed" "$3")")
+    SUMMARY+=("$(printf '%-30s %s passed, %s failed (exit %s)' "$1:" "$passed" "$failed" "$3")")
     if [ "$3" -ne 0 ]; then
         STATUS=1
     fi
@@ -134,22 +147,37 @@ rc=${PIPESTATUS[0]}
 set -e
 account "unit tests" "$WORK/unit.log" "$rc"
 
+section "fuzz"
+# A bounded run of each cargo-fuzz target (fuzz/), AX_FUZZ_SECONDS each;
+# one test per target in the tally (scripts/fuzz.sh).
+set +e
+bash "$ROOT/scripts/fuzz.sh" 2>&1 | tee "$WORK/fuzz.log"
+rc=${PIPESTATUS[0]}
+set -e
+account "fuzz" "$WORK/fuzz.log" "$rc"
+
 section "end-to-end set-up"
-if ! id "$E2E_USER" >/dev/null 2>&1; then
-    echo "creating user $E2E_USER"
-    "${SUDO[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin "$E2E_USER"
-fi
-# The unprivileged user must be able to reach and run both binaries; when a
+# A second unprivileged user, for the tests that check that one user cannot
+# use another's daemon (tests/tests/faults.rs).
+for u in "$E2E_USER" axtest2; do
+    if ! id "$u" >/dev/null 2>&1; then
+        echo "creating user $u"
+        "${SUDO[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin "$u"
+    fi
+done
+# The unprivileged user must be able to reach and run every binary; when a
 # parent directory (e.g. /root) is not traversable, run copies instead.
 if ! "${SUDO[@]}" setpriv --reuid="$E2E_USER" --regid="$E2E_USER" --init-groups \
-    sh -c 'test -x "$1" && test -r "$1" && test -x "$2" && test -r "$2"' sh "$AX_BIN" "$E2E_BIN"; then
+    sh -c 'for f; do test -x "$f" && test -r "$f" || exit 1; done' sh "$AX_BIN" "${E2E_BINS[@]}"; then
     echo "$E2E_USER cannot run binaries in $TARGET_DIR; using copies in $WORK/bin"
     mkdir -p "$WORK/bin"
     chmod 755 "$WORK/bin"
     install -m 755 "$AX_BIN" "$WORK/bin/ax"
-    install -m 755 "$E2E_BIN" "$WORK/bin/e2e"
     AX_BIN="$WORK/bin/ax"
-    E2E_BIN="$WORK/bin/e2e"
+    for i in "${!E2E_BINS[@]}"; do
+        install -m 755 "${E2E_BINS[$i]}" "$WORK/bin/${E2E_NAMES[$i]}"
+        E2E_BINS[i]="$WORK/bin/${E2E_NAMES[$i]}"
+    done
 fi
 
 # The unprivileged run gets the PATH entries that user can search (root's
@@ -205,9 +233,9 @@ else
 fi
 '
 
-run_e2e() { # label user
-    local label=$1 user=$2 log="$WORK/e2e-$1.log" rc
-    section "end-to-end tests, $label"
+run_e2e() { # label user name binary
+    local label=$1 user=$2 name=$3 bin=$4 log="$WORK/e2e-$1-$3.log" rc
+    section "end-to-end tests ($name), $label"
     : >"$log"
     chmod 644 "$log"
     # The tests' temporary files go here, and are removed with $WORK even
@@ -220,7 +248,7 @@ run_e2e() { # label user
         TMPDIR="$WORK/tmp-$label" \
         timeout --kill-after=30s "$LIMIT" \
         unshare --net -- bash -c "$INNER" inner "$user" \
-        "$E2E_BIN" --test-threads="$THREADS" "${E2E_ARGS[@]}" >"$log" 2>&1 &
+        "$bin" --test-threads="$THREADS" "${E2E_ARGS[@]}" >"$log" 2>&1 &
     RUN_PID=$!
     tail -n +1 --pid="$RUN_PID" -f "$log" &
     TAIL_PID=$!
@@ -231,13 +259,16 @@ run_e2e() { # label user
     TAIL_PID=""
     set -e
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        echo "test.sh: the e2e run as $label timed out after $LIMIT" | tee -a "$log"
+        echo "test.sh: the e2e run ($name) as $label timed out after $LIMIT" | tee -a "$log"
     fi
-    account "e2e as $label" "$log" "$rc"
+    account "e2e ($name) as $label" "$log" "$rc"
 }
 
-run_e2e root ""
-run_e2e "$E2E_USER" "$E2E_USER"
+for user in "" "$E2E_USER"; do
+    for i in "${!E2E_BINS[@]}"; do
+        run_e2e "${user:-root}" "$user" "${E2E_NAMES[$i]}" "${E2E_BINS[$i]}"
+    done
+done
 
 section "summary"
 for line in "${SUMMARY[@]}"; do

@@ -1,6 +1,7 @@
 //! `sockaddr_in`/`sockaddr_in6` bytes: parsing a program's address the way
 //! the kernel's TCP code accepts it, and writing addresses back.
 
+use crate::target::Errno;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 const AF_UNSPEC: u16 = libc::AF_UNSPEC as u16;
@@ -21,11 +22,21 @@ pub(crate) enum Purpose {
     Connect,
 }
 
+/// The address family in the first two bytes (0 if there are fewer).
+pub(crate) fn family(bytes: &[u8]) -> u16 {
+    match bytes {
+        [a, b, ..] => u16::from_ne_bytes([*a, *b]),
+        _ => 0,
+    }
+}
+
 /// Parses `bytes` as an address for a socket of family v4 (`v6 == false`)
 /// or v6. Returns `None` for anything the kernel would reject or treat
-/// specially (wrong family, too short, `AF_UNSPEC` disconnect, scoped
-/// link-local): the caller then lets the kernel judge the same bytes.
-/// IPv4-mapped IPv6 addresses come back as IPv4.
+/// specially (wrong family, too short, `AF_UNSPEC` disconnect): the caller
+/// then lets the kernel judge the same bytes. IPv4-mapped IPv6 addresses
+/// come back as IPv4. Flow info and scope id are left out: the kernel
+/// uses a scope id for link-local addresses only, and those are never
+/// virtual.
 pub(crate) fn parse(bytes: &[u8], v6: bool, purpose: Purpose) -> Option<SocketAddr> {
     if bytes.len() < 2 {
         return None;
@@ -52,18 +63,44 @@ pub(crate) fn parse(bytes: &[u8], v6: bool, purpose: Purpose) -> Option<SocketAd
     let mut octets = [0u8; 16];
     octets.copy_from_slice(&bytes[8..24]);
     let ip = Ipv6Addr::from(octets);
-    let scope = if bytes.len() >= SOCKADDR_IN6_LEN {
-        u32::from_ne_bytes([bytes[24], bytes[25], bytes[26], bytes[27]])
-    } else {
-        0
-    };
-    if scope != 0 {
-        return None;
-    }
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(SocketAddr::V4(SocketAddrV4::new(v4, port)));
     }
     Some(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)))
+}
+
+/// What `bind` answers for `bytes` on a socket that is already bound (or
+/// connected, or listening), as `inet_bind`/`inet6_bind` check, in their
+/// order: the length, the family, then — IPv4 only — whether the address
+/// is one this host may bind (`is_local`), and last the socket's state
+/// (`EINVAL`). IPv6 checks the state before the address.
+pub(crate) fn bind_when_bound(
+    bytes: &[u8],
+    v6: bool,
+    is_local: impl FnOnce(IpAddr) -> bool,
+) -> Errno {
+    let fam = family(bytes);
+    if !v6 {
+        if bytes.len() < SOCKADDR_IN_LEN {
+            return libc::EINVAL;
+        }
+        let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
+        if fam != AF_INET && !(fam == AF_UNSPEC && ip.is_unspecified()) {
+            return libc::EAFNOSUPPORT;
+        }
+        if !is_local(IpAddr::V4(ip)) {
+            return libc::EADDRNOTAVAIL;
+        }
+        return libc::EINVAL;
+    }
+    if bytes.len() < SIN6_LEN_RFC2133 {
+        return libc::EINVAL;
+    }
+    if fam != AF_INET6 {
+        return libc::EAFNOSUPPORT;
+    }
+    // A multicast address on a stream socket, then the state: EINVAL both.
+    libc::EINVAL
 }
 
 /// Encodes `addr` for a socket of family v4 or v6; IPv4 addresses become
@@ -125,8 +162,40 @@ mod tests {
         unspec[0..2].copy_from_slice(&0u16.to_ne_bytes());
         assert_eq!(parse(&unspec, false, Purpose::Connect), None);
         assert!(parse(&unspec, false, Purpose::Bind).is_some());
-        let mut scoped = encode("[fe80::1]:80".parse().unwrap(), true);
-        scoped[24] = 2;
-        assert_eq!(parse(&scoped, true, Purpose::Connect), None);
+    }
+
+    #[test]
+    fn scope_id_and_flow_info_are_ignored() {
+        // The kernel ignores a scope id but on link-local addresses.
+        let a: SocketAddr = "10.233.0.10:80".parse().unwrap();
+        let mut mapped = encode(a, true);
+        mapped[4] = 7;
+        mapped[24] = 1;
+        assert_eq!(parse(&mapped, true, Purpose::Connect), Some(a));
+    }
+
+    #[test]
+    fn bind_on_a_bound_socket_checks_in_the_kernels_order() {
+        let local = |_| true;
+        let any = encode("0.0.0.0:0".parse().unwrap(), false);
+        assert_eq!(bind_when_bound(&any, false, local), libc::EINVAL);
+        assert_eq!(bind_when_bound(&any[..8], false, local), libc::EINVAL);
+        let mut fam = any.clone();
+        fam[0..2].copy_from_slice(&99u16.to_ne_bytes());
+        assert_eq!(bind_when_bound(&fam, false, local), libc::EAFNOSUPPORT);
+        let v6 = encode("[::]:0".parse().unwrap(), true);
+        assert_eq!(bind_when_bound(&v6, false, local), libc::EAFNOSUPPORT);
+        assert_eq!(bind_when_bound(&any, true, local), libc::EINVAL);
+        assert_eq!(bind_when_bound(&fam, true, local), libc::EINVAL);
+        let mut fam6 = v6.clone();
+        fam6[0..2].copy_from_slice(&99u16.to_ne_bytes());
+        assert_eq!(bind_when_bound(&fam6, true, local), libc::EAFNOSUPPORT);
+        let foreign = encode("192.0.2.1:0".parse().unwrap(), false);
+        assert_eq!(
+            bind_when_bound(&foreign, false, |_| false),
+            libc::EADDRNOTAVAIL
+        );
+        // IPv6 checks the state before the address.
+        assert_eq!(bind_when_bound(&v6, true, |_| false), libc::EINVAL);
     }
 }

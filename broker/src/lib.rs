@@ -50,3 +50,59 @@ pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;
 pub use names::{SocketName, MAX_NAME_LEN};
 pub use serve::{Broker, BrokerConfig, Session};
+
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz); not part of
+/// the embedding API and not covered by semver.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::addr::{self, Purpose};
+    use std::net::SocketAddr;
+
+    /// Parses `bytes` as a program's `sockaddr` for both socket families
+    /// and both purposes (`bind`, `connect`), and panics if a property
+    /// fails:
+    ///
+    /// - nothing is accepted shorter than the family's struct (16 bytes for
+    ///   `AF_INET`, `SIN6_LEN_RFC2133` = 24 for `AF_INET6`);
+    /// - a v4 socket only ever yields IPv4 addresses; a v6 socket yields
+    ///   IPv4 only for v4-mapped input, never a v4-mapped `SocketAddrV6`,
+    ///   and never flow info or a scope id;
+    /// - `bind` accepts everything `connect` accepts, with the same result;
+    /// - what parses encodes and parses back to itself, in the socket's
+    ///   family's struct size.
+    ///
+    /// Returns the parsed addresses, indexed `[v6][bind]`.
+    pub fn sockaddr(bytes: &[u8]) -> [[Option<SocketAddr>; 2]; 2] {
+        let mut out = [[None; 2]; 2];
+        for v6 in [false, true] {
+            let connect = addr::parse(bytes, v6, Purpose::Connect);
+            let bind = addr::parse(bytes, v6, Purpose::Bind);
+            if connect.is_some() {
+                assert_eq!(bind, connect, "bind must accept what connect accepts");
+            }
+            for a in [connect, bind].into_iter().flatten() {
+                let min = if v6 { 24 } else { addr::SOCKADDR_IN_LEN };
+                assert!(bytes.len() >= min, "{a} parsed from {} bytes", bytes.len());
+                match a {
+                    SocketAddr::V4(_) => {}
+                    SocketAddr::V6(a6) => {
+                        assert!(v6, "v4 socket yielded {a}");
+                        assert!(a6.ip().to_ipv4_mapped().is_none(), "mapped {a}");
+                        assert_eq!((a6.flowinfo(), a6.scope_id()), (0, 0), "{a}");
+                    }
+                }
+                let enc = addr::encode(a, v6);
+                let len = if v6 {
+                    addr::SOCKADDR_IN6_LEN
+                } else {
+                    addr::SOCKADDR_IN_LEN
+                };
+                assert_eq!(enc.len(), len, "encoding of {a}");
+                assert_eq!(addr::parse(&enc, v6, Purpose::Connect), Some(a));
+                assert_eq!(addr::parse(&enc, v6, Purpose::Bind), Some(a));
+            }
+            out[usize::from(v6)] = [connect, bind];
+        }
+        out
+    }
+}

@@ -82,11 +82,11 @@ impl Target {
         })
     }
 
-    /// A copy of the target's fd `fd` (same open file description).
+    /// A copy of the target's fd `fd` (same open file description). `fd`
+    /// is a raw system call argument: the kernel reads an `int` from it and
+    /// ignores the upper 32 bits, and so does this.
     pub(crate) fn fd(&self, fd: u64) -> Result<OwnedFd, Errno> {
-        let Ok(fd) = i32::try_from(fd as i64) else {
-            return Err(libc::EBADF);
-        };
+        let fd = fd_number(fd);
         if fd < 0 {
             return Err(libc::EBADF);
         }
@@ -131,7 +131,7 @@ impl Target {
     /// so the copy cannot tell).
     pub(crate) fn fd_cloexec(&self, fd: u64) -> bool {
         use std::io::Read;
-        let path = format!("/proc/{}/fdinfo/{}", self.tid, fd as i64);
+        let path = format!("/proc/{}/fdinfo/{}", self.tid, fd_number(fd));
         // "pos:\t0\nflags:\t02000002\n…": the flags come within 64 bytes.
         let mut buf = [0u8; 64];
         let Ok(n) = std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) else {
@@ -174,6 +174,12 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
     // The command name may contain anything, ')' included: skip past the last.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The fd number in a raw `int fd` argument: its low 32 bits, as the
+/// kernel reads it (`connect(1 << 32 | 3, …)` is a connect on fd 3).
+pub(crate) fn fd_number(arg: u64) -> i32 {
+    arg as u32 as i32
 }
 
 fn thread_group_leader(tid: u32) -> io::Result<u32> {

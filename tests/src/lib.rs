@@ -644,9 +644,20 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 /// A private `ax daemon` on a socket in its own temp dir; killed on drop.
+///
+/// For fault tests it can be killed without warning ([`Daemon::kill_hard`])
+/// and replaced on the same socket, either by the test
+/// ([`Daemon::restart`]) or by an autostarting `ax exec`
+/// ([`Daemon::adopt_successor`]); whichever daemon serves last is killed on
+/// drop, by pid.
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
+    /// `child` was killed and reaped by [`Daemon::kill_hard`].
+    reaped: bool,
+    /// A daemon that is not our child (autostarted by a launcher) now serves
+    /// the socket: its pid.
+    adopted: Option<u32>,
     sock: PathBuf,
     log: PathBuf,
     dir: TempDir,
@@ -656,53 +667,161 @@ impl Daemon {
     /// Starts `ax daemon --socket DIR/ax.sock` and waits until it accepts
     /// connections on its socket.
     pub fn start() -> Daemon {
+        Daemon::start_with_env(&[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon
+    /// (e.g. `RUST_LOG=info` for a load test, whose debug log would be large).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new("daemon");
         let sock = dir.join("ax.sock");
         let log = dir.join("daemon.log");
-        let logf = File::create(&log).expect("create daemon log");
-        let mut cmd = Command::new(ax_bin());
-        cmd.arg("daemon")
-            .arg("--socket")
-            .arg(&sock)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
-            )
-            .env("XDG_RUNTIME_DIR", dir.path())
-            .env("AX_SOCKET", &sock)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("dup log fd"))
-            .stderr(logf)
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} daemon: {e}", ax_bin().display()));
+        File::create(&log).expect("create daemon log");
+        let child = spawn_daemon(&sock, &log, dir.path(), env);
         let mut d = Daemon {
             child,
+            reaped: false,
+            adopted: None,
             sock,
             log,
             dir,
         };
+        d.wait_ready();
+        d
+    }
+
+    /// Waits until our child daemon answers on the socket; panics with its
+    /// log if it exits first or [`DAEMON_READY`] passes.
+    fn wait_ready(&mut self) {
         let ready = poll(DAEMON_READY, Duration::from_millis(20), || {
-            if let Ok(Some(st)) = d.child.try_wait() {
+            if let Ok(Some(st)) = self.child.try_wait() {
                 return Some(Err(st));
             }
-            UnixStream::connect(&d.sock).ok().map(|_| Ok(()))
+            UnixStream::connect(&self.sock).ok().map(|_| Ok(()))
         });
         match ready {
-            Some(Ok(())) => d,
+            Some(Ok(())) => {}
             Some(Err(st)) => panic!(
                 "ax daemon exited ({}) before answering on {}:\n{}",
                 describe(&st),
-                d.sock.display(),
-                d.log()
+                self.sock.display(),
+                self.log()
             ),
             None => panic!(
                 "ax daemon did not answer on {} within {DAEMON_READY:?}:\n{}",
-                d.sock.display(),
-                d.log()
+                self.sock.display(),
+                self.log()
             ),
         }
+    }
+
+    /// Kills the serving daemon with SIGKILL — no clean-up: its socket file
+    /// and state file stay behind, as after a crash — and waits until it is
+    /// gone (reaped if it is our child).
+    pub fn kill_hard(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            let _ = signal_pid(pid, Signal::KILL);
+            let gone = poll(Duration::from_secs(10), Duration::from_millis(5), || {
+                (!pid_is_alive(pid)).then_some(())
+            });
+            assert!(gone.is_some(), "adopted daemon {pid} survived SIGKILL");
+            return;
+        }
+        assert!(!self.reaped, "kill_hard: no daemon of ours is running");
+        let _ = signal_pid(self.child.id(), Signal::KILL);
+        self.child.wait().expect("wait for the killed daemon");
+        self.reaped = true;
+    }
+
+    /// Starts a new `ax daemon` on the same socket (after
+    /// [`Daemon::kill_hard`]), appending to the same log, and waits until it
+    /// answers.
+    pub fn restart(&mut self) {
+        assert!(
+            self.reaped && self.adopted.is_none(),
+            "restart: the previous daemon must be dead (kill_hard)"
+        );
+        let _ = writeln!(
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log)
+                .expect("open daemon log"),
+            "==== ax-e2e: daemon restarted on the same socket ===="
+        );
+        self.child = spawn_daemon(&self.sock, &self.log, self.dir.path(), &[]);
+        self.reaped = false;
+        self.wait_ready();
+    }
+
+    /// Waits until a daemon that is not our child (one started by an
+    /// autostarting `ax exec`, logging to the same `daemon.log`) answers on
+    /// the socket, and adopts it: [`Daemon::pid`] is then its pid, and it
+    /// is killed on drop. Returns its pid.
+    pub fn adopt_successor(&mut self, limit: Duration) -> u32 {
+        assert!(
+            self.reaped && self.adopted.is_none(),
+            "adopt_successor: the previous daemon must be dead (kill_hard)"
+        );
+        let pid = poll(limit, Duration::from_millis(10), || {
+            UnixStream::connect(&self.sock)
+                .ok()
+                .and_then(|c| peer_pid(&c))
+        });
+        let pid = pid.unwrap_or_else(|| {
+            panic!(
+                "no daemon answered on {} within {limit:?}:\n{}",
+                self.sock.display(),
+                tail(&self.log(), 8000)
+            )
+        });
+        self.adopted = Some(pid);
+        pid
+    }
+
+    /// Number of open fds of the serving daemon (`/proc/PID/fd`).
+    pub fn fd_count(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.pid());
+        fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+            .count()
+    }
+
+    /// The serving daemon's open fds and what they are (`readlink`), for
+    /// diagnosing a leak.
+    pub fn fd_links(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut v: Vec<String> = fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| {
+                        let link = fs::read_link(e.path())
+                            .map(|l| l.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        format!("{} -> {link}", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// A field of the serving daemon's `/proc/PID/status`, in kB for
+    /// memory fields (`VmRSS`, `VmHWM`) or a plain count (`Threads`).
+    pub fn status_field(&self, name: &str) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status =
+            fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {path}"))
+    }
+
+    /// Resident memory of the serving daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS")
     }
 
     /// The daemon's control socket.
@@ -710,9 +829,9 @@ impl Daemon {
         &self.sock
     }
 
-    /// The daemon's pid.
+    /// The serving daemon's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.adopted.unwrap_or_else(|| self.child.id())
     }
 
     /// The daemon's temp dir (for scratch files of the test).
@@ -727,7 +846,10 @@ impl Daemon {
 
     /// True while the daemon process runs.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match self.adopted {
+            Some(pid) => pid_is_alive(pid),
+            None => !self.reaped && matches!(self.child.try_wait(), Ok(None)),
+        }
     }
 
     /// An `ax` command aimed at this daemon (environment only; add `--socket` yourself).
@@ -825,15 +947,84 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let st = stop_group(&mut self.child, Duration::from_secs(3));
+        if std::thread::panicking() && self.is_running() {
+            note(&format!(
+                "[{}] ax daemon threads at the failure:\n{}",
+                test_name(),
+                describe_processes(&[self.pid()])
+            ));
+        }
+        let mut how = Vec::new();
+        if !self.reaped {
+            how.push(describe(&stop_group(
+                &mut self.child,
+                Duration::from_secs(3),
+            )));
+        }
+        if let Some(pid) = self.adopted {
+            stop_pid(pid, Duration::from_secs(3));
+            how.push(format!("adopted daemon {pid} stopped"));
+        }
         if std::thread::panicking() {
             note(&format!(
                 "[{}] ax daemon ({}) log:\n{}\n--- end of daemon log ---",
                 test_name(),
-                describe(&st),
+                how.join(", "),
                 tail(&self.log(), 20000)
             ));
         }
+    }
+}
+
+/// Starts `ax daemon --socket SOCK`, its output appended to `log`, in its
+/// own process group.
+fn spawn_daemon(sock: &Path, log: &Path, dir: &Path, env: &[(&str, &str)]) -> Child {
+    let logf = fs::OpenOptions::new()
+        .append(true)
+        .open(log)
+        .expect("open daemon log");
+    let mut cmd = Command::new(ax_bin());
+    cmd.arg("daemon")
+        .arg("--socket")
+        .arg(sock)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+        )
+        .env("XDG_RUNTIME_DIR", dir)
+        .env("AX_SOCKET", sock)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("dup log fd"))
+        .stderr(logf)
+        .process_group(0);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} daemon: {e}", ax_bin().display()))
+}
+
+/// True while process `pid` exists and is not a zombie (works for processes
+/// that are not our children, without reaping anything).
+pub fn pid_is_alive(pid: u32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X"))
+}
+
+/// Stops a process that is not our child, by pid: SIGTERM, up to `grace`,
+/// then SIGKILL.
+pub fn stop_pid(pid: u32, grace: Duration) {
+    if !pid_is_alive(pid) {
+        return;
+    }
+    let _ = signal_pid(pid, Signal::TERM);
+    if poll(grace, Duration::from_millis(10), || {
+        (!pid_is_alive(pid)).then_some(())
+    })
+    .is_none()
+    {
+        let _ = signal_pid(pid, Signal::KILL);
     }
 }
 

@@ -36,11 +36,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     {
         return Outcome::Errno(libc::EINVAL);
     }
-    let flags = if has_flags {
-        call.arg(3) as u32 as i32
-    } else {
-        0
-    };
+    let flags = if has_flags { call.int_arg(3) } else { 0 };
     if flags & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) != 0 {
         return Outcome::Errno(libc::EINVAL);
     }

@@ -8,6 +8,8 @@
 //! * Effect: the VIP:port (port 0: one from the ephemeral range) is
 //!   registered, and an `AF_UNIX` listener named after it replaces the
 //!   program's socket at the same fd number. `listen` then runs natively.
+//! * A socket this broker installed is bound already: the call fails, with
+//!   the error the kernel finds first in the address, else `EINVAL`.
 
 use super::{
     classify, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket, Call,
@@ -17,7 +19,9 @@ use crate::addr::{self, Purpose};
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
 use ax_registry::{BindRequest, UnixEndpoint};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 
 pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
     run(call, target).into()
@@ -25,21 +29,36 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let fd_arg = call.arg(0);
-    let (v6, copy) = match classify(call, target, fd_arg) {
-        Ok(Sock::Inet { v6, fd }) => (v6, fd),
-        // Binding a socket we already installed: it is bound.
-        // ... unless an earlier daemon did it and died before answering.
+    let (v6, copy, swapped) = match classify(call, target, fd_arg) {
+        Ok(Sock::Inet { v6, fd }) => (v6, fd, false),
+        // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
-        Ok(Sock::Swapped { .. }) => return Ok(Outcome::Errno(libc::EINVAL)),
+        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
         Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
-    let addrlen = call.arg(2) as u32 as i32;
+    // move_addr_to_kernel: the length, then the bytes.
+    let addrlen = call.int_arg(2);
     if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
         return Ok(Outcome::Errno(libc::EINVAL));
     }
     let bytes = target.read(call.arg(1), addrlen as usize)?;
     call.check_valid()?;
+    if swapped {
+        // A socket we installed is bound (or connected): the bind fails,
+        // with the first error the kernel finds in the address.
+        let vips = call.shared.directory.app_vips(call.app);
+        let is_local = |ip: IpAddr| {
+            if ip.is_unspecified() || ip.is_loopback() || vips.contains(&ip) {
+                true
+            } else if call.shared.directory.is_virtual(ip) {
+                false
+            } else {
+                host_may_bind(&bytes, v6)
+            }
+        };
+        return Ok(Outcome::Errno(addr::bind_when_bound(&bytes, v6, is_local)));
+    }
     let Some(want) = addr::parse(&bytes, v6, Purpose::Bind) else {
         // Malformed for this family: the kernel rejects it the same way
         // whatever the bytes become.
@@ -125,4 +144,29 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             other
         }
     }
+}
+
+/// Whether the kernel lets a socket of this host bind the address in
+/// `bytes` (port cleared, so that neither a taken nor a privileged port
+/// gets in the way): it answers `EADDRNOTAVAIL` for an address that is not
+/// this host's.
+fn host_may_bind(bytes: &[u8], v6: bool) -> bool {
+    let family = if v6 {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    let Ok(probe) =
+        rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+    else {
+        return true;
+    };
+    let mut any_port = bytes.to_vec();
+    if let Some(port) = any_port.get_mut(2..4) {
+        port.fill(0);
+    }
+    !matches!(
+        ax_sys::sockaddr::bind_raw(probe.as_fd(), &any_port),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+    )
 }

@@ -1,17 +1,29 @@
 //! `connect(fd, addr, addrlen)`.
 //!
-//! * Inputs: an `AF_INET`/`AF_INET6` stream socket and an address read once
-//!   from the program's memory.
+//! * Inputs: an `AF_INET`/`AF_INET6` stream socket — one the kernel still
+//!   owns, or one this broker installed — and an address read once from
+//!   the program's memory, checked in the kernel's order: the length
+//!   (`EINVAL` outside 0..=128), the bytes (`EFAULT`), fewer than 2 bytes
+//!   (`EINVAL`), `AF_UNSPEC` (disconnect), the socket's state (`EISCONN`),
+//!   and only then the family and the rest of the address.
 //! * Decision: a virtual destination is looked up in the directory (nothing
 //!   there: `ECONNREFUSED`); any other destination is egress.
 //! * Effect, virtual: a UNIX socket named after the client's VIP:port and
 //!   the destination is connected to the service's listener and replaces
-//!   the program's socket at the same fd number; `connect` returns 0.
+//!   the program's socket at the same fd number; `connect` returns 0 — or
+//!   `EINPROGRESS` on a non-blocking socket, as TCP always does, and then
+//!   0 once more to the next `connect`, before `EISCONN`.
 //! * Effect, egress: the broker connects the program's own socket (its
 //!   copy shares the open file) with the broker's copy of the address, so
 //!   the kernel's answer — `EINPROGRESS` for a non-blocking socket
 //!   included — is exactly what the program would have had, and no other
 //!   thread can swap the address in between.
+//! * Swapped sockets: a listening one answers `EISCONN`, and so does a
+//!   connected one; `AF_UNSPEC` disconnects a connected one (a fresh,
+//!   unconnected TCP socket replaces it) and leaves a bound one as it is.
+//!   A bound socket that never listened may still connect: to a VIP
+//!   (keeping its port) or elsewhere (a fresh TCP socket connects with the
+//!   program's bytes, and replaces it unless the kernel refuses them).
 
 use super::{
     classify, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over, is_nonblocking,
@@ -23,35 +35,32 @@ use crate::serve::next_client_port;
 use crate::target::{errno_of, Errno, Target};
 use ax_registry::UnixEndpoint;
 use rustix::net::sockopt::{self, Timeout};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 /// How long a connect to a service whose backlog is full may wait.
 const FULL_BACKLOG_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a socket this broker installed stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Bound by `bind`, never listened on.
+    Bound,
+    Listening,
+    /// A client, or a connection a listener accepted.
+    Connected,
+}
 
 pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
     run(call, target).into()
 }
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
-    let fd_arg = call.arg(0);
-    let (v6, copy, rebind) = match classify(call, target, fd_arg) {
+    let (v6, copy, swapped) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Inet { v6, fd }) => (v6, fd, None),
-        Ok(Sock::Swapped { name, fd }) => {
-            let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
-            match name {
-                // Bound by us but never listened on: it may still connect.
-                SocketName::Listener { v6, .. }
-                    if !listening && super::peer_name(&fd).is_none() =>
-                {
-                    (v6, fd, Some(name))
-                }
-                // An earlier daemon installed it and died before answering.
-                SocketName::Client { .. } if call.replay => return Ok(Outcome::Value(0)),
-                _ => return Ok(Outcome::Errno(libc::EISCONN)),
-            }
-        }
+        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, Some(name)),
         Ok(Sock::Other) => {
             note_unix_connector(call, target);
             return Ok(Outcome::Continue);
@@ -59,19 +68,77 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         Err(libc::EBADF) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
-    let addrlen = call.arg(2) as u32 as i32;
+    // An earlier daemon installed it and died before answering.
+    if call.replay && matches!(swapped, Some(SocketName::Client { .. })) {
+        return Ok(Outcome::Value(0));
+    }
+    // move_addr_to_kernel: the length, then the bytes.
+    let addrlen = call.int_arg(2);
     if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
         return Ok(Outcome::Errno(libc::EINVAL));
     }
     let bytes = target.read(call.arg(1), addrlen as usize)?;
     call.check_valid()?;
-    let dst = addr::parse(&bytes, v6, Purpose::Connect);
-    let dir = &call.shared.directory;
-    match dst {
-        Some(dst) if dir.is_virtual(dst.ip()) => {
-            connect_virtual(call, target, &copy, v6, dst, rebind)
+    let Some(name) = swapped else {
+        return kernel_socket(call, target, copy, v6, bytes);
+    };
+    let state = state_of(&name, &copy);
+    // __inet_stream_connect: a short address and AF_UNSPEC are judged
+    // before the socket's state.
+    if bytes.len() < 2 {
+        return Ok(Outcome::Errno(libc::EINVAL));
+    }
+    if addr::family(&bytes) == libc::AF_UNSPEC as u16 {
+        return match state {
+            State::Connected => disconnect(call, target, &copy, v6),
+            State::Bound => Ok(Outcome::Value(0)),
+            // TCP would stop listening and keep the port; a UNIX listener
+            // cannot stop listening, and other processes may share it.
+            State::Listening => Ok(Outcome::Errno(libc::EOPNOTSUPP)),
+        };
+    }
+    match state {
+        State::Listening => Ok(Outcome::Errno(libc::EISCONN)),
+        // The connect that follows an EINPROGRESS completes it.
+        State::Connected if take_in_progress(call, &copy) => Ok(Outcome::Value(0)),
+        State::Connected => Ok(Outcome::Errno(libc::EISCONN)),
+        State::Bound => match addr::parse(&bytes, v6, Purpose::Connect) {
+            Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
+                connect_virtual(call, target, &copy, v6, dst, Some(name))
+            }
+            _ => Ok(egress_replacing(call, &copy, v6, bytes, name)),
+        },
+    }
+}
+
+fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
+    match name {
+        SocketName::Client { .. } => State::Connected,
+        SocketName::Listener { .. } => {
+            if sockopt::socket_acceptconn(fd).unwrap_or(false) {
+                State::Listening
+            } else if rustix::net::getpeername(fd).is_ok() {
+                State::Connected
+            } else {
+                State::Bound
+            }
         }
-        _ if rebind.is_some() => Ok(Outcome::Errno(libc::EINVAL)),
+    }
+}
+
+/// A socket the kernel still owns: a virtual destination is ours, anything
+/// else (including every malformed address) the kernel's.
+fn kernel_socket(
+    call: &Call<'_>,
+    target: &Target,
+    copy: OwnedFd,
+    v6: bool,
+    bytes: Vec<u8>,
+) -> Result<Outcome, Errno> {
+    match addr::parse(&bytes, v6, Purpose::Connect) {
+        Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
+            connect_virtual(call, target, &copy, v6, dst, None)
+        }
         _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
         _ => Ok(egress(call, copy, bytes)),
     }
@@ -79,11 +146,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
 
 fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     let nonblocking = is_nonblocking(&copy);
-    let attempt =
-        move || match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
-            Ok(()) => Outcome::Value(0),
-            Err(e) => Outcome::Errno(errno_of(&e)),
-        };
+    let attempt = move || match ax_sys::sockaddr::connect_raw(copy.as_fd(), &bytes) {
+        Ok(()) => Outcome::Value(0),
+        Err(e) => Outcome::Errno(errno_of(&e)),
+    };
     if nonblocking {
         attempt()
     } else {
@@ -113,7 +179,7 @@ fn note_unix_connector(call: &Call<'_>, target: &Target) {
 /// socket may be connected or connecting already.
 fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     defer(call, move |_| {
-        match ax_sys::sockaddr::connect_raw(std::os::fd::AsFd::as_fd(&copy), &bytes) {
+        match ax_sys::sockaddr::connect_raw(copy.as_fd(), &bytes) {
             Ok(()) => Outcome::Value(0),
             Err(e) if e.raw_os_error() == Some(libc::EISCONN) => Outcome::Value(0),
             Err(e)
@@ -139,6 +205,82 @@ fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
             Err(e) => Outcome::Errno(errno_of(&e)),
         }
     })
+}
+
+/// A new TCP socket of the program's family, close-on-exec for the broker.
+fn tcp_socket(v6: bool) -> Result<OwnedFd, Errno> {
+    let family = if v6 {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| e.raw_os_error())
+}
+
+/// `connect(AF_UNSPEC)` on a connected socket: TCP drops the connection and
+/// leaves an unconnected socket that may connect again. A fresh TCP socket
+/// of the program's family takes the swapped one's place; the peer sees
+/// the connection end.
+fn disconnect(
+    call: &Call<'_>,
+    target: &Target,
+    copy: &OwnedFd,
+    v6: bool,
+) -> Result<Outcome, Errno> {
+    let fresh = tcp_socket(v6)?;
+    copy_nonblock(copy, &fresh)?;
+    call.check_valid()?;
+    Ok(install_over(call, target, call.arg(0), &fresh))
+}
+
+/// A bound (swapped) socket connecting to a host address: a fresh TCP
+/// socket connects with the program's bytes, so the kernel judges them,
+/// and replaces the bound one if the kernel took them (connected, or
+/// `EINPROGRESS`). Its port was virtual: the connection gets another.
+fn egress_replacing(
+    call: &Call<'_>,
+    copy: &OwnedFd,
+    v6: bool,
+    bytes: Vec<u8>,
+    name: SocketName,
+) -> Outcome {
+    let prepared = (|| {
+        let fresh = tcp_socket(v6)?;
+        let nonblocking = copy_nonblock(copy, &fresh)?;
+        Ok((fresh, nonblocking))
+    })();
+    let (fresh, nonblocking) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Outcome::Errno(e),
+    };
+    let attempt = move |call: &Call<'_>| {
+        let answer = match ax_sys::sockaddr::connect_raw(fresh.as_fd(), &bytes) {
+            Ok(()) => Outcome::Value(0),
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                Outcome::Errno(libc::EINPROGRESS)
+            }
+            Err(e) => return Outcome::Errno(errno_of(&e)),
+        };
+        let Ok(target) = Target::open(call.notif.pid) else {
+            return Outcome::Answered;
+        };
+        if !call.still_valid() {
+            return Outcome::Answered;
+        }
+        match install_over(call, &target, call.arg(0), &fresh) {
+            Outcome::Value(_) => {
+                release_listener(call, name);
+                answer
+            }
+            other => other,
+        }
+    };
+    if nonblocking {
+        attempt(call)
+    } else {
+        defer(call, attempt)
+    }
 }
 
 fn client_vip(vips: &[IpAddr], dst: SocketAddr) -> IpAddr {
@@ -181,7 +323,7 @@ fn connect_virtual(
         Ok(ep) => ep,
         Err(e) => {
             tracing::debug!(app = call.app, %dst, reason = %e, "connect refused");
-            return Ok(Outcome::Errno(libc::ECONNREFUSED));
+            return refused(call, target, copy, v6, rebind.is_some());
         }
     };
     // A port the program bound before connecting is kept.
@@ -191,9 +333,9 @@ fn connect_virtual(
     };
     let local_ip = client_vip(&dir.app_vips(call.app), dst);
     let sock = rustix::net::socket_with(
-        rustix::net::AddressFamily::UNIX,
-        rustix::net::SocketType::STREAM,
-        rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
         None,
     )
     .map_err(|e| e.raw_os_error())?;
@@ -229,8 +371,61 @@ fn connect_virtual(
                 dir.release(&endpoint);
             }
             tracing::debug!(app = call.app, %dst, error = %e, "service listener did not accept");
-            Ok(Outcome::Errno(libc::ECONNREFUSED))
+            refused(call, target, copy, v6, rebind.is_some())
         }
+    }
+}
+
+/// Nobody serves the destination. A blocking connect fails with
+/// `ECONNREFUSED`. A non-blocking one gets `EINPROGRESS` from TCP, and the
+/// refusal later, from `poll` and `SO_ERROR`: a fresh TCP socket that
+/// connects to a loopback port nobody listens on does just that, and
+/// replaces the program's. (A socket the program bound keeps its binding,
+/// and the immediate answer.)
+fn refused(
+    call: &Call<'_>,
+    target: &Target,
+    copy: &OwnedFd,
+    v6: bool,
+    bound: bool,
+) -> Result<Outcome, Errno> {
+    if bound || !is_nonblocking(copy) {
+        return Ok(Outcome::Errno(libc::ECONNREFUSED));
+    }
+    let Ok(fresh) = refusing_connection(v6) else {
+        return Ok(Outcome::Errno(libc::ECONNREFUSED));
+    };
+    call.check_valid()?;
+    Ok(match install_over(call, target, call.arg(0), &fresh) {
+        Outcome::Value(_) => Outcome::Errno(libc::EINPROGRESS),
+        other => other,
+    })
+}
+
+/// A non-blocking TCP socket of the program's family whose connect to a
+/// closed loopback port is under way (and will be refused).
+fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
+    let errno = |e: rustix::io::Errno| e.raw_os_error();
+    // A bound, never listening socket holds a port nobody listens on.
+    let closed = tcp_socket(false)?;
+    rustix::net::bind(&closed, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(errno)?;
+    let port = rustix::net::getsockname(&closed)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .map(|a| a.port())
+        .ok_or(libc::EIO)?;
+    let fresh = tcp_socket(v6)?;
+    set_nonblock(&fresh, true)?;
+    let dst = if v6 {
+        sockopt::set_ipv6_v6only(&fresh, false).map_err(errno)?;
+        SocketAddr::from((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port))
+    } else {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    };
+    match rustix::net::connect(&fresh, &dst) {
+        Err(rustix::io::Errno::INPROGRESS) => Ok(fresh),
+        Ok(()) => Err(libc::EIO),
+        Err(e) => Err(e.raw_os_error()),
     }
 }
 
@@ -267,6 +462,9 @@ fn bind_client_name(
     Err(libc::EADDRNOTAVAIL)
 }
 
+/// Installs the connected UNIX socket over the program's. A non-blocking
+/// socket is told `EINPROGRESS`, as TCP tells it, though the connection is
+/// already made: the next `connect` then answers 0, and `SO_ERROR` 0.
 fn finish(
     call: &Call<'_>,
     target: &Target,
@@ -274,20 +472,54 @@ fn finish(
     sock: OwnedFd,
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
-    copy_nonblock(copy, &sock)?;
+    let nonblocking = copy_nonblock(copy, &sock)?;
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {
             let _ = sockopt::set_socket_timeout(&sock, which, Some(t));
         }
     }
+    if nonblocking {
+        set_in_progress(call, &sock, true);
+    }
     call.check_valid()?;
     let outcome = install_over(call, target, call.arg(0), &sock);
-    if let (Outcome::Value(_), Some(SocketName::Listener { .. })) = (outcome, rebind) {
+    if let Outcome::Value(_) = outcome {
         if let Some(name) = rebind {
-            call.shared
-                .directory
-                .release(&UnixEndpoint::Abstract(name.encode()));
+            release_listener(call, name);
+        }
+        if nonblocking {
+            return Ok(Outcome::Errno(libc::EINPROGRESS));
         }
     }
     Ok(outcome)
+}
+
+/// Withdraws the service a bound socket registered, once the socket has
+/// been replaced by a connection.
+fn release_listener(call: &Call<'_>, name: SocketName) {
+    if let SocketName::Listener { .. } = name {
+        call.shared
+            .directory
+            .release(&UnixEndpoint::Abstract(name.encode()));
+    }
+}
+
+/// Marks (or clears) a swapped client socket as told `EINPROGRESS` and not
+/// connected again since.
+fn set_in_progress(call: &Call<'_>, sock: &OwnedFd, on: bool) {
+    if let Some(key) = super::state_key(call, sock, super::STATE_CONNECT_IN_PROGRESS) {
+        call.shared.remember_option(key, vec![u8::from(on)]);
+    }
+}
+
+/// True (once) if the socket was told `EINPROGRESS` and not connected again.
+fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
+    let Some(key) = super::state_key(call, sock, super::STATE_CONNECT_IN_PROGRESS) else {
+        return false;
+    };
+    if call.shared.recall_option(key) != Some(vec![1]) {
+        return false;
+    }
+    set_in_progress(call, sock, false);
+    true
 }

@@ -61,6 +61,11 @@ impl Call<'_> {
         self.notif.args[i]
     }
 
+    /// Argument `i` of C type `int`: the kernel reads its low 32 bits only.
+    pub(crate) fn int_arg(&self, i: usize) -> i32 {
+        self.notif.args[i] as u32 as i32
+    }
+
     /// True while the target still waits for this answer.
     pub(crate) fn still_valid(&self) -> bool {
         self.listener.id_valid(self.notif.id)
@@ -169,6 +174,28 @@ fn parse_unix(addr: rustix::net::SocketAddrAny) -> Option<SocketName> {
     SocketName::parse(unix.abstract_name()?)
 }
 
+/// The inode of a socket: the key of what the broker remembers about it,
+/// shared by every `dup` and `fork` of it.
+pub(crate) fn inode(fd: &OwnedFd) -> Option<u64> {
+    rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
+}
+
+/// State of a swapped socket that its name cannot carry is kept with its
+/// remembered options, under a level no trapped call can name (the filter
+/// traps the TCP, IP, IPv6 and socket levels only).
+const STATE_LEVEL: i32 = -1;
+/// "Told `EINPROGRESS`, not connected again since": `[1]`, else `[0]`.
+pub(crate) const STATE_CONNECT_IN_PROGRESS: i32 = 1;
+
+/// The key under which `what` is kept for the socket `fd`.
+pub(crate) fn state_key(
+    call: &Call<'_>,
+    fd: &OwnedFd,
+    what: i32,
+) -> Option<(AppId, u64, i32, i32)> {
+    Some((call.app, inode(fd)?, STATE_LEVEL, what))
+}
+
 /// The ax name a UNIX socket is bound to, if any.
 pub(crate) fn own_name(fd: &OwnedFd) -> Option<SocketName> {
     parse_unix(rustix::net::getsockname(fd).ok()?)
@@ -255,7 +282,7 @@ pub(crate) fn install_over(
     match call.listener.add_fd(
         call.notif.id,
         new.as_fd(),
-        Some(fd_arg as i32),
+        Some(crate::target::fd_number(fd_arg)),
         cloexec,
         false,
     ) {
@@ -268,24 +295,27 @@ pub(crate) fn install_over(
     }
 }
 
-/// Writes a socket address to the target as `move_addr_to_user` does:
-/// reads the buffer length at `len_ptr`, copies at most that much of
-/// `bytes` to `addr_ptr`, and stores the full length back.
+/// Writes a socket address to the target as `move_addr_to_user` does, in
+/// its order: reads the buffer length at `len_ptr`; unless it is negative,
+/// stores the full length back *first*; then copies at most that many
+/// bytes of `bytes` to `addr_ptr` (nothing, and no access, for length 0).
+/// A negative length is `EINVAL`, any unreachable byte `EFAULT`.
 pub(crate) fn write_sockaddr(
     target: &Target,
     addr_ptr: u64,
     len_ptr: u64,
     bytes: &[u8],
 ) -> Result<(), Errno> {
-    let len = target.read_int(len_ptr)?;
-    if len < 0 {
-        return Err(libc::EINVAL);
+    let full = bytes.len() as i32;
+    let len = target.read_int(len_ptr)?.min(full);
+    if len >= 0 {
+        target.write(len_ptr, &full.to_ne_bytes())?;
     }
-    let n = (len as usize).min(bytes.len());
-    if n > 0 {
-        target.write(addr_ptr, &bytes[..n])?;
+    match usize::try_from(len) {
+        Err(_) => Err(libc::EINVAL),
+        Ok(0) => Ok(()),
+        Ok(n) => target.write(addr_ptr, &bytes[..n]),
     }
-    target.write(len_ptr, &(bytes.len() as i32).to_ne_bytes())
 }
 
 /// Finishes a call on a helper thread, for work that may block.

@@ -96,7 +96,11 @@ impl LocalRegistry {
                 return Ok(());
             }
             return Err(RegisterError::IpInUse {
-                ip: info.vips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                ip: info
+                    .vips
+                    .first()
+                    .copied()
+                    .unwrap_or(IpAddr::from([0, 0, 0, 0])),
                 owner: info.id,
             });
         }

@@ -1,0 +1,941 @@
+/*
+ * hostile: socket calls with hostile arguments, made as raw system calls.
+ *
+ *   hostile SERVER_IP PORT SELF_IP SELF_PORT SELF6_PORT CLOSED_PORT EGRESS_IP EGRESS_PORT
+ *
+ * SERVER_IP:PORT is a TCP server that accepts and holds connections.
+ * The program listens itself on 0.0.0.0:SELF_PORT and [::]:SELF6_PORT and
+ * reaches those listeners at SELF_IP. Nothing listens on
+ * SERVER_IP:CLOSED_PORT. EGRESS_IP:EGRESS_PORT is a server on a host
+ * address (natively the same as the server).
+ *
+ * Run natively (everything on 127.0.0.1) and under `ax exec` (servers on
+ * VIPs, egress on 127.0.0.1), the output must be the same, line for line:
+ *
+ *   case_name return_value errno_name [detail]
+ *
+ * `-` stands for "no errno" (the call succeeded). Details describe what
+ * the call wrote (lengths, families, whether bytes past the truncation
+ * were left alone), never values that differ between the runs (such as
+ * ephemeral ports or the addresses themselves: `ip=ok` says the address
+ * is the one expected).
+ *
+ * Every call that matters goes through syscall(2), so that no libc wrapper
+ * checks or truncates an argument first. The sequence of calls is fixed,
+ * so that file descriptor numbers come out the same in both runs.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Upper bits the kernel ignores in an `int` argument. */
+#define HIGH (1L << 32)
+#define SENTINEL 0xee
+
+static struct in_addr server_ip, self_ip, egress_ip;
+static int port, self_port, self6_port, closed_port, egress_port;
+static long page;
+
+static const char *errname(int e)
+{
+    static char buf[16];
+    switch (e) {
+#define E(x) case x: return #x;
+    E(EPERM) E(ENOENT) E(EINTR) E(EBADF) E(EAGAIN) E(ENOMEM) E(EACCES)
+    E(EFAULT) E(EBUSY) E(EEXIST) E(EINVAL) E(ENFILE) E(EMFILE) E(ENOSPC)
+    E(EPIPE) E(ENOSYS) E(ENOTSOCK) E(EDESTADDRREQ) E(EMSGSIZE)
+    E(EPROTOTYPE) E(ENOPROTOOPT) E(EPROTONOSUPPORT) E(EOPNOTSUPP)
+    E(EAFNOSUPPORT) E(EADDRINUSE) E(EADDRNOTAVAIL) E(ENETDOWN)
+    E(ENETUNREACH) E(ECONNABORTED) E(ECONNRESET) E(ENOBUFS) E(EISCONN)
+    E(ENOTCONN) E(ETIMEDOUT) E(ECONNREFUSED) E(EHOSTUNREACH) E(EALREADY)
+    E(EINPROGRESS)
+#undef E
+    }
+    snprintf(buf, sizeof buf, "E%d", e);
+    return buf;
+}
+
+/* One result line. */
+static void report(const char *name, long ret, int err, const char *fmt, ...)
+{
+    char detail[256] = "";
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(detail, sizeof detail, fmt, ap);
+        va_end(ap);
+    }
+    printf("%s %ld %s%s%s\n", name, ret, ret < 0 ? errname(err) : "-",
+           detail[0] ? " " : "", detail);
+    fflush(stdout);
+}
+
+static void die(const char *what)
+{
+    fprintf(stderr, "hostile: setup failed: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+/* A raw system call and its errno (0 on success). */
+#define SYS(err, ...) (errno = 0, sys_ret = syscall(__VA_ARGS__), (err) = errno, sys_ret)
+static long sys_ret;
+
+#define CASE(name, ...)                                                   \
+    do {                                                                  \
+        int e_;                                                           \
+        long r_ = SYS(e_, __VA_ARGS__);                                   \
+        report(name, r_, e_, NULL);                                       \
+    } while (0)
+
+/* ---------------------------------------------------------------- memory */
+
+static char *unmapped;  /* PROT_NONE */
+static char *gone;      /* munmap'ed */
+static char *ro;        /* read-only, holds a server address and ints */
+static char *edge;      /* last 16 bytes before a PROT_NONE page */
+
+static struct sockaddr_in sin_of(struct in_addr ip, int p)
+{
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(p);
+    a.sin_addr = ip;
+    return a;
+}
+
+static struct sockaddr_in6 mapped_of(struct in_addr ip, int p)
+{
+    struct sockaddr_in6 a;
+    memset(&a, 0, sizeof a);
+    a.sin6_family = AF_INET6;
+    a.sin6_port = htons(p);
+    a.sin6_addr.s6_addr[10] = 0xff;
+    a.sin6_addr.s6_addr[11] = 0xff;
+    memcpy(&a.sin6_addr.s6_addr[12], &ip, 4);
+    return a;
+}
+
+static void setup_memory(void)
+{
+    page = sysconf(_SC_PAGESIZE);
+    unmapped = mmap(NULL, page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    gone = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ro = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *two = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (unmapped == MAP_FAILED || gone == MAP_FAILED || ro == MAP_FAILED || two == MAP_FAILED)
+        die("mmap");
+    if (munmap(gone, page))
+        die("munmap");
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    memset(ro, SENTINEL, page);
+    memcpy(ro, &srv, sizeof srv);
+    int sixteen = 16;
+    memcpy(ro + 64, &sixteen, sizeof sixteen);
+    if (mprotect(ro, page, PROT_READ))
+        die("mprotect ro");
+    edge = two + page - sizeof srv;
+    memcpy(edge, &srv, sizeof srv);
+    if (mprotect(two + page, page, PROT_NONE))
+        die("mprotect edge");
+}
+
+#define RO_ADDR ((long)ro)        /* a valid sockaddr_in of the server */
+#define RO_INT16 ((long)ro + 64)  /* an int 16 nobody can write */
+
+/* ---------------------------------------------------------------- sockets */
+
+static int tcp(int family)
+{
+    int fd = socket(family, SOCK_STREAM, 0);
+    if (fd < 0)
+        die("socket");
+    return fd;
+}
+
+/* A socket connected to ip:p (raw call, so that ax sees it too). */
+static int connected_to(struct in_addr ip, int p)
+{
+    int fd = tcp(AF_INET);
+    struct sockaddr_in a = sin_of(ip, p);
+    if (syscall(SYS_connect, fd, &a, sizeof a))
+        die("connect");
+    return fd;
+}
+
+static int listener(int family, int p)
+{
+    int fd = tcp(family);
+    long r;
+    if (family == AF_INET) {
+        struct sockaddr_in a = sin_of((struct in_addr){htonl(INADDR_ANY)}, p);
+        r = syscall(SYS_bind, fd, &a, sizeof a);
+    } else {
+        struct sockaddr_in6 a;
+        memset(&a, 0, sizeof a);
+        a.sin6_family = AF_INET6;
+        a.sin6_port = htons(p);
+        r = syscall(SYS_bind, fd, &a, sizeof a);
+    }
+    if (r)
+        die("bind listener");
+    if (listen(fd, 64))
+        die("listen");
+    return fd;
+}
+
+/* What a call wrote into a buffer that was all SENTINEL. */
+static const char *describe_addr(const unsigned char *buf, size_t size, int len,
+                                 struct in_addr want_ip, int want_port)
+{
+    static char out[128];
+    size_t tail = 0;
+    while (tail < size && buf[size - 1 - tail] == SENTINEL)
+        tail++;
+    int fam = -1;
+    if (buf[0] != SENTINEL || buf[1] != SENTINEL)
+        fam = *(const unsigned short *)buf;
+    char portdesc[24] = "?";
+    char ipdesc[16] = "?";
+    if (tail <= size - 4) {
+        int p = ntohs(*(const unsigned short *)(buf + 2));
+        if (want_port >= 0)
+            snprintf(portdesc, sizeof portdesc, "%s", p == want_port ? "ok" : "WRONG");
+        else
+            snprintf(portdesc, sizeof portdesc, "%s", p ? "nonzero" : "0");
+    }
+    struct in_addr ip = {0};
+    int have_ip = 0;
+    if (fam == AF_INET && tail <= size - 8) {
+        memcpy(&ip, buf + 4, 4);
+        have_ip = 1;
+    } else if (fam == AF_INET6 && tail <= size - 24) {
+        static const unsigned char prefix[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        static const unsigned char any[16] = {0};
+        if (!memcmp(buf + 8, prefix, 12)) {
+            memcpy(&ip, buf + 20, 4);
+            have_ip = 1;
+        } else if (!memcmp(buf + 8, any, 16)) {
+            have_ip = 1;
+        } else {
+            snprintf(ipdesc, sizeof ipdesc, "v6");
+        }
+    }
+    if (have_ip) {
+        if (ip.s_addr == htonl(INADDR_ANY))
+            snprintf(ipdesc, sizeof ipdesc, "any");
+        else
+            snprintf(ipdesc, sizeof ipdesc, "%s", ip.s_addr == want_ip.s_addr ? "ok" : "WRONG");
+    }
+    snprintf(out, sizeof out, "len=%d fam=%d port=%s ip=%s untouched=%zu", len, fam,
+             portdesc, ipdesc, tail);
+    return out;
+}
+
+/*
+ * getsockname/getpeername/accept-style call with a 32-byte SENTINEL buffer
+ * whose length word starts at `len`; reports what was written.
+ */
+static long addr_call(const char *name, long nr, long fd, int len, struct in_addr want_ip,
+                      int want_port, long flags)
+{
+    unsigned char buf[32];
+    memset(buf, SENTINEL, sizeof buf);
+    int n = len;
+    int e;
+    long r = SYS(e, nr, fd, buf, &n, flags);
+    report(name, r, e, "%s", describe_addr(buf, sizeof buf, n, want_ip, want_port));
+    return r;
+}
+
+/* ---------------------------------------------------------------- cases */
+
+static void connect_cases(void)
+{
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    struct sockaddr_in closed = sin_of(server_ip, closed_port);
+    struct sockaddr_in egress = sin_of(egress_ip, egress_port);
+    struct sockaddr_storage big;
+    memset(&big, 0, sizeof big);
+    memcpy(&big, &srv, sizeof srv);
+    int fd;
+
+#define FRESH(name, ...)                                                  \
+    do {                                                                  \
+        fd = tcp(AF_INET);                                                \
+        CASE(name, __VA_ARGS__);                                          \
+        close(fd);                                                        \
+    } while (0)
+
+    FRESH("connect_null_addr", SYS_connect, fd, NULL, 16);
+    FRESH("connect_null_addr_len0", SYS_connect, fd, NULL, 0);
+    FRESH("connect_unmapped_addr", SYS_connect, fd, unmapped, 16);
+    FRESH("connect_munmapped_addr", SYS_connect, fd, gone, 16);
+    FRESH("connect_kernel_addr", SYS_connect, fd, 0xffff880000000000UL, 16);
+    FRESH("connect_addrlen_0", SYS_connect, fd, &srv, 0);
+    FRESH("connect_addrlen_1", SYS_connect, fd, &srv, 1);
+    FRESH("connect_addrlen_2", SYS_connect, fd, &srv, 2);
+    FRESH("connect_addrlen_15", SYS_connect, fd, &srv, 15);
+    FRESH("connect_addrlen_16", SYS_connect, fd, &big, 16);
+    FRESH("connect_addrlen_17", SYS_connect, fd, &big, 17);
+    FRESH("connect_addrlen_128", SYS_connect, fd, &big, 128);
+    FRESH("connect_addrlen_129", SYS_connect, fd, &big, 129);
+    FRESH("connect_addrlen_neg1", SYS_connect, fd, &big, -1);
+    FRESH("connect_addrlen_intmin", SYS_connect, fd, &big, (long)INT32_MIN);
+    FRESH("connect_addrlen_high_bits", SYS_connect, fd, &big, HIGH | 16);
+    FRESH("connect_addr_readonly", SYS_connect, fd, RO_ADDR, 16);
+    FRESH("connect_addr_page_edge_16", SYS_connect, fd, edge, 16);
+    FRESH("connect_addr_page_edge_17", SYS_connect, fd, edge, 17);
+    FRESH("connect_fd_high_bits", SYS_connect, HIGH | fd, &srv, 16);
+    FRESH("connect_fd_neg1", SYS_connect, -1, &srv, 16);
+
+    struct sockaddr_in unspec = srv;
+    unspec.sin_family = AF_UNSPEC;
+    FRESH("connect_unspec_fresh", SYS_connect, fd, &unspec, sizeof unspec);
+    FRESH("connect_unspec_len2_fresh", SYS_connect, fd, &unspec, 2);
+    struct sockaddr_in fam99 = srv;
+    fam99.sin_family = 99;
+    FRESH("connect_family_99", SYS_connect, fd, &fam99, sizeof fam99);
+    struct sockaddr_in6 mapped = mapped_of(server_ip, port);
+    FRESH("connect_inet6_addr_on_inet", SYS_connect, fd, &mapped, sizeof mapped);
+    FRESH("connect_inet6_addr_on_inet_len16", SYS_connect, fd, &mapped, 16);
+
+    FRESH("connect_closed_port", SYS_connect, fd, &closed, sizeof closed);
+    FRESH("connect_egress", SYS_connect, fd, &egress, sizeof egress);
+
+    /* Non-blocking: TCP always answers EINPROGRESS, then EISCONN. */
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("connect_nonblocking", SYS_connect, fd, &srv, sizeof srv);
+    struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+    poll(&pfd, 1, 5000);
+    int soerr = -1;
+    socklen_t sl = sizeof soerr;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+    report("connect_nonblocking_so_error", soerr, 0, NULL);
+    CASE("connect_nonblocking_again", SYS_connect, fd, &srv, sizeof srv);
+    CASE("connect_nonblocking_third", SYS_connect, fd, &srv, sizeof srv);
+    close(fd);
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("connect_nonblocking_closed_port", SYS_connect, fd, &closed, sizeof closed);
+    pfd.fd = fd;
+    pfd.events = POLLOUT;
+    poll(&pfd, 1, 5000);
+    soerr = -1;
+    sl = sizeof soerr;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+    report("connect_nonblocking_closed_port_so_error", -soerr, soerr, NULL);
+    close(fd);
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("connect_nonblocking_egress", SYS_connect, fd, &egress, sizeof egress);
+    pfd.fd = fd;
+    poll(&pfd, 1, 5000);
+    CASE("connect_nonblocking_egress_again", SYS_connect, fd, &egress, sizeof egress);
+    close(fd);
+
+    /* AF_INET6 sockets. */
+#define FRESH6(name, ...)                                                 \
+    do {                                                                  \
+        fd = tcp(AF_INET6);                                               \
+        CASE(name, __VA_ARGS__);                                          \
+        close(fd);                                                        \
+    } while (0)
+    struct sockaddr_in6 mbig[5];
+    memset(mbig, 0, sizeof mbig);
+    memcpy(mbig, &mapped, sizeof mapped);
+    FRESH6("connect6_mapped", SYS_connect, fd, &mapped, sizeof mapped);
+    FRESH6("connect6_mapped_len24", SYS_connect, fd, &mapped, 24);
+    FRESH6("connect6_mapped_len23", SYS_connect, fd, &mapped, 23);
+    FRESH6("connect6_mapped_len128", SYS_connect, fd, mbig, 128);
+    FRESH6("connect6_inet_addr_len16", SYS_connect, fd, &big, 16);
+    FRESH6("connect6_inet_addr_len28", SYS_connect, fd, &big, 28);
+    FRESH6("connect6_null_addr", SYS_connect, fd, NULL, 28);
+    FRESH6("connect6_unspec", SYS_connect, fd, &unspec, sizeof unspec);
+    struct sockaddr_in6 scoped = mapped;
+    scoped.sin6_scope_id = 1;
+    FRESH6("connect6_mapped_scope1", SYS_connect, fd, &scoped, sizeof scoped);
+
+    /* An already connected socket: the kernel still reads and checks the
+     * address first; AF_UNSPEC disconnects. */
+    fd = connected_to(server_ip, port);
+    CASE("connect_connected_same", SYS_connect, fd, &srv, sizeof srv);
+    CASE("connect_connected_null", SYS_connect, fd, NULL, 16);
+    CASE("connect_connected_len0", SYS_connect, fd, &srv, 0);
+    CASE("connect_connected_len1", SYS_connect, fd, &srv, 1);
+    CASE("connect_connected_len15", SYS_connect, fd, &srv, 15);
+    CASE("connect_connected_len129", SYS_connect, fd, &big, 129);
+    CASE("connect_connected_family99", SYS_connect, fd, &fam99, sizeof fam99);
+    CASE("connect_connected_inet6_addr", SYS_connect, fd, &mapped, sizeof mapped);
+    CASE("connect_connected_closed_port", SYS_connect, fd, &closed, sizeof closed);
+    CASE("connect_connected_unspec", SYS_connect, fd, &unspec, sizeof unspec);
+    addr_call("getpeername_after_unspec", SYS_getpeername, fd, 16, server_ip, port, 0);
+    CASE("connect_after_unspec", SYS_connect, fd, &srv, sizeof srv);
+    addr_call("getpeername_after_reconnect", SYS_getpeername, fd, 16, server_ip, port, 0);
+    CASE("connect_connected_unspec_len2", SYS_connect, fd, &unspec, 2);
+    CASE("connect_after_unspec_len2", SYS_connect, fd, &srv, sizeof srv);
+    close(fd);
+
+    /* A socket bound to a wildcard address, not listening: it may connect. */
+    struct sockaddr_in any0 = sin_of((struct in_addr){htonl(INADDR_ANY)}, 0);
+#define BOUND(name, ...)                                                  \
+    do {                                                                  \
+        fd = tcp(AF_INET);                                                \
+        if (syscall(SYS_bind, fd, &any0, sizeof any0))                    \
+            die("bind any:0");                                            \
+        CASE(name, __VA_ARGS__);                                          \
+        close(fd);                                                        \
+    } while (0)
+    BOUND("connect_bound", SYS_connect, fd, &srv, sizeof srv);
+    BOUND("connect_bound_egress", SYS_connect, fd, &egress, sizeof egress);
+    BOUND("connect_bound_closed_port", SYS_connect, fd, &closed, sizeof closed);
+    BOUND("connect_bound_null", SYS_connect, fd, NULL, 16);
+    BOUND("connect_bound_len1", SYS_connect, fd, &srv, 1);
+    BOUND("connect_bound_len15", SYS_connect, fd, &srv, 15);
+    BOUND("connect_bound_family99", SYS_connect, fd, &fam99, sizeof fam99);
+    BOUND("connect_bound_inet6_addr", SYS_connect, fd, &mapped, sizeof mapped);
+    fd = tcp(AF_INET);
+    if (syscall(SYS_bind, fd, &any0, sizeof any0))
+        die("bind any:0");
+    CASE("connect_bound_unspec", SYS_connect, fd, &unspec, sizeof unspec);
+    addr_call("getsockname_bound_after_unspec", SYS_getsockname, fd, 16, self_ip, -1, 0);
+    CASE("connect_bound_after_unspec", SYS_connect, fd, &srv, sizeof srv);
+    close(fd);
+}
+
+static void listening_cases(int l)
+{
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    struct sockaddr_in fam99 = srv;
+    fam99.sin_family = 99;
+    CASE("connect_listening", SYS_connect, l, &srv, sizeof srv);
+    CASE("connect_listening_null", SYS_connect, l, NULL, 16);
+    CASE("connect_listening_len1", SYS_connect, l, &srv, 1);
+    CASE("connect_listening_len129", SYS_connect, l, &srv, 129);
+    CASE("connect_listening_family99", SYS_connect, l, &fam99, sizeof fam99);
+    /* (AF_UNSPEC on a listener stops it listening: not tried here, the
+     * listener is needed below; see the test's comment.) */
+}
+
+static void bind_cases(int l)
+{
+    struct sockaddr_in any0 = sin_of((struct in_addr){htonl(INADDR_ANY)}, 0);
+    struct sockaddr_storage big;
+    memset(&big, 0, sizeof big);
+    memcpy(&big, &any0, sizeof any0);
+    int fd;
+
+    FRESH("bind_null_addr", SYS_bind, fd, NULL, 16);
+    FRESH("bind_null_addr_len0", SYS_bind, fd, NULL, 0);
+    FRESH("bind_unmapped_addr", SYS_bind, fd, unmapped, 16);
+    FRESH("bind_munmapped_addr", SYS_bind, fd, gone, 16);
+    FRESH("bind_addrlen_0", SYS_bind, fd, &any0, 0);
+    FRESH("bind_addrlen_1", SYS_bind, fd, &any0, 1);
+    FRESH("bind_addrlen_15", SYS_bind, fd, &any0, 15);
+    FRESH("bind_addrlen_17", SYS_bind, fd, &big, 17);
+    FRESH("bind_addrlen_128", SYS_bind, fd, &big, 128);
+    FRESH("bind_addrlen_129", SYS_bind, fd, &big, 129);
+    FRESH("bind_addrlen_neg1", SYS_bind, fd, &big, -1);
+    FRESH("bind_addrlen_high_bits", SYS_bind, fd, &big, HIGH | 16);
+    fd = tcp(AF_INET);
+    CASE("bind_fd_high_bits", SYS_bind, HIGH | fd, &any0, 16);
+    {
+        struct sockaddr_in got;
+        socklen_t gl = sizeof got;
+        /* Where it got bound, and whether a client reaches it there. */
+        if (listen(fd, 4) || syscall(SYS_getsockname, fd, &got, &gl))
+            die("listen/getsockname after bind_fd_high_bits");
+        struct sockaddr_in there = sin_of(self_ip, ntohs(got.sin_port));
+        int c = tcp(AF_INET);
+        CASE("connect_to_bind_fd_high_bits", SYS_connect, c, &there, sizeof there);
+        close(c);
+    }
+    close(fd);
+    struct sockaddr_in a = any0;
+    a.sin_family = 99;
+    FRESH("bind_family_99", SYS_bind, fd, &a, sizeof a);
+    a.sin_family = AF_UNSPEC;
+    FRESH("bind_unspec_any", SYS_bind, fd, &a, sizeof a);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    FRESH("bind_unspec_loopback", SYS_bind, fd, &a, sizeof a);
+    struct sockaddr_in6 any6;
+    memset(&any6, 0, sizeof any6);
+    any6.sin6_family = AF_INET6;
+    FRESH("bind_inet6_addr_on_inet", SYS_bind, fd, &any6, sizeof any6);
+    FRESH6("bind6_inet_addr_len16", SYS_bind, fd, &big, 16);
+    FRESH6("bind6_inet_addr_len28", SYS_bind, fd, &big, 28);
+    FRESH6("bind6_addrlen_23", SYS_bind, fd, &any6, 23);
+    struct sockaddr_in test_net = sin_of((struct in_addr){htonl(0xc0000201)}, 0);
+    FRESH("bind_foreign_address", SYS_bind, fd, &test_net, sizeof test_net);
+    struct sockaddr_in taken = sin_of((struct in_addr){htonl(INADDR_ANY)}, self_port);
+    FRESH("bind_port_in_use", SYS_bind, fd, &taken, sizeof taken);
+    struct sockaddr_in6 taken6 = any6;
+    taken6.sin6_port = htons(self_port);
+    FRESH6("bind6_port_in_use_by_inet", SYS_bind, fd, &taken6, sizeof taken6);
+
+    /* A bound socket: every further bind is refused, after the address is
+     * read and checked. */
+#define BOUND_BIND(name, ...)                                             \
+    do {                                                                  \
+        fd = tcp(AF_INET);                                                \
+        if (syscall(SYS_bind, fd, &any0, sizeof any0))                    \
+            die("bind any:0");                                            \
+        CASE(name, __VA_ARGS__);                                          \
+        close(fd);                                                        \
+    } while (0)
+    BOUND_BIND("bind_twice", SYS_bind, fd, &any0, sizeof any0);
+    BOUND_BIND("bind_twice_null", SYS_bind, fd, NULL, 16);
+    BOUND_BIND("bind_twice_len8", SYS_bind, fd, &any0, 8);
+    BOUND_BIND("bind_twice_len129", SYS_bind, fd, &big, 129);
+    a = any0;
+    a.sin_family = 99;
+    BOUND_BIND("bind_twice_family99", SYS_bind, fd, &a, sizeof a);
+    BOUND_BIND("bind_twice_inet6_addr", SYS_bind, fd, &any6, sizeof any6);
+    BOUND_BIND("bind_twice_foreign_address", SYS_bind, fd, &test_net, sizeof test_net);
+
+    CASE("bind_listening", SYS_bind, l, &any0, sizeof any0);
+    CASE("bind_listening_null", SYS_bind, l, NULL, 16);
+    fd = connected_to(server_ip, port);
+    CASE("bind_connected", SYS_bind, fd, &any0, sizeof any0);
+    CASE("bind_connected_null", SYS_bind, fd, NULL, 16);
+    CASE("bind_connected_family99", SYS_bind, fd, &a, sizeof a);
+    close(fd);
+}
+
+/* A client connection waiting in the listener's queue. */
+static int pending[64];
+static int npending;
+
+static void pend(int p)
+{
+    if (npending == 64)
+        die("too many pending clients");
+    pending[npending++] = connected_to(self_ip, p);
+}
+
+static void close_pending(void)
+{
+    while (npending > 0)
+        close(pending[--npending]);
+}
+
+static void accepted(long r)
+{
+    if (r >= 0)
+        close((int)r);
+}
+
+static void accept_cases(int l, int l6)
+{
+    unsigned char buf[32];
+    int n, e;
+    long r;
+
+    pend(self_port);
+    r = SYS(e, SYS_accept, l, NULL, NULL);
+    report("accept_null_addr_null_len", r, e, NULL);
+    accepted(r);
+
+    pend(self_port);
+    n = 0x7eadbeef;
+    r = SYS(e, SYS_accept, l, NULL, &n);
+    report("accept_null_addr_garbage_len", r, e, "len=%d", n);
+    accepted(r);
+
+    pend(self_port);
+    accepted(addr_call("accept_len16", SYS_accept, l, 16, self_ip, -1, 0));
+    pend(self_port);
+    accepted(addr_call("accept_len4", SYS_accept, l, 4, self_ip, -1, 0));
+    pend(self_port);
+    accepted(addr_call("accept_len1", SYS_accept, l, 1, self_ip, -1, 0));
+    pend(self_port);
+    accepted(addr_call("accept_len0", SYS_accept, l, 0, self_ip, -1, 0));
+    pend(self_port);
+    accepted(addr_call("accept_len32", SYS_accept, l, 32, self_ip, -1, 0));
+    pend(self_port);
+    accepted(addr_call("accept_len_neg1", SYS_accept, l, -1, self_ip, -1, 0));
+
+    pend(self_port);
+    memset(buf, SENTINEL, sizeof buf);
+    r = SYS(e, SYS_accept, l, buf, NULL);
+    report("accept_null_len", r, e, "%s", describe_addr(buf, sizeof buf, -1, self_ip, -1));
+    accepted(r);
+
+    pend(self_port);
+    memset(buf, SENTINEL, sizeof buf);
+    r = SYS(e, SYS_accept, l, buf, unmapped);
+    report("accept_unmapped_len", r, e, "%s", describe_addr(buf, sizeof buf, -1, self_ip, -1));
+    accepted(r);
+
+    pend(self_port);
+    memset(buf, SENTINEL, sizeof buf);
+    r = SYS(e, SYS_accept, l, buf, RO_INT16);
+    report("accept_readonly_len", r, e, "%s",
+           describe_addr(buf, sizeof buf, *(int *)RO_INT16, self_ip, -1));
+    accepted(r);
+
+    pend(self_port);
+    n = 32;
+    r = SYS(e, SYS_accept, l, ro + 128, &n);
+    report("accept_readonly_addr", r, e, "len=%d", n);
+    accepted(r);
+
+    pend(self_port);
+    n = 32;
+    r = SYS(e, SYS_accept, l, unmapped, &n);
+    report("accept_unmapped_addr", r, e, "len=%d", n);
+    accepted(r);
+
+    pend(self_port);
+    n = 0;
+    r = SYS(e, SYS_accept, l, unmapped, &n);
+    report("accept_unmapped_addr_len0", r, e, "len=%d", n);
+    accepted(r);
+
+    /* accept4: flags are checked before anything else happens. */
+    pend(self_port);
+    r = SYS(e, SYS_accept4, l, NULL, NULL, 0x40);
+    report("accept4_bad_flags", r, e, NULL);
+    accepted(r);
+    r = SYS(e, SYS_accept4, l, NULL, NULL, -1L);
+    report("accept4_all_flags", r, e, NULL);
+    accepted(r);
+    r = SYS(e, SYS_accept4, l, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    report("accept4_nonblock_cloexec", r, e, "nonblock=%d cloexec=%d",
+           r >= 0 ? !!(fcntl((int)r, F_GETFL) & O_NONBLOCK) : -1,
+           r >= 0 ? !!(fcntl((int)r, F_GETFD) & FD_CLOEXEC) : -1);
+    accepted(r);
+    pend(self_port);
+    r = SYS(e, SYS_accept4, l, NULL, NULL, HIGH);
+    report("accept4_flags_high_bits", r, e, "nonblock=%d cloexec=%d",
+           r >= 0 ? !!(fcntl((int)r, F_GETFL) & O_NONBLOCK) : -1,
+           r >= 0 ? !!(fcntl((int)r, F_GETFD) & FD_CLOEXEC) : -1);
+    accepted(r);
+    pend(self_port);
+    accepted(addr_call("accept_fd_high_bits", SYS_accept, HIGH | l, 16, self_ip, -1, 0));
+
+    /* Nothing waiting on a non-blocking listener. */
+    int fl = fcntl(l, F_GETFL);
+    fcntl(l, F_SETFL, fl | O_NONBLOCK);
+    CASE("accept_nonblocking_empty", SYS_accept, l, NULL, NULL);
+    CASE("accept4_nonblocking_empty_bad_flags", SYS_accept4, l, NULL, NULL, 0x40);
+    fcntl(l, F_SETFL, fl);
+
+    /* Not a listener. */
+    int fd = tcp(AF_INET);
+    CASE("accept_fresh_socket", SYS_accept, fd, NULL, NULL);
+    close(fd);
+    struct sockaddr_in any0 = sin_of((struct in_addr){htonl(INADDR_ANY)}, 0);
+    fd = tcp(AF_INET);
+    if (syscall(SYS_bind, fd, &any0, sizeof any0))
+        die("bind any:0");
+    CASE("accept_bound_not_listening", SYS_accept, fd, NULL, NULL);
+    CASE("accept4_bound_not_listening_bad_flags", SYS_accept4, fd, NULL, NULL, 0x40);
+    close(fd);
+    fd = connected_to(server_ip, port);
+    CASE("accept_connected", SYS_accept, fd, NULL, NULL);
+    close(fd);
+
+    /* A dual-stack listener answers AF_INET6 (v4-mapped) addresses. */
+    pend(self6_port);
+    accepted(addr_call("accept6_len28", SYS_accept, l6, 28, self_ip, -1, 0));
+    pend(self6_port);
+    accepted(addr_call("accept6_len16", SYS_accept, l6, 16, self_ip, -1, 0));
+    pend(self6_port);
+    accepted(addr_call("accept6_len32", SYS_accept, l6, 32, self_ip, -1, 0));
+
+    close_pending();
+}
+
+static void name_cases(int l, int l6)
+{
+    struct in_addr any = {htonl(INADDR_ANY)};
+    unsigned char buf[32];
+    int n, e;
+    long r;
+
+    int fd = tcp(AF_INET);
+    addr_call("getsockname_fresh", SYS_getsockname, fd, 16, any, 0, 0);
+    addr_call("getpeername_fresh", SYS_getpeername, fd, 16, any, 0, 0);
+    CASE("getpeername_fresh_null", SYS_getpeername, fd, NULL, NULL);
+    close(fd);
+
+    addr_call("getsockname_listener", SYS_getsockname, l, 16, any, self_port, 0);
+    addr_call("getsockname_listener_len4", SYS_getsockname, l, 4, any, self_port, 0);
+    addr_call("getpeername_listener", SYS_getpeername, l, 16, any, 0, 0);
+    CASE("getpeername_listener_null", SYS_getpeername, l, NULL, NULL);
+    CASE("getsockname_listener_null_len", SYS_getsockname, l, buf, NULL);
+    addr_call("getsockname_listener6", SYS_getsockname, l6, 32, any, self6_port, 0);
+    addr_call("getsockname_listener6_len16", SYS_getsockname, l6, 16, any, self6_port, 0);
+
+    struct sockaddr_in any0 = sin_of(any, 0);
+    fd = tcp(AF_INET);
+    if (syscall(SYS_bind, fd, &any0, sizeof any0))
+        die("bind any:0");
+    addr_call("getsockname_bound", SYS_getsockname, fd, 16, any, -1, 0);
+    addr_call("getpeername_bound", SYS_getpeername, fd, 16, any, 0, 0);
+    close(fd);
+
+    fd = connected_to(server_ip, port);
+    addr_call("getsockname_connected", SYS_getsockname, fd, 16, self_ip, -1, 0);
+    addr_call("getpeername_connected", SYS_getpeername, fd, 16, server_ip, port, 0);
+    addr_call("getsockname_connected_len4", SYS_getsockname, fd, 4, self_ip, -1, 0);
+    addr_call("getpeername_connected_len4", SYS_getpeername, fd, 4, server_ip, port, 0);
+    addr_call("getpeername_connected_len1", SYS_getpeername, fd, 1, server_ip, port, 0);
+    addr_call("getpeername_connected_len0", SYS_getpeername, fd, 0, server_ip, port, 0);
+    addr_call("getpeername_connected_len_neg1", SYS_getpeername, fd, -1, server_ip, port, 0);
+    addr_call("getpeername_connected_len_intmax", SYS_getpeername, fd, 0x7fffffff, server_ip,
+              port, 0);
+    addr_call("getpeername_fd_high_bits", SYS_getpeername, HIGH | fd, 16, server_ip, port, 0);
+    addr_call("getsockname_fd_high_bits", SYS_getsockname, HIGH | fd, 16, self_ip, -1, 0);
+    CASE("getsockname_connected_null_len", SYS_getsockname, fd, buf, NULL);
+    CASE("getpeername_connected_null_len", SYS_getpeername, fd, buf, NULL);
+    CASE("getpeername_connected_unmapped_len", SYS_getpeername, fd, buf, unmapped);
+    n = 32;
+    r = SYS(e, SYS_getpeername, fd, NULL, &n);
+    report("getpeername_connected_null_addr", r, e, "len=%d", n);
+    n = 0;
+    r = SYS(e, SYS_getpeername, fd, NULL, &n);
+    report("getpeername_connected_null_addr_len0", r, e, "len=%d", n);
+    n = 32;
+    r = SYS(e, SYS_getsockname, fd, ro + 128, &n);
+    report("getsockname_connected_readonly_addr", r, e, "len=%d", n);
+    n = 32;
+    r = SYS(e, SYS_getpeername, fd, unmapped, &n);
+    report("getpeername_connected_unmapped_addr", r, e, "len=%d", n);
+    memset(buf, SENTINEL, sizeof buf);
+    r = SYS(e, SYS_getpeername, fd, buf, RO_INT16);
+    report("getpeername_connected_readonly_len", r, e, "%s",
+           describe_addr(buf, sizeof buf, *(int *)RO_INT16, server_ip, port));
+    close(fd);
+
+    /* Both ends of a connection to this program's own listener. */
+    int c = connected_to(self_ip, self_port);
+    long s = syscall(SYS_accept, l, NULL, NULL);
+    if (s < 0)
+        die("accept");
+    addr_call("getsockname_accepted", SYS_getsockname, s, 16, self_ip, self_port, 0);
+    addr_call("getpeername_accepted_len4", SYS_getpeername, s, 4, self_ip, -1, 0);
+    addr_call("getpeername_accepted", SYS_getpeername, s, 16, self_ip, -1, 0);
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    struct sockaddr_in unspec = srv;
+    unspec.sin_family = AF_UNSPEC;
+    CASE("connect_accepted", SYS_connect, s, &srv, sizeof srv);
+    CASE("connect_accepted_null", SYS_connect, s, NULL, 16);
+    CASE("bind_accepted", SYS_bind, s, &any0, sizeof any0);
+    CASE("accept_accepted", SYS_accept, s, NULL, NULL);
+    CASE("connect_accepted_unspec", SYS_connect, s, &unspec, sizeof unspec);
+    addr_call("getpeername_accepted_after_unspec", SYS_getpeername, s, 16, self_ip, -1, 0);
+    close((int)s);
+    close(c);
+
+    /* An AF_INET6 client. */
+    struct sockaddr_in6 mapped = mapped_of(server_ip, port);
+    fd = tcp(AF_INET6);
+    CASE("connect6_first", SYS_connect, fd, &mapped, sizeof mapped);
+    addr_call("getpeername6_connected", SYS_getpeername, fd, 32, server_ip, port, 0);
+    addr_call("getpeername6_connected_len16", SYS_getpeername, fd, 16, server_ip, port, 0);
+    addr_call("getsockname6_connected", SYS_getsockname, fd, 32, self_ip, -1, 0);
+    CASE("connect6_connected_again", SYS_connect, fd, &mapped, sizeof mapped);
+    CASE("connect6_connected_inet_addr", SYS_connect, fd, &srv, sizeof srv);
+    CASE("connect6_connected_len1", SYS_connect, fd, &mapped, 1);
+    CASE("connect6_connected_unspec", SYS_connect, fd, &unspec, sizeof unspec);
+    addr_call("getpeername6_after_unspec", SYS_getpeername, fd, 32, server_ip, port, 0);
+    CASE("connect6_after_unspec", SYS_connect, fd, &mapped, sizeof mapped);
+    close(fd);
+}
+
+static void sockopt_cases(int l6)
+{
+    int fd = connected_to(server_ip, port);
+    int v, n, e;
+    long r;
+    unsigned char big[64];
+    int one = 1, zero = 0;
+
+    long optfd = fd;
+#define GETOPT(name, level, opt, size)                                    \
+    do {                                                                  \
+        memset(big, SENTINEL, sizeof big);                                \
+        n = (size);                                                       \
+        r = SYS(e, SYS_getsockopt, optfd, level, opt, big, &n);           \
+        memcpy(&v, big, sizeof v);                                        \
+        report(name, r, e, "len=%d val=%d", n, r == 0 ? v : -1);          \
+    } while (0)
+    GETOPT("getsockopt_nodelay", IPPROTO_TCP, TCP_NODELAY, 4);
+    GETOPT("getsockopt_nodelay_len2", IPPROTO_TCP, TCP_NODELAY, 2);
+    GETOPT("getsockopt_nodelay_len0", IPPROTO_TCP, TCP_NODELAY, 0);
+    GETOPT("getsockopt_nodelay_len64", IPPROTO_TCP, TCP_NODELAY, 64);
+    GETOPT("getsockopt_nodelay_len_neg1", IPPROTO_TCP, TCP_NODELAY, -1);
+    GETOPT("getsockopt_unknown_tcp_option", IPPROTO_TCP, 9999, 4);
+    GETOPT("getsockopt_so_domain", SOL_SOCKET, SO_DOMAIN, 4);
+    GETOPT("getsockopt_so_domain_len2", SOL_SOCKET, SO_DOMAIN, 2);
+    GETOPT("getsockopt_so_domain_len_neg1", SOL_SOCKET, SO_DOMAIN, -1);
+    GETOPT("getsockopt_so_protocol", SOL_SOCKET, SO_PROTOCOL, 4);
+    /* Options nobody set answer TCP's defaults. */
+    GETOPT("getsockopt_keepidle", IPPROTO_TCP, TCP_KEEPIDLE, 4);
+    GETOPT("getsockopt_keepintvl", IPPROTO_TCP, TCP_KEEPINTVL, 4);
+    GETOPT("getsockopt_keepcnt", IPPROTO_TCP, TCP_KEEPCNT, 4);
+    GETOPT("getsockopt_user_timeout", IPPROTO_TCP, TCP_USER_TIMEOUT, 4);
+    GETOPT("getsockopt_cork", IPPROTO_TCP, TCP_CORK, 4);
+    GETOPT("getsockopt_ip_ttl", IPPROTO_IP, IP_TTL, 4);
+    GETOPT("getsockopt_ip_ttl_len1", IPPROTO_IP, IP_TTL, 1);
+    GETOPT("getsockopt_ip_ttl_len2", IPPROTO_IP, IP_TTL, 2);
+    GETOPT("getsockopt_ip_ttl_len_neg1", IPPROTO_IP, IP_TTL, -1);
+    GETOPT("getsockopt_ip_tos", IPPROTO_IP, IP_TOS, 4);
+    GETOPT("getsockopt_ipv6_level_on_inet", IPPROTO_IPV6, IPV6_V6ONLY, 4);
+    CASE("setsockopt_ipv6_level_on_inet", SYS_setsockopt, fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero,
+         4);
+    CASE("getsockopt_ipv6_level_on_inet_null_optlen", SYS_getsockopt, fd, IPPROTO_IPV6,
+         IPV6_V6ONLY, big, NULL);
+    CASE("setsockopt_ipv6_level_on_inet_null", SYS_setsockopt, fd, IPPROTO_IPV6, IPV6_V6ONLY,
+         NULL, 4);
+    optfd = HIGH | fd;
+    GETOPT("getsockopt_fd_high_bits", IPPROTO_TCP, TCP_NODELAY, 4);
+    optfd = fd;
+    CASE("getsockopt_null_optlen", SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, big, NULL);
+    CASE("getsockopt_unmapped_optlen", SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, big,
+         unmapped);
+    CASE("getsockopt_so_domain_null_optlen", SYS_getsockopt, fd, SOL_SOCKET, SO_DOMAIN, big,
+         NULL);
+    n = 8;
+    r = SYS(e, SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, NULL, &n);
+    report("getsockopt_null_optval", r, e, "len=%d", n);
+    n = 8;
+    r = SYS(e, SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, ro + 128, &n);
+    report("getsockopt_readonly_optval", r, e, "len=%d", n);
+    n = 8;
+    r = SYS(e, SYS_getsockopt, fd, SOL_SOCKET, SO_DOMAIN, NULL, &n);
+    report("getsockopt_so_domain_null_optval", r, e, "len=%d", n);
+    n = 4;
+    r = SYS(e, SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, big, RO_INT16);
+    report("getsockopt_readonly_optlen", r, e, NULL);
+
+    CASE("setsockopt_nodelay", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, 4);
+    GETOPT("getsockopt_nodelay_after_set", IPPROTO_TCP, TCP_NODELAY, 4);
+    CASE("setsockopt_nodelay_len2", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, 2);
+    CASE("setsockopt_nodelay_len0", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, 0);
+    CASE("setsockopt_nodelay_len_neg1", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one,
+         -1);
+    CASE("setsockopt_nodelay_len_high_bits", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY,
+         &zero, HIGH | 4);
+    GETOPT("getsockopt_nodelay_after_high_bits", IPPROTO_TCP, TCP_NODELAY, 4);
+    CASE("setsockopt_nodelay_null", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, NULL, 4);
+    CASE("setsockopt_nodelay_unmapped", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, unmapped,
+         4);
+    CASE("setsockopt_unknown_tcp_option", SYS_setsockopt, fd, IPPROTO_TCP, 9999, &one, 4);
+    CASE("setsockopt_keepcnt_0", SYS_setsockopt, fd, IPPROTO_TCP, TCP_KEEPCNT, &zero, 4);
+    CASE("setsockopt_keepidle_0", SYS_setsockopt, fd, IPPROTO_TCP, TCP_KEEPIDLE, &zero, 4);
+    CASE("setsockopt_so_domain", SYS_setsockopt, fd, SOL_SOCKET, SO_DOMAIN, &one, 4);
+    CASE("setsockopt_so_domain_len0", SYS_setsockopt, fd, SOL_SOCKET, SO_DOMAIN, &one, 0);
+    CASE("setsockopt_so_domain_null", SYS_setsockopt, fd, SOL_SOCKET, SO_DOMAIN, NULL, 4);
+    CASE("setsockopt_fd_high_bits", SYS_setsockopt, HIGH | fd, IPPROTO_TCP, TCP_KEEPCNT, &one,
+         4);
+    GETOPT("getsockopt_keepcnt_after_fd_high_bits", IPPROTO_TCP, TCP_KEEPCNT, 4);
+    CASE("setsockopt_level_high_bits", SYS_setsockopt, fd, HIGH | IPPROTO_TCP, TCP_NODELAY, &one,
+         4);
+    close(fd);
+
+    /* The AF_INET6 listener. */
+    optfd = l6;
+    GETOPT("getsockopt6_v6only", IPPROTO_IPV6, IPV6_V6ONLY, 4);
+    GETOPT("getsockopt6_v6only_len1", IPPROTO_IPV6, IPV6_V6ONLY, 1);
+    GETOPT("getsockopt6_v6only_len_neg1", IPPROTO_IPV6, IPV6_V6ONLY, -1);
+    GETOPT("getsockopt6_unicast_hops", IPPROTO_IPV6, IPV6_UNICAST_HOPS, 4);
+    GETOPT("getsockopt6_so_domain", SOL_SOCKET, SO_DOMAIN, 4);
+    GETOPT("getsockopt6_keepidle", IPPROTO_TCP, TCP_KEEPIDLE, 4);
+}
+
+/* Each call on an fd that is not a socket, and on one that is not open. */
+static void fd_cases(void)
+{
+    int p[2];
+    if (pipe(p))
+        die("pipe");
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    unsigned char buf[32];
+    int n = 16, one = 1;
+    struct {
+        const char *name;
+        long fd;
+    } fds[] = {{"pipe", p[0]}, {"closed", 9999}, {"neg1", -1}, {"intmax", 0x7fffffff}};
+    char name[80];
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        long fd = fds[i].fd;
+        const char *what = fds[i].name;
+#define FD_CASE(call, ...)                                                \
+    do {                                                                  \
+        snprintf(name, sizeof name, "%s_%s", call, what);                 \
+        n = 16;                                                           \
+        CASE(name, __VA_ARGS__);                                          \
+    } while (0)
+        FD_CASE("connect", SYS_connect, fd, &srv, sizeof srv);
+        FD_CASE("connect_null_addr", SYS_connect, fd, NULL, 16);
+        FD_CASE("connect_len129", SYS_connect, fd, &srv, 129);
+        FD_CASE("bind", SYS_bind, fd, &srv, sizeof srv);
+        FD_CASE("bind_null_addr", SYS_bind, fd, NULL, 16);
+        FD_CASE("accept", SYS_accept, fd, NULL, NULL);
+        FD_CASE("accept4_bad_flags", SYS_accept4, fd, NULL, NULL, 0x40);
+        FD_CASE("getsockname", SYS_getsockname, fd, buf, &n);
+        FD_CASE("getsockname_null_len", SYS_getsockname, fd, buf, NULL);
+        FD_CASE("getpeername", SYS_getpeername, fd, buf, &n);
+        FD_CASE("setsockopt", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, 4);
+        FD_CASE("setsockopt_len_neg1", SYS_setsockopt, fd, IPPROTO_TCP, TCP_NODELAY, &one, -1);
+        FD_CASE("getsockopt", SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, buf, &n);
+        FD_CASE("getsockopt_null_optlen", SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, buf,
+                NULL);
+        FD_CASE("getsockopt_so_domain", SYS_getsockopt, fd, SOL_SOCKET, SO_DOMAIN, buf, &n);
+    }
+    close(p[0]);
+    close(p[1]);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 9) {
+        fprintf(stderr,
+                "usage: %s SERVER_IP PORT SELF_IP SELF_PORT SELF6_PORT CLOSED_PORT EGRESS_IP "
+                "EGRESS_PORT\n",
+                argv[0]);
+        return 2;
+    }
+    if (!inet_aton(argv[1], &server_ip) || !inet_aton(argv[3], &self_ip) ||
+        !inet_aton(argv[7], &egress_ip)) {
+        fprintf(stderr, "hostile: bad IPv4 address\n");
+        return 2;
+    }
+    port = atoi(argv[2]);
+    self_port = atoi(argv[4]);
+    self6_port = atoi(argv[5]);
+    closed_port = atoi(argv[6]);
+    egress_port = atoi(argv[8]);
+    setup_memory();
+
+    int l = listener(AF_INET, self_port);
+    int l6 = listener(AF_INET6, self6_port);
+    connect_cases();
+    listening_cases(l);
+    bind_cases(l);
+    accept_cases(l, l6);
+    name_cases(l, l6);
+    sockopt_cases(l6);
+    fd_cases();
+    close(l);
+    close(l6);
+    printf("DONE\n");
+    return 0;
+}
