@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The ax benchmark, in one command:
+#
+#   sudo bash scripts/bench.sh           # full run (5 rounds, 2 GiB bulk, …), under 15 min on 2 cores
+#   sudo bash scripts/bench.sh --quick   # smaller run, under 3 min
+#
+# Measures ax local against native TCP loopback, AF_UNIX, a veth pair, a
+# Linux bridge, slirp4netns and pasta, plus ax's overheads and scale checks,
+# and writes benches/results/latest.{md,svg,json} (the table is printed too).
+#
+# What it does:
+#   1. installs what is missing, with apt-get, only if missing: slirp4netns,
+#      passt (pasta), iproute2, python3, util-linux (unshare, taskset), and
+#      what building ax needs (libseccomp-dev, pkg-config);
+#   2. builds `ax` and `ax-bench` in release mode;
+#   3. runs `ax-bench run` inside a new network namespace with only loopback
+#      (`unshare --net` + `ip link set lo up`): nothing it does can reach
+#      another machine. The namespaces it makes for the veth, bridge and
+#      rootless rows are removed when it ends, also on Ctrl-C.
+#
+# Without root, run the rows that need none:
+#   cargo build --release -p ax -p ax-bench && target/release/ax-bench run --unprivileged
+#
+# Other options are passed to `ax-bench run` (see `ax-bench run --help`),
+# e.g. --rounds 3, --only ax,tcp,unix, --no-scale.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+args=()
+for a in "$@"; do
+    case "$a" in
+        -h | --help)
+            sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "bench.sh: needs root to make network namespaces. Run: sudo bash scripts/bench.sh ${args[*]:-}" >&2
+    echo "  (without root: cargo build --release -p ax -p ax-bench && target/release/ax-bench run --unprivileged)" >&2
+    exit 1
+fi
+
+# --- 1. packages, only when missing ----------------------------------------
+# package:check pairs; a package is installed only when its check fails
+# (a command on PATH, or for libraries the dpkg status).
+need=(slirp4netns:slirp4netns passt:pasta iproute2:ip python3:python3
+    util-linux:unshare util-linux:taskset
+    libseccomp-dev:dpkg pkg-config:pkg-config)
+have() {
+    if [ "$2" = dpkg ]; then
+        dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+    else
+        command -v "$2" >/dev/null 2>&1
+    fi
+}
+missing=()
+for pc in "${need[@]}"; do
+    pkg="${pc%%:*}" chk="${pc#*:}"
+    if ! have "$pkg" "$chk"; then
+        case " ${missing[*]:-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
+    fi
+done
+if ((${#missing[@]} > 0)); then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "bench.sh: installing ${missing[*]}" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } ||
+            echo "bench.sh: warning: could not install ${missing[*]}; their rows will say 'not available'" >&2
+    else
+        echo "bench.sh: warning: no apt-get; missing ${missing[*]}; their rows will say 'not available'" >&2
+    fi
+fi
+for cmd in ip unshare; do
+    command -v "$cmd" >/dev/null 2>&1 || { echo "bench.sh: '$cmd' is required" >&2; exit 1; }
+done
+
+# --- 2. build -----------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1; then
+    for d in "${CARGO_HOME:-}/bin" "$HOME/.cargo/bin" /root/.cargo/bin; do
+        [ -x "$d/cargo" ] && PATH="$d:$PATH" && break
+    done
+fi
+cargo build --release -p ax -p ax-bench
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BENCH="$TARGET/release/ax-bench"
+AX="$TARGET/release/ax"
+
+# --- 3. run, in a network namespace with loopback only ------------------------
+OUT="$ROOT/benches/results"
+mkdir -p "$OUT"
+# shellcheck disable=SC2016
+exec unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh \
+    "$BENCH" run --ax "$AX" \
+    --out-md "$OUT/latest.md" --out-svg "$OUT/latest.svg" --out-json "$OUT/latest.json" \
+    "${args[@]}"
