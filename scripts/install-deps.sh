@@ -12,6 +12,8 @@ PKGS=(
     iproute2         # ip, ss
     util-linux       # unshare, setpriv, runuser
     procps
+    golang-go        # a Go program under ax in the end-to-end tests (offline, stdlib only)
+    gcc libc6-dev    # C test programs compiled at test time
 )
 
 installed() {
