@@ -1,17 +1,20 @@
 //! The broker object and its per-app receive loop.
 
+use crate::handlers::accept::{Parked, PARKED_TICK};
 use crate::handlers::{self, Outcome};
 use crate::pool::WorkerPool;
 use crate::target::PidfdCache;
 use ax_registry::{AppId, Directory};
 use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
-use rustix::event::{poll, PollFd, PollFlags};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Settings of a [`Broker`].
 #[derive(Debug, Clone)]
@@ -212,7 +215,21 @@ fn receive_loop(
     let mut pidfds = PidfdCache::default();
     if let Some(j) = journal {
         for n in j.pending() {
-            if listener.id_valid(n.id) {
+            if let Some(fd) = j.installed(n.id).filter(|_| listener.id_valid(n.id)) {
+                // Installed already; only the address and the answer were
+                // missing.
+                let call = handlers::Call {
+                    shared,
+                    app,
+                    listener,
+                    journal,
+                    replay: true,
+                    parking: None,
+                    notif: n,
+                };
+                let outcome = handlers::accept::finish_installed(&call, fd);
+                respond(listener, journal, &n, outcome);
+            } else if listener.id_valid(n.id) {
                 tracing::info!(
                     app,
                     id = n.id,
@@ -225,17 +242,57 @@ fn receive_loop(
             }
         }
     }
+    // Blocking accepts with nothing to accept yet wait here, beside the
+    // notify fd, rather than on threads of their own.
+    let parking = RefCell::new(Vec::<Parked>::new());
+    let mut last_housekeeping = Instant::now();
     loop {
-        let mut fds = [PollFd::new(listener.as_ref(), PollFlags::IN)];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                tracing::error!(app, error = %e, "polling the notify fd failed; giving up on the app");
-                break;
+        let (revents, ready) = {
+            let parked = parking.borrow();
+            let mut fds = Vec::with_capacity(1 + parked.len());
+            fds.push(PollFd::new(listener.as_ref(), PollFlags::IN));
+            for p in parked.iter() {
+                fds.push(PollFd::from_borrowed_fd(p.listener(), PollFlags::IN));
             }
+            let tick = Timespec::try_from(PARKED_TICK).ok();
+            let idle = Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            let timeout = if !parked.is_empty() {
+                tick.as_ref()
+            } else if !pidfds.is_empty() {
+                Some(&idle)
+            } else {
+                None
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!(app, error = %e, "polling the notify fd failed; giving up on the app");
+                    break;
+                }
+            }
+            let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
+            (fds[0].revents(), ready)
+        };
+        let housekeeping = last_housekeeping.elapsed() >= PARKED_TICK;
+        if housekeeping {
+            last_housekeeping = Instant::now();
+            pidfds.sweep();
         }
-        let revents = fds[0].revents();
+        if ready.iter().any(|&r| r) || housekeeping {
+            resume_parked(
+                shared,
+                app,
+                listener,
+                journal,
+                &parking,
+                &ready,
+                housekeeping,
+            );
+        }
         if !revents.contains(PollFlags::IN) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 break;
@@ -243,7 +300,7 @@ fn receive_loop(
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch(shared, app, listener, journal, n, false, &mut pidfds),
+            Ok(n) => dispatch_parking(shared, app, listener, journal, n, &parking, &mut pidfds),
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
@@ -255,6 +312,61 @@ fn receive_loop(
     shared.directory.app_exited(app);
     shared.forget_app_options(app);
     tracing::debug!(app, "app exited; services released");
+}
+
+/// Finishes the parked accepts that can be finished.
+fn resume_parked(
+    shared: &Arc<Shared>,
+    app: AppId,
+    listener: &Arc<NotifyFd>,
+    journal: &Option<Arc<Journal>>,
+    parking: &RefCell<Vec<Parked>>,
+    ready: &[bool],
+    housekeeping: bool,
+) {
+    let parked = std::mem::take(&mut *parking.borrow_mut());
+    let mut still = Vec::with_capacity(parked.len());
+    for (i, p) in parked.into_iter().enumerate() {
+        let call = handlers::Call {
+            shared,
+            app,
+            listener,
+            journal,
+            replay: false,
+            parking: None,
+            notif: p.notif,
+        };
+        match p.resume(&call, ready.get(i).copied().unwrap_or(false), housekeeping) {
+            Some(outcome) => respond(listener, journal, &p.notif, outcome),
+            None => still.push(p),
+        }
+    }
+    parking.borrow_mut().extend(still);
+}
+
+fn dispatch_parking(
+    shared: &Arc<Shared>,
+    app: AppId,
+    listener: &Arc<NotifyFd>,
+    journal: &Option<Arc<Journal>>,
+    n: Notification,
+    parking: &RefCell<Vec<Parked>>,
+    pidfds: &mut PidfdCache,
+) {
+    if let Some(j) = journal {
+        j.record(&n);
+    }
+    let call = handlers::Call {
+        shared,
+        app,
+        listener,
+        journal,
+        replay: false,
+        parking: Some(parking),
+        notif: n,
+    };
+    let outcome = handlers::handle(&call, pidfds);
+    respond(listener, journal, &n, outcome);
 }
 
 /// Handles one notification and answers it (now, or from a helper thread
@@ -277,6 +389,7 @@ pub(crate) fn dispatch(
         listener,
         journal,
         replay,
+        parking: None,
         notif: n,
     };
     let outcome = handlers::handle(&call, pidfds);

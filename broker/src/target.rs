@@ -30,6 +30,8 @@ pub(crate) struct PidfdCache {
 
 /// Entries kept before the cache starts over (threads come and go).
 const PIDFD_CACHE_LIMIT: usize = 1024;
+/// New entries between two sweeps for exited threads.
+const PIDFD_SWEEP_EVERY: usize = 16;
 
 impl PidfdCache {
     /// The target `tid`, from the cache or freshly opened.
@@ -44,9 +46,44 @@ impl PidfdCache {
         let target = Target::open(tid)?;
         if self.by_tid.len() >= PIDFD_CACHE_LIMIT {
             self.by_tid.clear();
+        } else if self.by_tid.len() % PIDFD_SWEEP_EVERY == PIDFD_SWEEP_EVERY - 1 {
+            self.sweep();
         }
         self.by_tid.insert(tid, target.pidfd.clone());
         Ok(target)
+    }
+
+    /// Forgets the pidfds of threads that have exited (a pidfd polls
+    /// readable then), so that forking servers do not pile them up.
+    pub(crate) fn sweep(&mut self) {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let tids: Vec<u32> = self.by_tid.keys().copied().collect();
+        let exited: Vec<u32> = {
+            let mut fds: Vec<PollFd<'_>> = tids
+                .iter()
+                .map(|t| PollFd::new(self.by_tid[t].as_ref(), PollFlags::IN))
+                .collect();
+            let zero = Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if poll(&mut fds, Some(&zero)).unwrap_or(0) == 0 {
+                return;
+            }
+            tids.iter()
+                .zip(fds.iter())
+                .filter(|(_, f)| !f.revents().is_empty())
+                .map(|(t, _)| *t)
+                .collect()
+        };
+        for t in exited {
+            self.by_tid.remove(&t);
+        }
+    }
+
+    /// True when no pidfd is kept.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_tid.is_empty()
     }
 
     /// Drops the entry of a target whose pidfd went stale.

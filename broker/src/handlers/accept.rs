@@ -8,8 +8,10 @@
 //!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
 //!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
 //!
-//! A blocking listener is waited on from a helper thread that polls it, so
-//! the broker itself never blocks in `accept`; the wait ends early with
+//! A blocking accept with nothing to accept yet is parked: the app's receive
+//! loop polls the listener beside the notify fd and finishes the call when a
+//! connection arrives (a helper thread does the same for replayed calls), so
+//! the broker itself never blocks in `accept`. The wait ends early with
 //! `EINTR` when the thread gets a signal, and with `EAGAIN` at the
 //! listener's `SO_RCVTIMEO`, as natively.
 
@@ -60,6 +62,17 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
         .ok()
         .flatten();
+    if let Some(parking) = call.parking {
+        parking.borrow_mut().push(Parked {
+            notif: call.notif,
+            listener,
+            flags: accept_flags,
+            v6,
+            cloexec,
+            deadline: timeout.map(|t| Instant::now() + t),
+        });
+        return Outcome::Deferred;
+    }
     defer(call, move |call| {
         let deadline = timeout.map(|t| Instant::now() + t);
         let Ok(target) = Target::open(call.notif.pid) else {
@@ -92,6 +105,63 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         }
     })
 }
+
+/// A blocking accept waiting in its app's receive loop for a connection.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub(crate) notif: ax_sys::Notification,
+    listener: OwnedFd,
+    flags: SocketFlags,
+    v6: bool,
+    cloexec: bool,
+    deadline: Option<Instant>,
+}
+
+impl Parked {
+    /// The listener to poll.
+    pub(crate) fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Tries to finish the call: `readable` when the listener polled
+    /// readable, `housekeeping` every [`WAIT_TICK`] to notice a target that
+    /// left, a signal, or the deadline. `None` means keep waiting.
+    pub(crate) fn resume(
+        &self,
+        call: &Call<'_>,
+        readable: bool,
+        housekeeping: bool,
+    ) -> Option<Outcome> {
+        if readable {
+            if let Some(conn) = try_accept(call, &self.listener, self.flags) {
+                let target = match Target::open(self.notif.pid) {
+                    Ok(t) => t,
+                    Err(_) => return Some(Outcome::Answered),
+                };
+                return Some(match conn {
+                    Ok(conn) => complete(call, &target, conn, self.v6, self.cloexec).into(),
+                    Err(e) => Outcome::Errno(e),
+                });
+            }
+        }
+        if !housekeeping {
+            return None;
+        }
+        if !call.still_valid() {
+            return Some(Outcome::Answered);
+        }
+        if Target::open(self.notif.pid).is_ok_and(|t| t.signal_pending()) {
+            return Some(Outcome::Errno(libc::EINTR));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(Outcome::Errno(libc::EAGAIN));
+        }
+        None
+    }
+}
+
+/// How often parked accepts are checked for a target that left.
+pub(crate) const PARKED_TICK: Duration = WAIT_TICK;
 
 /// Accepts if a connection is waiting, without ever blocking: every accept
 /// on a swapped listener goes through the broker, and this check-then-accept
@@ -127,25 +197,80 @@ fn complete(
     cloexec: bool,
 ) -> Result<Outcome, Errno> {
     let addr_ptr = call.arg(1);
+    let len_ptr = call.arg(2);
+    let peer = match peer_name(&conn) {
+        Some(SocketName::Client { local, .. }) => local,
+        _ => addr::unspecified(v6),
+    };
+    let bytes = addr::encode(peer, v6);
     if addr_ptr != 0 {
-        let peer = match peer_name(&conn) {
-            Some(SocketName::Client { local, .. }) => local,
-            _ => addr::unspecified(v6),
-        };
         // As the kernel: a bad addr/addrlen after the accept loses the
-        // connection and fails the call.
-        write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
+        // connection and fails the call. Check before installing anything
+        // (writing back what is there changes nothing).
+        // The kernel's order (move_addr_to_user): read the length, store
+        // the full length, refuse a negative one, copy the address.
+        let len = target.read_int(len_ptr)?;
+        let full = (bytes.len() as i32).to_ne_bytes();
+        if len < 0 {
+            return Err(libc::EINVAL);
+        }
+        target.write(len_ptr, &len.to_ne_bytes())?;
+        let n = (len as usize).min(bytes.len());
+        if n > 0 {
+            let writable = target
+                .read(addr_ptr, n)
+                .and_then(|current| target.write(addr_ptr, &current));
+            if let Err(e) = writable {
+                target.write(len_ptr, &full)?;
+                return Err(e);
+            }
+        }
     }
     call.check_valid()?;
-    match call
+    // Install first, note it, then write the address and answer: from the
+    // moment the program holds the connection, a daemon killed at any point
+    // loses nothing — its successor finds the fd in the journal and answers
+    // with it (see `finish_installed`).
+    let fd = match call
         .listener
-        .add_fd(call.notif.id, conn.as_fd(), None, cloexec, true)
+        .add_fd(call.notif.id, conn.as_fd(), None, cloexec, false)
     {
-        Ok(_) => Ok(Outcome::Answered),
-        Err(e) => match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Ok(Outcome::Answered),
-            Some(errno) => Err(errno),
-            None => Err(libc::EIO),
-        },
+        Ok(fd) => fd,
+        Err(e) => {
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Ok(Outcome::Answered),
+                Some(errno) => Err(errno),
+                None => Err(libc::EIO),
+            }
+        }
+    };
+    if let Some(j) = call.journal {
+        j.note_installed(call.notif.id, fd);
     }
+    if addr_ptr != 0 {
+        write_sockaddr(target, addr_ptr, len_ptr, &bytes)?;
+    }
+    Ok(Outcome::Value(fd as i64))
+}
+
+/// Answers an accept whose connection an earlier daemon installed as fd
+/// `fd` before dying: writes the client's address and returns `fd`.
+pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
+    let Ok(target) = Target::open(call.notif.pid) else {
+        return Outcome::Answered;
+    };
+    let addr_ptr = call.arg(1);
+    if addr_ptr != 0 {
+        if let Ok(conn) = target.fd(fd as u64) {
+            let v6 = super::own_name(&conn).is_some_and(|n| n.is_v6());
+            let peer = match peer_name(&conn) {
+                Some(SocketName::Client { local, .. }) => local,
+                _ => addr::unspecified(v6),
+            };
+            if let Err(e) = write_sockaddr(&target, addr_ptr, call.arg(2), &addr::encode(peer, v6)) {
+                return Outcome::Errno(e);
+            }
+        }
+    }
+    Outcome::Value(fd as i64)
 }

@@ -42,6 +42,8 @@ use std::time::Duration;
 
 /// How long a connect to a service whose backlog is full may wait.
 const FULL_BACKLOG_WAIT: Duration = Duration::from_secs(60);
+/// How often that wait checks that its caller still waits.
+const BACKLOG_SLICE: Duration = Duration::from_millis(50);
 
 /// Where a socket this broker installed stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,18 +351,32 @@ fn connect_virtual(
             let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
             Ok(defer(call, move |call| {
                 let waited = (|| {
+                    // Wait for room in short slices: a program killed
+                    // meanwhile, or interrupted by a signal, must not keep
+                    // this thread (and what it holds) for the whole wait.
                     set_nonblock(&sock, false)?;
-                    sockopt::set_socket_timeout(&sock, Timeout::Send, Some(FULL_BACKLOG_WAIT))
+                    sockopt::set_socket_timeout(&sock, Timeout::Send, Some(BACKLOG_SLICE))
                         .map_err(|e| e.raw_os_error())?;
-                    rustix::net::connect(&sock, &target_addr).map_err(|e| {
-                        match e.raw_os_error() {
-                            libc::EAGAIN => libc::ETIMEDOUT,
-                            other => other,
+                    let deadline = std::time::Instant::now() + FULL_BACKLOG_WAIT;
+                    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
+                    loop {
+                        match rustix::net::connect(&sock, &target_addr) {
+                            Ok(()) => break,
+                            Err(e) if e == rustix::io::Errno::AGAIN => {}
+                            Err(e) => return Err(e.raw_os_error()),
                         }
-                    })?;
+                        if !call.still_valid() {
+                            return Ok(Outcome::Answered);
+                        }
+                        if target.signal_pending() {
+                            return Err(libc::EINTR);
+                        }
+                        if std::time::Instant::now() >= deadline {
+                            return Err(libc::ETIMEDOUT);
+                        }
+                    }
                     sockopt::set_socket_timeout(&sock, Timeout::Send, None)
                         .map_err(|e| e.raw_os_error())?;
-                    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
                     finish(call, &target, &copy, sock, rebind)
                 })();
                 waited.into()

@@ -6,7 +6,7 @@
 //! finished on a helper thread by [`defer`], so the receive loop never
 //! waits on the network.
 
-mod accept;
+pub(crate) mod accept;
 mod bind;
 mod connect;
 mod sockname;
@@ -53,6 +53,9 @@ pub(crate) struct Call<'a> {
     /// The call was received by an earlier daemon that died before
     /// answering: part of it may already be done.
     pub(crate) replay: bool,
+    /// Where a blocking accept waits, in the app's receive loop (`None` on
+    /// helper threads, which wait themselves).
+    pub(crate) parking: Option<&'a std::cell::RefCell<Vec<accept::Parked>>>,
     pub(crate) notif: Notification,
 }
 
@@ -337,6 +340,7 @@ where
             listener: &listener,
             journal: &journal,
             replay,
+            parking: None,
             notif,
         };
         let outcome = work(&call);

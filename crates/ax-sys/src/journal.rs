@@ -122,11 +122,30 @@ impl Journal {
         self.word(b + 1)
             .store(n.pid as u64 | (n.nr as u32 as u64) << 32, Ordering::Relaxed);
         self.word(b + 2).store(n.arch as u64, Ordering::Relaxed);
+        self.word(b + 9).store(0, Ordering::Relaxed);
         for (k, a) in n.args.iter().enumerate() {
             self.word(b + 3 + k).store(*a, Ordering::Relaxed);
         }
         // The id goes last: a reader that sees it sees the rest.
         self.word(b).store(n.id, Ordering::Release);
+    }
+
+    /// Notes that the broker installed fd `fd` in the target for `id` and is
+    /// about to answer with it: a successor answers the same rather than
+    /// doing the call again.
+    pub fn note_installed(&self, id: u64, fd: i32) {
+        let b = self.base(id);
+        if self.word(b).load(Ordering::Acquire) == id {
+            self.word(b + 9)
+                .store(fd as u32 as u64 + 1, Ordering::Release);
+        }
+    }
+
+    /// The fd noted by [`Journal::note_installed`] for a pending `id`.
+    pub fn installed(&self, id: u64) -> Option<i32> {
+        let b = self.base(id);
+        let v = self.word(b + 9).load(Ordering::Acquire);
+        (self.word(b).load(Ordering::Acquire) == id && v != 0).then(|| (v - 1) as u32 as i32)
     }
 
     /// Marks `id` answered.
@@ -195,8 +214,12 @@ mod tests {
         // A second mapping (the next daemon) sees it.
         let other = Journal::map(fd).unwrap();
         assert_eq!(other.pending(), vec![n]);
+        assert_eq!(other.installed(77), None);
+        j.note_installed(77, 5);
+        assert_eq!(other.installed(77), Some(5));
         j.clear(77);
         assert!(other.pending().is_empty());
+        assert_eq!(other.installed(77), None);
         // Clearing a stale id leaves a newer record alone.
         let m = Notification {
             id: 77 + DEFAULT_SLOTS as u64,

@@ -189,12 +189,15 @@ impl NotifyFd {
     /// Asks the kernel to wake the supervisor synchronously, on the target's
     /// CPU (Linux 6.6+). Returns `false` where the kernel lacks it.
     pub fn set_sync_wake_up(&self) -> bool {
-        let mut flags = SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
-        ioctl_ptr(
-            self.fd.as_raw_fd(),
-            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
-            &mut flags,
-        )
-        .is_ok()
+        // Unlike the other requests, SET_FLAGS takes its flags by value.
+        // SAFETY: no memory is passed; the kernel reads the integer argument.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP as libc::c_ulong,
+            )
+        };
+        rc == 0
     }
 }
