@@ -47,15 +47,16 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         accept_flags |= SocketFlags::NONBLOCK;
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+    let probe = probe_addr(call, target, v6);
     if is_nonblocking(&listener) {
         return match rustix::net::accept_with(&listener, accept_flags) {
-            Ok(conn) => complete(call, target, conn, v6, cloexec).into(),
+            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
             Err(e) => Outcome::Errno(e.raw_os_error()),
         };
     }
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
         return match conn {
-            Ok(conn) => complete(call, target, conn, v6, cloexec).into(),
+            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
             Err(e) => Outcome::Errno(e),
         };
     }
@@ -86,9 +87,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             });
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
+                let probe = probe_addr(call, &target, v6);
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
                     return match conn {
-                        Ok(conn) => complete(call, &target, conn, v6, cloexec).into(),
+                        Ok(conn) => complete(call, &target, conn, v6, cloexec, probe).into(),
                         Err(e) => Outcome::Errno(e),
                     };
                 }
@@ -133,13 +135,14 @@ impl Parked {
         housekeeping: bool,
     ) -> Option<Outcome> {
         if readable {
+            let target = match Target::open(self.notif.pid) {
+                Ok(t) => t,
+                Err(_) => return Some(Outcome::Answered),
+            };
+            let probe = probe_addr(call, &target, self.v6);
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                let target = match Target::open(self.notif.pid) {
-                    Ok(t) => t,
-                    Err(_) => return Some(Outcome::Answered),
-                };
                 return Some(match conn {
-                    Ok(conn) => complete(call, &target, conn, self.v6, self.cloexec).into(),
+                    Ok(conn) => complete(call, &target, conn, self.v6, self.cloexec, probe).into(),
                     Err(e) => Outcome::Errno(e),
                 });
             }
@@ -189,48 +192,52 @@ fn try_accept(
     }
 }
 
+/// Checks, without changing anything, that the client's address can be
+/// written where the program asked (`move_addr_to_user`'s checks: the
+/// length is readable and writable, not negative, and the address buffer
+/// writable). Done before accepting, so that the accepted connection can be
+/// installed at once: a daemon killed in between would lose it.
+fn probe_addr(call: &Call<'_>, target: &Target, v6: bool) -> Result<(), Errno> {
+    let addr_ptr = call.arg(1);
+    if addr_ptr == 0 {
+        return Ok(());
+    }
+    let len_ptr = call.arg(2);
+    let len = target.read_int(len_ptr)?;
+    if len < 0 {
+        return Err(libc::EINVAL);
+    }
+    target.write(len_ptr, &len.to_ne_bytes())?;
+    let full = addr::encode(addr::unspecified(v6), v6).len();
+    let n = (len as usize).min(full);
+    if n > 0 {
+        let writable = target
+            .read(addr_ptr, n)
+            .and_then(|current| target.write(addr_ptr, &current));
+        if let Err(e) = writable {
+            // As the kernel: the full length is stored before the copy fails.
+            target.write(len_ptr, &(full as i32).to_ne_bytes())?;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 fn complete(
     call: &Call<'_>,
     target: &Target,
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
+    probe: Result<(), Errno>,
 ) -> Result<Outcome, Errno> {
-    let addr_ptr = call.arg(1);
-    let len_ptr = call.arg(2);
-    let peer = match peer_name(&conn) {
-        Some(SocketName::Client { local, .. }) => local,
-        _ => addr::unspecified(v6),
-    };
-    let bytes = addr::encode(peer, v6);
-    if addr_ptr != 0 {
-        // As the kernel: a bad addr/addrlen after the accept loses the
-        // connection and fails the call. Check before installing anything
-        // (writing back what is there changes nothing).
-        // The kernel's order (move_addr_to_user): read the length, store
-        // the full length, refuse a negative one, copy the address.
-        let len = target.read_int(len_ptr)?;
-        let full = (bytes.len() as i32).to_ne_bytes();
-        if len < 0 {
-            return Err(libc::EINVAL);
-        }
-        target.write(len_ptr, &len.to_ne_bytes())?;
-        let n = (len as usize).min(bytes.len());
-        if n > 0 {
-            let writable = target
-                .read(addr_ptr, n)
-                .and_then(|current| target.write(addr_ptr, &current));
-            if let Err(e) = writable {
-                target.write(len_ptr, &full)?;
-                return Err(e);
-            }
-        }
-    }
-    call.check_valid()?;
-    // Install first, note it, then write the address and answer: from the
-    // moment the program holds the connection, a daemon killed at any point
-    // loses nothing — its successor finds the fd in the journal and answers
-    // with it (see `finish_installed`).
+    // As the kernel: a bad addr/addrlen after the accept loses the
+    // connection and fails the call.
+    probe?;
+    // Install at once, note it, then write the address and answer: from
+    // the moment the program holds the connection, a daemon killed at any
+    // point loses nothing — its successor finds the fd in the journal and
+    // answers with it (see `finish_installed`).
     let fd = match call
         .listener
         .add_fd(call.notif.id, conn.as_fd(), None, cloexec, false)
@@ -247,8 +254,13 @@ fn complete(
     if let Some(j) = call.journal {
         j.note_installed(call.notif.id, fd);
     }
+    let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
-        write_sockaddr(target, addr_ptr, len_ptr, &bytes)?;
+        let peer = match peer_name(&conn) {
+            Some(SocketName::Client { local, .. }) => local,
+            _ => addr::unspecified(v6),
+        };
+        write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
     }
     Ok(Outcome::Value(fd as i64))
 }
@@ -267,7 +279,8 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 Some(SocketName::Client { local, .. }) => local,
                 _ => addr::unspecified(v6),
             };
-            if let Err(e) = write_sockaddr(&target, addr_ptr, call.arg(2), &addr::encode(peer, v6)) {
+            if let Err(e) = write_sockaddr(&target, addr_ptr, call.arg(2), &addr::encode(peer, v6))
+            {
                 return Outcome::Errno(e);
             }
         }
