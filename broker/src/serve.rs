@@ -213,6 +213,12 @@ fn receive_loop(
     journal: &Option<Arc<Journal>>,
 ) {
     let mut pidfds = PidfdCache::default();
+    let link = AppLink {
+        shared,
+        app,
+        listener,
+        journal,
+    };
     if let Some(j) = journal {
         for n in j.pending() {
             if let Some(fd) = j.installed(n.id).filter(|_| listener.id_valid(n.id)) {
@@ -236,7 +242,7 @@ fn receive_loop(
                     nr = n.nr,
                     "finishing a call the previous daemon left unanswered"
                 );
-                dispatch(shared, app, listener, journal, n, true, &mut pidfds);
+                dispatch(&link, n, true, None, &mut pidfds);
             } else {
                 j.clear(n.id);
             }
@@ -300,7 +306,7 @@ fn receive_loop(
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch_parking(shared, app, listener, journal, n, &parking, &mut pidfds),
+            Ok(n) => dispatch(&link, n, false, Some(&parking), &mut pidfds),
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
@@ -344,56 +350,37 @@ fn resume_parked(
     parking.borrow_mut().extend(still);
 }
 
-fn dispatch_parking(
-    shared: &Arc<Shared>,
-    app: AppId,
-    listener: &Arc<NotifyFd>,
-    journal: &Option<Arc<Journal>>,
-    n: Notification,
-    parking: &RefCell<Vec<Parked>>,
-    pidfds: &mut PidfdCache,
-) {
-    if let Some(j) = journal {
-        j.record(&n);
-    }
-    let call = handlers::Call {
-        shared,
-        app,
-        listener,
-        journal,
-        replay: false,
-        parking: Some(parking),
-        notif: n,
-    };
-    let outcome = handlers::handle(&call, pidfds);
-    respond(listener, journal, &n, outcome);
+/// The app a receive loop serves, and where its answers go.
+pub(crate) struct AppLink<'a> {
+    pub(crate) shared: &'a Arc<Shared>,
+    pub(crate) app: AppId,
+    pub(crate) listener: &'a Arc<NotifyFd>,
+    pub(crate) journal: &'a Option<Arc<Journal>>,
 }
 
 /// Handles one notification and answers it (now, or from a helper thread
 /// for calls that may block).
 pub(crate) fn dispatch(
-    shared: &Arc<Shared>,
-    app: AppId,
-    listener: &Arc<NotifyFd>,
-    journal: &Option<Arc<Journal>>,
+    link: &AppLink<'_>,
     n: Notification,
     replay: bool,
+    parking: Option<&RefCell<Vec<Parked>>>,
     pidfds: &mut PidfdCache,
 ) {
-    if let Some(j) = journal {
+    if let Some(j) = link.journal {
         j.record(&n);
     }
     let call = handlers::Call {
-        shared,
-        app,
-        listener,
-        journal,
+        shared: link.shared,
+        app: link.app,
+        listener: link.listener,
+        journal: link.journal,
         replay,
-        parking: None,
+        parking,
         notif: n,
     };
     let outcome = handlers::handle(&call, pidfds);
-    respond(listener, journal, &n, outcome);
+    respond(link.listener, link.journal, &n, outcome);
 }
 
 pub(crate) fn respond(

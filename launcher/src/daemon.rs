@@ -583,6 +583,8 @@ impl Daemon {
                 let resp = self.attach(app, pid, fds, peer);
                 if resp == Response::Attached {
                     pending.retain(|&a| a != app);
+                    // The program's pid is what lets a successor take it over.
+                    self.save_state();
                 }
                 resp
             }
