@@ -44,12 +44,14 @@ pub mod launch;
 mod names;
 mod pool;
 mod serve;
+mod stash;
 mod target;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;
 pub use names::{SocketName, MAX_NAME_LEN};
 pub use serve::{Broker, BrokerConfig, Session};
+pub use stash::Stash;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz); not part of
 /// the embedding API and not covered by semver.

@@ -3,7 +3,7 @@
 use crate::handlers::accept::{Parked, PARKED_TICK};
 use crate::handlers::{self, Outcome};
 use crate::pool::WorkerPool;
-use crate::target::PidfdCache;
+use crate::target::{PidfdCache, Target};
 use ax_registry::{AppId, Directory};
 use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
@@ -179,74 +179,51 @@ impl Broker {
     /// on a new thread. When the app's last process exits, its services are
     /// released ([`Directory::app_exited`]) and the thread ends.
     pub fn serve(&self, app: AppId, listener: NotifyFd) -> io::Result<Session> {
-        self.serve_with_journal(app, listener, None)
+        self.serve_with_journal(app, listener, None, None)
     }
 
     /// Like [`Broker::serve`], recording every call between its receipt and
     /// its answer in `journal` (a memfd the launcher keeps; see
     /// [`ax_sys::journal`]). Calls a previous broker recorded there and
     /// never answered are finished first: this is how a restarted daemon
-    /// takes over an app without losing a call.
+    /// takes over an app without losing a call. Connections being handed
+    /// to a server wait in `stash` (see [`crate::Stash`]), so that one
+    /// accepted by a broker that dies is installed by its successor.
     pub fn serve_with_journal(
         &self,
         app: AppId,
         listener: NotifyFd,
         journal: Option<Journal>,
+        stash: Option<crate::Stash>,
     ) -> io::Result<Session> {
         let shared = self.shared.clone();
         let listener = Arc::new(listener);
         let journal = journal.map(Arc::new);
+        let stash = stash.map(Arc::new);
         // Same-CPU wake-ups halve the round trip where the kernel has them.
         let sync = listener.set_sync_wake_up();
         tracing::debug!(app, sync_wake_up = sync, "serving app");
         let thread = std::thread::Builder::new()
             .name(format!("ax-app-{app}"))
-            .spawn(move || receive_loop(&shared, app, &listener, &journal))?;
+            .spawn(move || {
+                let link = AppLink {
+                    shared: &shared,
+                    app,
+                    listener: &listener,
+                    journal: &journal,
+                    stash: &stash,
+                };
+                receive_loop(&link)
+            })?;
         Ok(Session { app, thread })
     }
 }
 
-fn receive_loop(
-    shared: &Arc<Shared>,
-    app: AppId,
-    listener: &Arc<NotifyFd>,
-    journal: &Option<Arc<Journal>>,
-) {
+fn receive_loop(link: &AppLink<'_>) {
+    let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
     let mut pidfds = PidfdCache::default();
-    let link = AppLink {
-        shared,
-        app,
-        listener,
-        journal,
-    };
     if let Some(j) = journal {
-        for n in j.pending() {
-            if let Some(fd) = j.installed(n.id).filter(|_| listener.id_valid(n.id)) {
-                // Installed already; only the address and the answer were
-                // missing.
-                let call = handlers::Call {
-                    shared,
-                    app,
-                    listener,
-                    journal,
-                    replay: true,
-                    parking: None,
-                    notif: n,
-                };
-                let outcome = handlers::accept::finish_installed(&call, fd);
-                respond(listener, journal, &n, outcome);
-            } else if listener.id_valid(n.id) {
-                tracing::info!(
-                    app,
-                    id = n.id,
-                    nr = n.nr,
-                    "finishing a call the previous daemon left unanswered"
-                );
-                dispatch(&link, n, true, None, &mut pidfds);
-            } else {
-                j.clear(n.id);
-            }
-        }
+        take_over(link, j, &mut pidfds);
     }
     // Blocking accepts with nothing to accept yet wait here, beside the
     // notify fd, rather than on threads of their own.
@@ -289,15 +266,7 @@ fn receive_loop(
             pidfds.sweep();
         }
         if ready.iter().any(|&r| r) || housekeeping {
-            resume_parked(
-                shared,
-                app,
-                listener,
-                journal,
-                &parking,
-                &ready,
-                housekeeping,
-            );
+            resume_parked(link, &parking, &ready, housekeeping);
         }
         if !revents.contains(PollFlags::IN) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
@@ -306,7 +275,7 @@ fn receive_loop(
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch(&link, n, false, Some(&parking), &mut pidfds),
+            Ok(n) => dispatch(link, n, false, Some(&parking), &mut pidfds),
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
@@ -320,12 +289,67 @@ fn receive_loop(
     tracing::debug!(app, "app exited; services released");
 }
 
+/// Finishes the calls a predecessor left unanswered (see
+/// [`Broker::serve_with_journal`]): accepts whose connection it installed
+/// get their answer, accepts whose connection waits in the stash get that
+/// connection, every other call is handled again.
+fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache) {
+    let listener = link.listener;
+    let pending: Vec<Notification> = j
+        .pending()
+        .into_iter()
+        .filter(|n| {
+            let valid = listener.id_valid(n.id);
+            if !valid {
+                j.clear(n.id);
+            }
+            valid
+        })
+        .collect();
+    let mut stashed = link.stash.as_ref().map(|s| s.drain()).unwrap_or_default();
+    for n in pending {
+        let call = link.call(n, true, None);
+        if let Some(fd) = j.installed(n.id) {
+            // Installed already; only the address and the answer were
+            // missing. Its parked duplicate is not needed any more.
+            let ino = Target::open(n.pid)
+                .ok()
+                .and_then(|t| t.fd(fd as u64).ok())
+                .and_then(|c| rustix::fs::fstat(&c).ok())
+                .map(|st| st.st_ino);
+            stashed.retain(|c| rustix::fs::fstat(c).ok().map(|st| st.st_ino) != ino);
+            let outcome = handlers::accept::finish_installed(&call, fd);
+            respond(listener, link.journal, &n, outcome);
+            continue;
+        }
+        let is_accept = matches!(n.nr as libc::c_long, libc::SYS_accept | libc::SYS_accept4);
+        tracing::info!(
+            app = link.app,
+            id = n.id,
+            nr = n.nr,
+            "finishing a call the previous daemon left unanswered"
+        );
+        if is_accept {
+            if let Some(conn) = stashed.pop() {
+                let outcome = handlers::accept::finish_with(&call, conn);
+                respond(listener, link.journal, &n, outcome);
+                continue;
+            }
+        }
+        dispatch(link, n, true, None, pidfds);
+    }
+    if !stashed.is_empty() {
+        tracing::debug!(
+            app = link.app,
+            count = stashed.len(),
+            "dropping parked duplicates of connections already installed"
+        );
+    }
+}
+
 /// Finishes the parked accepts that can be finished.
 fn resume_parked(
-    shared: &Arc<Shared>,
-    app: AppId,
-    listener: &Arc<NotifyFd>,
-    journal: &Option<Arc<Journal>>,
+    link: &AppLink<'_>,
     parking: &RefCell<Vec<Parked>>,
     ready: &[bool],
     housekeeping: bool,
@@ -333,17 +357,9 @@ fn resume_parked(
     let parked = std::mem::take(&mut *parking.borrow_mut());
     let mut still = Vec::with_capacity(parked.len());
     for (i, p) in parked.into_iter().enumerate() {
-        let call = handlers::Call {
-            shared,
-            app,
-            listener,
-            journal,
-            replay: false,
-            parking: None,
-            notif: p.notif,
-        };
+        let call = link.call(p.notif, false, None);
         match p.resume(&call, ready.get(i).copied().unwrap_or(false), housekeeping) {
-            Some(outcome) => respond(listener, journal, &p.notif, outcome),
+            Some(outcome) => respond(link.listener, link.journal, &p.notif, outcome),
             None => still.push(p),
         }
     }
@@ -356,6 +372,27 @@ pub(crate) struct AppLink<'a> {
     pub(crate) app: AppId,
     pub(crate) listener: &'a Arc<NotifyFd>,
     pub(crate) journal: &'a Option<Arc<Journal>>,
+    pub(crate) stash: &'a Option<Arc<crate::Stash>>,
+}
+
+impl<'a> AppLink<'a> {
+    fn call(
+        &self,
+        notif: Notification,
+        replay: bool,
+        parking: Option<&'a RefCell<Vec<Parked>>>,
+    ) -> handlers::Call<'a> {
+        handlers::Call {
+            shared: self.shared,
+            app: self.app,
+            listener: self.listener,
+            journal: self.journal,
+            stash: self.stash,
+            replay,
+            parking,
+            notif,
+        }
+    }
 }
 
 /// Handles one notification and answers it (now, or from a helper thread
@@ -370,15 +407,7 @@ pub(crate) fn dispatch(
     if let Some(j) = link.journal {
         j.record(&n);
     }
-    let call = handlers::Call {
-        shared: link.shared,
-        app: link.app,
-        listener: link.listener,
-        journal: link.journal,
-        replay,
-        parking,
-        notif: n,
-    };
+    let call = link.call(n, replay, parking);
     let outcome = handlers::handle(&call, pidfds);
     respond(link.listener, link.journal, &n, outcome);
 }

@@ -82,7 +82,7 @@ impl Client {
         }
     }
 
-    /// Sends `req` with `fds` (at most two) attached as `SCM_RIGHTS`, and
+    /// Sends `req` with `fds` (at most four) attached as `SCM_RIGHTS`, and
     /// waits for the answer.
     pub fn call_with_fds(
         &mut self,
@@ -90,7 +90,7 @@ impl Client {
         fds: &[BorrowedFd<'_>],
     ) -> anyhow::Result<Response> {
         let frame = ax_proto::encode(req)?;
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
         if !anc.push(SendAncillaryMessage::ScmRights(fds)) {
             bail!("internal error: no room for the fd in the control message");

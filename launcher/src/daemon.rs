@@ -685,9 +685,15 @@ impl Daemon {
                 None
             }
         });
+        // Connections being handed to a server wait in a socket pair the
+        // launcher also holds: its receiving end, then its sending end.
+        let stash = match (fds.next(), fds.next()) {
+            (Some(recv), Some(send)) => Some(ax_broker::Stash::new(send, recv)),
+            _ => None,
+        };
         match self
             .broker
-            .serve_with_journal(app, NotifyFd::from(fd), journal)
+            .serve_with_journal(app, NotifyFd::from(fd), journal, stash)
         {
             Ok(session) => {
                 tracing::info!(app, pid, "serving app");

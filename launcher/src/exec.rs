@@ -124,8 +124,23 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
             format!("cannot create the call journal: {e}"),
         )
     })?;
+    // Connections the daemon is handing to the program wait in this pair,
+    // which outlives the daemon (see ax_broker::Stash).
+    let (stash_recv, stash_send) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| Failure::new(EXIT_AX_FAILED, format!("cannot create the stash: {e}")))?;
     let attach = Request::AttachListener { app: app.id, pid };
-    let refused = match client.call_with_fds(&attach, &[listener.as_fd(), journal.as_fd()]) {
+    let handed = [
+        listener.as_fd(),
+        journal.as_fd(),
+        stash_recv.as_fd(),
+        stash_send.as_fd(),
+    ];
+    let refused = match client.call_with_fds(&attach, &handed) {
         Ok(Response::Attached) => None,
         Ok(Response::Error(e)) => Some(format!("the daemon did not take the program: {e}")),
         Ok(other) => Some(format!("unexpected answer from the daemon: {other:?}")),
@@ -150,6 +165,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
         info,
         listener,
         journal,
+        stash: [stash_recv, stash_send],
     };
     std::thread::Builder::new()
         .name("ax-handover".into())
@@ -174,6 +190,7 @@ struct Handover {
     info: AppInfo,
     listener: ax_sys::NotifyFd,
     journal: OwnedFd,
+    stash: [OwnedFd; 2],
 }
 
 /// How often a launcher whose daemon died looks for a new one.
@@ -211,7 +228,13 @@ impl Handover {
                 }
             };
             let req = Request::ReattachApp(self.info.clone());
-            match client.call_with_fds(&req, &[self.listener.as_fd(), self.journal.as_fd()]) {
+            let handed = [
+                self.listener.as_fd(),
+                self.journal.as_fd(),
+                self.stash[0].as_fd(),
+                self.stash[1].as_fd(),
+            ];
+            match client.call_with_fds(&req, &handed) {
                 Ok(Response::Attached) => {
                     tracing::info!(app = self.info.id, "handed the program to the new daemon");
                     return client;

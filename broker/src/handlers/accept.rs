@@ -234,6 +234,27 @@ fn complete(
     // As the kernel: a bad addr/addrlen after the accept loses the
     // connection and fails the call.
     probe?;
+    // Park a duplicate where it outlives this daemon (see crate::Stash).
+    let stashed = call
+        .stash
+        .as_ref()
+        .is_some_and(|s| s.put(conn.as_fd()).is_ok());
+    let installed = install(call, target, &conn, v6, cloexec);
+    if stashed {
+        if let Some(s) = call.stash {
+            drop(s.take());
+        }
+    }
+    installed
+}
+
+fn install(
+    call: &Call<'_>,
+    target: &Target,
+    conn: &OwnedFd,
+    v6: bool,
+    cloexec: bool,
+) -> Result<Outcome, Errno> {
     // Install at once, note it, then write the address and answer: from
     // the moment the program holds the connection, a daemon killed at any
     // point loses nothing — its successor finds the fd in the journal and
@@ -256,13 +277,33 @@ fn complete(
     }
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
-        let peer = match peer_name(&conn) {
+        let peer = match peer_name(conn) {
             Some(SocketName::Client { local, .. }) => local,
             _ => addr::unspecified(v6),
         };
         write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
     }
     Ok(Outcome::Value(fd as i64))
+}
+
+/// Finishes an accept with `conn`, a connection an earlier daemon accepted
+/// for it and parked before dying.
+pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
+    let Ok(target) = Target::open(call.notif.pid) else {
+        return Outcome::Answered;
+    };
+    let v6 = match classify(call, &target, call.arg(0)) {
+        Ok(Sock::Swapped { name, .. }) => name.is_v6(),
+        _ => false,
+    };
+    let has_flags = call.notif.nr as libc::c_long == libc::SYS_accept4;
+    let flags = if has_flags { call.int_arg(3) } else { 0 };
+    if flags & libc::SOCK_NONBLOCK != 0 {
+        let _ = super::set_nonblock(&conn, true);
+    }
+    let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+    let probe = probe_addr(call, &target, v6);
+    complete(call, &target, conn, v6, cloexec, probe).into()
 }
 
 /// Answers an accept whose connection an earlier daemon installed as fd

@@ -50,6 +50,8 @@ pub(crate) struct Call<'a> {
     pub(crate) listener: &'a Arc<NotifyFd>,
     /// Where received, unanswered calls are recorded (see `ax_sys::journal`).
     pub(crate) journal: &'a Option<Arc<Journal>>,
+    /// Where accepted connections wait while they are installed.
+    pub(crate) stash: &'a Option<Arc<crate::Stash>>,
     /// The call was received by an earlier daemon that died before
     /// answering: part of it may already be done.
     pub(crate) replay: bool,
@@ -329,6 +331,7 @@ where
     let shared = call.shared.clone();
     let listener = call.listener.clone();
     let journal = call.journal.clone();
+    let stash = call.stash.clone();
     let replay = call.replay;
     let app = call.app;
     let notif = call.notif;
@@ -339,6 +342,7 @@ where
             app,
             listener: &listener,
             journal: &journal,
+            stash: &stash,
             replay,
             parking: None,
             notif,
