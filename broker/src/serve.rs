@@ -232,11 +232,20 @@ fn receive_loop(link: &AppLink<'_>) {
     loop {
         let (revents, ready) = {
             let parked = parking.borrow();
-            let mut fds = Vec::with_capacity(1 + parked.len());
-            fds.push(PollFd::new(listener.as_ref(), PollFlags::IN));
-            for p in parked.iter() {
-                fds.push(PollFd::from_borrowed_fd(p.listener(), PollFlags::IN));
-            }
+            // The common case, nothing parked, polls from the stack: no
+            // allocation per notification.
+            let mut one = [PollFd::new(listener.as_ref(), PollFlags::IN)];
+            let mut many;
+            let fds: &mut [PollFd<'_>] = if parked.is_empty() {
+                &mut one
+            } else {
+                many = Vec::with_capacity(1 + parked.len());
+                many.push(PollFd::new(listener.as_ref(), PollFlags::IN));
+                for p in parked.iter() {
+                    many.push(PollFd::from_borrowed_fd(p.listener(), PollFlags::IN));
+                }
+                &mut many
+            };
             let tick = Timespec::try_from(PARKED_TICK).ok();
             let idle = Timespec {
                 tv_sec: 1,
@@ -249,7 +258,7 @@ fn receive_loop(link: &AppLink<'_>) {
             } else {
                 None
             };
-            match poll(&mut fds, timeout) {
+            match poll(fds, timeout) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
