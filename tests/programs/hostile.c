@@ -197,6 +197,9 @@ static int listener(int family, int p)
     return fd;
 }
 
+/* Bytes known to be written, when a second run told (-1: unknown). */
+static long written_override = -1;
+
 /* What a call wrote into a buffer that was all SENTINEL. */
 static const char *describe_addr(const unsigned char *buf, size_t size, int len,
                                  struct in_addr want_ip, int want_port)
@@ -205,6 +208,8 @@ static const char *describe_addr(const unsigned char *buf, size_t size, int len,
     size_t tail = 0;
     while (tail < size && buf[size - 1 - tail] == SENTINEL)
         tail++;
+    if (written_override >= 0)
+        tail = size - (size_t)written_override;
     int fam = -1;
     if (buf[0] != SENTINEL || buf[1] != SENTINEL)
         fam = *(const unsigned short *)buf;
@@ -266,11 +271,14 @@ static long addr_call(const char *name, long nr, long fd, int len, struct in_add
         memset(again, (unsigned char)~SENTINEL, sizeof again);
         int n2 = len;
         (void)syscall(nr, fd, again, &n2, flags);
+        size_t written = 0;
         for (size_t i = 0; i < sizeof buf; i++)
-            if (buf[i] == SENTINEL && again[i] != (unsigned char)~SENTINEL)
-                buf[i] = again[i];
+            if (buf[i] != SENTINEL || again[i] != (unsigned char)~SENTINEL)
+                written = i + 1;
+        written_override = (long)written;
     }
     report(name, r, e, "%s", describe_addr(buf, sizeof buf, n, want_ip, want_port));
+    written_override = -1;
     return r;
 }
 

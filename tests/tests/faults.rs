@@ -1087,11 +1087,14 @@ fn targets_dying() {
     // Kills a victim's program at a random moment; returns how many of its
     // threads were inside trapped calls just before.
     let kill_victim = |v: &mut App, rng: &mut Rng| -> usize {
-        let out = v.wait_for_stdout("READY", SHORT);
-        let pid: u32 = out
-            .lines()
-            .find_map(|l| l.strip_prefix("READY ")?.trim().parse().ok())
-            .expect("victim pid");
+        // "READY PID\n" may arrive in pieces: wait for the whole line.
+        let pid: u32 = poll(SHORT, Duration::from_millis(5), || {
+            let out = v.stdout();
+            let start = out.find("READY ")? + "READY ".len();
+            let end = start + out[start..].find('\n')?;
+            out[start..end].trim().parse().ok()
+        })
+        .expect("victim pid");
         sleep(rng.ms(20, 300));
         let trapped = threads_in_trapped_calls(pid);
         ax_e2e::signal_pid(pid, Signal::KILL).expect("kill the victim");
