@@ -384,8 +384,41 @@ pub(crate) struct AppLink<'a> {
     pub(crate) stash: &'a Option<Arc<crate::Stash>>,
 }
 
+/// An [`AppLink`] that owns its parts, for work moved to a helper thread.
+pub(crate) struct OwnedAppLink {
+    shared: Arc<Shared>,
+    app: AppId,
+    listener: Arc<NotifyFd>,
+    journal: Option<Arc<Journal>>,
+    stash: Option<Arc<crate::Stash>>,
+}
+
+impl OwnedAppLink {
+    /// The parts of `call`'s link, shared.
+    pub(crate) fn of(call: &handlers::Call<'_>) -> Self {
+        Self {
+            shared: call.shared.clone(),
+            app: call.app,
+            listener: call.listener.clone(),
+            journal: call.journal.clone(),
+            stash: call.stash.clone(),
+        }
+    }
+
+    /// Borrows it back as an [`AppLink`].
+    pub(crate) fn link(&self) -> AppLink<'_> {
+        AppLink {
+            shared: &self.shared,
+            app: self.app,
+            listener: &self.listener,
+            journal: &self.journal,
+            stash: &self.stash,
+        }
+    }
+}
+
 impl<'a> AppLink<'a> {
-    fn call(
+    pub(crate) fn call(
         &self,
         notif: Notification,
         replay: bool,

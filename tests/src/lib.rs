@@ -1083,3 +1083,24 @@ pub fn peer_pid(stream: &UnixStream) -> Option<u32> {
 pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
+
+/// A threaded line-echo server: `python3 -c THREADED_ECHO_SERVER HOST PORT` answers each
+/// line with `echo:LINE`, and prints `LISTENING <pid>` once listening. Its
+/// accept is *blocking*: a trapped call the broker waits on.
+pub const THREADED_ECHO_SERVER: &str = r#"
+import os, socket, sys, threading
+host, port = sys.argv[1], int(sys.argv[2])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+srv = socket.socket(fam, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port))
+srv.listen(128)
+print("LISTENING", os.getpid(), flush=True)
+def handle(c):
+    with c:
+        for line in c.makefile("rb"):
+            c.sendall(b"echo:" + line)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;

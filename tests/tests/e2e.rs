@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ax_e2e::serde_json::{self, json, Value};
 use ax_e2e::{
     descendants, elf_is_static, euid, find_program, free_loopback_port, peer_pid, poll, require,
-    run, run_with_input, signal_pid, unique, App, Daemon, TempDir, SHORT,
+    run, run_with_input, signal_pid, unique, App, Daemon, TempDir, SHORT, THREADED_ECHO_SERVER,
 };
 use rustix::process::Signal;
 
@@ -153,26 +153,6 @@ fn is_v4_vip(s: &str) -> bool {
     s.parse::<std::net::Ipv4Addr>()
         .is_ok_and(|ip| ip.octets()[0] == 10 && ip.octets()[1] == 233)
 }
-
-/// A threaded line-echo server: `python3 -c ECHO_SERVER HOST PORT` answers each
-/// line with `echo:LINE`, and prints `LISTENING <pid>` once listening.
-const ECHO_SERVER: &str = r#"
-import os, socket, sys, threading
-host, port = sys.argv[1], int(sys.argv[2])
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-srv = socket.socket(fam, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((host, port))
-srv.listen(64)
-print("LISTENING", os.getpid(), flush=True)
-def handle(c):
-    with c:
-        for line in c.makefile("rb"):
-            c.sendall(b"echo:" + line)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
-"#;
 
 /// `python3 -c ECHO_CLIENT HOST PORT MSG`: prints the echoed line.
 const ECHO_CLIENT: &str = r#"
@@ -954,7 +934,7 @@ fn connect_to_unserved_vip_port_is_refused() {
     // A served VIP, to also try one of its ports that nobody listens on.
     let mut server = d.spawn(
         &["--ip", "10.233.0.71"],
-        &py(ECHO_SERVER, &["0.0.0.0", "7001"]),
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "7001"]),
     );
     d.wait_for_service(&mut server, "10.233.0.71:7001");
     let out = d.run(
@@ -1017,7 +997,7 @@ fn bind_conflicts_and_foreign_vips() {
     let d = Daemon::start();
     let mut holder = d.spawn(
         &["--ip", "10.233.0.72"],
-        &py(ECHO_SERVER, &["0.0.0.0", "7100"]),
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "7100"]),
     );
     d.wait_for_service(&mut holder, "10.233.0.72:7100");
     let out = d.run(
@@ -1160,7 +1140,7 @@ fn address_query_errors_and_truncation_match_the_kernel() {
 
     let mut server = d.spawn(
         &["--ip", "10.233.0.81"],
-        &py(ECHO_SERVER, &["0.0.0.0", "7600"]),
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "7600"]),
     );
     d.wait_for_service(&mut server, "10.233.0.81:7600");
     let out = d.run(&[], &py(QUERY_PROBE, &["10.233.0.81", "7600"]));
@@ -1195,7 +1175,7 @@ fn vip_is_unreachable_without_ax() {
     let d = Daemon::start();
     let mut server = d.spawn(
         &["--ip", "10.233.0.90", "--ip", "fd00:a8::90"],
-        &py(ECHO_SERVER, &["::", "8300"]),
+        &py(THREADED_ECHO_SERVER, &["::", "8300"]),
     );
     d.wait_for_service(&mut server, "10.233.0.90:8300");
     let out = run(
@@ -1239,7 +1219,7 @@ fn get_apps_and_services() {
             "--label",
             "tier=front",
         ],
-        &py(ECHO_SERVER, &["0.0.0.0", "8400"]),
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "8400"]),
     );
     let svc = d.wait_for_service(&mut server, "10.233.0.100:8400");
     let apps = d.apps();
@@ -1743,7 +1723,7 @@ fn slow_egress_connect_stalls_no_other_call() {
 
     let mut server = d.spawn(
         &["--ip", "10.233.0.130"],
-        &py(ECHO_SERVER, &["0.0.0.0", "9600"]),
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "9600"]),
     );
     d.wait_for_service(&mut server, "10.233.0.130:9600");
     let mut app = d.spawn(

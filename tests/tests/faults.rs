@@ -22,7 +22,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use ax_e2e::serde_json::{self, Value};
-use ax_e2e::{euid, note, poll, require, run, App, Daemon, TempDir, SHORT};
+use ax_e2e::{euid, note, poll, require, run, App, Daemon, TempDir, SHORT, THREADED_ECHO_SERVER};
 use rustix::process::Signal;
 
 // ---------------------------------------------------------------- helpers
@@ -158,25 +158,6 @@ fn strs(v: &[String]) -> Vec<&str> {
 }
 
 // ---------------------------------------------------------------- programs
-
-/// Threaded line-echo server with a *blocking* accept:
-/// `python3 -c THREADED_SERVER HOST PORT`.
-const THREADED_SERVER: &str = r#"
-import os, socket, sys, threading
-host, port = sys.argv[1], int(sys.argv[2])
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((host, port))
-srv.listen(128)
-print("LISTENING", os.getpid(), flush=True)
-def handle(c):
-    with c:
-        for line in c.makefile("rb"):
-            c.sendall(b"echo:" + line)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
-"#;
 
 /// asyncio line-echo server (non-blocking accept through a selector):
 /// `python3 -c ASYNCIO_SERVER HOST PORT`.
@@ -319,7 +300,11 @@ fn daemon_restart_scenario(autostart: bool, base: &str) {
     let o = opts(Some(&vip1));
     let mut blocking = d.spawn(
         &strs(&o),
-        &sc.py("threaded_server", THREADED_SERVER, &["0.0.0.0", "7000"]),
+        &sc.py(
+            "threaded_server",
+            THREADED_ECHO_SERVER,
+            &["0.0.0.0", "7000"],
+        ),
     );
     let o = opts(Some(&vip2));
     let mut asyncio = d.spawn(
@@ -546,7 +531,7 @@ fn daemon_killed_and_autostarted_by_a_launcher() {
     daemon_restart_scenario(true, "10.233.2");
 }
 
-/// A threaded echo server like [`THREADED_SERVER`] that survives a failed
+/// A threaded echo server like [`THREADED_ECHO_SERVER`] that survives a failed
 /// `accept` (printing `ERROR …`) instead of dying, so that one test can
 /// count every failure.
 const TOLERANT_THREADED_SERVER: &str = r#"
@@ -1072,7 +1057,11 @@ fn targets_dying() {
     let mut servers = [
         d.spawn(
             &["--ip", "10.233.4.1"],
-            &sc.py("threaded_server", THREADED_SERVER, &["0.0.0.0", "7000"]),
+            &sc.py(
+                "threaded_server",
+                THREADED_ECHO_SERVER,
+                &["0.0.0.0", "7000"],
+            ),
         ),
         d.spawn(
             &["--ip", "10.233.4.3"],
@@ -2198,7 +2187,11 @@ fn int80_and_x32_socket_calls_fail_with_enosys() {
     let sc = Scripts::new();
     let mut server = d.spawn(
         &["--ip", "10.233.9.1"],
-        &sc.py("threaded_server", THREADED_SERVER, &["0.0.0.0", "7000"]),
+        &sc.py(
+            "threaded_server",
+            THREADED_ECHO_SERVER,
+            &["0.0.0.0", "7000"],
+        ),
     );
     d.wait_for_service(&mut server, "10.233.9.1:7000");
     let parse = |out: &str| -> BTreeMap<String, String> {

@@ -328,27 +328,13 @@ pub(crate) fn defer<F>(call: &Call<'_>, work: F) -> Outcome
 where
     F: FnOnce(&Call<'_>) -> Outcome + Send + 'static,
 {
-    let shared = call.shared.clone();
-    let listener = call.listener.clone();
-    let journal = call.journal.clone();
-    let stash = call.stash.clone();
-    let replay = call.replay;
-    let app = call.app;
-    let notif = call.notif;
-    let pool = call.shared.pool.clone();
-    let spawned = pool.spawn(Box::new(move || {
-        let call = Call {
-            shared: &shared,
-            app,
-            listener: &listener,
-            journal: &journal,
-            stash: &stash,
-            replay,
-            parking: None,
-            notif,
-        };
+    let owned = crate::serve::OwnedAppLink::of(call);
+    let (notif, replay) = (call.notif, call.replay);
+    let spawned = call.shared.pool.spawn(Box::new(move || {
+        let link = owned.link();
+        let call = link.call(notif, replay, None);
         let outcome = work(&call);
-        respond(&listener, &journal, &notif, outcome);
+        respond(link.listener, link.journal, &notif, outcome);
     }));
     match spawned {
         Ok(_) => Outcome::Deferred,
