@@ -497,7 +497,7 @@ fn finish(
     if nonblocking {
         set_in_progress(call, &sock, true);
     }
-    call.check_valid()?;
+    // No ID_VALID here: ADDFD itself fails for a call nobody waits on.
     let outcome = install_over(call, target, call.arg(0), &sock);
     if let Outcome::Value(_) = outcome {
         if let Some(name) = rebind {
