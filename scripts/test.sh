@@ -16,7 +16,8 @@
 # runs) and exits non-zero if anything failed.
 #
 # Environment: AX_E2E_THREADS (default 4) test threads per e2e run;
-# AX_E2E_TIMEOUT (default 15m) limit per e2e test binary and run; extra
+# AX_E2E_TIMEOUT (default 15m) limit per e2e test binary and run;
+# AX_UNIT_TIMEOUT (default 10m) limit for the unit tests; extra
 # arguments are passed to every e2e test binary (e.g. a test name filter).
 set -euo pipefail
 
@@ -25,6 +26,7 @@ ROOT=$PWD
 E2E_USER=axtest
 THREADS=${AX_E2E_THREADS:-4}
 LIMIT=${AX_E2E_TIMEOUT:-15m}
+UNIT_LIMIT=${AX_UNIT_TIMEOUT:-10m}
 E2E_ARGS=("$@")
 
 SUDO=()
@@ -141,7 +143,9 @@ section "unit tests"
 set +e
 # Some of these (the embedded broker, the CLI) run real programs that
 # connect to VIPs: they too run in a namespace with loopback only.
-"${SUDO[@]}" unshare --net -- bash -c 'ip link set lo up && exec "$@"' sh \
+# A hang is a failure within UNIT_LIMIT, never a stalled CI run.
+"${SUDO[@]}" timeout --kill-after=30s "$UNIT_LIMIT" \
+    unshare --net -- bash -c 'ip link set lo up && exec "$@"' sh \
     cargo test --offline --workspace --exclude ax-e2e 2>&1 | tee "$WORK/unit.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -2,17 +2,29 @@
 //! refused, and calls through another ABI (x32, 32-bit `int 0x80`) fail
 //! instead of slipping past the trap.
 
-use ax_broker::launch;
+use ax_broker::{launch, Broker, BrokerConfig};
+use ax_registry::{AppSpec, LocalRegistry};
 use std::process::Command;
+use std::sync::Arc;
 
+/// Runs `program` under the filter, served by a real broker: whatever the
+/// program's start-up traps (a libc lookup that connects to a UNIX socket,
+/// say) is answered instead of waiting for a listener nobody reads.
 fn run_under_filter(program: &str, args: &[&str]) -> String {
+    let registry = Arc::new(LocalRegistry::default());
+    let broker = Broker::new(registry.clone(), BrokerConfig::default());
+    let app = registry
+        .register_app(&AppSpec::default(), 0)
+        .expect("register app");
     let filter = launch::compile_filter().expect("filter compiles");
     let mut cmd = Command::new(program);
     cmd.args(args).stdout(std::process::Stdio::piped());
     let sandboxed = launch::spawn(&mut cmd, &filter).expect("spawn under filter");
-    // Nothing here is trapped, so no broker needs to serve the listener.
+    let session = broker
+        .serve(app.id, sandboxed.listener)
+        .expect("serve the program");
     let out = sandboxed.child.wait_with_output().expect("wait");
-    drop(sandboxed.listener);
+    session.join();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
