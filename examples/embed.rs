@@ -35,9 +35,9 @@ impl Directory for OneService {
     fn app_vips(&self, _app: AppId) -> Vec<IpAddr> {
         vec!["10.233.1.2".parse().expect("static address")]
     }
-    fn resolve(&self, _client: AppId, dst: SocketAddr) -> Result<UnixEndpoint, ResolveError> {
+    fn resolve(&self, _client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError> {
         if dst == self.service {
-            Ok(UnixEndpoint::Path(self.socket.clone()))
+            Ok(vec![UnixEndpoint::Path(self.socket.clone())])
         } else {
             Err(ResolveError::NoService(dst))
         }

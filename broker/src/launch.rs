@@ -7,7 +7,7 @@
 //! Until a broker receives on that fd, the program's trapped calls simply
 //! wait in the kernel.
 
-use ax_sys::prexec::{arrange_filter_before_exec, FilterProgram};
+use ax_sys::prexec::{arrange_filter_before_exec, FileOverlay, FilterProgram};
 use ax_sys::NotifyFd;
 use libseccomp::{
     ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterAttr, ScmpFilterContext, ScmpSyscall,
@@ -99,6 +99,19 @@ pub struct Sandboxed {
     pub child: Child,
     /// Its notify fd: hand it to [`crate::Broker::serve`].
     pub listener: NotifyFd,
+    /// Why [`SpawnOptions::hosts_file`] could not be shown to the program
+    /// (it runs anyway, with the host's `/etc/hosts`).
+    pub hosts_error: Option<io::Error>,
+}
+
+/// How [`spawn_with`] prepares the child besides the filter.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOptions {
+    /// A file the program sees as its `/etc/hosts`, through a bind mount in
+    /// a mount namespace of its own (and, without root, a user namespace
+    /// mapping the caller's uid and gid to themselves). The file itself
+    /// stays shared: rewrite it in place, never replace it.
+    pub hosts_file: Option<std::path::PathBuf>,
 }
 
 /// Spawns `cmd` with `filter` loaded in the child just before `execve`.
@@ -107,30 +120,63 @@ pub struct Sandboxed {
 /// descendants inherit the filter. Errors from `execve` (program not found,
 /// not executable) are returned as by [`Command::spawn`].
 pub fn spawn(cmd: &mut Command, filter: &FilterProgram) -> io::Result<Sandboxed> {
+    spawn_with(cmd, filter, &SpawnOptions::default())
+}
+
+/// [`spawn`], with [`SpawnOptions`].
+pub fn spawn_with(
+    cmd: &mut Command,
+    filter: &FilterProgram,
+    options: &SpawnOptions,
+) -> io::Result<Sandboxed> {
+    let root = ax_sys::process::is_effective_root();
+    let overlay = match &options.hosts_file {
+        Some(source) => Some(FileOverlay::new(
+            source,
+            std::path::Path::new("/etc/hosts"),
+            !root,
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        )?),
+        None => None,
+    };
     let (parent_end, child_end) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::STREAM,
         rustix::net::SocketFlags::CLOEXEC,
         None,
     )?;
-    let no_new_privs = !ax_sys::process::is_effective_root();
-    // The child only makes raw system calls (prctl, seccomp, sendmsg, close)
-    // before execve; none of them is trapped.
-    arrange_filter_before_exec(cmd, filter.clone(), no_new_privs, child_end.as_raw_fd());
+    let no_new_privs = !root;
+    // The child only makes raw system calls (unshare, mount, prctl,
+    // seccomp, sendmsg, close) before execve; none of them is trapped.
+    arrange_filter_before_exec(
+        cmd,
+        filter.clone(),
+        no_new_privs,
+        overlay,
+        child_end.as_raw_fd(),
+    );
     let spawned = cmd.spawn();
     drop(child_end);
     let child = spawned?;
-    let listener = receive_listener(&parent_end).inspect_err(|_| {
+    let (listener, overlay_status) = receive_listener(&parent_end).inspect_err(|_| {
         // The child could not hand over its listener; it must not run free.
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_child(&child),
             rustix::process::Signal::KILL,
         );
     })?;
-    Ok(Sandboxed { child, listener })
+    let hosts_error =
+        (overlay_status != 0).then(|| io::Error::from_raw_os_error(i32::from(overlay_status)));
+    Ok(Sandboxed {
+        child,
+        listener,
+        hosts_error,
+    })
 }
 
-fn receive_listener(sock: &OwnedFd) -> io::Result<NotifyFd> {
+/// The notify fd and the child's status byte (an errno of the overlay, or 0).
+fn receive_listener(sock: &OwnedFd) -> io::Result<(NotifyFd, u8)> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
@@ -144,7 +190,7 @@ fn receive_listener(sock: &OwnedFd) -> io::Result<NotifyFd> {
     for m in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(mut fds) = m {
             if let Some(fd) = fds.next() {
-                return Ok(NotifyFd::from(fd));
+                return Ok((NotifyFd::from(fd), byte[0]));
             }
         }
     }

@@ -23,6 +23,11 @@ pub struct BrokerConfig {
     /// brokers (one per user, or per test) can share a network namespace.
     /// Keep it stable across restarts of the same daemon.
     pub instance: u32,
+    /// How long a blocking connect to a VIP whose service is not up yet
+    /// waits for it, unless the app says otherwise
+    /// ([`ax_registry::Directory::connect_wait`]). Zero: refuse at once,
+    /// as TCP does.
+    pub connect_wait: std::time::Duration,
 }
 
 impl Default for BrokerConfig {
@@ -35,6 +40,7 @@ impl Default for BrokerConfig {
             .unwrap_or(0);
         Self {
             instance: std::process::id().rotate_left(16) ^ nanos,
+            connect_wait: std::time::Duration::ZERO,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! Command-line syntax of `ax`: the clap structures and the validators that
 //! reject bad option values before anything runs.
 
-use ax_registry::VipPool;
+use ax_registry::{LbMode, VipPool};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 const TOP_AFTER_HELP: &str = "\
 Examples:
@@ -34,19 +35,40 @@ Examples:
   # A client in another terminal; its virtual IP comes from the pool
   ax exec -- curl -s http://10.233.0.10:8000/
 
-  # Labels for 'ax get apps' (and, later, policy)
-  ax exec --label tier=backend --label team=pay -- ./server";
+  # Two replicas behind one name: connections to web:8000 alternate
+  ax exec --name web -- python3 -m http.server 8000
+  ax exec --name web -- python3 -m http.server 8000
+  ax exec -- curl -s http://web:8000/
+
+  # A client that may start before its server: wait up to 30 s for it
+  ax exec --connect-wait 30s -- ./client http://10.233.0.10:8000/
+
+  # Labels decide who may connect: by default, apps sharing a label
+  ax exec --label tier=backend --label team=pay -- ./server
+
+Names: every '--name NAME' makes NAME and NAME.ax resolve to the app's VIP
+for programs under ax (glibc, musl, static binaries and Go alike: ax shows
+them an /etc/hosts of its own, kept current, in a private mount namespace).";
 
 const DAEMON_AFTER_HELP: &str = "\
 The daemon runs in the foreground and logs to stderr (set RUST_LOG, e.g.
 RUST_LOG=debug, for more). SIGINT or SIGTERM stops it and removes its socket.
-Programs still running keep their established connections, but their next
-bind, connect or accept waits: handing them to a new daemon is not
-implemented yet, so restart them.
+Programs still running keep their established connections; their next
+bind, connect or accept waits until a daemon runs again on the same socket,
+and their launchers hand them over to it. SIGHUP reloads the --policy file.
+
+Policy file (TOML), e.g.:
+  default = \"deny\"            # or \"shared-label\" (the default), \"allow\"
+  [[allow]]
+  name = \"web-to-db\"
+  from = { tier = \"web\" }
+  to = { tier = \"db\" }
+  ports = [5432, \"8000-8099\"]
 
 Examples:
   ax daemon
   ax daemon --socket /tmp/ax-test/ax.sock --vip-pool 10.99.0.0/16
+  ax daemon --policy /etc/ax/policy.toml --connect-wait 10s
   RUST_LOG=debug ax daemon";
 
 const GET_AFTER_HELP: &str = "\
@@ -110,14 +132,28 @@ pub struct ExecArgs {
     #[arg(long = "ip", value_name = "VIP", value_parser = parse_vip)]
     pub ips: Vec<IpAddr>,
 
-    /// Name of the app, e.g. 'web', shown by 'ax get apps' (resolving
-    /// names for other programs is not implemented yet)
+    /// Name of the app (repeatable): NAME and NAME.ax resolve to its VIP for
+    /// every program under ax. Apps started with the same name share its
+    /// VIP and its connections
     #[arg(long = "name", value_name = "NAME", value_parser = parse_name)]
     pub names: Vec<String>,
 
-    /// Label of the program, shown by 'ax get apps'
+    /// Label of the program (repeatable). Without a policy file, a client
+    /// may connect to a server when they share a label; apps without labels
+    /// have zone=default
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+
+    /// How connections to this app's name are spread over its replicas
+    /// [default: round-robin]
+    #[arg(long, value_name = "MODE", value_parser = parse_lb)]
+    pub lb: Option<LbMode>,
+
+    /// How long a blocking connect to a VIP or name whose service is not up
+    /// yet waits for it, e.g. 500ms, 10s, 2m [default: the daemon's
+    /// --connect-wait]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_wait: Option<Duration>,
 
     #[command(flatten)]
     pub socket: SocketArg,
@@ -148,6 +184,16 @@ pub struct DaemonArgs {
     /// [default: 10.233.0.0/16 and fd00:a8::/64]
     #[arg(long = "vip-pool", value_name = "CIDR", value_parser = parse_pool)]
     pub vip_pools: Vec<VipPool>,
+
+    /// Who may connect to whom: a TOML file of allow rules by label
+    /// selector and port (see below); reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// How long a blocking connect to a service that is not up yet waits
+    /// for it, unless the app sets its own --connect-wait
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    pub connect_wait: Duration,
 
     /// Write "ready" and a newline to this inherited fd (a pipe or file)
     /// once the socket listens
@@ -298,6 +344,40 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
+/// Parses a `--lb` value.
+pub fn parse_lb(s: &str) -> Result<LbMode, String> {
+    s.parse()
+}
+
+/// Parses a duration: a number with a unit `ms`, `s`, `m` or `h` (a bare
+/// number is seconds), e.g. `500ms`, `10s`, `1.5m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 500ms, 10s, 2m)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "'{other}' in '{s}' is not a unit: use ms, s, m or h"
+            ))
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// Parses a `--vip-pool` value.
 pub fn parse_pool(s: &str) -> Result<VipPool, String> {
     VipPool::parse(s)
@@ -362,6 +442,21 @@ mod tests {
             assert!(parse_label(bad).is_err(), "{bad:?} accepted");
         }
         assert!(parse_label(&format!("k={}", "v".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn durations_and_lb() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "s", "10x", "-1s", "1e999s", "ten"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_lb("random"), Ok(LbMode::Random));
+        assert_eq!(parse_lb("round-robin"), Ok(LbMode::RoundRobin));
+        assert!(parse_lb("least-conn").is_err());
     }
 
     #[test]

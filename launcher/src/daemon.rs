@@ -7,12 +7,13 @@
 //! serves the app on a thread of its own until its last process exits.
 
 use crate::cli::DaemonArgs;
+use crate::hosts::HostsFile;
 use crate::paths;
 use anyhow::{bail, Context};
 use ax_broker::SocketName;
 use ax_broker::{Broker, BrokerConfig, NotifyFd, Session};
 use ax_proto::{FrameError, Request, Response};
-use ax_registry::{AppId, AppInfo, Directory, LocalRegistry, Snapshot, UnixEndpoint};
+use ax_registry::{AppId, AppInfo, Directory, LocalRegistry, Policy, Snapshot, UnixEndpoint};
 use ax_sys::journal::Journal;
 use rustix::fs::FlockOperation;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -22,6 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
@@ -118,6 +120,24 @@ impl Daemon {
         }
     }
 
+    /// SIGHUP: reads the policy file again; a file that does not load
+    /// leaves the policy in force.
+    fn reload_policy(&self, path: Option<&Path>) {
+        let Some(path) = path else {
+            tracing::info!("SIGHUP: no --policy file to reload");
+            return;
+        };
+        match Policy::load(path) {
+            Ok(policy) => {
+                tracing::info!(file = %path.display(), rules = policy.rule_count(), "SIGHUP: policy reloaded");
+                self.registry.set_policy(policy);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: policy not reloaded; the previous one stays in force");
+            }
+        }
+    }
+
     /// Forgets sessions whose app has exited, logging each, and apps that
     /// nobody serves whose program is gone (taken over from a predecessor
     /// but never handed back).
@@ -163,9 +183,36 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     } else {
         LocalRegistry::new(args.vip_pools.clone())
     });
+    if let Some(policy_path) = &args.policy {
+        let policy = Policy::load(policy_path)?;
+        tracing::info!(file = %policy_path.display(), rules = policy.rule_count(), "policy loaded");
+        registry.set_policy(policy);
+    }
     let instance = paths::fnv1a32(path.as_os_str().as_bytes());
     let directory: Arc<dyn Directory> = registry.clone();
-    let broker = Broker::new(directory, BrokerConfig { instance });
+    let broker = Broker::new(
+        directory,
+        BrokerConfig {
+            instance,
+            connect_wait: args.connect_wait,
+        },
+    );
+    // Names: a hosts file the launchers show their programs as /etc/hosts.
+    let hosts_path = paths::hosts_path(&path);
+    let stop_hosts = Arc::new(AtomicBool::new(false));
+    let hosts_thread = match HostsFile::open(&hosts_path) {
+        Ok(hosts) => {
+            let (registry, stop) = (registry.clone(), stop_hosts.clone());
+            std::thread::Builder::new()
+                .name("ax-hosts".into())
+                .spawn(move || hosts.keep_current(registry, stop))
+                .ok()
+        }
+        Err(e) => {
+            tracing::warn!(file = %hosts_path.display(), error = %e, "cannot create the hosts file; names will not resolve");
+            None
+        }
+    };
     let pools = registry
         .pools()
         .iter()
@@ -195,12 +242,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             tokio::net::UnixListener::from_std(listener).context("cannot watch the socket")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        // A daemon started by `ax exec` outlives the terminal it came from.
-        let mut sighup = if args.detached {
-            Some(signal(SignalKind::hangup()).context("cannot handle SIGHUP")?)
-        } else {
-            None
-        };
+        // SIGHUP reloads the policy; a daemon started by `ax exec` also
+        // outlives the terminal it came from.
+        let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         tracing::info!(
             socket = %path.display(),
             pid = std::process::id(),
@@ -229,12 +273,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 },
                 _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); break; }
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-                _ = async {
-                    match sighup.as_mut() {
-                        Some(s) => s.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => tracing::info!("SIGHUP ignored (started by ax exec)"),
+                _ = sighup.recv() => daemon.reload_policy(args.policy.as_deref()),
                 _ = reap.tick() => {
                     daemon.reap_sessions();
                     daemon.save_state();
@@ -243,9 +282,14 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         }
         anyhow::Ok(())
     });
-    // Remove the socket only if it is still ours.
+    // Remove the socket only if it is still ours. The hosts file stays:
+    // running programs have it mounted, and a successor rewrites it.
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
+    }
+    stop_hosts.store(true, Ordering::Relaxed);
+    if let Some(t) = hosts_thread {
+        let _ = t.join();
     }
     daemon.reap_sessions();
     daemon.save_state();

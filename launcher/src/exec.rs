@@ -102,11 +102,22 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
 
     // Hold the state lock across spawn: a signal arriving meanwhile waits
     // and then reaches the program rather than ending the launcher.
+    // Names: the daemon's hosts file stands in for /etc/hosts.
+    let hosts = paths::hosts_path(&path);
+    let options = ax_broker::launch::SpawnOptions {
+        hosts_file: (hosts.is_file() && Path::new("/etc/hosts").is_file()).then_some(hosts),
+    };
     let mut guard = lock(&state);
-    let sandboxed = match ax_broker::launch::spawn(&mut cmd, &filter) {
+    let sandboxed = match ax_broker::launch::spawn_with(&mut cmd, &filter, &options) {
         Ok(s) => s,
         Err(e) => return Err(spawn_failure(program, e).into()),
     };
+    if let Some(e) = &sandboxed.hosts_error {
+        eprintln!(
+            "ax: warning: names of apps under ax will not resolve for this program: \
+             cannot show it ax's hosts file ({e}); user or mount namespaces may be disabled here"
+        );
+    }
     let mut child = sandboxed.child;
     let pid = child.id();
     *guard = ChildState::Running(signal_target(&child));
@@ -282,8 +293,10 @@ fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
     }
     let mut names: Vec<String> = Vec::new();
     for n in &args.names {
-        if !names.contains(n) {
-            names.push(n.clone());
+        // `web.ax` and `web` are one name.
+        let n = n.strip_suffix(".ax").unwrap_or(n).to_string();
+        if !names.contains(&n) {
+            names.push(n);
         }
     }
     Ok(AppSpec {
@@ -295,6 +308,8 @@ fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect(),
+        lb: args.lb,
+        connect_wait: args.connect_wait,
     })
 }
 

@@ -70,21 +70,36 @@ pub fn run(args: GetArgs) -> anyhow::Result<i32> {
 }
 
 /// A service as `ax get services -o json` shows it: [`ServiceInfo`] with
-/// the endpoint spelled as in the table (`@name` for an abstract socket, a
-/// path otherwise) rather than as an array of bytes.
+/// each backend's listener spelled as in the table (`@name` for an abstract
+/// socket, a path otherwise) rather than as an array of bytes.
 #[derive(Debug, Serialize)]
 struct ServiceView {
     addr: SocketAddr,
-    owner: AppId,
-    endpoint: String,
+    names: Vec<String>,
+    lb: String,
+    backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendView {
+    app: AppId,
+    listener: String,
 }
 
 impl From<&ServiceInfo> for ServiceView {
     fn from(s: &ServiceInfo) -> Self {
         Self {
             addr: s.addr,
-            owner: s.owner,
-            endpoint: s.endpoint.to_string(),
+            names: s.names.clone(),
+            lb: s.lb.to_string(),
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    app: b.app,
+                    listener: b.endpoint.to_string(),
+                })
+                .collect(),
         }
     }
 }
@@ -92,19 +107,24 @@ impl From<&ServiceInfo> for ServiceView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ax_registry::UnixEndpoint;
+    use ax_registry::{Backend, LbMode, UnixEndpoint};
 
     #[test]
     fn service_json_spells_the_endpoint() {
         let s = ServiceInfo {
             addr: "10.233.0.10:8000".parse().unwrap(),
-            owner: 4,
-            endpoint: UnixEndpoint::Abstract(b"ax/1/x".to_vec()),
+            names: vec!["web".into()],
+            lb: LbMode::RoundRobin,
+            backends: vec![Backend {
+                app: 4,
+                endpoint: UnixEndpoint::Abstract(b"ax/1/x".to_vec()),
+            }],
         };
         let json = serde_json::to_value(ServiceView::from(&s)).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"addr": "10.233.0.10:8000", "owner": 4, "endpoint": "@ax/1/x"})
+            serde_json::json!({"addr": "10.233.0.10:8000", "names": ["web"], "lb": "round-robin",
+                "backends": [{"app": 4, "listener": "@ax/1/x"}]})
         );
     }
 }

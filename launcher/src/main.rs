@@ -11,6 +11,7 @@ mod client;
 mod daemon;
 mod exec;
 mod get;
+mod hosts;
 mod paths;
 mod table;
 

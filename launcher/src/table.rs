@@ -153,19 +153,30 @@ pub fn apps_table(apps: &[AppInfo], now: u64) -> String {
     )
 }
 
-/// The `ax get services` table.
+/// The `ax get services` table: one row per backend; a service's further
+/// backends leave its own columns blank.
 pub fn services_table(services: &[ServiceInfo]) -> String {
-    let rows: Vec<Vec<String>> = services
-        .iter()
-        .map(|s| {
-            vec![
-                s.addr.to_string(),
-                s.owner.to_string(),
-                s.endpoint.to_string(),
-            ]
-        })
-        .collect();
-    render(&["ADDRESS", "APP", "LISTENER"], &rows)
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for s in services {
+        for (i, b) in s.backends.iter().enumerate() {
+            let service = if i == 0 {
+                vec![
+                    s.addr.to_string(),
+                    or_none(s.names.join(",")),
+                    s.lb.to_string(),
+                ]
+            } else {
+                vec![String::new(); 3]
+            };
+            rows.push(
+                service
+                    .into_iter()
+                    .chain([b.app.to_string(), b.endpoint.to_string()])
+                    .collect(),
+            );
+        }
+    }
+    render(&["ADDRESS", "NAMES", "LB", "APP", "LISTENER"], &rows)
 }
 
 #[cfg(test)]
@@ -241,6 +252,8 @@ mod tests {
             labels: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
             command: vec!["python3".into(), "-m".into(), "http.server".into()],
             started_unix: 1000,
+            lb: None,
+            connect_wait: None,
         };
         let bare = AppInfo {
             id: 12,
@@ -263,10 +276,11 @@ ID  PID   VIPS                   NAMES    LABELS   AGE  COMMAND
 
     #[test]
     fn service_rows() {
-        let s = |addr: &str, owner, ep| ServiceInfo {
+        let s = |addr: &str, app, endpoint| ServiceInfo {
             addr: addr.parse().unwrap(),
-            owner,
-            endpoint: ep,
+            names: vec![],
+            lb: ax_registry::LbMode::RoundRobin,
+            backends: vec![ax_registry::Backend { app, endpoint }],
         };
         let t = services_table(&[
             s(
@@ -281,9 +295,22 @@ ID  PID   VIPS                   NAMES    LABELS   AGE  COMMAND
             ),
         ]);
         let want = "\
-ADDRESS          APP  LISTENER
-10.233.0.2:8000  3    @ax/1/10.233.0.2:8000
-[fd00:a8::2]:80  4    /tmp/x.sock
+ADDRESS          NAMES   LB           APP  LISTENER
+10.233.0.2:8000  <none>  round-robin  3    @ax/1/10.233.0.2:8000
+[fd00:a8::2]:80  <none>  round-robin  4    /tmp/x.sock
+";
+        assert_eq!(t, want);
+        let mut shared = s("10.233.0.9:80", 5, UnixEndpoint::Abstract(b"a".to_vec()));
+        shared.names = vec!["web".into()];
+        shared.backends.push(ax_registry::Backend {
+            app: 6,
+            endpoint: UnixEndpoint::Abstract(b"b".to_vec()),
+        });
+        let t = services_table(&[shared]);
+        let want = "\
+ADDRESS        NAMES  LB           APP  LISTENER
+10.233.0.9:80  web    round-robin  5    @a
+                                   6    @b
 ";
         assert_eq!(t, want);
     }

@@ -127,22 +127,13 @@ fn socket_inode(pid: u32, fd: u32) -> String {
         .to_string()
 }
 
-/// A service's UNIX endpoint as `ss` prints it (`@name` for abstract names),
-/// whether the JSON gives it as a string or as `{"Abstract": [bytes]}` /
-/// `{"Path": "…"}`.
+/// The first backend's UNIX listener as `ss` prints it (`@name` for
+/// abstract names).
 fn endpoint_name(svc: &Value) -> String {
-    let e = &svc["endpoint"];
-    if let Some(s) = e.as_str() {
-        return s.to_string();
-    }
-    if let Some(b) = e["Abstract"].as_array() {
-        let b: Vec<u8> = b.iter().map(|x| x.as_u64().unwrap_or(0) as u8).collect();
-        return format!("@{}", String::from_utf8_lossy(&b));
-    }
-    if let Some(p) = e["Path"].as_str() {
-        return p.to_string();
-    }
-    panic!("service has no UNIX endpoint: {svc}")
+    svc["backends"][0]["listener"]
+        .as_str()
+        .unwrap_or_else(|| panic!("service has no backend listener: {svc}"))
+        .to_string()
 }
 
 fn as_u32(v: &Value) -> u32 {
@@ -1229,9 +1220,11 @@ fn get_apps_and_services() {
         .unwrap_or_else(|| panic!("no app with VIP 10.233.0.100: {apps:?}"))
         .clone();
     assert_eq!(
-        svc["owner"], app["id"],
-        "service owner vs app id: {svc} {app}"
+        svc["backends"][0]["app"], app["id"],
+        "service backend vs app id: {svc} {app}"
     );
+    assert_eq!(svc["names"], json!(["web"]), "{svc}");
+    assert_eq!(svc["lb"], json!("round-robin"), "{svc}");
     assert_eq!(app["names"], json!(["web"]), "{app}");
     assert_eq!(app["labels"], json!({"tier": "front"}), "{app}");
     assert_eq!(app["uid"], json!(euid()), "{app}");

@@ -140,14 +140,11 @@ fn sorted_identities(apps: &[Value]) -> Vec<String> {
     v
 }
 
-/// What must survive of a service: address, owner and endpoint.
+/// What must survive of a service: address and backends.
 fn sorted_services(services: &[Value]) -> Vec<String> {
     let mut v: Vec<String> = services
         .iter()
-        .map(|s| {
-            serde_json::json!({"addr": s["addr"], "owner": s["owner"], "endpoint": s["endpoint"]})
-                .to_string()
-        })
+        .map(|s| serde_json::json!({"addr": s["addr"], "backends": s["backends"]}).to_string())
         .collect();
     v.sort();
     v

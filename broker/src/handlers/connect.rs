@@ -33,12 +33,12 @@ use crate::addr::{self, Purpose};
 use crate::names::SocketName;
 use crate::serve::next_client_port;
 use crate::target::{errno_of, Errno, Target};
-use ax_registry::UnixEndpoint;
+use ax_registry::{ResolveError, UnixEndpoint};
 use rustix::net::sockopt::{self, Timeout};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a connect to a service whose backlog is full may wait.
 const FULL_BACKLOG_WAIT: Duration = Duration::from_secs(60);
@@ -321,13 +321,131 @@ fn connect_virtual(
             return Ok(Outcome::Errno(libc::EISCONN));
         }
     }
-    let endpoint = match dir.resolve(call.app, dst) {
-        Ok(ep) => ep,
+    let endpoints = match dir.resolve(call.app, dst) {
+        Ok(eps) => eps,
+        Err(ResolveError::NoService(_)) => {
+            let wait = dir
+                .connect_wait(call.app)
+                .unwrap_or(call.shared.config.connect_wait);
+            if wait.is_zero() || is_nonblocking(copy) {
+                tracing::debug!(app = call.app, %dst, "connect refused: no service");
+                return refused(call, target, copy, v6, rebind.is_some());
+            }
+            // --connect-wait: the service may come up; wait for it off the
+            // receive loop.
+            let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
+            return Ok(defer(call, move |call| {
+                wait_for_service(call, &copy, v6, dst, rebind, wait).into()
+            }));
+        }
         Err(e) => {
-            tracing::debug!(app = call.app, %dst, reason = %e, "connect refused");
+            log_denied(&e);
             return refused(call, target, copy, v6, rebind.is_some());
         }
     };
+    deliver(
+        call, target, copy, v6, dst, rebind, endpoints, local_port, false,
+    )
+}
+
+fn log_denied(e: &ResolveError) {
+    if let ResolveError::Denied {
+        dst,
+        client,
+        client_labels,
+        server,
+        server_labels,
+        rule,
+    } = e
+    {
+        tracing::warn!(
+            client_app = client,
+            client_labels = %labels_text(client_labels),
+            server_app = server,
+            server_labels = %labels_text(server_labels),
+            %dst,
+            %rule,
+            "connect denied by policy"
+        );
+    }
+}
+
+fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A blocking connect to a service that is not up yet, under
+/// `--connect-wait`: waits (in slices, so that a program killed or
+/// signalled meanwhile is noticed) until the service appears or the wait
+/// ends in `ECONNREFUSED`.
+fn wait_for_service(
+    call: &Call<'_>,
+    copy: &OwnedFd,
+    v6: bool,
+    dst: SocketAddr,
+    rebind: Option<SocketName>,
+    wait: Duration,
+) -> Result<Outcome, Errno> {
+    let dir = &call.shared.directory;
+    let deadline = Instant::now() + wait;
+    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
+    tracing::debug!(app = call.app, %dst, ?wait, "connect waits for the service");
+    loop {
+        let seen = dir.generation();
+        match dir.resolve(call.app, dst) {
+            Ok(endpoints) => {
+                let local_port = rustix::net::getsockname(copy)
+                    .ok()
+                    .and_then(|a| SocketAddr::try_from(a).ok())
+                    .map(|a| a.port())
+                    .unwrap_or(0);
+                return deliver(
+                    call, &target, copy, v6, dst, rebind, endpoints, local_port, true,
+                );
+            }
+            Err(ResolveError::NoService(_)) => {}
+            Err(e) => {
+                log_denied(&e);
+                return Ok(Outcome::Errno(libc::ECONNREFUSED));
+            }
+        }
+        if !call.still_valid() {
+            return Ok(Outcome::Answered);
+        }
+        if target.signal_pending() {
+            return Err(libc::EINTR);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::debug!(app = call.app, %dst, "connect-wait ended: no service");
+            return Ok(Outcome::Errno(libc::ECONNREFUSED));
+        }
+        dir.wait_for_change(seen, deadline.min(now + BACKLOG_SLICE));
+    }
+}
+
+/// Connects a new UNIX socket, named after the client's VIP:port and the
+/// destination, to the first of `endpoints` that takes it (a backend that
+/// refuses is skipped and forgotten), and installs it over the program's
+/// socket. `waiting`: already off the receive loop, so a full backlog is
+/// waited for here.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    call: &Call<'_>,
+    target: &Target,
+    copy: &OwnedFd,
+    v6: bool,
+    dst: SocketAddr,
+    rebind: Option<SocketName>,
+    endpoints: Vec<UnixEndpoint>,
+    local_port: u16,
+    waiting: bool,
+) -> Result<Outcome, Errno> {
+    let dir = &call.shared.directory;
     // A port the program bound before connecting is kept.
     let bound_port = match rebind {
         Some(SocketName::Listener { bound, .. }) => bound.port(),
@@ -342,54 +460,66 @@ fn connect_virtual(
     )
     .map_err(|e| e.raw_os_error())?;
     bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
-    let target_addr = endpoint_addr(&endpoint)?;
-    match rustix::net::connect(&sock, &target_addr) {
-        Ok(()) => finish(call, target, copy, sock, rebind),
-        Err(e) if e == rustix::io::Errno::AGAIN => {
-            // The listener's backlog is full: TCP would keep retrying its
-            // SYN; wait for room off the receive loop.
-            let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
-            Ok(defer(call, move |call| {
-                let waited = (|| {
-                    // Wait for room in short slices: a program killed
-                    // meanwhile, or interrupted by a signal, must not keep
-                    // this thread (and what it holds) for the whole wait.
-                    set_nonblock(&sock, false)?;
-                    sockopt::set_socket_timeout(&sock, Timeout::Send, Some(BACKLOG_SLICE))
-                        .map_err(|e| e.raw_os_error())?;
-                    let deadline = std::time::Instant::now() + FULL_BACKLOG_WAIT;
-                    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
-                    loop {
-                        match rustix::net::connect(&sock, &target_addr) {
-                            Ok(()) => break,
-                            Err(e) if e == rustix::io::Errno::AGAIN => {}
-                            Err(e) => return Err(e.raw_os_error()),
-                        }
-                        if !call.still_valid() {
-                            return Ok(Outcome::Answered);
-                        }
-                        if target.signal_pending() {
-                            return Err(libc::EINTR);
-                        }
-                        if std::time::Instant::now() >= deadline {
-                            return Err(libc::ETIMEDOUT);
-                        }
-                    }
-                    sockopt::set_socket_timeout(&sock, Timeout::Send, None)
-                        .map_err(|e| e.raw_os_error())?;
-                    finish(call, &target, &copy, sock, rebind)
-                })();
-                waited.into()
-            }))
-        }
-        Err(e) => {
-            if !endpoint_alive(&endpoint) {
-                dir.release(&endpoint);
+    for endpoint in endpoints {
+        let target_addr = endpoint_addr(&endpoint)?;
+        match rustix::net::connect(&sock, &target_addr) {
+            Ok(()) => return finish(call, target, copy, sock, rebind),
+            Err(e) if e == rustix::io::Errno::AGAIN => {
+                // The listener's backlog is full: TCP would keep retrying
+                // its SYN; wait for room off the receive loop.
+                if waiting {
+                    return wait_for_room(call, copy, sock, target_addr, rebind);
+                }
+                let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
+                return Ok(defer(call, move |call| {
+                    wait_for_room(call, &copy, sock, target_addr, rebind).into()
+                }));
             }
-            tracing::debug!(app = call.app, %dst, error = %e, "service listener did not accept");
-            refused(call, target, copy, v6, rebind.is_some())
+            Err(e) => {
+                if !endpoint_alive(&endpoint) {
+                    dir.release(&endpoint);
+                }
+                tracing::debug!(app = call.app, %dst, %endpoint, error = %e, "backend did not accept; trying the next");
+            }
         }
     }
+    refused(call, target, copy, v6, rebind.is_some())
+}
+
+/// Waits, off the receive loop, for room in a full listener's backlog.
+fn wait_for_room(
+    call: &Call<'_>,
+    copy: &OwnedFd,
+    sock: OwnedFd,
+    target_addr: rustix::net::SocketAddrUnix,
+    rebind: Option<SocketName>,
+) -> Result<Outcome, Errno> {
+    // Wait for room in short slices: a program killed meanwhile, or
+    // interrupted by a signal, must not keep this thread (and what it
+    // holds) for the whole wait.
+    set_nonblock(&sock, false)?;
+    sockopt::set_socket_timeout(&sock, Timeout::Send, Some(BACKLOG_SLICE))
+        .map_err(|e| e.raw_os_error())?;
+    let deadline = Instant::now() + FULL_BACKLOG_WAIT;
+    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
+    loop {
+        match rustix::net::connect(&sock, &target_addr) {
+            Ok(()) => break,
+            Err(e) if e == rustix::io::Errno::AGAIN => {}
+            Err(e) => return Err(e.raw_os_error()),
+        }
+        if !call.still_valid() {
+            return Ok(Outcome::Answered);
+        }
+        if target.signal_pending() {
+            return Err(libc::EINTR);
+        }
+        if Instant::now() >= deadline {
+            return Err(libc::ETIMEDOUT);
+        }
+    }
+    sockopt::set_socket_timeout(&sock, Timeout::Send, None).map_err(|e| e.raw_os_error())?;
+    finish(call, &target, copy, sock, rebind)
 }
 
 /// Nobody serves the destination. A blocking connect fails with

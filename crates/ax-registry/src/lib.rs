@@ -1,20 +1,24 @@
-//! ax's service registry: which apps exist, which virtual IPs (VIPs) they
-//! own, and which VIP:port services they listen on.
+//! ax's service registry: which apps exist, which virtual IPs (VIPs) and
+//! names they own, which VIP:port services they listen on, and which
+//! backend a connection goes to.
 //!
 //! The broker consults it through the [`Directory`] trait, so that a
 //! supervisor embedding the broker can answer from its own tables, and so
 //! that a clustered backend can later stand beside [`LocalRegistry`].
 
 mod local;
+mod policy;
 mod pool;
 
-pub use local::{LocalRegistry, Snapshot};
+pub use local::{LocalRegistry, NameEntry, Snapshot};
+pub use policy::{effective_labels, Decision, Policy, PolicyError};
 pub use pool::{parse_cidr, VipPool};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Identifies one app: one `ax exec` invocation and all its descendants.
 pub type AppId = u64;
@@ -37,6 +41,46 @@ impl std::fmt::Display for UnixEndpoint {
     }
 }
 
+/// How connections to a service with several backends are spread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LbMode {
+    /// Each backend in turn.
+    #[default]
+    RoundRobin,
+    /// A backend picked at random for each connection.
+    Random,
+}
+
+impl LbMode {
+    /// The spelling `--lb` takes and `ax get` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbMode::RoundRobin => "round-robin",
+            LbMode::Random => "random",
+        }
+    }
+}
+
+impl std::fmt::Display for LbMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LbMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" | "rr" => Ok(LbMode::RoundRobin),
+            "random" => Ok(LbMode::Random),
+            other => Err(format!(
+                "unknown load-balancing mode '{other}' (expected round-robin or random)"
+            )),
+        }
+    }
+}
+
 /// What a launcher asks for when it registers an app.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
@@ -48,6 +92,11 @@ pub struct AppSpec {
     pub labels: BTreeMap<String, String>,
     /// The program and its arguments, for display.
     pub command: Vec<String>,
+    /// `--lb`: how the app's name spreads connections over its backends.
+    pub lb: Option<LbMode>,
+    /// `--connect-wait`: how long a blocking connect to a service that is
+    /// not up yet waits for it (`None`: the daemon's default).
+    pub connect_wait: Option<Duration>,
 }
 
 /// An app as the registry knows it.
@@ -69,24 +118,41 @@ pub struct AppInfo {
     pub command: Vec<String>,
     /// Registration time, seconds since the Unix epoch.
     pub started_unix: u64,
+    /// `--lb`, if given.
+    pub lb: Option<LbMode>,
+    /// `--connect-wait`, if given.
+    pub connect_wait: Option<Duration>,
 }
 
-/// One listening VIP:port.
+/// One app listening on a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    /// The app that listens.
+    pub app: AppId,
+    /// The UNIX listener its connections are delivered to.
+    pub endpoint: UnixEndpoint,
+}
+
+/// One listening VIP:port and the backends that share it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     /// The virtual address clients connect to.
     pub addr: SocketAddr,
-    /// The app that listens.
-    pub owner: AppId,
-    /// The UNIX listener connections are delivered to.
-    pub endpoint: UnixEndpoint,
+    /// The names that resolve to its VIP.
+    pub names: Vec<String>,
+    /// How connections are spread over the backends.
+    pub lb: LbMode,
+    /// The listening apps, in the order they bound.
+    pub backends: Vec<Backend>,
 }
 
 /// Why an app could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum RegisterError {
-    /// Another live app owns that VIP.
-    #[error("virtual IP {ip} is already owned by app {owner}")]
+    /// Another live app owns that VIP (and shares no name with this one).
+    #[error(
+        "virtual IP {ip} is already owned by app {owner} (to add a replica behind it, give the same --name)"
+    )]
     IpInUse {
         /// The contested address.
         ip: IpAddr,
@@ -155,8 +221,21 @@ pub enum ResolveError {
     #[error("no service at {0}")]
     NoService(SocketAddr),
     /// Policy forbids it.
-    #[error("connection to {0} denied by policy")]
-    Denied(SocketAddr),
+    #[error("connection from app {client} {client_labels:?} to {dst} (app {server} {server_labels:?}) denied by {rule}")]
+    Denied {
+        /// The destination asked for.
+        dst: SocketAddr,
+        /// The connecting app.
+        client: AppId,
+        /// Its effective labels.
+        client_labels: BTreeMap<String, String>,
+        /// The first backend of the service.
+        server: AppId,
+        /// Its effective labels.
+        server_labels: BTreeMap<String, String>,
+        /// The rule that decided.
+        rule: String,
+    },
 }
 
 /// The broker's view of the registry.
@@ -171,8 +250,30 @@ pub trait Directory: Send + Sync {
     /// The VIPs of `app`, IPv4 first. Empty for an unknown app.
     fn app_vips(&self, app: AppId) -> Vec<IpAddr>;
 
-    /// Where a connect from `client` to `dst` goes.
-    fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<UnixEndpoint, ResolveError>;
+    /// Where a connect from `client` to `dst` goes: the service's backends
+    /// in the order to try them (the first is the load balancer's pick; the
+    /// others are tried when it refuses).
+    fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError>;
+
+    /// How long a blocking connect from `app` to a service that is not up
+    /// yet may wait for it; `None` leaves the broker's default.
+    fn connect_wait(&self, _app: AppId) -> Option<Duration> {
+        None
+    }
+
+    /// A counter that grows whenever a service or app comes or goes.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Waits until [`Directory::generation`] differs from `seen` or
+    /// `until` passes, and returns the generation. The default polls.
+    fn wait_for_change(&self, seen: u64, until: Instant) -> u64 {
+        let left = until.saturating_duration_since(Instant::now());
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+        let _ = seen;
+        self.generation()
+    }
 
     /// Registers a listener for `req.ips` × `req.port`. `endpoint` makes the
     /// listener's address from the chosen port; `is_alive` tells whether a

@@ -4,7 +4,7 @@
 
 use ax_broker::SocketName;
 use ax_proto::{encode, Request, Response};
-use ax_registry::{AppInfo, AppSpec, RegisterError, ServiceInfo, UnixEndpoint};
+use ax_registry::{AppInfo, AppSpec, Backend, LbMode, RegisterError, ServiceInfo, UnixEndpoint};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ fn frames(dir: &Path) {
         names: vec!["web".into()],
         labels: BTreeMap::from([("tier".into(), "front".into())]),
         command: vec!["python3".into(), "-m".into(), "http.server".into()],
+        lb: Some(LbMode::Random),
+        connect_wait: Some(std::time::Duration::from_millis(1500)),
     };
     let info = AppInfo {
         id: 3,
@@ -38,17 +40,37 @@ fn frames(dir: &Path) {
         labels: spec.labels.clone(),
         command: spec.command.clone(),
         started_unix: 1_760_000_000,
+        lb: spec.lb,
+        connect_wait: spec.connect_wait,
     };
     let services = vec![
         ServiceInfo {
             addr: sa("10.233.0.10:8000"),
-            owner: 3,
-            endpoint: UnixEndpoint::Abstract(b"ax/00000001/l4/3/10.233.0.10/8000".to_vec()),
+            names: vec!["web".into()],
+            lb: LbMode::RoundRobin,
+            backends: vec![
+                Backend {
+                    app: 3,
+                    endpoint: UnixEndpoint::Abstract(
+                        b"ax/00000001/l4/3/10.233.0.10/8000".to_vec(),
+                    ),
+                },
+                Backend {
+                    app: 4,
+                    endpoint: UnixEndpoint::Abstract(
+                        b"ax/00000001/l4/4/10.233.0.10/8000".to_vec(),
+                    ),
+                },
+            ],
         },
         ServiceInfo {
             addr: sa("[fd00:a8::30]:9000"),
-            owner: 3,
-            endpoint: UnixEndpoint::Path("/run/ax/svc.sock".into()),
+            names: vec![],
+            lb: LbMode::Random,
+            backends: vec![Backend {
+                app: 3,
+                endpoint: UnixEndpoint::Path("/run/ax/svc.sock".into()),
+            }],
         },
     ];
     let requests = [
