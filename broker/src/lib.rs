@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 mod addr;
+mod doors;
 mod handlers;
 pub mod launch;
 mod names;

@@ -11,6 +11,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -61,6 +62,12 @@ pub(crate) struct Shared {
     /// Processes under ax that connected a UNIX socket: pid → (start time,
     /// app).
     unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
+    /// Connections waiting behind doorbells for a server's accept.
+    pub(crate) doors: crate::doors::Doors,
+    /// TCP sockets whose connect to a service that was not up yet is held
+    /// on a loopback port (`--connect-wait`): by socket inode, that port
+    /// and the VIP:port the program asked for, which `getpeername` answers.
+    pub(crate) held_connects: Mutex<HashMap<u64, (SocketAddr, SocketAddr)>>,
 }
 
 type OptionKey = (AppId, u64, i32, i32);
@@ -81,6 +88,38 @@ impl Shared {
     pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {
         let map = self.options.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&key).cloned()
+    }
+
+    /// Remembers that the socket with `inode` stands for `dst` while its
+    /// connect is held at `held`.
+    pub(crate) fn note_held_connect(&self, inode: u64, held: SocketAddr, dst: SocketAddr) {
+        let mut map = self.held_connects.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= OPTION_LIMIT {
+            map.clear();
+        }
+        map.insert(inode, (held, dst));
+    }
+
+    /// True when some connect was ever held (the common case answers
+    /// `getpeername` without looking further).
+    pub(crate) fn any_held_connects(&self) -> bool {
+        !self
+            .held_connects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The VIP:port a held socket stands for, if `inode` was held at
+    /// `peer` (a check that rules out a reused inode).
+    pub(crate) fn held_destination(&self, inode: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let map = self.held_connects.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(&inode)
+            .filter(|(held, _)| *held == peer)
+            .map(|(_, dst)| *dst)
     }
 
     pub(crate) fn note_unix_connector(&self, pid: u32, started: u64, app: AppId) {
@@ -157,8 +196,26 @@ impl Broker {
                 options: Mutex::new(HashMap::new()),
                 unix_connectors: Mutex::new(HashMap::new()),
                 pool: Arc::new(WorkerPool::default()),
+                doors: crate::doors::Doors::default(),
+                held_connects: Mutex::new(HashMap::new()),
             }),
         }
+    }
+
+    /// Hands `conn`, a connection from outside ax (e.g. a TCP client of an
+    /// exposed host port), to the server listening at the first of
+    /// `endpoints` that takes it: the server's next `accept` on that
+    /// listener returns `conn` itself, with the real client's address.
+    /// Data never passes through the broker. Fails when no listener takes
+    /// the doorbell (`ECONNREFUSED`, or `EAGAIN` for a full backlog).
+    pub fn deliver_connection(
+        &self,
+        conn: std::os::fd::OwnedFd,
+        endpoints: &[ax_registry::UnixEndpoint],
+    ) -> io::Result<()> {
+        self.shared
+            .doors
+            .ring(self.shared.config.instance, conn, endpoints)
     }
 
     /// The app whose program `pid` is, if `pid` connected a UNIX socket

@@ -4,7 +4,7 @@
 use ax_registry::{LbMode, VipPool};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,6 +39,9 @@ Examples:
   ax exec --name web -- python3 -m http.server 8000
   ax exec --name web -- python3 -m http.server 8000
   ax exec -- curl -s http://web:8000/
+
+  # Reachable from outside ax too, at 127.0.0.1:18000 (as 'docker run -p')
+  ax exec --name web --expose 8000:127.0.0.1:18000 -- python3 -m http.server 8000
 
   # A client that may start before its server: wait up to 30 s for it
   ax exec --connect-wait 30s -- ./client http://10.233.0.10:8000/
@@ -75,6 +78,7 @@ const GET_AFTER_HELP: &str = "\
 Examples:
   ax get apps
   ax get services
+  ax get exposures
   ax get apps -o json | jq '.[].vips'";
 
 /// Run unmodified programs with a network identity of their own.
@@ -110,9 +114,44 @@ pub enum Command {
     /// Serve programs started with 'ax exec' (foreground)
     #[command(after_help = DAEMON_AFTER_HELP)]
     Daemon(DaemonArgs),
-    /// List running apps or listening services
+    /// List running apps, listening services or exposures
     #[command(after_help = GET_AFTER_HELP)]
     Get(GetArgs),
+    /// Make a running service reachable from programs not under ax
+    #[command(after_help = EXPOSE_AFTER_HELP)]
+    Expose(ExposeArgs),
+}
+
+const EXPOSE_AFTER_HELP: &str = "\
+The daemon listens on the host address and hands every connection to the
+service's server: its accept returns the TCP connection itself, with the
+client's real address, and data never passes through the daemon. Several
+apps behind one name share the connections. The exposure ends with
+--remove, or when no app holds the service's VIP any more.
+
+Examples:
+  ax expose web:8000 127.0.0.1:18000
+  ax expose 10.233.0.10:8000 0.0.0.0:8080
+  ax expose --remove 127.0.0.1:18000
+  ax get exposures";
+
+/// `ax expose`.
+#[derive(Debug, Args)]
+pub struct ExposeArgs {
+    /// The service: NAME:PORT (NAME or NAME.ax) or VIP:PORT
+    #[arg(value_name = "SERVICE", required_unless_present = "remove", value_parser = parse_service)]
+    pub service: Option<(String, u16)>,
+
+    /// Where to listen: HOSTADDR:HOSTPORT, or HOSTPORT for 127.0.0.1
+    #[arg(value_name = "HOSTADDR:HOSTPORT", required_unless_present = "remove", value_parser = parse_host_addr)]
+    pub host: Option<SocketAddr>,
+
+    /// Stop listening on this host address instead
+    #[arg(long, value_name = "HOSTADDR:HOSTPORT", value_parser = parse_host_addr, conflicts_with_all = ["service", "host"])]
+    pub remove: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 /// Options shared by every subcommand that talks to the daemon.
@@ -149,11 +188,18 @@ pub struct ExecArgs {
     #[arg(long, value_name = "MODE", value_parser = parse_lb)]
     pub lb: Option<LbMode>,
 
-    /// How long a blocking connect to a VIP or name whose service is not up
-    /// yet waits for it, e.g. 500ms, 10s, 2m [default: the daemon's
+    /// How long a connect to a VIP or name whose service is not up yet
+    /// waits for it, e.g. 500ms, 10s, 2m [default: the daemon's
     /// --connect-wait]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub connect_wait: Option<Duration>,
+
+    /// Make the app's PORT reachable from programs not under ax at a host
+    /// address (repeatable): PORT:HOSTADDR:HOSTPORT, or PORT:HOSTPORT for
+    /// 127.0.0.1. The daemon only accepts; the program gets the TCP
+    /// connection itself
+    #[arg(long = "expose", value_name = "PORT:HOSTADDR:HOSTPORT", value_parser = parse_expose)]
+    pub exposes: Vec<(u16, SocketAddr)>,
 
     #[command(flatten)]
     pub socket: SocketArg,
@@ -229,6 +275,9 @@ pub enum Resource {
     /// Listening virtual IP:port services
     #[value(alias = "service", alias = "svc")]
     Services,
+    /// Services reachable at host addresses ('ax expose', 'ax exec --expose')
+    #[value(alias = "exposure")]
+    Exposures,
 }
 
 /// Output formats of `ax get`.
@@ -378,6 +427,48 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a host address: `HOSTADDR:HOSTPORT` (`[v6]:port` for IPv6) or a
+/// bare `HOSTPORT`, which listens on 127.0.0.1 only.
+pub fn parse_host_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse().map_err(|_| {
+        format!("'{s}' is not HOSTADDR:HOSTPORT (e.g. 127.0.0.1:18000, [::1]:18000 or 18000)")
+    })
+}
+
+/// Parses a `--expose` value: `PORT:HOSTADDR:HOSTPORT` or `PORT:HOSTPORT`.
+pub fn parse_expose(s: &str) -> Result<(u16, SocketAddr), String> {
+    let (port, host) = s.split_once(':').ok_or_else(|| {
+        format!("'{s}' is not PORT:HOSTADDR:HOSTPORT (e.g. 8000:127.0.0.1:18000)")
+    })?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("'{port}' in '{s}' is not a port (1-65535)"))?;
+    Ok((port, parse_host_addr(host)?))
+}
+
+/// Parses a service for `ax expose`: `NAME:PORT` or `VIP:PORT`
+/// (`[v6]:port` for IPv6).
+pub fn parse_service(s: &str) -> Result<(String, u16), String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let (name, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is not NAME:PORT or VIP:PORT (e.g. web:8000)"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("'{port}' in '{s}' is not a port (1-65535)"))?;
+    let name = parse_name(name)?;
+    Ok((name, port))
+}
+
 /// Parses a `--vip-pool` value.
 pub fn parse_pool(s: &str) -> Result<VipPool, String> {
     VipPool::parse(s)
@@ -457,6 +548,43 @@ mod tests {
         assert_eq!(parse_lb("random"), Ok(LbMode::Random));
         assert_eq!(parse_lb("round-robin"), Ok(LbMode::RoundRobin));
         assert!(parse_lb("least-conn").is_err());
+    }
+
+    #[test]
+    fn exposures() {
+        let lo = |p: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+        assert_eq!(parse_expose("8000:127.0.0.1:18000"), Ok((8000, lo(18000))));
+        assert_eq!(parse_expose("8000:18000"), Ok((8000, lo(18000))));
+        assert_eq!(
+            parse_expose("80:[::1]:8080"),
+            Ok((80, "[::1]:8080".parse().unwrap()))
+        );
+        for bad in [
+            "8000",
+            "0:18000",
+            "x:18000",
+            "8000:localhost:1",
+            "8000:1.2.3.4",
+        ] {
+            assert!(parse_expose(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_service("web:8000"), Ok(("web".into(), 8000)));
+        assert_eq!(parse_service("web.ax:80"), Ok(("web.ax".into(), 80)));
+        assert_eq!(
+            parse_service("10.233.0.10:80"),
+            Ok(("10.233.0.10".into(), 80))
+        );
+        assert_eq!(
+            parse_service("[fd00:a8::1]:80"),
+            Ok(("fd00:a8::1".into(), 80))
+        );
+        for bad in ["web", "web:0", "Web:80", ":80"] {
+            assert!(parse_service(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Cli::try_parse_from(["ax", "expose", "web:80", "18000"]).is_ok());
+        assert!(Cli::try_parse_from(["ax", "expose", "--remove", "18000"]).is_ok());
+        assert!(Cli::try_parse_from(["ax", "expose", "web:80"]).is_err());
+        assert!(Cli::try_parse_from(["ax", "get", "exposures"]).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! serves the app on a thread of its own until its last process exits.
 
 use crate::cli::DaemonArgs;
+use crate::expose::{ExposeError, Exposures};
 use crate::hosts::HostsFile;
 use crate::paths;
 use anyhow::{bail, Context};
@@ -19,6 +20,7 @@ use rustix::fs::FlockOperation;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use std::io::{self, IoSliceMut, IsTerminal, Write};
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -46,6 +48,8 @@ struct Daemon {
     state_path: PathBuf,
     /// What was last written there.
     saved: Mutex<Option<Snapshot>>,
+    /// Services reachable at host addresses.
+    exposures: Exposures,
 }
 
 impl Daemon {
@@ -154,6 +158,7 @@ impl Daemon {
                 self.registry.app_exited(info.id);
             }
         }
+        self.exposures.reap(&self.registry);
         let mut sessions = self.sessions();
         let (done, live): (Vec<Session>, Vec<Session>) =
             sessions.drain(..).partition(|s| s.is_finished());
@@ -228,6 +233,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         sessions: Mutex::new(Vec::new()),
         state_path: PathBuf::from(state_path),
         saved: Mutex::new(None),
+        exposures: Exposures::default(),
     });
     daemon.take_over_predecessor();
 
@@ -635,6 +641,47 @@ impl Daemon {
             Request::ReattachApp(info) => self.reattach(info, fds, peer),
             Request::ListApps => Response::Apps(self.registry.apps()),
             Request::ListServices => Response::Services(self.registry.services()),
+            Request::Expose {
+                target,
+                port,
+                host,
+                owner,
+            } => self.expose(&target, port, host, owner, peer),
+            Request::Unexpose { host } => match self.exposures.remove(host) {
+                Ok(()) => Response::Unexposed,
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::ListExposures => Response::Exposures(self.exposures.list()),
+        }
+    }
+
+    fn expose(
+        &self,
+        target: &str,
+        port: u16,
+        host: SocketAddr,
+        owner: Option<AppId>,
+        peer: Peer,
+    ) -> Response {
+        if let Some(app) = owner {
+            match self.registry.app(app) {
+                Some(info) if peer.uid == 0 || info.uid == peer.uid => {}
+                _ => return Response::Error(format!("no app {app} of yours to expose")),
+            }
+        }
+        let Some((vip, name)) = crate::expose::resolve_target(&self.registry, target) else {
+            return Response::Error(ExposeError::UnknownTarget(target.to_string()).to_string());
+        };
+        match self.exposures.add(
+            &self.registry,
+            &self.broker,
+            SocketAddr::new(vip, port),
+            name,
+            host,
+            owner,
+        ) {
+            Ok(info) => Response::Exposed(info),
+            Err(e) => Response::Error(e.to_string()),
         }
     }
 

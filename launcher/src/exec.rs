@@ -88,6 +88,9 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
 
     // Register before anything runs, so that a refused --ip fails cleanly.
     let app = register(&mut client, &spec)?;
+    for &(port, host) in &args.exposes {
+        expose(&mut client, &app, port, host)?;
+    }
 
     let filter = ax_broker::launch::compile_filter().map_err(|e| {
         Failure::new(
@@ -321,6 +324,36 @@ fn register(client: &mut Client, spec: &AppSpec) -> anyhow::Result<AppInfo> {
         }
         Response::Error(e) => {
             Err(Failure::new(EXIT_AX_FAILED, format!("the daemon refused the app: {e}")).into())
+        }
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// `--expose PORT:HOST`: the daemon listens on `host` for the app's `port`
+/// for as long as the app lives. Fails before the program runs.
+fn expose(
+    client: &mut Client,
+    app: &AppInfo,
+    port: u16,
+    host: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let vip = app
+        .vips
+        .first()
+        .ok_or_else(|| Failure::new(EXIT_AX_FAILED, "the app has no virtual IP to expose"))?;
+    let request = Request::Expose {
+        target: vip.to_string(),
+        port,
+        host,
+        owner: Some(app.id),
+    };
+    match client.call(&request)? {
+        Response::Exposed(info) => {
+            tracing::debug!(service = %info.service, host = %info.host, "exposed");
+            Ok(())
+        }
+        Response::Error(e) => {
+            Err(Failure::new(EXIT_AX_FAILED, format!("cannot expose port {port}: {e}")).into())
         }
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }

@@ -11,27 +11,31 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Connects to a running daemon (never starts one).
+pub fn connect_to_daemon(socket: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let path = paths::socket_path(socket)?;
+    match Client::connect(&path) {
+        Ok(c) => Ok(c),
+        Err(ConnectError::NoDaemon(p)) => Err(Failure::new(
+            1,
+            format!(
+                "no daemon is listening on {} (start one with 'ax daemon'; 'ax exec' also \
+                 starts one)",
+                p.display()
+            ),
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `ax get`; returns the exit status.
 pub fn run(args: GetArgs) -> anyhow::Result<i32> {
-    let path = paths::socket_path(args.socket.socket.as_deref())?;
-    let mut client = match Client::connect(&path) {
-        Ok(c) => c,
-        Err(ConnectError::NoDaemon(p)) => {
-            return Err(Failure::new(
-                1,
-                format!(
-                    "no daemon is listening on {} (start one with 'ax daemon'; 'ax exec' also \
-                     starts one)",
-                    p.display()
-                ),
-            )
-            .into())
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let mut client = connect_to_daemon(args.socket.socket.as_deref())?;
     let request = match args.resource {
         Resource::Apps => Request::ListApps,
         Resource::Services => Request::ListServices,
+        Resource::Exposures => Request::ListExposures,
     };
     let out = match (client.call(&request)?, args.output) {
         (Response::Apps(apps), Output::Json) => serde_json::to_string_pretty(&apps)? + "\n",
@@ -39,6 +43,12 @@ pub fn run(args: GetArgs) -> anyhow::Result<i32> {
             let view: Vec<ServiceView> = s.iter().map(ServiceView::from).collect();
             serde_json::to_string_pretty(&view)? + "\n"
         }
+        (Response::Exposures(e), Output::Json) => serde_json::to_string_pretty(&e)? + "\n",
+        (Response::Exposures(e), Output::Table) if e.is_empty() => {
+            eprintln!("Nothing is exposed.");
+            String::new()
+        }
+        (Response::Exposures(e), Output::Table) => table::exposures_table(&e),
         (Response::Apps(apps), Output::Table) if apps.is_empty() => {
             eprintln!("No apps are running.");
             String::new()

@@ -10,6 +10,7 @@ mod cli;
 mod client;
 mod daemon;
 mod exec;
+mod expose;
 mod get;
 mod hosts;
 mod paths;
@@ -67,6 +68,7 @@ fn main() {
         cli::Command::Exec(a) => (exec::run(a), EXIT_AX_FAILED),
         cli::Command::Daemon(a) => (daemon::run(a), 1),
         cli::Command::Get(a) => (get::run(a), 1),
+        cli::Command::Expose(a) => (expose::run(a), 1),
     };
     let code = match result {
         Ok(code) => code,

@@ -153,6 +153,24 @@ pub fn apps_table(apps: &[AppInfo], now: u64) -> String {
     )
 }
 
+/// The `ax get exposures` table.
+pub fn exposures_table(exposures: &[ax_proto::ExposureInfo]) -> String {
+    let rows: Vec<Vec<String>> = exposures
+        .iter()
+        .map(|e| {
+            vec![
+                e.host.to_string(),
+                e.service.to_string(),
+                e.name.clone().unwrap_or_else(|| "<none>".into()),
+                e.owner
+                    .map(|a| format!("app {a}"))
+                    .unwrap_or_else(|| "its VIP".into()),
+            ]
+        })
+        .collect();
+    render(&["HOST ADDRESS", "SERVICE", "NAME", "LASTS WHILE"], &rows)
+}
+
 /// The `ax get services` table: one row per backend; a service's further
 /// backends leave its own columns blank.
 pub fn services_table(services: &[ServiceInfo]) -> String {

@@ -234,12 +234,18 @@ fn complete(
     // As the kernel: a bad addr/addrlen after the accept loses the
     // connection and fails the call.
     probe?;
+    // A doorbell: the real connection takes its place.
+    let (conn, real_peer) = match answer_doorbell(call, &conn) {
+        Some(Ok((real, peer))) => (real, Some(peer)),
+        Some(Err(e)) => return Err(e),
+        None => (conn, None),
+    };
     // Park a duplicate where it outlives this daemon (see crate::Stash).
     let stashed = call
         .stash
         .as_ref()
         .is_some_and(|s| s.put(conn.as_fd()).is_ok());
-    let installed = install(call, target, &conn, v6, cloexec);
+    let installed = install(call, target, &conn, v6, cloexec, real_peer);
     if stashed {
         if let Some(s) = call.stash {
             drop(s.take());
@@ -248,12 +254,35 @@ fn complete(
     installed
 }
 
+/// If `conn` is a doorbell ([`crate::doors`]), the connection waiting
+/// behind it, with the same blocking mode, and its peer's address. A
+/// doorbell nobody keeps a connection for fails the accept with
+/// `ECONNABORTED`, which servers retry.
+fn answer_doorbell(
+    call: &Call<'_>,
+    conn: &OwnedFd,
+) -> Option<Result<(OwnedFd, std::net::SocketAddr), Errno>> {
+    let peer = rustix::net::getpeername(conn).ok()??;
+    let unix = rustix::net::SocketAddrUnix::try_from(peer).ok()?;
+    let token = crate::doors::token_of(call.instance(), unix.abstract_name()?)?;
+    let Some(real) = call.shared.doors.answer(token) else {
+        return Some(Err(libc::ECONNABORTED));
+    };
+    let nonblocking = is_nonblocking(conn);
+    if let Err(e) = super::set_nonblock(&real, nonblocking) {
+        return Some(Err(e));
+    }
+    let addr = crate::doors::inet_peer(&real).unwrap_or_else(|| addr::unspecified(false));
+    Some(Ok((real, addr)))
+}
+
 fn install(
     call: &Call<'_>,
     target: &Target,
     conn: &OwnedFd,
     v6: bool,
     cloexec: bool,
+    real_peer: Option<std::net::SocketAddr>,
 ) -> Result<Outcome, Errno> {
     // Install at once, note it, then write the address and answer: from
     // the moment the program holds the connection, a daemon killed at any
@@ -277,13 +306,27 @@ fn install(
     }
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
-        let peer = match peer_name(conn) {
-            Some(SocketName::Client { local, .. }) => local,
+        let peer = match (real_peer, peer_name(conn)) {
+            (Some(real), _) => in_family(real, v6),
+            (None, Some(SocketName::Client { local, .. })) => local,
             _ => addr::unspecified(v6),
         };
         write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
     }
     Ok(Outcome::Value(fd as i64))
+}
+
+/// A real peer address as a listener of the program's family reports it:
+/// v4-mapped on an `AF_INET6` listener; an IPv6 peer of an `AF_INET`
+/// listener cannot be told, and is reported unspecified.
+fn in_family(peer: std::net::SocketAddr, v6: bool) -> std::net::SocketAddr {
+    match (peer, v6) {
+        (std::net::SocketAddr::V6(p), false) => match p.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), p.port()),
+            None => addr::unspecified(false),
+        },
+        _ => peer,
+    }
 }
 
 /// Finishes an accept with `conn`, a connection an earlier daemon accepted
@@ -315,9 +358,13 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
         if let Ok(conn) = target.fd(fd as u64) {
-            let v6 = super::own_name(&conn).is_some_and(|n| n.is_v6());
-            let peer = match peer_name(&conn) {
-                Some(SocketName::Client { local, .. }) => local,
+            let v6 = match classify(call, &target, call.arg(0)) {
+                Ok(Sock::Swapped { name, .. }) => name.is_v6(),
+                _ => super::own_name(&conn).is_some_and(|n| n.is_v6()),
+            };
+            let peer = match (crate::doors::inet_peer(&conn), peer_name(&conn)) {
+                (Some(real), _) => in_family(real, v6),
+                (None, Some(SocketName::Client { local, .. })) => local,
                 _ => addr::unspecified(v6),
             };
             if let Err(e) = write_sockaddr(&target, addr_ptr, call.arg(2), &addr::encode(peer, v6))

@@ -327,9 +327,12 @@ fn connect_virtual(
             let wait = dir
                 .connect_wait(call.app)
                 .unwrap_or(call.shared.config.connect_wait);
-            if wait.is_zero() || is_nonblocking(copy) {
+            if wait.is_zero() || rebind.is_some() {
                 tracing::debug!(app = call.app, %dst, "connect refused: no service");
                 return refused(call, target, copy, v6, rebind.is_some());
+            }
+            if is_nonblocking(copy) {
+                return Ok(wait_in_background(call, copy, v6, dst, wait));
             }
             // --connect-wait: the service may come up; wait for it off the
             // receive loop.
@@ -425,6 +428,145 @@ fn wait_for_service(
             return Ok(Outcome::Errno(libc::ECONNREFUSED));
         }
         dir.wait_for_change(seen, deadline.min(now + BACKLOG_SLICE));
+    }
+}
+
+/// A non-blocking connect to a service that is not up yet, under
+/// `--connect-wait`. The program's own TCP socket connects to a loopback
+/// port whose accept queue the broker keeps full, so its SYN goes
+/// unanswered and the socket stays "in progress" (`EINPROGRESS`, not
+/// writable), registered in the program's `epoll` as usual. Meanwhile a
+/// helper waits for the service:
+///
+/// * it comes up: the broker makes room in the queue; the program's next
+///   SYN (the kernel retries within a second) is accepted, and the
+///   accepted TCP connection is handed to the server like an exposed one
+///   ([`crate::doors`]): client and server then talk over TCP loopback,
+///   never through the broker;
+/// * the wait ends: the port closes, and the next SYN is refused, so the
+///   program sees `ECONNREFUSED` from `SO_ERROR`.
+fn wait_in_background(
+    call: &Call<'_>,
+    copy: &OwnedFd,
+    v6: bool,
+    dst: SocketAddr,
+    wait: Duration,
+) -> Outcome {
+    let hold = match HeldConnect::start(copy, v6) {
+        Ok(h) => {
+            if let (Some(inode), Some(held)) = (super::inode(copy), h.address()) {
+                call.shared.note_held_connect(inode, held, dst);
+            }
+            h
+        }
+        Err(e) => {
+            tracing::debug!(app = call.app, %dst, errno = e, "cannot hold the connect back");
+            return Outcome::Errno(libc::ECONNREFUSED);
+        }
+    };
+    let shared = call.shared.clone();
+    let app = call.app;
+    let spawned = call.shared.pool.spawn(Box::new(move || {
+        hold.wait_and_hand_over(&shared, app, dst, wait);
+    }));
+    match spawned {
+        Ok(()) => Outcome::Errno(libc::EINPROGRESS),
+        Err(_) => Outcome::Errno(libc::EAGAIN),
+    }
+}
+
+/// A program's TCP connect held back on a loopback port with a full
+/// accept queue (see [`wait_in_background`]).
+struct HeldConnect {
+    port_listener: OwnedFd,
+    /// Fills the queue (a listen backlog of 0 takes one connection).
+    filler: OwnedFd,
+}
+
+impl HeldConnect {
+    /// The loopback address the program's socket connects to.
+    fn address(&self) -> Option<SocketAddr> {
+        rustix::net::getsockname(&self.port_listener)
+            .ok()
+            .and_then(|a| SocketAddr::try_from(a).ok())
+    }
+
+    fn start(program_socket: &OwnedFd, v6: bool) -> Result<Self, Errno> {
+        let errno = |e: rustix::io::Errno| e.raw_os_error();
+        let port_listener = tcp_socket(false)?;
+        rustix::net::bind(&port_listener, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(errno)?;
+        rustix::net::listen(&port_listener, 0).map_err(errno)?;
+        let port = rustix::net::getsockname(&port_listener)
+            .ok()
+            .and_then(|a| SocketAddr::try_from(a).ok())
+            .map(|a| a.port())
+            .ok_or(libc::EIO)?;
+        let here = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let filler = tcp_socket(false)?;
+        rustix::net::connect(&filler, &here).map_err(errno)?;
+        let bytes = addr::encode(here, v6);
+        match ax_sys::sockaddr::connect_raw(program_socket.as_fd(), &bytes) {
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Ok(()) => return Err(libc::EIO),
+            Err(e) => return Err(errno_of(&e)),
+        }
+        Ok(Self {
+            port_listener,
+            filler,
+        })
+    }
+
+    fn wait_and_hand_over(
+        self,
+        shared: &std::sync::Arc<crate::serve::Shared>,
+        app: ax_registry::AppId,
+        dst: SocketAddr,
+        wait: Duration,
+    ) {
+        let dir = &shared.directory;
+        let deadline = Instant::now() + wait;
+        let endpoints = loop {
+            let seen = dir.generation();
+            match dir.resolve(app, dst) {
+                Ok(endpoints) => break endpoints,
+                Err(ResolveError::NoService(_)) => {}
+                Err(e) => {
+                    log_denied(&e);
+                    return; // closing the port refuses the program's SYN
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::debug!(app, %dst, "connect-wait ended: no service");
+                return;
+            }
+            dir.wait_for_change(seen, deadline.min(now + Duration::from_secs(1)));
+        };
+        // Room for the program's SYN, which the kernel retries within a
+        // second (tcp_syn_linear_timeouts); a program that closed its
+        // socket meanwhile never comes.
+        drop(rustix::net::accept(&self.port_listener));
+        drop(self.filler);
+        let mut fds = [rustix::event::PollFd::new(
+            &self.port_listener,
+            rustix::event::PollFlags::IN,
+        )];
+        let limit = rustix::event::Timespec {
+            tv_sec: 10,
+            tv_nsec: 0,
+        };
+        if !matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(n) if n > 0) {
+            return;
+        }
+        let Ok(conn) = rustix::net::accept_with(&self.port_listener, SocketFlags::CLOEXEC) else {
+            return;
+        };
+        if let Err(e) = shared.doors.ring(shared.config.instance, conn, &endpoints) {
+            tracing::debug!(app, %dst, error = %e, "held connect not taken by the service");
+        } else {
+            tracing::debug!(app, %dst, "held connect handed to the service");
+        }
     }
 }
 

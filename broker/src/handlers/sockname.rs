@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
+        Ok(Sock::Inet { v6, fd }) if peer => return held_peer(call, target, &fd, v6),
         _ => return Outcome::Continue,
     };
     let answer: Result<SocketAddr, Errno> = match name {
@@ -50,5 +51,34 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     match result {
         Ok(()) => Outcome::Value(0),
         Err(e) => Outcome::Errno(e),
+    }
+}
+
+/// A TCP socket whose connect ax held for a service that was not up yet
+/// (`--connect-wait`) answers the VIP:port the program asked for, not the
+/// loopback port it really reached.
+fn held_peer(call: &Call<'_>, target: &Target, fd: &std::os::fd::OwnedFd, v6: bool) -> Outcome {
+    if !call.shared.any_held_connects() {
+        return Outcome::Continue;
+    }
+    let real = rustix::net::getpeername(fd)
+        .ok()
+        .flatten()
+        .and_then(|a| SocketAddr::try_from(a).ok());
+    let mapped = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V6(ip) => ip
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+        _ => a,
+    };
+    let dst = real
+        .and_then(|r| super::inode(fd).and_then(|i| call.shared.held_destination(i, mapped(r))));
+    match dst {
+        Some(dst) => match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(dst, v6))
+        {
+            Ok(()) => Outcome::Value(0),
+            Err(e) => Outcome::Errno(e),
+        },
+        None => Outcome::Continue,
     }
 }

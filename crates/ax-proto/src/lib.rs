@@ -11,6 +11,7 @@
 
 use ax_registry::{AppId, AppInfo, AppSpec, RegisterError, ServiceInfo};
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -52,6 +53,40 @@ pub enum Request {
     ListApps,
     /// Lists services.
     ListServices,
+    /// Makes a service reachable from outside ax: the daemon listens on
+    /// `host` and hands each connection to the service's server, whose
+    /// `accept` returns the TCP connection itself.
+    Expose {
+        /// A name (`web`, `web.ax`) or a VIP.
+        target: String,
+        /// The service's port.
+        port: u16,
+        /// The host address and port to listen on (port 0: any free one).
+        host: SocketAddr,
+        /// Tie the exposure to this app's life (`ax exec --expose`);
+        /// otherwise it lasts while any app holds the target's VIP.
+        owner: Option<AppId>,
+    },
+    /// Stops listening on an exposed host address.
+    Unexpose {
+        /// The host address and port, as `ListExposures` shows it.
+        host: SocketAddr,
+    },
+    /// Lists exposures.
+    ListExposures,
+}
+
+/// A service reachable at a host address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposureInfo {
+    /// The VIP and port connections are handed to.
+    pub service: SocketAddr,
+    /// The name it was asked for by, if any.
+    pub name: Option<String>,
+    /// Where the daemon listens.
+    pub host: SocketAddr,
+    /// The app whose life it shares, if any.
+    pub owner: Option<AppId>,
 }
 
 /// What the daemon answers.
@@ -74,6 +109,12 @@ pub enum Response {
     Apps(Vec<AppInfo>),
     /// Answer to `ListServices`.
     Services(Vec<ServiceInfo>),
+    /// Answer to `Expose`: where the daemon listens.
+    Exposed(ExposureInfo),
+    /// Answer to `Unexpose`.
+    Unexposed,
+    /// Answer to `ListExposures`.
+    Exposures(Vec<ExposureInfo>),
     /// The request could not be served.
     Error(String),
 }

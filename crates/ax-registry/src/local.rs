@@ -405,6 +405,17 @@ impl LocalRegistry {
             .collect()
     }
 
+    /// The backends of `dst` in the order to try them, with no policy
+    /// check: for connections from outside ax (an exposed host port),
+    /// which an operator let in explicitly.
+    pub fn backends(&self, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError> {
+        let mut st = self.lock();
+        Ok(pick(&mut st, dst)?
+            .into_iter()
+            .map(|b| b.endpoint)
+            .collect())
+    }
+
     /// All services, by address, each with its backends.
     pub fn services(&self) -> Vec<ServiceInfo> {
         let st = self.lock();
@@ -419,6 +430,33 @@ impl LocalRegistry {
             })
             .collect()
     }
+}
+
+/// The backends of `dst` in the order to try them: the load balancer's
+/// pick first, then the others.
+fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
+    let lb = st.lb_of(dst.ip());
+    let random = match lb {
+        LbMode::RoundRobin => None,
+        LbMode::Random => Some(st.next_random()),
+    };
+    let service = st
+        .services
+        .get_mut(&(dst.ip(), dst.port()))
+        .filter(|s| !s.backends.is_empty())
+        .ok_or(ResolveError::NoService(dst))?;
+    let count = service.backends.len();
+    let first = match random {
+        Some(r) => (r % count as u64) as usize,
+        None => {
+            let n = service.next % count;
+            service.next = n + 1;
+            n
+        }
+    };
+    Ok((0..count)
+        .map(|i| service.backends[(first + i) % count].clone())
+        .collect())
 }
 
 fn validate_vip(ip: IpAddr) -> Result<(), RegisterError> {
@@ -462,30 +500,7 @@ impl Directory for LocalRegistry {
 
     fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError> {
         let mut st = self.lock();
-        let lb = st.lb_of(dst.ip());
-        let pick = match lb {
-            LbMode::RoundRobin => None,
-            LbMode::Random => Some(st.next_random()),
-        };
-        let st = &mut *st;
-        let Some(service) = st.services.get_mut(&(dst.ip(), dst.port())) else {
-            return Err(ResolveError::NoService(dst));
-        };
-        let count = service.backends.len();
-        if count == 0 {
-            return Err(ResolveError::NoService(dst));
-        }
-        let first = match pick {
-            Some(r) => (r % count as u64) as usize,
-            None => {
-                let n = service.next % count;
-                service.next = n + 1;
-                n
-            }
-        };
-        let ordered: Vec<&Backend> = (0..count)
-            .map(|i| &service.backends[(first + i) % count])
-            .collect();
+        let ordered = pick(&mut st, dst)?;
         // Policy: judged against the picked backend's labels; backends of
         // one service share a name, and normally their labels.
         let no_labels = BTreeMap::new();
@@ -512,7 +527,7 @@ impl Directory for LocalRegistry {
                 rule: decision.rule,
             });
         }
-        Ok(ordered.into_iter().map(|b| b.endpoint.clone()).collect())
+        Ok(ordered.into_iter().map(|b| b.endpoint).collect())
     }
 
     fn connect_wait(&self, app: AppId) -> Option<Duration> {
