@@ -60,22 +60,30 @@ pub(crate) fn token_of(instance: u32, name: &[u8]) -> Option<u64> {
 
 impl Doors {
     /// Rings at the first of `endpoints` that takes a doorbell and keeps
-    /// `conn` for the `accept` that answers it.
+    /// `conn` for the `accept` that answers it. On failure `conn` is given
+    /// back.
     pub(crate) fn ring(
         &self,
         instance: u32,
         conn: OwnedFd,
         endpoints: &[UnixEndpoint],
-    ) -> io::Result<()> {
+    ) -> Result<(), (io::Error, OwnedFd)> {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let bell = rustix::net::socket_with(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::STREAM,
-            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-            None,
-        )?;
-        let name = rustix::net::SocketAddrUnix::new_abstract_name(&bell_name(instance, token))?;
-        rustix::net::bind(&bell, &name)?;
+        let bell = (|| {
+            let bell = rustix::net::socket_with(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::STREAM,
+                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+                None,
+            )?;
+            let name = rustix::net::SocketAddrUnix::new_abstract_name(&bell_name(instance, token))?;
+            rustix::net::bind(&bell, &name)?;
+            Ok::<_, rustix::io::Errno>(bell)
+        })();
+        let bell = match bell {
+            Ok(b) => b,
+            Err(e) => return Err((e.into(), conn)),
+        };
         let mut last = io::Error::from_raw_os_error(libc::ECONNREFUSED);
         for endpoint in endpoints {
             let Ok(addr) = endpoint_addr(endpoint) else {
@@ -85,7 +93,7 @@ impl Doors {
             let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
             waiting.retain(|_, w| w.since.elapsed() < UNANSWERED);
             if waiting.len() >= MAX_WAITING {
-                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                return Err((io::Error::from_raw_os_error(libc::EAGAIN), conn));
             }
             match rustix::net::connect(&bell, &addr) {
                 Ok(()) => {
@@ -102,7 +110,7 @@ impl Doors {
                 Err(e) => last = e.into(),
             }
         }
-        Err(last)
+        Err((last, conn))
     }
 
     /// The connection behind doorbell `token`, once.

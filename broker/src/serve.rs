@@ -216,6 +216,7 @@ impl Broker {
         self.shared
             .doors
             .ring(self.shared.config.instance, conn, endpoints)
+            .map_err(|(e, _conn)| e)
     }
 
     /// The app whose program `pid` is, if `pid` connected a UNIX socket

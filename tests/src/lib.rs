@@ -653,6 +653,8 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
+    /// Extra `ax daemon` arguments, kept for restarts.
+    args: Vec<String>,
     /// `child` was killed and reaped by [`Daemon::kill_hard`].
     reaped: bool,
     /// A daemon that is not our child (autostarted by a launcher) now serves
@@ -673,13 +675,21 @@ impl Daemon {
     /// [`Daemon::start`] with extra environment variables for the daemon
     /// (e.g. `RUST_LOG=info` for a load test, whose debug log would be large).
     pub fn start_with_env(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables and extra
+    /// `ax daemon` arguments (e.g. `--policy FILE`).
+    pub fn start_with(env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = TempDir::new("daemon");
         let sock = dir.join("ax.sock");
         let log = dir.join("daemon.log");
         File::create(&log).expect("create daemon log");
-        let child = spawn_daemon(&sock, &log, dir.path(), env);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_daemon(&sock, &log, dir.path(), env, &args);
         let mut d = Daemon {
             child,
+            args,
             reaped: false,
             adopted: None,
             sock,
@@ -748,7 +758,7 @@ impl Daemon {
                 .expect("open daemon log"),
             "==== ax-e2e: daemon restarted on the same socket ===="
         );
-        self.child = spawn_daemon(&self.sock, &self.log, self.dir.path(), &[]);
+        self.child = spawn_daemon(&self.sock, &self.log, self.dir.path(), &[], &self.args);
         self.reaped = false;
         self.wait_ready();
     }
@@ -804,6 +814,22 @@ impl Daemon {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    /// CPU time (user + system) the serving daemon has used, to 10 ms.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rfind(')')
+            .map(|i| stat[i + 2..].split_whitespace().collect())
+            .unwrap_or_default();
+        // utime and stime are fields 14 and 15; fields[0] is field 3.
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        // USER_HZ is 100 on Linux for every ABI.
+        Duration::from_millis(ticks * 10)
     }
 
     /// A field of the serving daemon's `/proc/PID/status`, in kB for
@@ -978,7 +1004,13 @@ impl Drop for Daemon {
 
 /// Starts `ax daemon --socket SOCK`, its output appended to `log`, in its
 /// own process group.
-fn spawn_daemon(sock: &Path, log: &Path, dir: &Path, env: &[(&str, &str)]) -> Child {
+fn spawn_daemon(
+    sock: &Path,
+    log: &Path,
+    dir: &Path,
+    env: &[(&str, &str)],
+    args: &[String],
+) -> Child {
     let logf = fs::OpenOptions::new()
         .append(true)
         .open(log)
@@ -987,6 +1019,7 @@ fn spawn_daemon(sock: &Path, log: &Path, dir: &Path, env: &[(&str, &str)]) -> Ch
     cmd.arg("daemon")
         .arg("--socket")
         .arg(sock)
+        .args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
@@ -1064,6 +1097,36 @@ pub fn elf_is_static(path: &Path) -> std::io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Builds the Go program `source` with Debian's Go, offline, with every
+/// cache in `dir` (so that it works for an unprivileged user too), static
+/// (`CGO_ENABLED=0`, so Go's own resolver and runtime, no libc); returns
+/// the binary's path.
+pub fn build_go(dir: &TempDir, source: &str) -> String {
+    let src = dir.write("main.go", source);
+    let bin = dir.join("goprog");
+    let home = dir.join("home");
+    fs::create_dir_all(&home).expect("mkdir home");
+    let out = run(
+        Command::new("go")
+            .arg("build")
+            .arg("-o")
+            .arg(&bin)
+            .arg(&src)
+            .current_dir(dir.path())
+            .env("HOME", &home)
+            .env("GOCACHE", dir.join("gocache"))
+            .env("GOPATH", dir.join("gopath"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "")
+            .env("GO111MODULE", "")
+            .env("CGO_ENABLED", "0"),
+        Duration::from_secs(300),
+    );
+    out.assert_success();
+    bin.to_str().expect("utf-8 path").to_string()
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to 0, then closed).

@@ -1606,41 +1606,12 @@ func main() {
 }
 "#;
 
-/// Builds [`GO_PROGRAM`] with Debian's Go, offline, with every cache in
-/// `dir` (so that it works for an unprivileged user too); static
-/// (`CGO_ENABLED=0`).
-fn build_go(dir: &TempDir) -> String {
-    let src = dir.write("main.go", GO_PROGRAM);
-    let bin = dir.join("goload");
-    let home = dir.join("home");
-    fs::create_dir_all(&home).expect("mkdir home");
-    let out = run(
-        Command::new("go")
-            .arg("build")
-            .arg("-o")
-            .arg(&bin)
-            .arg(&src)
-            .current_dir(dir.path())
-            .env("HOME", &home)
-            .env("GOCACHE", dir.join("gocache"))
-            .env("GOPATH", dir.join("gopath"))
-            .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "")
-            .env("GO111MODULE", "")
-            .env("CGO_ENABLED", "0"),
-        Duration::from_secs(300),
-    );
-    out.assert_success();
-    p(&bin).to_string()
-}
-
 #[test]
 fn go_client_under_preemption() {
     require!("go");
     let dir = TempDir::new("go");
     let t = Instant::now();
-    let bin = build_go(&dir);
+    let bin = ax_e2e::build_go(&dir, GO_PROGRAM);
     let build = t.elapsed();
     assert!(
         ax_e2e::elf_is_static(Path::new(&bin)).unwrap_or(false),

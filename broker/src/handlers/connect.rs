@@ -44,6 +44,9 @@ use std::time::{Duration, Instant};
 const FULL_BACKLOG_WAIT: Duration = Duration::from_secs(60);
 /// How often that wait checks that its caller still waits.
 const BACKLOG_SLICE: Duration = Duration::from_millis(50);
+/// How often a connect waiting for a service that is bound but not yet
+/// listening tries again.
+const NOT_LISTENING_YET: Duration = Duration::from_millis(10);
 
 /// Where a socket this broker installed stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,9 +349,12 @@ fn connect_virtual(
             return refused(call, target, copy, v6, rebind.is_some());
         }
     };
-    deliver(
+    match deliver(
         call, target, copy, v6, dst, rebind, endpoints, local_port, false,
-    )
+    )? {
+        Some(outcome) => Ok(outcome),
+        None => refused(call, target, copy, v6, rebind.is_some()),
+    }
 }
 
 fn log_denied(e: &ResolveError) {
@@ -399,6 +405,9 @@ fn wait_for_service(
     tracing::debug!(app = call.app, %dst, ?wait, "connect waits for the service");
     loop {
         let seen = dir.generation();
+        // A service is registered at `bind`, and takes connections from
+        // its `listen` on: until then, keep looking every slice.
+        let mut slice = BACKLOG_SLICE;
         match dir.resolve(call.app, dst) {
             Ok(endpoints) => {
                 let local_port = rustix::net::getsockname(copy)
@@ -406,9 +415,12 @@ fn wait_for_service(
                     .and_then(|a| SocketAddr::try_from(a).ok())
                     .map(|a| a.port())
                     .unwrap_or(0);
-                return deliver(
+                if let Some(outcome) = deliver(
                     call, &target, copy, v6, dst, rebind, endpoints, local_port, true,
-                );
+                )? {
+                    return Ok(outcome);
+                }
+                slice = NOT_LISTENING_YET;
             }
             Err(ResolveError::NoService(_)) => {}
             Err(e) => {
@@ -427,7 +439,7 @@ fn wait_for_service(
             tracing::debug!(app = call.app, %dst, "connect-wait ended: no service");
             return Ok(Outcome::Errno(libc::ECONNREFUSED));
         }
-        dir.wait_for_change(seen, deadline.min(now + BACKLOG_SLICE));
+        dir.wait_for_change(seen, deadline.min(now + slice));
     }
 }
 
@@ -466,6 +478,7 @@ fn wait_in_background(
     };
     let shared = call.shared.clone();
     let app = call.app;
+    tracing::debug!(app, %dst, ?wait, "connect held until the service is up");
     let spawned = call.shared.pool.spawn(Box::new(move || {
         hold.wait_and_hand_over(&shared, app, dst, wait);
     }));
@@ -559,13 +572,32 @@ impl HeldConnect {
         if !matches!(rustix::event::poll(&mut fds, Some(&limit)), Ok(n) if n > 0) {
             return;
         }
-        let Ok(conn) = rustix::net::accept_with(&self.port_listener, SocketFlags::CLOEXEC) else {
+        let Ok(mut conn) = rustix::net::accept_with(&self.port_listener, SocketFlags::CLOEXEC)
+        else {
             return;
         };
-        if let Err(e) = shared.doors.ring(shared.config.instance, conn, &endpoints) {
-            tracing::debug!(app, %dst, error = %e, "held connect not taken by the service");
-        } else {
-            tracing::debug!(app, %dst, "held connect handed to the service");
+        // The service may be bound and not listening yet: ring again until
+        // it answers, or the wait ends (the program then sees the
+        // connection closed).
+        let mut endpoints = endpoints;
+        loop {
+            match shared.doors.ring(shared.config.instance, conn, &endpoints) {
+                Ok(()) => {
+                    tracing::debug!(app, %dst, "held connect handed to the service");
+                    return;
+                }
+                Err((e, back)) => {
+                    if Instant::now() >= deadline {
+                        tracing::debug!(app, %dst, error = %e, "held connect not taken by the service");
+                        return;
+                    }
+                    conn = back;
+                }
+            }
+            std::thread::sleep(NOT_LISTENING_YET);
+            if let Ok(eps) = dir.resolve(app, dst) {
+                endpoints = eps;
+            }
         }
     }
 }
@@ -574,7 +606,7 @@ impl HeldConnect {
 /// destination, to the first of `endpoints` that takes it (a backend that
 /// refuses is skipped and forgotten), and installs it over the program's
 /// socket. `waiting`: already off the receive loop, so a full backlog is
-/// waited for here.
+/// waited for here. `None`: no backend took the connection.
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     call: &Call<'_>,
@@ -586,7 +618,7 @@ fn deliver(
     endpoints: Vec<UnixEndpoint>,
     local_port: u16,
     waiting: bool,
-) -> Result<Outcome, Errno> {
+) -> Result<Option<Outcome>, Errno> {
     let dir = &call.shared.directory;
     // A port the program bound before connecting is kept.
     let bound_port = match rebind {
@@ -605,17 +637,17 @@ fn deliver(
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, rebind),
+            Ok(()) => return finish(call, target, copy, sock, rebind).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // The listener's backlog is full: TCP would keep retrying
                 // its SYN; wait for room off the receive loop.
                 if waiting {
-                    return wait_for_room(call, copy, sock, target_addr, rebind);
+                    return wait_for_room(call, copy, sock, target_addr, rebind).map(Some);
                 }
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
-                return Ok(defer(call, move |call| {
+                return Ok(Some(defer(call, move |call| {
                     wait_for_room(call, &copy, sock, target_addr, rebind).into()
-                }));
+                })));
             }
             Err(e) => {
                 if !endpoint_alive(&endpoint) {
@@ -625,7 +657,7 @@ fn deliver(
             }
         }
     }
-    refused(call, target, copy, v6, rebind.is_some())
+    Ok(None)
 }
 
 /// Waits, off the receive loop, for room in a full listener's backlog.
