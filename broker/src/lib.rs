@@ -43,6 +43,7 @@ mod doors;
 mod handlers;
 pub mod launch;
 mod names;
+mod orphans;
 mod pool;
 mod serve;
 mod stash;

@@ -243,7 +243,7 @@ impl Broker {
     /// on a new thread. When the app's last process exits, its services are
     /// released ([`Directory::app_exited`]) and the thread ends.
     pub fn serve(&self, app: AppId, listener: NotifyFd) -> io::Result<Session> {
-        self.serve_with_journal(app, listener, None, None)
+        self.serve_with_journal(app, listener, None, None, None)
     }
 
     /// Like [`Broker::serve`], recording every call between its receipt and
@@ -253,12 +253,16 @@ impl Broker {
     /// takes over an app without losing a call. Connections being handed
     /// to a server wait in `stash` (see [`crate::Stash`]), so that one
     /// accepted by a broker that dies is installed by its successor.
+    ///
+    /// `root` is the app's first process: a call the predecessor received
+    /// and died before recording is looked for among its process tree.
     pub fn serve_with_journal(
         &self,
         app: AppId,
         listener: NotifyFd,
         journal: Option<Journal>,
         stash: Option<crate::Stash>,
+        root: Option<u32>,
     ) -> io::Result<Session> {
         let shared = self.shared.clone();
         let listener = Arc::new(listener);
@@ -277,17 +281,23 @@ impl Broker {
                     journal: &journal,
                     stash: &stash,
                 };
-                receive_loop(&link)
+                receive_loop(&link, root)
             })?;
         Ok(Session { app, thread })
     }
 }
 
-fn receive_loop(link: &AppLink<'_>) {
+fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
     let mut pidfds = PidfdCache::default();
     if let Some(j) = journal {
+        // Before receiving anything: every call in the "received" state
+        // now is a predecessor's.
+        let orphans = crate::orphans::find(listener, j);
         take_over(link, j, &mut pidfds);
+        for id in orphans {
+            crate::orphans::recover(link, id, root);
+        }
     }
     // Blocking accepts with nothing to accept yet wait here, beside the
     // notify fd, rather than on threads of their own.
@@ -458,6 +468,17 @@ pub(crate) struct OwnedAppLink {
 }
 
 impl OwnedAppLink {
+    /// The parts of `link`, shared.
+    pub(crate) fn of_link(link: &AppLink<'_>) -> Self {
+        Self {
+            shared: link.shared.clone(),
+            app: link.app,
+            listener: link.listener.clone(),
+            journal: link.journal.clone(),
+            stash: link.stash.clone(),
+        }
+    }
+
     /// The parts of `call`'s link, shared.
     pub(crate) fn of(call: &handlers::Call<'_>) -> Self {
         Self {

@@ -188,9 +188,9 @@ pub struct ExecArgs {
     #[arg(long, value_name = "MODE", value_parser = parse_lb)]
     pub lb: Option<LbMode>,
 
-    /// How long a connect to a VIP or name whose service is not up yet
-    /// waits for it, e.g. 500ms, 10s, 2m [default: the daemon's
-    /// --connect-wait]
+    /// How long a connect to a VIP whose service is not up yet waits for
+    /// it, e.g. 500ms, 10s, 2m (a name resolves once its app has started)
+    /// [default: the daemon's --connect-wait]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub connect_wait: Option<Duration>,
 

@@ -669,9 +669,15 @@ impl Daemon {
                 _ => return Response::Error(format!("no app {app} of yours to expose")),
             }
         }
-        let Some((vip, name)) = crate::expose::resolve_target(&self.registry, target) else {
+        let Some((vip, mut name)) = crate::expose::resolve_target(&self.registry, target) else {
             return Response::Error(ExposeError::UnknownTarget(target.to_string()).to_string());
         };
+        if name.is_none() {
+            // Exposed by VIP (as `ax exec --expose` does): show its name.
+            name = owner
+                .and_then(|app| self.registry.app(app))
+                .and_then(|info| info.names.first().cloned());
+        }
         match self.exposures.add(
             &self.registry,
             &self.broker,
@@ -784,7 +790,7 @@ impl Daemon {
         };
         match self
             .broker
-            .serve_with_journal(app, NotifyFd::from(fd), journal, stash)
+            .serve_with_journal(app, NotifyFd::from(fd), journal, stash, Some(pid))
         {
             Ok(session) => {
                 tracing::info!(app, pid, "serving app");

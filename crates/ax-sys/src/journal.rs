@@ -71,10 +71,10 @@ impl Journal {
             return Err(io::Error::last_os_error());
         }
         let len = st.st_size as usize;
-        if len == 0 || !len.is_multiple_of(RECORD_LEN) || len > 64 << 20 {
+        if len < 2 * RECORD_LEN || !len.is_multiple_of(RECORD_LEN) || len > 64 << 20 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "journal size is not a whole number of records",
+                "journal size is not a whole number of records (at least two)",
             ));
         }
         // SAFETY: a fresh shared mapping of `len` bytes of a file we hold;
@@ -99,8 +99,14 @@ impl Journal {
         })
     }
 
+    /// Record slots; the last record's place holds the header.
     fn slots(&self) -> usize {
-        self.words / WORDS
+        self.words / WORDS - 1
+    }
+
+    /// The header word holding the highest id ever recorded.
+    fn high_water_word(&self) -> &AtomicU64 {
+        self.word(self.words - WORDS)
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
@@ -128,6 +134,15 @@ impl Journal {
         }
         // The id goes last: a reader that sees it sees the rest.
         self.word(b).store(n.id, Ordering::Release);
+        self.high_water_word().fetch_max(n.id, Ordering::AcqRel);
+    }
+
+    /// The highest id ever recorded (0 for none). Notification ids of one
+    /// listener grow by one per trapped call, and `RECV` hands them out
+    /// oldest first, so a call a broker received and died before recording
+    /// has an id just above this one.
+    pub fn high_water(&self) -> u64 {
+        self.high_water_word().load(Ordering::Acquire)
     }
 
     /// Notes that the broker installed fd `fd` in the target for `id` and is
@@ -217,6 +232,10 @@ mod tests {
         assert_eq!(other.installed(77), None);
         j.note_installed(77, 5);
         assert_eq!(other.installed(77), Some(5));
+        assert_eq!(other.high_water(), 77);
+        j.record(&Notification { id: 70, ..n });
+        assert_eq!(other.high_water(), 77, "the high-water mark never goes down");
+        j.clear(70);
         j.clear(77);
         assert!(other.pending().is_empty());
         assert_eq!(other.installed(77), None);
