@@ -63,7 +63,11 @@ pub(crate) fn find(listener: &NotifyFd, journal: &Journal) -> Vec<u64> {
 /// and handles its call, on a helper thread.
 pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
     let Some(root) = root else {
-        tracing::warn!(app = link.app, id, "a call was lost with the previous daemon, and the app's process is unknown");
+        tracing::warn!(
+            app = link.app,
+            id,
+            "a call was lost with the previous daemon, and the app's process is unknown"
+        );
         return;
     };
     tracing::info!(
@@ -102,7 +106,13 @@ pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
             }
             if same >= SAME_LOOKS {
                 if let Some(w) = last.take() {
-                    tracing::info!(app = link.app, id, tid = w.tid, nr = w.nr, "finishing the call the previous daemon lost");
+                    tracing::info!(
+                        app = link.app,
+                        id,
+                        tid = w.tid,
+                        nr = w.nr,
+                        "finishing the call the previous daemon lost"
+                    );
                     let n = Notification {
                         id,
                         pid: w.tid,
@@ -116,7 +126,11 @@ pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
             }
             std::thread::sleep(LOOK_EVERY);
         }
-        tracing::warn!(app = link.app, id, "could not tell which thread waits in the lost call");
+        tracing::warn!(
+            app = link.app,
+            id,
+            "could not tell which thread waits in the lost call"
+        );
     }));
     if spawned.is_err() {
         tracing::warn!(app = link.app, id, "no thread to look for a lost call");
@@ -144,12 +158,20 @@ fn waiting_threads(root: u32) -> Vec<Waiting> {
             continue;
         };
         for task in tasks.flatten() {
-            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
                 continue;
             };
             let dir = format!("/proc/{pid}/task/{tid}");
             if let Ok(children) = std::fs::read_to_string(format!("{dir}/children")) {
-                todo.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
             let wchan = std::fs::read_to_string(format!("{dir}/wchan")).unwrap_or_default();
             if !wchan.starts_with("seccomp_do_user_notification") {

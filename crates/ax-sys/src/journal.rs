@@ -234,7 +234,11 @@ mod tests {
         assert_eq!(other.installed(77), Some(5));
         assert_eq!(other.high_water(), 77);
         j.record(&Notification { id: 70, ..n });
-        assert_eq!(other.high_water(), 77, "the high-water mark never goes down");
+        assert_eq!(
+            other.high_water(),
+            77,
+            "the high-water mark never goes down"
+        );
         j.clear(70);
         j.clear(77);
         assert!(other.pending().is_empty());
