@@ -41,6 +41,7 @@
 mod addr;
 mod doors;
 mod handlers;
+pub mod keeper;
 pub mod launch;
 mod names;
 mod orphans;

@@ -10,14 +10,19 @@
 //!    `RECV` hands them out oldest first, so the lost call's id lies just
 //!    above the journal's high-water mark; before the successor receives
 //!    anything, `ID_VALID` is true there only for calls already received.
+//!    The id is then recorded in the journal as a placeholder, so that a
+//!    successor killed in turn before finishing it passes it on.
 //! 2. **Its thread and arguments.** Among the app's threads waiting in
 //!    `seccomp_do_user_notification` (`/proc/…/wchan`), those whose call is
-//!    neither journaled nor received by the successor are the lost one and
-//!    calls not received yet; the latter are received within moments, so
-//!    the one thread still waiting, with the same call, over several looks
-//!    is the lost one. `/proc/TID/syscall` gives its number and arguments.
+//!    neither journaled nor received by the successor are the lost ones
+//!    and calls not received yet; the latter are received within moments,
+//!    so the threads still waiting, with the same calls, over several looks
+//!    are the lost ones. With several, the thread that has waited longest
+//!    (`se.exec_start` in `/proc/TID/sched`) made the oldest call (the
+//!    smallest id). `/proc/TID/syscall` gives each one's number and
+//!    arguments.
 //!
-//! The call is then handled as a replayed one.
+//! Each call is then handled as a replayed one.
 
 use crate::serve::{dispatch, AppLink, OwnedAppLink};
 use crate::target::PidfdCache;
@@ -45,44 +50,73 @@ const NATIVE_ARCH: u32 = if cfg!(target_arch = "x86_64") {
     0
 };
 
-/// Ids of calls received by a predecessor and not in the journal. Call it
-/// before receiving anything on `listener`.
+/// The system call number of a placeholder record: a lost call whose id is
+/// known and whose thread is not yet.
+pub(crate) const PLACEHOLDER_NR: i32 = -1;
+
+/// Ids of calls received by a predecessor and never recorded (found now,
+/// or by an earlier successor and still unfinished). Call it before
+/// receiving anything on `listener`.
 pub(crate) fn find(listener: &NotifyFd, journal: &Journal) -> Vec<u64> {
+    let pending = journal.pending();
+    let mut lost: Vec<u64> = pending
+        .iter()
+        .filter(|n| n.nr == PLACEHOLDER_NR && listener.id_valid(n.id))
+        .map(|n| n.id)
+        .collect();
     let high = journal.high_water();
-    if high == 0 {
-        return Vec::new();
+    if high != 0 {
+        let recorded: HashSet<u64> = pending.iter().map(|n| n.id).collect();
+        for id in (1..=PROBE).map(|k| high.wrapping_add(k)) {
+            if !recorded.contains(&id) && listener.id_valid(id) {
+                journal.record(&Notification {
+                    id,
+                    pid: 0,
+                    nr: PLACEHOLDER_NR,
+                    arch: 0,
+                    args: [0; 6],
+                });
+                lost.push(id);
+            }
+        }
     }
-    let recorded: HashSet<u64> = journal.pending().iter().map(|n| n.id).collect();
-    (1..=PROBE)
-        .map(|k| high.wrapping_add(k))
-        .filter(|id| !recorded.contains(id) && listener.id_valid(*id))
-        .collect()
+    lost.sort_unstable();
+    lost
 }
 
-/// Finds the thread of lost call `id` among the processes of `root`'s tree
-/// and handles its call, on a helper thread.
-pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
+/// Finds the threads of lost calls `ids` (oldest first) among the
+/// processes of `root`'s tree and handles their calls, on a helper thread.
+pub(crate) fn recover(link: &AppLink<'_>, ids: Vec<u64>, root: Option<u32>) {
+    if ids.is_empty() {
+        return;
+    }
     let Some(root) = root else {
         tracing::warn!(
             app = link.app,
-            id,
-            "a call was lost with the previous daemon, and the app's process is unknown"
+            ?ids,
+            "calls were lost with the previous daemon, and the app's process is unknown"
         );
         return;
     };
     tracing::info!(
         app = link.app,
-        id,
-        "a call the previous daemon received was never recorded; looking for its thread"
+        ?ids,
+        "calls the previous daemon received were never recorded; looking for their threads"
     );
     let owned = OwnedAppLink::of_link(link);
     let spawned = link.shared.pool.spawn(Box::new(move || {
         let link = owned.link();
-        let mut last: Option<Waiting> = None;
+        let mut last: Vec<Waiting> = Vec::new();
         let mut same = 0;
         for _ in 0..LOOKS {
-            if !link.listener.id_valid(id) {
-                return; // its thread died, or was killed
+            // A lost call whose thread died, or was killed, is gone.
+            let ids: Vec<u64> = ids
+                .iter()
+                .copied()
+                .filter(|&id| link.listener.id_valid(id))
+                .collect();
+            if ids.is_empty() {
+                return;
             }
             let known: HashSet<u32> = link
                 .journal
@@ -93,25 +127,23 @@ pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
                 .into_iter()
                 .filter(|w| !known.contains(&w.tid))
                 .collect();
-            match (waiting.len(), &last) {
-                (1, Some(prev)) if *prev == waiting[0] => same += 1,
-                (1, _) => {
-                    same = 1;
-                    last = waiting.pop();
-                }
-                _ => {
-                    same = 0;
-                    last = None;
-                }
+            waiting.sort_by_key(|w| w.tid);
+            if waiting.len() == ids.len() && waiting == last {
+                same += 1;
+            } else {
+                same = usize::from(waiting.len() == ids.len());
+                last = waiting;
             }
             if same >= SAME_LOOKS {
-                if let Some(w) = last.take() {
+                // The longest waiting thread made the oldest call.
+                last.sort_by_key(|w| (w.blocked_since, w.tid));
+                for (id, w) in ids.into_iter().zip(std::mem::take(&mut last)) {
                     tracing::info!(
                         app = link.app,
                         id,
                         tid = w.tid,
                         nr = w.nr,
-                        "finishing the call the previous daemon lost"
+                        "finishing a call the previous daemon lost"
                     );
                     let n = Notification {
                         id,
@@ -128,12 +160,11 @@ pub(crate) fn recover(link: &AppLink<'_>, id: u64, root: Option<u32>) {
         }
         tracing::warn!(
             app = link.app,
-            id,
-            "could not tell which thread waits in the lost call"
+            "could not tell which threads wait in the lost calls"
         );
     }));
     if spawned.is_err() {
-        tracing::warn!(app = link.app, id, "no thread to look for a lost call");
+        tracing::warn!(app = link.app, "no thread to look for lost calls");
     }
 }
 
@@ -143,10 +174,13 @@ struct Waiting {
     tid: u32,
     nr: i32,
     args: [u64; 6],
+    /// When it last ran (`se.exec_start`, in ns), which for a thread
+    /// waiting in a trapped call is about when it made the call.
+    blocked_since: u64,
 }
 
-/// Threads of `root` and its descendants waiting in a trapped call.
-fn waiting_threads(root: u32) -> Vec<Waiting> {
+/// `root` and its descendants, as (pid, tid) of every thread.
+fn process_tree(root: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut todo = vec![root];
     let mut seen = HashSet::new();
@@ -165,22 +199,61 @@ fn waiting_threads(root: u32) -> Vec<Waiting> {
             else {
                 continue;
             };
-            let dir = format!("/proc/{pid}/task/{tid}");
-            if let Ok(children) = std::fs::read_to_string(format!("{dir}/children")) {
+            if let Ok(children) =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+            {
                 todo.extend(
                     children
                         .split_whitespace()
                         .filter_map(|c| c.parse::<u32>().ok()),
                 );
             }
-            let wchan = std::fs::read_to_string(format!("{dir}/wchan")).unwrap_or_default();
-            if !wchan.starts_with("seccomp_do_user_notification") {
-                continue;
-            }
-            let line = std::fs::read_to_string(format!("{dir}/syscall")).unwrap_or_default();
-            if let Some((nr, args)) = parse_syscall(&line) {
-                out.push(Waiting { tid, nr, args });
-            }
+            out.push((pid, tid));
+        }
+    }
+    out
+}
+
+/// Threads of `root` and its descendants waiting in a trapped call.
+fn waiting_threads(root: u32) -> Vec<Waiting> {
+    let mut out = Vec::new();
+    for (pid, tid) in process_tree(root) {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let wchan = std::fs::read_to_string(format!("{dir}/wchan")).unwrap_or_default();
+        if !wchan.starts_with("seccomp_do_user_notification") {
+            continue;
+        }
+        let line = std::fs::read_to_string(format!("{dir}/syscall")).unwrap_or_default();
+        if let Some((nr, args)) = parse_syscall(&line) {
+            let sched = std::fs::read_to_string(format!("{dir}/sched")).unwrap_or_default();
+            out.push(Waiting {
+                tid,
+                nr,
+                args,
+                blocked_since: exec_start(&sched).unwrap_or(0),
+            });
+        }
+    }
+    out
+}
+
+/// Inodes of the sockets `root` and its descendants hold.
+pub(crate) fn socket_inodes(root: u32) -> HashSet<u64> {
+    let mut pids: Vec<u32> = process_tree(root).into_iter().map(|(pid, _)| pid).collect();
+    pids.dedup();
+    let mut out = HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let link = std::fs::read_link(fd.path()).unwrap_or_default();
+            let inode = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok());
+            out.extend(inode);
         }
     }
     out
@@ -198,6 +271,17 @@ fn parse_syscall(line: &str) -> Option<(i32, [u64; 6])> {
     Some((nr, args))
 }
 
+/// `se.exec_start` of `/proc/TID/sched` (milliseconds with six decimals),
+/// in nanoseconds.
+fn exec_start(sched: &str) -> Option<u64> {
+    let line = sched.lines().find(|l| l.starts_with("se.exec_start"))?;
+    let value = line.split(':').nth(1)?.trim();
+    let (ms, frac) = value.split_once('.').unwrap_or((value, "0"));
+    let ms: u64 = ms.parse().ok()?;
+    let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    Some(ms * 1_000_000 + frac.parse::<u64>().ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +296,13 @@ mod tests {
         assert_eq!(parse_syscall("running\n"), None);
         assert_eq!(parse_syscall("-1 0x7ffd 0x7f\n"), None);
         assert_eq!(parse_syscall(""), None);
+    }
+
+    #[test]
+    fn reads_when_a_thread_last_ran() {
+        let sched = "python3 (42, #threads: 2)\n---\nse.exec_start                                :      17995017.650598\nse.vruntime  :  1.0\n";
+        assert_eq!(exec_start(sched), Some(17_995_017_650_598));
+        assert_eq!(exec_start("se.exec_start : 12\n"), Some(12_000_000));
+        assert_eq!(exec_start("nothing\n"), None);
     }
 }

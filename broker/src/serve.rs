@@ -294,10 +294,8 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
         // Before receiving anything: every call in the "received" state
         // now is a predecessor's.
         let orphans = crate::orphans::find(listener, j);
-        take_over(link, j, &mut pidfds);
-        for id in orphans {
-            crate::orphans::recover(link, id, root);
-        }
+        take_over(link, j, &mut pidfds, root);
+        crate::orphans::recover(link, orphans, root);
     }
     // Blocking accepts with nothing to accept yet wait here, beside the
     // notify fd, rather than on threads of their own.
@@ -376,11 +374,28 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
 /// [`Broker::serve_with_journal`]): accepts whose connection it installed
 /// get their answer, accepts whose connection waits in the stash get that
 /// connection, every other call is handled again.
-fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache) {
+/// The inode of an fd (0 if it cannot be read).
+fn inode_of(fd: &impl std::os::fd::AsFd) -> u64 {
+    rustix::fs::fstat(fd).map(|st| st.st_ino).unwrap_or(0)
+}
+
+/// The fd of thread `tid`'s process that is the socket with inode `ino`.
+fn fd_with_inode(tid: u32, ino: u64) -> Option<i32> {
+    let want = format!("socket:[{ino}]");
+    std::fs::read_dir(format!("/proc/{tid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache, root: Option<u32>) {
     let listener = link.listener;
     let pending: Vec<Notification> = j
         .pending()
         .into_iter()
+        // Lost calls' placeholders: see crate::orphans.
+        .filter(|n| n.nr != crate::orphans::PLACEHOLDER_NR)
         .filter(|n| {
             let valid = listener.id_valid(n.id);
             if !valid {
@@ -390,6 +405,12 @@ fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache) {
         })
         .collect();
     let mut stashed = link.stash.as_ref().map(|s| s.drain()).unwrap_or_default();
+    // One connection may be parked twice (stash and fd keeper).
+    let mut seen = std::collections::HashSet::new();
+    stashed.retain(|c| seen.insert(inode_of(c)));
+    // Accepts whose connection was installed, or about to be, settle
+    // first: they own their connection.
+    let mut rest = Vec::new();
     for n in pending {
         let call = link.call(n, true, None);
         if let Some(fd) = j.installed(n.id) {
@@ -398,13 +419,37 @@ fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache) {
             let ino = Target::open(n.pid)
                 .ok()
                 .and_then(|t| t.fd(fd as u64).ok())
-                .and_then(|c| rustix::fs::fstat(&c).ok())
-                .map(|st| st.st_ino);
-            stashed.retain(|c| rustix::fs::fstat(c).ok().map(|st| st.st_ino) != ino);
+                .map(|c| inode_of(&c));
+            stashed.retain(|c| Some(inode_of(c)) != ino);
             let outcome = handlers::accept::finish_installed(&call, fd);
             respond(listener, link.journal, &n, outcome);
             continue;
         }
+        if let Some(ino) = j.installing(n.id) {
+            if let Some(fd) = fd_with_inode(n.pid, ino) {
+                // Installed, and killed before noting it.
+                stashed.retain(|c| inode_of(c) != ino);
+                let outcome = handlers::accept::finish_installed(&call, fd);
+                respond(listener, link.journal, &n, outcome);
+                continue;
+            }
+            if let Some(i) = stashed.iter().position(|c| inode_of(c) == ino) {
+                let conn = stashed.swap_remove(i);
+                let outcome = handlers::accept::finish_with(&call, conn);
+                respond(listener, link.journal, &n, outcome);
+                continue;
+            }
+        }
+        rest.push(n);
+    }
+    // A parked connection the program already holds belongs to an accept
+    // that was answered: never hand it out again.
+    if !stashed.is_empty() {
+        let held = root.map(crate::orphans::socket_inodes).unwrap_or_default();
+        stashed.retain(|c| !held.contains(&inode_of(c)));
+    }
+    for n in rest {
+        let call = link.call(n, true, None);
         let is_accept = matches!(n.nr as libc::c_long, libc::SYS_accept | libc::SYS_accept4);
         tracing::info!(
             app = link.app,

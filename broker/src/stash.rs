@@ -31,8 +31,11 @@ impl Stash {
         Self { send, recv }
     }
 
-    /// Parks a duplicate of `fd`.
-    pub(crate) fn put(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    /// Parks a duplicate of `fd`: a connection accepted for a server of
+    /// this app, which the next take-over hands to an accept its
+    /// predecessor left unanswered (a daemon uses it for connections it
+    /// saved from its predecessor's fd keeper, see [`ax_sys::keeper`]).
+    pub fn put(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
         let fds = [fd];

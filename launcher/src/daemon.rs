@@ -11,6 +11,7 @@ use crate::expose::{ExposeError, Exposures};
 use crate::hosts::HostsFile;
 use crate::paths;
 use anyhow::{bail, Context};
+use ax_broker::keeper::FdKeeper;
 use ax_broker::SocketName;
 use ax_broker::{Broker, BrokerConfig, NotifyFd, Session};
 use ax_proto::{FrameError, Request, Response};
@@ -21,7 +22,7 @@ use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use std::io::{self, IoSliceMut, IsTerminal, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,9 @@ struct Daemon {
     saved: Mutex<Option<Snapshot>>,
     /// Services reachable at host addresses.
     exposures: Exposures,
+    /// Connections the previous daemon had accepted and not handed over,
+    /// by app, until its launcher hands the app back.
+    salvaged: Mutex<std::collections::HashMap<AppId, Vec<OwnedFd>>>,
 }
 
 impl Daemon {
@@ -177,6 +181,15 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let path = paths::socket_path(args.socket.socket.as_deref())?;
     let dir = paths::socket_dir(&path);
     paths::prepare_dir(dir)?;
+    let instance = paths::fnv1a32(path.as_os_str().as_bytes());
+    let config = BrokerConfig {
+        instance,
+        connect_wait: args.connect_wait,
+    };
+    // A predecessor killed on this socket left its fd keeper holding the
+    // connections it had accepted for servers: collect them.
+    let keeper_path = paths::keeper_path(&path);
+    let salvaged = salvage_keeper(&keeper_path, &config);
     let _lock = lock_socket(&path)?;
     let listener = bind(&path)?;
     let socket_id = std::fs::metadata(&path)
@@ -193,15 +206,29 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         tracing::info!(file = %policy_path.display(), rules = policy.rule_count(), "policy loaded");
         registry.set_policy(policy);
     }
-    let instance = paths::fnv1a32(path.as_os_str().as_bytes());
     let directory: Arc<dyn Directory> = registry.clone();
-    let broker = Broker::new(
-        directory,
-        BrokerConfig {
-            instance,
-            connect_wait: args.connect_wait,
-        },
-    );
+    let broker = Broker::new(directory, config.clone());
+    // From here on, what this daemon holds outlives a SIGKILL long enough
+    // for a successor to collect it.
+    let keeper = match FdKeeper::start(&config) {
+        Ok(k) => {
+            let record = format!(
+                "{} {} {} {}\n",
+                k.pid(),
+                k.start_time(),
+                std::process::id(),
+                own_start_time()
+            );
+            if let Err(e) = write_private(&keeper_path, record.as_bytes()) {
+                tracing::warn!(file = %keeper_path.display(), error = %e, "cannot record the fd keeper");
+            }
+            Some(k)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the fd keeper; connections accepted at the instant of a crash would be lost");
+            None
+        }
+    };
     // Names: a hosts file the launchers show their programs as /etc/hosts.
     let hosts_path = paths::hosts_path(&path);
     let stop_hosts = Arc::new(AtomicBool::new(false));
@@ -234,6 +261,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         state_path: PathBuf::from(state_path),
         saved: Mutex::new(None),
         exposures: Exposures::default(),
+        salvaged: Mutex::new(salvaged),
     });
     daemon.take_over_predecessor();
 
@@ -293,6 +321,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
     }
+    if let Some(k) = keeper {
+        k.stop();
+        let _ = std::fs::remove_file(&keeper_path);
+    }
     stop_hosts.store(true, Ordering::Relaxed);
     if let Some(t) = hosts_thread {
         let _ = t.join();
@@ -320,6 +352,66 @@ fn init_tracing() {
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .try_init();
+}
+
+/// Collects what a dead predecessor's fd keeper holds (see
+/// [`ax_broker::keeper`]). The record names the keeper and the daemon it
+/// served; a daemon still alive keeps its keeper.
+fn salvage_keeper(
+    record: &Path,
+    config: &BrokerConfig,
+) -> std::collections::HashMap<AppId, Vec<OwnedFd>> {
+    let Ok(text) = std::fs::read_to_string(record) else {
+        return Default::default();
+    };
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let [keeper, keeper_start, daemon, daemon_start] = fields[..] else {
+        return Default::default();
+    };
+    let daemon_alive = std::fs::read_to_string(format!("/proc/{daemon}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().nth(19)?.parse::<u64>().ok())
+        })
+        == Some(daemon_start);
+    if daemon_alive {
+        return Default::default();
+    }
+    let saved = ax_broker::keeper::salvage(keeper as u32, keeper_start, config);
+    let count: usize = saved.values().map(Vec::len).sum();
+    if count > 0 {
+        tracing::info!(
+            connections = count,
+            "collected connections the previous daemon had accepted and not handed over"
+        );
+    }
+    saved
+}
+
+/// This process's start time (clock ticks since boot).
+fn own_start_time() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().nth(19)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Writes `data` to `path`, readable by this user only.
+fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
 }
 
 /// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
@@ -788,6 +880,28 @@ impl Daemon {
             (Some(recv), Some(send)) => Some(ax_broker::Stash::new(send, recv)),
             _ => None,
         };
+        // Connections the previous daemon had accepted for this app's
+        // servers and not handed over (collected from its fd keeper).
+        let saved = self
+            .salvaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&app)
+            .unwrap_or_default();
+        if let Some(stash) = &stash {
+            if !saved.is_empty() {
+                tracing::info!(
+                    app,
+                    count = saved.len(),
+                    "handing back connections the previous daemon had accepted"
+                );
+            }
+            for conn in &saved {
+                if let Err(e) = stash.put(conn.as_fd()) {
+                    tracing::warn!(app, error = %e, "cannot park a saved connection");
+                }
+            }
+        }
         match self
             .broker
             .serve_with_journal(app, NotifyFd::from(fd), journal, stash, Some(pid))

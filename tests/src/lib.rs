@@ -772,10 +772,14 @@ impl Daemon {
             self.reaped && self.adopted.is_none(),
             "adopt_successor: the previous daemon must be dead (kill_hard)"
         );
+        // A connect can still land on the dead daemon's listener for a
+        // moment (its fd keeper closes it right after the death): only a
+        // live peer counts.
         let pid = poll(limit, Duration::from_millis(10), || {
             UnixStream::connect(&self.sock)
                 .ok()
                 .and_then(|c| peer_pid(&c))
+                .filter(|&p| pid_is_alive(p))
         });
         let pid = pid.unwrap_or_else(|| {
             panic!(

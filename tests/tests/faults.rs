@@ -509,20 +509,12 @@ print(" ".join(out), flush=True)
 "#;
 
 #[test]
-#[ignore = "flaky (about 1 run in 3): a new connection in flight at the instant of the kill \
-            can still be lost (the client sees a reset or a broken pipe) or, rarely, a call \
-            received but not yet journaled waits for ever. Established connections, the \
-            registry and the hand-over itself hold. Run with --ignored"]
 fn daemon_killed_and_restarted() {
     require!("python3");
     daemon_restart_scenario(false, "10.233.1");
 }
 
 #[test]
-#[ignore = "flaky (about 1 run in 3): a new connection in flight at the instant of the kill \
-            can still be lost (the client sees a reset or a broken pipe) or, rarely, a call \
-            received but not yet journaled waits for ever. Established connections, the \
-            registry and the hand-over itself hold. Run with --ignored"]
 fn daemon_killed_and_autostarted_by_a_launcher() {
     require!("python3");
     daemon_restart_scenario(true, "10.233.2");
@@ -685,10 +677,6 @@ impl Rng {
 /// connect in loops and hold connections: each kill lands at a random
 /// moment, so some land in the middle of a call. Not one error anywhere.
 #[test]
-#[ignore = "known races remain: a daemon killed in the microseconds between accepting a \
-            connection and installing it in the server loses that connection (the client sees \
-            a reset), and one killed between NOTIF_RECV and the journal record leaves that call \
-            waiting for ever. Run with --ignored"]
 fn daemon_killed_and_restarted_repeatedly() {
     require!("python3");
     let kills: usize = std::env::var("AX_E2E_KILLS")

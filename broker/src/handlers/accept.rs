@@ -286,8 +286,12 @@ fn install(
 ) -> Result<Outcome, Errno> {
     // Install at once, note it, then write the address and answer: from
     // the moment the program holds the connection, a daemon killed at any
-    // point loses nothing — its successor finds the fd in the journal and
-    // answers with it (see `finish_installed`).
+    // point loses nothing — its successor finds the fd in the journal (or,
+    // killed between the install and the note, the inode noted before it
+    // in the program's fds) and answers with it (see `finish_installed`).
+    if let (Some(j), Ok(st)) = (call.journal, rustix::fs::fstat(conn)) {
+        j.note_installing(call.notif.id, st.st_ino);
+    }
     let fd = match call
         .listener
         .add_fd(call.notif.id, conn.as_fd(), None, cloexec, false)

@@ -15,7 +15,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Notification;
 
-/// Words per record: id, pid|nr, arch, six arguments, spare.
+/// Marks the last word of a record as "installing the socket with this
+/// inode" rather than "installed at fd − 1".
+const INSTALLING: u64 = 1 << 63;
+
+/// Words per record: id, pid|nr, arch, six arguments, and the install
+/// state (0, `INSTALLING | inode`, or fd + 1).
 const WORDS: usize = 10;
 /// Bytes per record.
 pub const RECORD_LEN: usize = WORDS * 8;
@@ -160,7 +165,29 @@ impl Journal {
     pub fn installed(&self, id: u64) -> Option<i32> {
         let b = self.base(id);
         let v = self.word(b + 9).load(Ordering::Acquire);
-        (self.word(b).load(Ordering::Acquire) == id && v != 0).then(|| (v - 1) as u32 as i32)
+        (self.word(b).load(Ordering::Acquire) == id && v != 0 && v & INSTALLING == 0)
+            .then(|| (v - 1) as u32 as i32)
+    }
+
+    /// Notes that the broker is about to install the socket with inode
+    /// `inode` in the target for `id`: a successor that finds that inode in
+    /// the target answers with its fd, and otherwise installs the socket
+    /// itself, rather than handing it to another call.
+    pub fn note_installing(&self, id: u64, inode: u64) {
+        let b = self.base(id);
+        if self.word(b).load(Ordering::Acquire) == id {
+            self.word(b + 9)
+                .store(INSTALLING | (inode & !INSTALLING), Ordering::Release);
+        }
+    }
+
+    /// The inode noted by [`Journal::note_installing`] for a pending `id`
+    /// (and not followed by [`Journal::note_installed`]).
+    pub fn installing(&self, id: u64) -> Option<u64> {
+        let b = self.base(id);
+        let v = self.word(b + 9).load(Ordering::Acquire);
+        (self.word(b).load(Ordering::Acquire) == id && v & INSTALLING != 0)
+            .then_some(v & !INSTALLING)
     }
 
     /// Marks `id` answered.
@@ -230,8 +257,12 @@ mod tests {
         let other = Journal::map(fd).unwrap();
         assert_eq!(other.pending(), vec![n]);
         assert_eq!(other.installed(77), None);
+        j.note_installing(77, 4242);
+        assert_eq!(other.installing(77), Some(4242));
+        assert_eq!(other.installed(77), None);
         j.note_installed(77, 5);
         assert_eq!(other.installed(77), Some(5));
+        assert_eq!(other.installing(77), None);
         assert_eq!(other.high_water(), 77);
         j.record(&Notification { id: 70, ..n });
         assert_eq!(

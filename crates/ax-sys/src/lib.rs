@@ -4,12 +4,14 @@
 //! safe crate offers: the seccomp user-notification ioctls
 //! (`SECCOMP_IOCTL_NOTIF_*`), installing a filter between `fork` and `execve`,
 //! pidfds, reading and writing a target's memory, raw `sockaddr` calls made on
-//! the broker's own copy of an address, and signal waiting for the launcher.
+//! the broker's own copy of an address, signal waiting for the launcher, and
+//! the fd keeper that outlives a killed daemon.
 //!
 //! Every `unsafe` block carries a `// SAFETY:` comment. Everything exported is
 //! safe to call with any argument: bad input yields an [`std::io::Error`].
 
 pub mod journal;
+pub mod keeper;
 pub mod notify;
 pub mod prexec;
 pub mod process;

@@ -1,0 +1,94 @@
+//! Connections a killed daemon had accepted for servers and not yet handed
+//! over: its fd keeper ([`ax_sys::keeper`]) holds them open, and its
+//! successor collects them here and parks them in each app's [`Stash`],
+//! from which the take-over hands them to the accepts left unanswered.
+//!
+//! [`Stash`]: crate::Stash
+
+use crate::names::SocketName;
+use crate::BrokerConfig;
+use ax_registry::AppId;
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+/// A running fd keeper of this process.
+#[derive(Debug)]
+pub struct FdKeeper {
+    pid: u32,
+    start_time: u64,
+    pidfd: OwnedFd,
+}
+
+impl FdKeeper {
+    /// Starts a keeper for this process's fds. Call it from the main
+    /// thread (the keeper watches the thread that starts it), once the
+    /// broker's instance is known.
+    pub fn start(config: &BrokerConfig) -> io::Result<FdKeeper> {
+        let prefix = format!("ax/{:08x}/", config.instance);
+        let pid = ax_sys::keeper::spawn(prefix.as_bytes())?;
+        let pidfd = ax_sys::process::pidfd_open(pid, false)?;
+        let start_time = crate::target::start_time(pid).unwrap_or(0);
+        Ok(FdKeeper {
+            pid,
+            start_time,
+            pidfd,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its start time (clock ticks since boot), which tells it from a later
+    /// process with the same pid.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// Ends it (the daemon is stopping cleanly).
+    pub fn stop(self) {
+        let _ = ax_sys::process::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+    }
+}
+
+/// Collects, from the keeper `pid` (started at `start_time`) of a daemon
+/// with the same `instance` that died, the connections it had accepted for
+/// servers and not handed over, by app; then ends the keeper. Anything
+/// that is not such a keeper yields nothing.
+pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppId, Vec<OwnedFd>> {
+    let mut out: HashMap<AppId, Vec<OwnedFd>> = HashMap::new();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim_end() != ax_sys::keeper::KEEPER_COMM
+        || crate::target::start_time(pid) != Some(start_time)
+    {
+        return out;
+    }
+    let Ok(pidfd) = ax_sys::process::pidfd_open(pid, false) else {
+        return out;
+    };
+    let fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds {
+        let Ok(conn) = ax_sys::process::pidfd_getfd(pidfd.as_fd(), fd) else {
+            continue;
+        };
+        let own = crate::handlers::own_name(&conn);
+        let peer = crate::handlers::peer_name(&conn);
+        if let (Some(SocketName::Listener { instance, app, .. }), Some(SocketName::Client { .. })) =
+            (own, peer)
+        {
+            if instance == config.instance {
+                out.entry(app).or_default().push(conn);
+            }
+        }
+    }
+    let _ = ax_sys::process::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+    out
+}

@@ -1,0 +1,242 @@
+//! A process that shares the daemon's file-descriptor table and outlives
+//! it, so that a connection the daemon accepted for a server an instant
+//! before being killed is not closed with it.
+//!
+//! The keeper is cloned with `CLONE_FILES`: every fd the daemon opens or
+//! closes is opened or closed in the keeper's table too, at no cost. While
+//! the daemon lives the keeper only waits. When the daemon dies (the
+//! keeper learns it from `PR_SET_PDEATHSIG`), the table is the keeper's
+//! alone: it closes everything except accepted server-side connections of
+//! this daemon (a UNIX stream socket named `<prefix>l…` whose peer is named
+//! `<prefix>c…`) — so that the daemon's control socket, its clients'
+//! connections and its lock close as they would have — and lingers until a
+//! successor has taken those connections (`pidfd_getfd`) and kills it, or
+//! for [`LINGER_SECS`].
+//!
+//! Everything the child runs is raw, async-signal-safe system calls on
+//! memory prepared before the clone.
+
+use std::io;
+
+/// How long an orphaned keeper waits for a successor.
+pub const LINGER_SECS: u32 = 120;
+
+/// The name the keeper shows in `/proc/PID/comm`.
+pub const KEEPER_COMM: &str = "ax-fd-keeper";
+
+/// Longest name prefix handled (abstract names are at most 107 bytes).
+const MAX_PREFIX: usize = 64;
+
+/// Starts a keeper for this process's fd table. `prefix` is the abstract
+/// socket-name prefix of this daemon's sockets (without the leading NUL,
+/// e.g. `ax/0123abcd/`). Must be called from the thread that lives as long
+/// as the process (the main thread): the keeper is told of its death.
+/// Returns the keeper's pid.
+pub fn spawn(prefix: &[u8]) -> io::Result<u32> {
+    if prefix.is_empty() || prefix.len() > MAX_PREFIX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut name = [0u8; MAX_PREFIX];
+    name[..prefix.len()].copy_from_slice(prefix);
+    let len = prefix.len();
+    // SAFETY: getpid has no arguments.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: a raw clone without CLONE_VM works like fork: the child runs
+    // on a copy-on-write copy of this thread's memory (including its stack,
+    // passed as 0). In the child only `keeper_main` runs, which makes raw,
+    // async-signal-safe system calls on the copied `name` and never returns.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match rc {
+        0 => keeper_main(parent, &name[..len]),
+        rc if rc < 0 => Err(io::Error::last_os_error()),
+        pid => Ok(pid as u32),
+    }
+}
+
+fn keeper_main(parent: libc::pid_t, prefix: &[u8]) -> ! {
+    // SAFETY: every call below is a raw system call on stack memory of this
+    // frame or on constants; none allocates or takes a lock.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"ax-fd-keeper".as_ptr(), 0, 0, 0);
+        // The daemon's signal handlers write to pipes in the shared table:
+        // a signal aimed at the keeper must not look like the daemon's.
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR1, 0, 0, 0);
+        // The daemon may have died before the request above.
+        while libc::getppid() == parent {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::sigwaitinfo(&set, &mut info);
+        }
+        close_all_but_accepted(prefix);
+        let pause = libc::timespec {
+            tv_sec: LINGER_SECS as libc::time_t,
+            tv_nsec: 0,
+        };
+        libc::nanosleep(&pause, std::ptr::null_mut());
+        libc::_exit(0);
+    }
+}
+
+/// Closes every fd except accepted connections named with `prefix`.
+///
+/// # Safety
+/// Only for the keeper child: it closes fds of the whole (now private)
+/// table.
+unsafe fn close_all_but_accepted(prefix: &[u8]) {
+    // Walk /proc/self/fd with getdents64 into a stack buffer.
+    // SAFETY: a constant C string; flags only.
+    let dir = unsafe {
+        libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off + 19 < n as usize {
+            // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type,
+            // then the NUL-terminated name.
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n as usize {
+                break;
+            }
+            let name = &buf[off + 19..off + reclen];
+            let mut fd: i32 = 0;
+            let mut digits = 0;
+            for &c in name {
+                if !c.is_ascii_digit() {
+                    break;
+                }
+                fd = fd.saturating_mul(10).saturating_add((c - b'0') as i32);
+                digits += 1;
+            }
+            if digits > 0 && fd != dir && !is_accepted_connection(fd, prefix) {
+                // SAFETY: closing an fd of this (private) table.
+                unsafe { libc::close(fd) };
+            }
+            off += reclen;
+        }
+    }
+    // SAFETY: closing the directory fd opened above.
+    unsafe { libc::close(dir) };
+}
+
+/// True for a UNIX socket named `\0<prefix>l…` whose peer is `\0<prefix>c…`.
+fn is_accepted_connection(fd: i32, prefix: &[u8]) -> bool {
+    let named = |peer: bool, kind: u8| {
+        // SAFETY: sockaddr_un is plain old data; zeroed is valid.
+        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let ptr = (&mut sun as *mut libc::sockaddr_un).cast::<libc::sockaddr>();
+        // SAFETY: `sun` and `len` are valid for writing, sized as declared.
+        let rc = unsafe {
+            if peer {
+                libc::getpeername(fd, ptr, &mut len)
+            } else {
+                libc::getsockname(fd, ptr, &mut len)
+            }
+        };
+        if rc != 0 || sun.sun_family != libc::AF_UNIX as libc::sa_family_t {
+            return false;
+        }
+        let path_len = (len as usize).saturating_sub(2);
+        let path = &sun.sun_path[..path_len.min(sun.sun_path.len())];
+        path.len() > prefix.len() + 1
+            && path[0] == 0
+            && path[1..=prefix.len()]
+                .iter()
+                .zip(prefix)
+                .all(|(&a, &b)| a as u8 == b)
+            && path[prefix.len() + 1] as u8 == kind
+    };
+    named(false, b'l') && named(true, b'c')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn recognises_accepted_connections_only() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+        let tag = format!("axtest-keeper-{}/", std::process::id());
+        let l_name = format!("{tag}l4/1/0.0.0.0/80");
+        let c_name = format!("{tag}c4/10.0.0.1/1/10.0.0.2/80");
+        let listener =
+            UnixListener::bind_addr(&SocketAddr::from_abstract_name(&l_name).unwrap()).unwrap();
+        let client = bound_and_connected(&c_name, &l_name);
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(is_accepted_connection(accepted.as_raw_fd(), tag.as_bytes()));
+        // The listener, the client's end, another daemon's connection and
+        // an unnamed pair are not.
+        assert!(!is_accepted_connection(
+            listener.as_raw_fd(),
+            tag.as_bytes()
+        ));
+        assert!(!is_accepted_connection(client.as_raw_fd(), tag.as_bytes()));
+        assert!(!is_accepted_connection(accepted.as_raw_fd(), b"ax/other/"));
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(!is_accepted_connection(a.as_raw_fd(), tag.as_bytes()));
+    }
+
+    /// A UNIX stream socket bound to abstract `name`, connected to abstract
+    /// `to`.
+    fn bound_and_connected(name: &str, to: &str) -> std::os::fd::OwnedFd {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        // SAFETY: a plain socket(2) call; the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        // SAFETY: the kernel returned it; nobody else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let bind = |n: &str, connect: bool| {
+            // SAFETY: sockaddr_un is plain old data.
+            let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (i, b) in n.bytes().enumerate() {
+                sun.sun_path[i + 1] = b as libc::c_char;
+            }
+            let len = (2 + 1 + n.len()) as libc::socklen_t;
+            let ptr = (&sun as *const libc::sockaddr_un).cast::<libc::sockaddr>();
+            // SAFETY: `sun` is valid for `len` bytes.
+            let rc = unsafe {
+                if connect {
+                    libc::connect(fd, ptr, len)
+                } else {
+                    libc::bind(fd, ptr, len)
+                }
+            };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        };
+        bind(name, false);
+        bind(to, true);
+        owned
+    }
+}
