@@ -183,7 +183,8 @@ pub struct ExecArgs {
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 
-    /// How connections to this app's name are spread over its replicas
+    /// How connections to this app's name or VIP are spread over its
+    /// replicas; with --ip of a running app, joins it as a replica
     /// [default: round-robin]
     #[arg(long, value_name = "MODE", value_parser = parse_lb)]
     pub lb: Option<LbMode>,

@@ -327,6 +327,26 @@ time.sleep(60)
     }
 }
 
+#[test]
+fn replicas_by_ip_need_lb() {
+    require!("python3");
+    let d = Daemon::start();
+    let vip = "10.233.8.20";
+    let mut first = tagged_server(&d, &["--ip", vip], 8620, "first");
+    // The --ip of a running app: refused, with a hint…
+    let out = d.run(&["--ip", vip], &["true"]);
+    assert_eq!(out.code(), Some(125), "{out}");
+    assert!(out.stderr.contains("--lb"), "{out}");
+    // …unless the app asks to share its connections.
+    let mut second = tagged_server(&d, &["--ip", vip, "--lb", "round-robin"], 8620, "second");
+    let (counts, failed) = count_bodies(&d, &format!("http://{vip}:8620/"), 40);
+    assert_eq!(failed, 0);
+    assert_eq!(counts.get("first"), Some(&20), "{counts:?}");
+    assert_eq!(counts.get("second"), Some(&20), "{counts:?}");
+    first.kill();
+    second.kill();
+}
+
 // ---------------------------------------------------------------- policy
 
 /// Connects to HOST:PORT; prints `OK` or `ERRNO n`.

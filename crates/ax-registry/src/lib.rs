@@ -151,7 +151,7 @@ pub struct ServiceInfo {
 pub enum RegisterError {
     /// Another live app owns that VIP (and shares no name with this one).
     #[error(
-        "virtual IP {ip} is already owned by app {owner} (to add a replica behind it, give the same --name)"
+        "virtual IP {ip} is already owned by app {owner} (to add a replica behind it, give the same --name, or --lb)"
     )]
     IpInUse {
         /// The contested address.

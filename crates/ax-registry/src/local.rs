@@ -42,9 +42,14 @@ impl State {
         self.generation += 1;
     }
 
-    /// The owners of `ip` when a new app with `names` may not share it.
-    fn conflicting_owner(&self, ip: IpAddr, names: &[String]) -> Option<AppId> {
+    /// The owners of `ip` when a new app with `names` may not share it. An
+    /// app joins as a replica when it shares a name with them, or when it
+    /// asks for load balancing (`replica`: `--lb` given).
+    fn conflicting_owner(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<AppId> {
         let owners = self.vip_owners.get(&ip)?;
+        if replica {
+            return None;
+        }
         let shares_a_name = owners.iter().any(|o| {
             self.apps
                 .get(o)
@@ -169,11 +174,10 @@ impl LocalRegistry {
             if !keep(info) || st.apps.contains_key(&info.id) {
                 continue;
             }
-            if info
-                .vips
-                .iter()
-                .any(|&ip| st.conflicting_owner(ip, &info.names).is_some())
-            {
+            if info.vips.iter().any(|&ip| {
+                st.conflicting_owner(ip, &info.names, info.lb.is_some())
+                    .is_some()
+            }) {
                 continue;
             }
             for &ip in &info.vips {
@@ -208,7 +212,7 @@ impl LocalRegistry {
             });
         }
         for &ip in &info.vips {
-            if let Some(owner) = st.conflicting_owner(ip, &info.names) {
+            if let Some(owner) = st.conflicting_owner(ip, &info.names, info.lb.is_some()) {
                 return Err(RegisterError::IpInUse { ip, owner });
             }
         }
@@ -302,7 +306,7 @@ impl LocalRegistry {
         let mut vips = Vec::new();
         for &ip in &spec.requested_ips {
             validate_vip(ip)?;
-            if let Some(owner) = st.conflicting_owner(ip, &spec.names) {
+            if let Some(owner) = st.conflicting_owner(ip, &spec.names, spec.lb.is_some()) {
                 return Err(RegisterError::IpInUse { ip, owner });
             }
             if !vips.contains(&ip) {
@@ -755,6 +759,12 @@ mod tests {
             .register_app(&named(&["other"], &[&a.vips[0].to_string()]), 0)
             .unwrap_err();
         assert!(err.to_string().contains("--name"), "{err}");
+        // Asking for load balancing joins too.
+        let mut lb = named(&[], &[&a.vips[0].to_string()]);
+        lb.lb = Some(LbMode::RoundRobin);
+        let d = r.register_app(&lb, 0).unwrap();
+        assert_eq!(d.vips, a.vips);
+        r.app_exited(d.id);
         let ip = a.vips[0];
         for (app, tag) in [(a.id, "a"), (b.id, "b"), (c.id, "c")] {
             let req = BindRequest {
