@@ -599,7 +599,13 @@ import socket, sys
 c = socket.socket()  # no timeout: a blocking socket
 c.connect((sys.argv[1], 8900))
 c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-print("BLOCKING", c.recv(1000).decode().split("\r\n\r\n")[-1].strip(), flush=True)
+data = b""
+while True:
+    chunk = c.recv(1000)
+    if not chunk:
+        break
+    data += chunk
+print("BLOCKING", data.decode().split("\r\n\r\n")[-1].strip(), flush=True)
 "#,
             &[vip],
         ),

@@ -21,7 +21,7 @@ use crate::target::{Errno, Target};
 use ax_registry::{BindRequest, UnixEndpoint};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
     run(call, target).into()
@@ -118,18 +118,29 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         ips,
         port: want.port(),
     };
+    let bound_socket = |endpoint: &UnixEndpoint| -> Result<OwnedFd, Errno> {
+        let sock = unix_socket()?;
+        rustix::net::bind(&sock, &endpoint_addr(endpoint)?).map_err(|e| e.raw_os_error())?;
+        Ok(sock)
+    };
+    // With the port known, the listener's name is taken before the
+    // service is registered: a connect that finds the service then finds
+    // a socket too (it never mistakes a listener still being set up for a
+    // dead one). Port 0 gets its port from the registry first.
+    let early = if want.port() != 0 {
+        Some(bound_socket(&name_for(want.port()))?)
+    } else {
+        None
+    };
     let port = dir
         .bind(&req, &name_for, &endpoint_alive)
         .map_err(|e| e.errno())?;
     let endpoint = name_for(port);
     let installed = (|| {
-        let sock = unix_socket()?;
-        rustix::net::bind(&sock, &endpoint_addr(&endpoint)?).map_err(|e| {
-            match e.raw_os_error() {
-                libc::EADDRINUSE => libc::EADDRINUSE,
-                other => other,
-            }
-        })?;
+        let sock = match early {
+            Some(sock) => sock,
+            None => bound_socket(&endpoint)?,
+        };
         copy_nonblock(&copy, &sock)?;
         call.check_valid()?;
         Ok(install_over(call, target, fd_arg, &sock))
