@@ -56,8 +56,8 @@ done
 
 mkdir -p "$WORK/www"
 echo "Hello from a server that thinks it listens on 10.233.0.10:8000" >"$WORK/www/index.html"
-say "ax exec --ip 10.233.0.10 -- python3 -m http.server 8000 &"
-setsid "$AX" exec --socket "$SOCK" --ip 10.233.0.10 -- \
+say "ax exec --ip 10.233.0.10 --name web -- python3 -m http.server 8000 &"
+setsid "$AX" exec --socket "$SOCK" --ip 10.233.0.10 --name web -- \
     python3 -m http.server 8000 --directory "$WORK/www" >"$WORK/server.log" 2>&1 &
 pids+=($!)
 deadline=$((SECONDS + 15))
@@ -68,6 +68,8 @@ done
 
 say "ax exec -- curl -s http://10.233.0.10:8000/"
 "$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://10.233.0.10:8000/
+say "ax exec -- curl -s http://web:8000/   # by name"
+"$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://web:8000/
 
 # Hold one connection open to look at it.
 setsid "$AX" exec --socket "$SOCK" -- python3 -c "
