@@ -212,6 +212,13 @@ fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     })
 }
 
+/// The IP address and port an IP socket is bound to.
+fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
+    rustix::net::getsockname(fd)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+}
+
 /// A new TCP socket of the program's family, close-on-exec for the broker.
 fn tcp_socket(v6: bool) -> Result<OwnedFd, Errno> {
     let family = if v6 {
@@ -311,11 +318,7 @@ fn connect_virtual(
     let dir = &call.shared.directory;
     // A socket with no local port is neither connected nor listening: the
     // common case costs one call.
-    let local_port = rustix::net::getsockname(copy)
-        .ok()
-        .and_then(|a| SocketAddr::try_from(a).ok())
-        .map(|a| a.port())
-        .unwrap_or(0);
+    let local_port = inet_name(copy).map_or(0, |a| a.port());
     if rebind.is_none() && local_port != 0 {
         if sockopt::socket_acceptconn(copy).unwrap_or(false) {
             return Ok(Outcome::Errno(libc::EISCONN));
@@ -410,11 +413,7 @@ fn wait_for_service(
         let mut slice = BACKLOG_SLICE;
         match dir.resolve(call.app, dst) {
             Ok(endpoints) => {
-                let local_port = rustix::net::getsockname(copy)
-                    .ok()
-                    .and_then(|a| SocketAddr::try_from(a).ok())
-                    .map(|a| a.port())
-                    .unwrap_or(0);
+                let local_port = inet_name(copy).map_or(0, |a| a.port());
                 if let Some(outcome) = deliver(
                     call, &target, copy, v6, dst, rebind, endpoints, local_port, true,
                 )? {
@@ -499,9 +498,7 @@ struct HeldConnect {
 impl HeldConnect {
     /// The loopback address the program's socket connects to.
     fn address(&self) -> Option<SocketAddr> {
-        rustix::net::getsockname(&self.port_listener)
-            .ok()
-            .and_then(|a| SocketAddr::try_from(a).ok())
+        inet_name(&self.port_listener)
     }
 
     fn start(program_socket: &OwnedFd, v6: bool) -> Result<Self, Errno> {
@@ -510,11 +507,7 @@ impl HeldConnect {
         rustix::net::bind(&port_listener, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .map_err(errno)?;
         rustix::net::listen(&port_listener, 0).map_err(errno)?;
-        let port = rustix::net::getsockname(&port_listener)
-            .ok()
-            .and_then(|a| SocketAddr::try_from(a).ok())
-            .map(|a| a.port())
-            .ok_or(libc::EIO)?;
+        let port = inet_name(&port_listener).ok_or(libc::EIO)?.port();
         let here = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let filler = tcp_socket(false)?;
         rustix::net::connect(&filler, &here).map_err(errno)?;
@@ -729,11 +722,7 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
     // A bound, never listening socket holds a port nobody listens on.
     let closed = tcp_socket(false)?;
     rustix::net::bind(&closed, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(errno)?;
-    let port = rustix::net::getsockname(&closed)
-        .ok()
-        .and_then(|a| SocketAddr::try_from(a).ok())
-        .map(|a| a.port())
-        .ok_or(libc::EIO)?;
+    let port = inet_name(&closed).ok_or(libc::EIO)?.port();
     let fresh = tcp_socket(v6)?;
     set_nonblock(&fresh, true)?;
     let dst = if v6 {
