@@ -246,10 +246,6 @@ pub struct DaemonArgs {
     /// once the socket listens
     #[arg(long, value_name = "N")]
     pub ready_fd: Option<u32>,
-
-    /// Started in the background by 'ax exec': ignore SIGHUP.
-    #[arg(long, hide = true)]
-    pub detached: bool,
 }
 
 /// `ax get`.

@@ -498,7 +498,6 @@ fn start_daemon(path: &Path) -> anyhow::Result<()> {
         .arg(path)
         .arg("--ready-fd")
         .arg(ready_end.as_raw_fd().to_string())
-        .arg("--detached")
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
