@@ -47,10 +47,42 @@ impl FdKeeper {
         self.start_time
     }
 
+    /// A one-line record of this keeper and of the process it serves, for
+    /// [`salvage_recorded`] in a successor.
+    pub fn record(&self) -> String {
+        let me = std::process::id();
+        format!(
+            "{} {} {} {}\n",
+            self.pid,
+            self.start_time,
+            me,
+            crate::target::start_time(me).unwrap_or(0)
+        )
+    }
+
     /// Ends it (the daemon is stopping cleanly).
     pub fn stop(self) {
         let _ = ax_sys::process::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
     }
+}
+
+/// [`salvage`] from a keeper described by a [`FdKeeper::record`], if the
+/// process it served is gone (a live daemon keeps its keeper).
+pub fn salvage_recorded(record: &str, config: &BrokerConfig) -> HashMap<AppId, Vec<OwnedFd>> {
+    let fields: Vec<u64> = record
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let [keeper, keeper_start, daemon, daemon_start] = fields[..] else {
+        return HashMap::new();
+    };
+    let (Ok(keeper), Ok(daemon)) = (u32::try_from(keeper), u32::try_from(daemon)) else {
+        return HashMap::new();
+    };
+    if crate::target::start_time(daemon) == Some(daemon_start) {
+        return HashMap::new();
+    }
+    salvage(keeper, keeper_start, config)
 }
 
 /// Collects, from the keeper `pid` (started at `start_time`) of a daemon

@@ -188,7 +188,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     };
     // A predecessor killed on this socket left its fd keeper holding the
     // connections it had accepted for servers: collect them.
-    let keeper_path = paths::keeper_path(&path);
+    let keeper_path = paths::beside(&path, ".keeper");
     let salvaged = salvage_keeper(&keeper_path, &config);
     let _lock = lock_socket(&path)?;
     let listener = bind(&path)?;
@@ -212,14 +212,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // for a successor to collect it.
     let keeper = match FdKeeper::start(&config) {
         Ok(k) => {
-            let record = format!(
-                "{} {} {} {}\n",
-                k.pid(),
-                k.start_time(),
-                std::process::id(),
-                own_start_time()
-            );
-            if let Err(e) = write_private(&keeper_path, record.as_bytes()) {
+            if let Err(e) = write_private(&keeper_path, k.record().as_bytes()) {
                 tracing::warn!(file = %keeper_path.display(), error = %e, "cannot record the fd keeper");
             }
             Some(k)
@@ -251,14 +244,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         .map(|p| p.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let mut state_path = path.as_os_str().to_owned();
-    state_path.push(".state");
     let daemon = Arc::new(Daemon {
         registry,
         broker,
         uid: paths::euid(),
         sessions: Mutex::new(Vec::new()),
-        state_path: PathBuf::from(state_path),
+        state_path: paths::beside(&path, ".state"),
         saved: Mutex::new(None),
         exposures: Exposures::default(),
         salvaged: Mutex::new(salvaged),
@@ -355,8 +346,7 @@ fn init_tracing() {
 }
 
 /// Collects what a dead predecessor's fd keeper holds (see
-/// [`ax_broker::keeper`]). The record names the keeper and the daemon it
-/// served; a daemon still alive keeps its keeper.
+/// [`ax_broker::keeper`]).
 fn salvage_keeper(
     record: &Path,
     config: &BrokerConfig,
@@ -364,24 +354,7 @@ fn salvage_keeper(
     let Ok(text) = std::fs::read_to_string(record) else {
         return Default::default();
     };
-    let fields: Vec<u64> = text
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let [keeper, keeper_start, daemon, daemon_start] = fields[..] else {
-        return Default::default();
-    };
-    let daemon_alive = std::fs::read_to_string(format!("/proc/{daemon}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().nth(19)?.parse::<u64>().ok())
-        })
-        == Some(daemon_start);
-    if daemon_alive {
-        return Default::default();
-    }
-    let saved = ax_broker::keeper::salvage(keeper as u32, keeper_start, config);
+    let saved = ax_broker::keeper::salvage_recorded(&text, config);
     let count: usize = saved.values().map(Vec::len).sum();
     if count > 0 {
         tracing::info!(
@@ -390,17 +363,6 @@ fn salvage_keeper(
         );
     }
     saved
-}
-
-/// This process's start time (clock ticks since boot).
-fn own_start_time() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().nth(19)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Writes `data` to `path`, readable by this user only.
@@ -417,9 +379,7 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
 /// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
 /// at once cannot both decide the socket is stale.
 fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
+    let lock_path = paths::beside(path, ".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -50,19 +50,18 @@ pub fn socket_path(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(resolve_socket(flag, &|k| std::env::var_os(k), euid(), &cwd))
 }
 
-/// Where the daemon on `socket` records its fd keeper, for a successor.
-pub fn keeper_path(socket: &Path) -> PathBuf {
+/// A file kept beside the daemon's socket: `<socket><suffix>` (the state,
+/// the lock, the hosts file, the fd keeper's record).
+pub fn beside(socket: &Path, suffix: &str) -> PathBuf {
     let mut p = socket.as_os_str().to_owned();
-    p.push(".keeper");
+    p.push(suffix);
     PathBuf::from(p)
 }
 
 /// The hosts file the daemon on `socket` keeps current: programs under ax
 /// see it as their `/etc/hosts`.
 pub fn hosts_path(socket: &Path) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(".hosts");
-    PathBuf::from(p)
+    beside(socket, ".hosts")
 }
 
 /// The directory holding `socket`.
