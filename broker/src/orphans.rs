@@ -241,22 +241,31 @@ fn waiting_threads(root: u32) -> Vec<Waiting> {
 pub(crate) fn socket_inodes(root: u32) -> HashSet<u64> {
     let mut pids: Vec<u32> = process_tree(root).into_iter().map(|(pid, _)| pid).collect();
     pids.dedup();
-    let mut out = HashSet::new();
-    for pid in pids {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let link = std::fs::read_link(fd.path()).unwrap_or_default();
+    pids.into_iter()
+        .flat_map(socket_fds)
+        .map(|(_, inode)| inode)
+        .collect()
+}
+
+/// The socket fds of `pid` (any thread of a process sees its fd table),
+/// with their inodes.
+pub(crate) fn socket_fds(pid: u32) -> Vec<(i32, u64)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
             let inode = link
-                .to_str()
-                .and_then(|l| l.strip_prefix("socket:["))
-                .and_then(|l| l.strip_suffix(']'))
-                .and_then(|n| n.parse::<u64>().ok());
-            out.extend(inode);
-        }
-    }
-    out
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
+            Some((fd, inode))
+        })
+        .collect()
 }
 
 /// `/proc/TID/syscall` of a blocked thread: the number in decimal, then six

@@ -381,12 +381,9 @@ fn inode_of(fd: &impl std::os::fd::AsFd) -> u64 {
 
 /// The fd of thread `tid`'s process that is the socket with inode `ino`.
 fn fd_with_inode(tid: u32, ino: u64) -> Option<i32> {
-    let want = format!("socket:[{ino}]");
-    std::fs::read_dir(format!("/proc/{tid}/fd"))
-        .ok()?
-        .flatten()
-        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
-        .and_then(|e| e.file_name().to_str()?.parse().ok())
+    crate::orphans::socket_fds(tid)
+        .into_iter()
+        .find_map(|(fd, i)| (i == ino).then_some(fd))
 }
 
 fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache, root: Option<u32>) {
@@ -526,13 +523,13 @@ impl OwnedAppLink {
 
     /// The parts of `call`'s link, shared.
     pub(crate) fn of(call: &handlers::Call<'_>) -> Self {
-        Self {
-            shared: call.shared.clone(),
+        Self::of_link(&AppLink {
+            shared: call.shared,
             app: call.app,
-            listener: call.listener.clone(),
-            journal: call.journal.clone(),
-            stash: call.stash.clone(),
-        }
+            listener: call.listener,
+            journal: call.journal,
+            stash: call.stash,
+        })
     }
 
     /// Borrows it back as an [`AppLink`].

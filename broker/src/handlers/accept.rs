@@ -234,18 +234,27 @@ fn complete(
     // As the kernel: a bad addr/addrlen after the accept loses the
     // connection and fails the call.
     probe?;
-    // A doorbell: the real connection takes its place.
-    let (conn, real_peer) = match answer_doorbell(call, &conn) {
-        Some(Ok((real, peer))) => (real, Some(peer)),
-        Some(Err(e)) => return Err(e),
-        None => (conn, None),
+    // Who connected, from the peer's name (read once): a client under ax
+    // (its VIP:port), or a doorbell, whose real connection takes its place.
+    let (conn, peer) = match caller_of(call, &conn) {
+        Caller::Client(local) => (conn, local),
+        Caller::Unknown => (conn, addr::unspecified(v6)),
+        Caller::Door(token) => {
+            let Some(real) = call.shared.doors.answer(token) else {
+                // Nobody keeps a connection for it: servers retry this.
+                return Err(libc::ECONNABORTED);
+            };
+            super::set_nonblock(&real, is_nonblocking(&conn))?;
+            let peer = crate::doors::inet_peer(&real).unwrap_or_else(|| addr::unspecified(false));
+            (real, in_family(peer, v6))
+        }
     };
     // Park a duplicate where it outlives this daemon (see crate::Stash).
     let stashed = call
         .stash
         .as_ref()
         .is_some_and(|s| s.put(conn.as_fd()).is_ok());
-    let installed = install(call, target, &conn, v6, cloexec, real_peer);
+    let installed = install(call, target, &conn, v6, cloexec, peer);
     if stashed {
         if let Some(s) = call.stash {
             drop(s.take());
@@ -254,26 +263,31 @@ fn complete(
     installed
 }
 
-/// If `conn` is a doorbell ([`crate::doors`]), the connection waiting
-/// behind it, with the same blocking mode, and its peer's address. A
-/// doorbell nobody keeps a connection for fails the accept with
-/// `ECONNABORTED`, which servers retry.
-fn answer_doorbell(
-    call: &Call<'_>,
-    conn: &OwnedFd,
-) -> Option<Result<(OwnedFd, std::net::SocketAddr), Errno>> {
-    let peer = rustix::net::getpeername(conn).ok()??;
-    let unix = rustix::net::SocketAddrUnix::try_from(peer).ok()?;
-    let token = crate::doors::token_of(call.instance(), unix.abstract_name()?)?;
-    let Some(real) = call.shared.doors.answer(token) else {
-        return Some(Err(libc::ECONNABORTED));
+/// Who is behind an accepted connection.
+enum Caller {
+    /// A client under ax, at this VIP:port.
+    Client(std::net::SocketAddr),
+    /// A doorbell ([`crate::doors`]) with this token.
+    Door(u64),
+    /// Anyone else.
+    Unknown,
+}
+
+fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
+    let name = rustix::net::getpeername(conn)
+        .ok()
+        .flatten()
+        .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok());
+    let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) else {
+        return Caller::Unknown;
     };
-    let nonblocking = is_nonblocking(conn);
-    if let Err(e) = super::set_nonblock(&real, nonblocking) {
-        return Some(Err(e));
+    if let Some(token) = crate::doors::token_of(call.instance(), name) {
+        return Caller::Door(token);
     }
-    let addr = crate::doors::inet_peer(&real).unwrap_or_else(|| addr::unspecified(false));
-    Some(Ok((real, addr)))
+    match SocketName::parse(name) {
+        Some(SocketName::Client { local, .. }) => Caller::Client(local),
+        _ => Caller::Unknown,
+    }
 }
 
 fn install(
@@ -282,7 +296,7 @@ fn install(
     conn: &OwnedFd,
     v6: bool,
     cloexec: bool,
-    real_peer: Option<std::net::SocketAddr>,
+    peer: std::net::SocketAddr,
 ) -> Result<Outcome, Errno> {
     // Install at once, note it, then write the address and answer: from
     // the moment the program holds the connection, a daemon killed at any
@@ -310,11 +324,6 @@ fn install(
     }
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {
-        let peer = match (real_peer, peer_name(conn)) {
-            (Some(real), _) => in_family(real, v6),
-            (None, Some(SocketName::Client { local, .. })) => local,
-            _ => addr::unspecified(v6),
-        };
         write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
     }
     Ok(Outcome::Value(fd as i64))

@@ -219,6 +219,15 @@ fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
         .and_then(|a| SocketAddr::try_from(a).ok())
 }
 
+/// A broker TCP socket bound to a free port on 127.0.0.1, and that address.
+fn loopback_port() -> Result<(OwnedFd, SocketAddr), Errno> {
+    let sock = tcp_socket(false)?;
+    rustix::net::bind(&sock, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .map_err(|e| e.raw_os_error())?;
+    let here = inet_name(&sock).ok_or(libc::EIO)?;
+    Ok((sock, here))
+}
+
 /// A new TCP socket of the program's family, close-on-exec for the broker.
 fn tcp_socket(v6: bool) -> Result<OwnedFd, Errno> {
     let family = if v6 {
@@ -503,12 +512,8 @@ impl HeldConnect {
 
     fn start(program_socket: &OwnedFd, v6: bool) -> Result<Self, Errno> {
         let errno = |e: rustix::io::Errno| e.raw_os_error();
-        let port_listener = tcp_socket(false)?;
-        rustix::net::bind(&port_listener, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .map_err(errno)?;
+        let (port_listener, here) = loopback_port()?;
         rustix::net::listen(&port_listener, 0).map_err(errno)?;
-        let port = inet_name(&port_listener).ok_or(libc::EIO)?.port();
-        let here = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let filler = tcp_socket(false)?;
         rustix::net::connect(&filler, &here).map_err(errno)?;
         let bytes = addr::encode(here, v6);
@@ -720,9 +725,8 @@ fn refused(
 fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
     let errno = |e: rustix::io::Errno| e.raw_os_error();
     // A bound, never listening socket holds a port nobody listens on.
-    let closed = tcp_socket(false)?;
-    rustix::net::bind(&closed, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(errno)?;
-    let port = inet_name(&closed).ok_or(libc::EIO)?.port();
+    let (_closed, here) = loopback_port()?;
+    let port = here.port();
     let fresh = tcp_socket(v6)?;
     set_nonblock(&fresh, true)?;
     let dst = if v6 {
