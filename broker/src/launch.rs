@@ -44,6 +44,10 @@ const SOCKOPT_LEVELS: &[u64] = &[
     libc::IPPROTO_IPV6 as u64,
 ];
 const SOCKOPT_SOCKET_NAMES: &[u64] = &[libc::SO_DOMAIN as u64, libc::SO_PROTOCOL as u64];
+/// `MSG_FASTOPEN`: a send that connects (TCP Fast Open).
+const MSG_FASTOPEN: u64 = libc::MSG_FASTOPEN as u64;
+/// The send calls trapped with `MSG_FASTOPEN`, and their flags argument.
+const FASTOPEN_CALLS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)];
 
 /// Compiles ax's filter for the native architecture.
 ///
@@ -51,6 +55,11 @@ const SOCKOPT_SOCKET_NAMES: &[u64] = &[libc::SO_DOMAIN as u64, libc::SO_PROTOCOL
 /// * `setsockopt`/`getsockopt` are trapped only at the TCP, IP and IPv6
 ///   levels and for `SO_DOMAIN`/`SO_PROTOCOL` — the cases a swapped socket
 ///   must answer as TCP would; every other option runs untouched;
+/// * `sendto` is trapped when it names a destination (its address argument
+///   is not NULL) or has `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` when they
+///   have `MSG_FASTOPEN` (a masked comparison of the flags argument): a
+///   Fast Open send connects without `connect`. `send`, `sendto` with a
+///   NULL address, `sendmsg` without the flag and `write` stay untrapped;
 /// * `io_uring_setup` fails with `ENOSYS`: io_uring's connect and accept
 ///   would not be seen by seccomp, and programs fall back to plain calls;
 /// * calls from another ABI (32-bit `int 0x80`, x32) fail with `ENOSYS`
@@ -78,6 +87,18 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
             ctx.add_rule_conditional(ScmpAction::Notify, sys, &[int(1, SOL_SOCKET), int(2, opt)])?;
         }
     }
+    // TCP Fast Open: the flag bit alone decides, whatever else is set.
+    let flag = |arg: u32, bit: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(bit), bit);
+    for &(name, flags) in FASTOPEN_CALLS {
+        let sys = ScmpSyscall::from_name(name)?;
+        ctx.add_rule_conditional(ScmpAction::Notify, sys, &[flag(flags, MSG_FASTOPEN)])?;
+    }
+    // sendto with a destination (a pointer: all 64 bits).
+    ctx.add_rule_conditional(
+        ScmpAction::Notify,
+        ScmpSyscall::from_name("sendto")?,
+        &[ScmpArgCompare::new(4, ScmpCompareOp::NotEqual, 0)],
+    )?;
     ctx.add_rule(
         ScmpAction::Errno(libc::ENOSYS),
         ScmpSyscall::from_name("io_uring_setup")?,

@@ -196,6 +196,12 @@ impl Target {
         };
         (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") != 0
     }
+
+    /// Sends `SIGPIPE` to the target, as the kernel does to a thread whose
+    /// send hits a closed connection without `MSG_NOSIGNAL`.
+    pub(crate) fn raise_sigpipe(&self) {
+        let _ = process::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGPIPE);
+    }
 }
 
 /// The process a thread belongs to and that process's start time (in clock

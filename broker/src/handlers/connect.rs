@@ -50,7 +50,7 @@ const NOT_LISTENING_YET: Duration = Duration::from_millis(10);
 
 /// Where a socket this broker installed stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(super) enum State {
     /// Bound by `bind`, never listened on.
     Bound,
     Listening,
@@ -116,7 +116,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     }
 }
 
-fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
+pub(super) fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
     match name {
         SocketName::Client { .. } => State::Connected,
         SocketName::Listener { .. } => {
@@ -213,7 +213,7 @@ fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
 }
 
 /// The IP address and port an IP socket is bound to.
-fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
+pub(super) fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
     rustix::net::getsockname(fd)
         .ok()
         .and_then(|a| SocketAddr::try_from(a).ok())
@@ -369,7 +369,7 @@ fn connect_virtual(
     }
 }
 
-fn log_denied(e: &ResolveError) {
+pub(super) fn log_denied(e: &ResolveError) {
     if let ResolveError::Denied {
         dst,
         client,
@@ -403,7 +403,7 @@ fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
 /// `--connect-wait`: waits (in slices, so that a program killed or
 /// signalled meanwhile is noticed) until the service appears or the wait
 /// ends in `ECONNREFUSED`.
-fn wait_for_service(
+pub(super) fn wait_for_service(
     call: &Call<'_>,
     copy: &OwnedFd,
     v6: bool,
@@ -606,7 +606,7 @@ impl HeldConnect {
 /// socket. `waiting`: already off the receive loop, so a full backlog is
 /// waited for here. `None`: no backend took the connection.
 #[allow(clippy::too_many_arguments)]
-fn deliver(
+pub(super) fn deliver(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
@@ -700,7 +700,7 @@ fn wait_for_room(
 /// connects to a loopback port nobody listens on does just that, and
 /// replaces the program's. (A socket the program bound keeps its binding,
 /// and the immediate answer.)
-fn refused(
+pub(super) fn refused(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
@@ -826,7 +826,7 @@ fn set_in_progress(call: &Call<'_>, sock: &OwnedFd, on: bool) {
 }
 
 /// True (once) if the socket was told `EINPROGRESS` and not connected again.
-fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
+pub(super) fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
     let Some(key) = super::state_key(call, sock, super::STATE_CONNECT_IN_PROGRESS) else {
         return false;
     };

@@ -9,6 +9,7 @@
 pub(crate) mod accept;
 mod bind;
 mod connect;
+mod send;
 mod sockname;
 mod sockopt;
 
@@ -108,6 +109,9 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
         libc::SYS_getpeername => sockname::handle(call, &target, true),
         libc::SYS_setsockopt => sockopt::handle_set(call, &target),
         libc::SYS_getsockopt => sockopt::handle_get(call, &target),
+        libc::SYS_sendto => send::handle_sendto(call, &target),
+        libc::SYS_sendmsg => send::handle_sendmsg(call, &target),
+        libc::SYS_sendmmsg => send::handle_sendmmsg(call, &target),
         _ => Outcome::Continue,
     };
     pidfds.settle(&target);

@@ -62,3 +62,44 @@ pub fn bind_raw(fd: BorrowedFd<'_>, addr: &[u8]) -> io::Result<()> {
     };
     check(rc)
 }
+
+/// `sendto(fd, data, data.len(), flags, addr, addr.len())` — with a NULL
+/// address when `addr` is `None` — returning the count of bytes sent.
+/// See [sendto(2)](https://man7.org/linux/man-pages/man2/sendto.2.html).
+///
+/// The broker uses it to make a program's `MSG_FASTOPEN` call on its own
+/// copy of the program's socket, with its own copies of the address and
+/// the data. `addr` longer than `sockaddr_storage` is cut, as in
+/// [`connect_raw`]; `Some(&[])` passes a non-NULL address of length 0.
+///
+/// # Errors
+///
+/// The kernel's errno: `EINPROGRESS` for a non-blocking Fast Open connect
+/// that sent nothing yet, `EISCONN`, `ECONNREFUSED`, `EAGAIN`, `EPIPE`
+/// (no `SIGPIPE` is raised when `flags` has `MSG_NOSIGNAL`).
+pub fn sendto_raw(
+    fd: BorrowedFd<'_>,
+    data: &[u8],
+    flags: libc::c_int,
+    addr: Option<&[u8]>,
+) -> io::Result<usize> {
+    let (ss, len) = storage(addr.unwrap_or_default());
+    let name: *const libc::sockaddr = match addr {
+        Some(_) => (&ss as *const libc::sockaddr_storage).cast(),
+        None => std::ptr::null(),
+    };
+    // SAFETY: `data` is readable for `data.len()` bytes for the call; `name`
+    // is NULL (with length 0) or points at `ss`, a valid sockaddr_storage
+    // that `len` never exceeds, alive until the call returns.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            flags,
+            name,
+            if addr.is_some() { len } else { 0 },
+        )
+    };
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
