@@ -31,6 +31,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -43,6 +44,8 @@
 
 /* Upper bits the kernel ignores in an `int` argument. */
 #define HIGH (1L << 32)
+/* Refused from user space by sendmsg and sendmmsg. */
+#define MSG_CMSG_COMPAT 0x80000000
 #define SENTINEL 0xee
 
 static struct in_addr server_ip, self_ip, egress_ip;
@@ -881,6 +884,206 @@ static void sockopt_cases(int l6)
     GETOPT("getsockopt6_keepidle", IPPROTO_TCP, TCP_KEEPIDLE, 4);
 }
 
+/* ------------------------------------------------------------- sends */
+
+static volatile sig_atomic_t sigpipes;
+static void on_sigpipe(int sig)
+{
+    (void)sig;
+    sigpipes++;
+}
+
+static void wait_writable(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLOUT};
+    poll(&p, 1, 5000);
+}
+
+/* sendto/sendmsg/sendmmsg that name a destination or carry MSG_FASTOPEN
+ * (TCP Fast Open: a send that connects). Natively the client bit of
+ * net.ipv4.tcp_fastopen is on (the default) and the servers have no Fast
+ * Open cookie, so a blocking Fast Open connects, then sends. */
+static void send_cases(int l)
+{
+    struct sockaddr_in srv = sin_of(server_ip, port);
+    struct sockaddr_in closed = sin_of(server_ip, closed_port);
+    struct sockaddr_in egress = sin_of(egress_ip, egress_port);
+    struct sockaddr_in udp_dst = sin_of(egress_ip, closed_port);
+    /* 192.0.2.1:9 (TEST-NET-1): an address TCP ignores; never reached. */
+    struct sockaddr_in other = sin_of((struct in_addr){htonl(0xc0000201)}, 9);
+    struct sockaddr_in unspec = srv, fam99 = srv;
+    unspec.sin_family = AF_UNSPEC;
+    fam99.sin_family = 99;
+    struct sockaddr_storage big;
+    memset(&big, 0, sizeof big);
+    memcpy(&big, &srv, sizeof srv);
+    int fd;
+    signal(SIGPIPE, on_sigpipe);
+
+#define TFO(name, ...)                                                    \
+    do {                                                                  \
+        fd = tcp(AF_INET);                                                \
+        CASE(name, SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, __VA_ARGS__);   \
+        close(fd);                                                        \
+    } while (0)
+    TFO("tfo_null_addr", NULL, 0);
+    TFO("tfo_len0", &srv, 0);
+    TFO("tfo_len1", &srv, 1);
+    TFO("tfo_len15", &srv, 15);
+    TFO("tfo_len129", &big, 129);
+    TFO("tfo_len_neg1", &srv, -1);
+    TFO("tfo_unmapped_addr", unmapped, 16);
+    TFO("tfo_unspec", &unspec, sizeof unspec);
+    TFO("tfo_family99", &fam99, sizeof fam99);
+    TFO("tfo_closed_port", &closed, sizeof closed);
+    TFO("tfo_server", &srv, sizeof srv);
+    TFO("tfo_server_len128", &big, sizeof big);
+    TFO("tfo_server_len_high_bits", &srv, HIGH | sizeof srv);
+    TFO("tfo_egress", &egress, sizeof egress);
+#undef TFO
+
+    /* The data cannot be read: the kernel connects first, then fails. */
+    fd = tcp(AF_INET);
+    CASE("tfo_unmapped_data", SYS_sendto, fd, unmapped, 2, MSG_FASTOPEN, &srv, sizeof srv);
+    CASE("tfo_after_unmapped_data", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    close(fd);
+    fd = tcp(AF_INET);
+    CASE("tfo_len0_data", SYS_sendto, fd, "hi", 0, MSG_FASTOPEN, &srv, sizeof srv);
+    close(fd);
+
+    /* Connected: Fast Open is EISCONN; an address without it is ignored. */
+    fd = connected_to(server_ip, port);
+    CASE("tfo_connected", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    CASE("tfo_connected_null", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, NULL, 0);
+    CASE("tfo_connected_unspec", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &unspec, sizeof unspec);
+    CASE("tfo_connected_len1", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, 1);
+    CASE("sendto_addr_connected", SYS_sendto, fd, "hi", 2, 0, &other, sizeof other);
+    CASE("sendto_addr_connected_len0", SYS_sendto, fd, "hi", 2, 0, &other, 0);
+    CASE("sendto_addr_connected_len129", SYS_sendto, fd, "hi", 2, 0, &big, 129);
+    CASE("sendto_addr_connected_len_neg1", SYS_sendto, fd, "hi", 2, 0, &other, -1);
+    CASE("sendto_addr_connected_unmapped_addr", SYS_sendto, fd, "hi", 2, 0, unmapped, 16);
+    CASE("sendto_addr_connected_unmapped_data", SYS_sendto, fd, unmapped, 2, 0, &other, 16);
+    CASE("sendto_addr_connected_no_data", SYS_sendto, fd, "hi", 0, 0, &other, 16);
+    CASE("sendto_addr_connected_dontwait", SYS_sendto, fd, "hi", 2, MSG_DONTWAIT, &other, 16);
+    close(fd);
+
+    /* Not connected: EPIPE, and SIGPIPE unless MSG_NOSIGNAL. */
+    CASE("tfo_listening", SYS_sendto, l, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    CASE("sendto_addr_listening_nosignal", SYS_sendto, l, "hi", 2, MSG_NOSIGNAL, &other, 16);
+    {
+        sigpipes = 0;
+        int e;
+        long r = SYS(e, SYS_sendto, l, "hi", 2, 0, &other, 16);
+        report("sendto_addr_listening", r, e, "sigpipes=%d", (int)sigpipes);
+    }
+    fd = tcp(AF_INET);
+    CASE("sendto_addr_fresh_nosignal", SYS_sendto, fd, "hi", 2, MSG_NOSIGNAL, &other, 16);
+    close(fd);
+    fd = tcp(AF_INET);
+    {
+        struct sockaddr_in any0 = sin_of((struct in_addr){htonl(INADDR_ANY)}, 0);
+        if (syscall(SYS_bind, fd, &any0, sizeof any0))
+            die("bind");
+    }
+    CASE("sendto_addr_bound_nosignal", SYS_sendto, fd, "hi", 2, MSG_NOSIGNAL, &other, 16);
+    CASE("tfo_bound_null", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, NULL, 0);
+    CASE("tfo_bound_server", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    CASE("tfo_bound_again", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    close(fd);
+
+    /* Non-blocking: EINPROGRESS, the data not sent; once connected, the
+     * next Fast Open sends, and the one after is EISCONN. */
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("tfo_nonblocking_server", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    wait_writable(fd);
+    CASE("tfo_nonblocking_server_again", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    CASE("tfo_nonblocking_server_third", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+    close(fd);
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("tfo_nonblocking_closed_port", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &closed,
+         sizeof closed);
+    close(fd);
+    fd = tcp(AF_INET);
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    CASE("tfo_nonblocking_egress", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &egress,
+         sizeof egress);
+    close(fd);
+
+    /* UDP ignores the flag. */
+    fd = socket(AF_INET, SOCK_DGRAM, 0);
+    CASE("udp_tfo", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &udp_dst, sizeof udp_dst);
+    CASE("udp_addr", SYS_sendto, fd, "hi", 2, 0, &udp_dst, sizeof udp_dst);
+    close(fd);
+
+    /* sendmsg: the msghdr, its name, its iovecs. */
+    struct iovec iov[2] = {{"he", 2}, {"llo", 3}};
+    struct msghdr m;
+    unsigned char control[16];
+    memset(control, 0, sizeof control);
+#define MSG(name, flags, ...)                                             \
+    do {                                                                  \
+        memset(&m, 0, sizeof m);                                          \
+        m.msg_name = &srv;                                                \
+        m.msg_namelen = sizeof srv;                                       \
+        m.msg_iov = iov;                                                  \
+        m.msg_iovlen = 2;                                                 \
+        __VA_ARGS__;                                                      \
+        fd = tcp(AF_INET);                                                \
+        CASE(name, SYS_sendmsg, fd, &m, flags);                           \
+        close(fd);                                                        \
+    } while (0)
+    MSG("sendmsg_tfo_server", MSG_FASTOPEN, (void)0);
+    MSG("sendmsg_tfo_namelen_neg1", MSG_FASTOPEN, m.msg_namelen = -1);
+    MSG("sendmsg_tfo_namelen200", MSG_FASTOPEN, (m.msg_name = &big, m.msg_namelen = 200));
+    MSG("sendmsg_tfo_namelen0", MSG_FASTOPEN, m.msg_namelen = 0);
+    MSG("sendmsg_tfo_null_name", MSG_FASTOPEN, m.msg_name = NULL);
+    MSG("sendmsg_tfo_unmapped_name", MSG_FASTOPEN, m.msg_name = unmapped);
+    MSG("sendmsg_tfo_iovlen1025", MSG_FASTOPEN, m.msg_iovlen = 1025);
+    MSG("sendmsg_tfo_unmapped_iov", MSG_FASTOPEN, m.msg_iov = (struct iovec *)unmapped);
+    MSG("sendmsg_tfo_no_iov", MSG_FASTOPEN, (m.msg_iov = NULL, m.msg_iovlen = 0));
+    MSG("sendmsg_tfo_compat_flag", MSG_FASTOPEN | MSG_CMSG_COMPAT, (void)0);
+    MSG("sendmsg_tfo_control", MSG_FASTOPEN,
+        (m.msg_control = control, m.msg_controllen = sizeof control));
+    MSG("sendmsg_tfo_closed_port", MSG_FASTOPEN, m.msg_name = &closed);
+    MSG("sendmsg_tfo_egress", MSG_FASTOPEN, m.msg_name = &egress);
+    fd = tcp(AF_INET);
+    CASE("sendmsg_tfo_unmapped_msghdr", SYS_sendmsg, fd, unmapped, MSG_FASTOPEN);
+    close(fd);
+    {
+        struct iovec bad[2] = {{"he", 2}, {"llo", (size_t)-1}};
+        MSG("sendmsg_tfo_negative_iov_len", MSG_FASTOPEN, m.msg_iov = bad);
+    }
+#undef MSG
+
+    /* sendmmsg: the first message connects and is sent; the second finds
+     * the socket connected (EISCONN), and the count is 1. */
+    struct mmsghdr mm[2];
+    memset(mm, 0, sizeof mm);
+    for (int i = 0; i < 2; i++) {
+        mm[i].msg_hdr.msg_name = &srv;
+        mm[i].msg_hdr.msg_namelen = sizeof srv;
+        mm[i].msg_hdr.msg_iov = iov;
+        mm[i].msg_hdr.msg_iovlen = 2;
+        mm[i].msg_len = 0xeeeeeeee;
+    }
+    fd = tcp(AF_INET);
+    {
+        int e;
+        long r = SYS(e, SYS_sendmmsg, fd, mm, 2, MSG_FASTOPEN);
+        report("sendmmsg_tfo_server", r, e, "len0=%u len1=%s", mm[0].msg_len,
+               mm[1].msg_len == 0xeeeeeeee ? "untouched" : "written");
+    }
+    close(fd);
+    fd = tcp(AF_INET);
+    CASE("sendmmsg_tfo_vlen0", SYS_sendmmsg, fd, mm, 0, MSG_FASTOPEN);
+    CASE("sendmmsg_tfo_unmapped", SYS_sendmmsg, fd, unmapped, 2, MSG_FASTOPEN);
+    CASE("sendmmsg_tfo_compat_flag", SYS_sendmmsg, fd, mm, 2, MSG_FASTOPEN | MSG_CMSG_COMPAT);
+    close(fd);
+    signal(SIGPIPE, SIG_DFL);
+}
+
 /* Each call on an fd that is not a socket, and on one that is not open. */
 static void fd_cases(void)
 {
@@ -890,6 +1093,10 @@ static void fd_cases(void)
     struct sockaddr_in srv = sin_of(server_ip, port);
     unsigned char buf[32];
     int n = 16, one = 1;
+    struct iovec iov = {"hi", 2};
+    struct msghdr m = {.msg_name = &srv, .msg_namelen = sizeof srv, .msg_iov = &iov,
+                       .msg_iovlen = 1};
+    struct mmsghdr mm = {.msg_hdr = m};
     struct {
         const char *name;
         long fd;
@@ -920,6 +1127,10 @@ static void fd_cases(void)
         FD_CASE("getsockopt_null_optlen", SYS_getsockopt, fd, IPPROTO_TCP, TCP_NODELAY, buf,
                 NULL);
         FD_CASE("getsockopt_so_domain", SYS_getsockopt, fd, SOL_SOCKET, SO_DOMAIN, buf, &n);
+        FD_CASE("sendto_tfo", SYS_sendto, fd, "hi", 2, MSG_FASTOPEN, &srv, sizeof srv);
+        FD_CASE("sendto_addr", SYS_sendto, fd, "hi", 2, MSG_NOSIGNAL, &srv, sizeof srv);
+        FD_CASE("sendmsg_tfo", SYS_sendmsg, fd, &m, MSG_FASTOPEN);
+        FD_CASE("sendmmsg_tfo", SYS_sendmmsg, fd, &mm, 1, MSG_FASTOPEN);
     }
     close(p[0]);
     close(p[1]);
@@ -955,6 +1166,7 @@ int main(int argc, char **argv)
     name_cases(l, l6);
     sockopt_cases(l6);
     fd_cases();
+    send_cases(l);
     close(l);
     close(l6);
     printf("DONE\n");

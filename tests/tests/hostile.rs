@@ -1,7 +1,8 @@
 //! Bad input, answered exactly as the kernel would.
 //!
 //! `tests/programs/hostile.c` makes bind/connect/accept/accept4/
-//! getsockname/getpeername/setsockopt/getsockopt calls with hostile
+//! getsockname/getpeername/setsockopt/getsockopt calls, and sendto/
+//! sendmsg/sendmmsg with an address or `MSG_FASTOPEN`, with hostile
 //! arguments (NULL, unmapped and read-only pointers, short, huge and
 //! negative lengths, unknown families, sockets in the wrong state, fds
 //! that are not sockets or not open, `int` arguments with garbage in their
@@ -21,6 +22,10 @@
 //!   listener. (On connected sockets, which programs do disconnect, it is
 //!   tested.)
 //! * `TCP_INFO` and other read-only TCP state: a UNIX socket has none.
+//! * `MSG_FASTOPEN` on an `AF_UNIX` (or other non-IP) socket: the kernel
+//!   ignores the flag and sends; ax answers `EOPNOTSUPP` rather than send
+//!   with the broker's credentials or let the kernel look the fd up again
+//!   (see `broker/src/handlers/send.rs`).
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -21,11 +21,10 @@
 //!     a UNIX connection exactly as `connect` does it (`ECONNREFUSED` for no
 //!     service or a denied one, `EISCONN` for a connected or listening
 //!     socket); then the data is sent on the broker's copy of the new socket
-//!     and the count answered — a non-blocking socket too (TCP with a Fast
-//!     Open cookie answers so), unless nobody serves the VIP: then, as for
-//!     `connect`, a connection to a closed port takes the socket's place
-//!     and the answer is `EINPROGRESS`, what TCP says before its SYN is
-//!     refused.
+//!     and the count answered. A non-blocking socket is answered as its
+//!     `connect` would be (`EINPROGRESS`, the connection made or, with no
+//!     service, refused later) and its data is not sent: what TCP says
+//!     when it has no Fast Open cookie for the server, the usual case.
 //!   - To anything else (a NULL address included): the broker makes the
 //!     call on its copy of the program's socket with its own copies of the
 //!     address and the data, so the kernel judges it (`EISCONN`, `EINVAL`,
@@ -500,23 +499,20 @@ fn to_service(
     };
     let connected =
         virtual_connect(call, &target, &copy, v6, dst, rebind).unwrap_or_else(Outcome::Errno);
-    match connected {
-        Outcome::Value(_) | Outcome::Errno(libc::EINPROGRESS) => {}
-        other => return other,
+    // A non-blocking socket is told EINPROGRESS, as by `connect`, and its
+    // data is not sent: TCP without a Fast Open cookie says the same.
+    if connected != Outcome::Value(0) {
+        return connected;
     }
     match classify(call, &target, call.arg(0)) {
         Ok(Sock::Swapped {
             name: SocketName::Client { peer, .. },
             fd,
         }) if peer == dst => {
-            // Connected already: no "in progress" for the next connect.
-            connect::take_in_progress(call, &fd);
             let len_out = send.len_out;
             let outcome = transfer(call, &target, &fd, send, false);
             report_first(call, &target, len_out, outcome)
         }
-        // Refused, seen by a non-blocking socket later (as TCP's would).
-        _ if connected == Outcome::Errno(libc::EINPROGRESS) => connected,
         // Another thread replaced the new socket already.
         _ => Outcome::Errno(libc::ECONNRESET),
     }
