@@ -6,6 +6,13 @@
 //! the notify fd back to the parent, which passes it to a [`crate::Broker`].
 //! Until a broker receives on that fd, the program's trapped calls simply
 //! wait in the kernel.
+//!
+//! What is trapped: the calls in [`TRAPPED_SYSCALLS`]; `setsockopt`/
+//! `getsockopt` at the TCP, IP and IPv6 levels and for `SO_DOMAIN`/
+//! `SO_PROTOCOL`; `sendto` with a non-NULL address or `MSG_FASTOPEN`, and
+//! `sendmsg`/`sendmmsg` with `MSG_FASTOPEN` (TCP Fast Open connects
+//! without `connect`). Argument comparisons keep every other send, and all
+//! other calls, out of the broker.
 
 use ax_sys::prexec::{arrange_filter_before_exec, FileOverlay, FilterProgram};
 use ax_sys::NotifyFd;

@@ -2,11 +2,15 @@
 //!
 //! A program started under ax's seccomp filter has its `bind`, `connect`,
 //! `accept`, `accept4`, `getsockname`, `getpeername` and some
-//! `setsockopt`/`getsockopt` calls trapped (`SECCOMP_RET_USER_NOTIF`). The
+//! `setsockopt`/`getsockopt` calls trapped (`SECCOMP_RET_USER_NOTIF`), and
+//! the sends that can connect or name a destination: `sendto` with an
+//! address or `MSG_FASTOPEN`, `sendmsg`/`sendmmsg` with `MSG_FASTOPEN`
+//! (TCP Fast Open, a connect without `connect`). The
 //! [`Broker`] receives each trapped call on the program's notify fd, decides
 //! on its own copy of the arguments, and either answers it, installs a ready
 //! socket into the program (`SECCOMP_IOCTL_NOTIF_ADDFD`), or lets the kernel
-//! run it unchanged. Data calls are never trapped.
+//! run it unchanged. The ordinary data path (`send`, `write`, `sendto`
+//! without an address, `sendmsg` without `MSG_FASTOPEN`) is never trapped.
 //!
 //! Two programs under one broker talk over an `AF_UNIX` socket while both
 //! believe they use TCP to a virtual IP: a `bind` on a virtual IP (or a

@@ -58,6 +58,9 @@
 //!   signal for the program ends it with the count so far (`EINTR` if
 //!   none). `SO_SNDTIMEO` does not bound that wait; the Fast Open connect
 //!   of an egress socket waits as long as the kernel's.
+//! * `MSG_ZEROCOPY` is dropped from a send the broker makes (the kernel
+//!   would read the broker's buffer after the call): the data is copied,
+//!   and no completion reaches the socket's error queue.
 //! * Deliberately not trapped: `sendmsg` with a name and no `MSG_FASTOPEN`
 //!   (a seccomp filter cannot read the `msghdr`): on a swapped connected
 //!   socket it still answers `EISCONN`, where TCP sends.
@@ -76,6 +79,12 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
 const MSG_FASTOPEN: i32 = libc::MSG_FASTOPEN;
+/// `AF_UNSPEC`, as the first two bytes of a `sockaddr` read it.
+const AF_UNSPEC: u16 = 0;
+/// Flags the broker never passes on: with `MSG_ZEROCOPY` the kernel would
+/// keep sending from the broker's buffer after the call returns, when that
+/// memory may hold something else.
+const NOT_PASSED: i32 = libc::MSG_ZEROCOPY;
 /// `sendmsg` and `sendmmsg` refuse it from user space (`EINVAL`).
 const MSG_CMSG_COMPAT: i32 = i32::MIN; // 0x80000000
 /// How much of the program's data is read and sent at a time.
@@ -421,7 +430,7 @@ fn swapped(
     }
     // tcp_sendmsg_fastopen, then __inet_stream_connect, in their order.
     if let Some(b) = send.name.as_deref() {
-        if b.len() >= 2 && addr::family(b) == libc::AF_UNSPEC as u16 {
+        if b.len() >= 2 && addr::family(b) == AF_UNSPEC {
             return Outcome::Errno(libc::EOPNOTSUPP);
         }
         if b.len() < 2 {
@@ -603,7 +612,7 @@ fn transfer(
     fastopen: bool,
 ) -> Outcome {
     let user = send.flags;
-    let base = (user & !MSG_FASTOPEN) | libc::MSG_NOSIGNAL;
+    let base = (user & !(MSG_FASTOPEN | NOT_PASSED)) | libc::MSG_NOSIGNAL;
     let dontwait = user & libc::MSG_DONTWAIT != 0 || is_nonblocking(fd);
     let mut sent = 0usize;
     let mut first = fastopen;
@@ -704,7 +713,7 @@ fn datagram(call: &Call<'_>, target: &Target, fd: &OwnedFd, mut send: Request) -
     match sendto_raw(
         fd.as_fd(),
         &bytes,
-        send.flags | libc::MSG_NOSIGNAL,
+        (send.flags & !NOT_PASSED) | libc::MSG_NOSIGNAL,
         send.name.as_deref(),
     ) {
         Ok(n) => count(n),
