@@ -1,6 +1,7 @@
 //! The filter's hard edges, checked on the running kernel: io_uring is
-//! refused, and calls through another ABI (x32, 32-bit `int 0x80`) fail
-//! instead of slipping past the trap.
+//! refused, calls through another ABI (x32, 32-bit `int 0x80`) fail
+//! instead of slipping past the trap, and a send with `MSG_FASTOPEN` is
+//! trapped whatever other flags it carries while plain sends are not.
 
 use ax_broker::{launch, Broker, BrokerConfig};
 use ax_registry::{AppSpec, LocalRegistry};
@@ -113,4 +114,38 @@ fn int80_cannot_bypass_the_trap() {
     assert!(!native.contains("int80_socketcall -38"), "{native}");
     assert!(under.contains("int80_socketcall -38"), "{under}");
     assert!(under.contains("int80_getpid -38"), "{under}");
+}
+
+/// Sends on a UNIX socket pair only (nothing leaves the machine, in or out
+/// of a network namespace). The kernel ignores `MSG_FASTOPEN` there; the
+/// broker refuses it (`EOPNOTSUPP`, 95), which shows the call was trapped.
+const SENDS: &str = r#"
+import socket
+a, b = socket.socketpair()
+def attempt(name, f):
+    try:
+        f()
+        print(name, "sent", b.recv(16))
+    except OSError as e:
+        print(name, "errno", e.errno)
+attempt("send", lambda: a.send(b"x"))
+attempt("sendmsg", lambda: a.sendmsg([b"y"], [], socket.MSG_DONTWAIT))
+attempt("fastopen", lambda: a.sendmsg([b"z"], [], socket.MSG_FASTOPEN))
+attempt("fastopen_more_flags",
+        lambda: a.sendmsg([b"w"], [], socket.MSG_FASTOPEN | socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL))
+"#;
+
+#[test]
+fn fast_open_is_trapped_and_plain_sends_are_not() {
+    if Command::new("python3").arg("-V").output().is_err() {
+        eprintln!("SKIP: python3 not found");
+        return;
+    }
+    let native = run_native("python3", &["-c", SENDS]);
+    assert!(native.contains("fastopen sent b'z'"), "{native}");
+    let under = run_under_filter("python3", &["-c", SENDS]);
+    assert!(under.contains("send sent b'x'"), "{under}");
+    assert!(under.contains("sendmsg sent b'y'"), "{under}");
+    assert!(under.contains("fastopen errno 95"), "{under}");
+    assert!(under.contains("fastopen_more_flags errno 95"), "{under}");
 }
