@@ -34,8 +34,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
-        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
-        Err(e) => return Ok(super::inaccessible(call, e)),
+        Ok(Sock::Other) => return Ok(Outcome::Continue),
+        Err(e) => return Ok(super::fd_error(call, e)),
     };
     // move_addr_to_kernel: the length, then the bytes.
     let addrlen = call.int_arg(2);
