@@ -51,6 +51,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNS_PER_UID: usize = 64;
 /// Most bytes read from a connection at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// Bytes of unfinished frames one uid's connections may hold together
+/// (eight frames of the largest size): past it, that uid's oldest
+/// connection waiting for a frame is closed.
+const MAX_BUFFERED_PER_UID: usize = 8 * ax_proto::MAX_FRAME_LEN;
 
 /// What `readlink /proc/self/fd/N` shows for a seccomp listener.
 const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
@@ -90,6 +94,10 @@ struct ConnEntry {
     busy: bool,
     /// Its app was handed over: it stays open for the program's life.
     attached: bool,
+    /// Bytes of an unfinished frame it holds.
+    buffered: usize,
+    /// Told to close (no longer counted).
+    closing: bool,
     /// Notified to close it.
     close: Arc<tokio::sync::Notify>,
 }
@@ -115,27 +123,17 @@ impl ConnTable {
             idle_since: Instant::now(),
             busy: false,
             attached: false,
+            buffered: 0,
+            closing: false,
             close: close.clone(),
         });
         let counted = t
             .open
             .iter()
-            .filter(|c| c.uid == uid && !c.attached)
+            .filter(|c| c.uid == uid && !c.attached && !c.closing)
             .count();
         if counted > MAX_CONNS_PER_UID {
-            let oldest = t
-                .open
-                .iter()
-                .filter(|c| c.uid == uid && !c.attached && !c.busy && c.id != id)
-                .min_by_key(|c| c.idle_since);
-            if let Some(victim) = oldest {
-                tracing::debug!(
-                    uid,
-                    limit = MAX_CONNS_PER_UID,
-                    "too many control connections of one uid; closing its oldest idle one"
-                );
-                victim.close.notify_one();
-            }
+            t.close_oldest(uid, id, false, "too many control connections of one uid");
         }
         drop(t);
         ConnSlot {
@@ -146,7 +144,60 @@ impl ConnTable {
     }
 }
 
+impl ConnTable {
+    /// Closes the connection of `uid` that has waited longest for a frame,
+    /// other than `except` (with part of a frame if `holding`); false if
+    /// there is none.
+    fn close_oldest(&mut self, uid: u32, except: u64, holding: bool, why: &str) -> bool {
+        let oldest = self
+            .open
+            .iter_mut()
+            .filter(|c| c.uid == uid && !c.attached && !c.busy && !c.closing && c.id != except)
+            .filter(|c| !holding || c.buffered > 0)
+            .min_by_key(|c| c.idle_since);
+        let Some(victim) = oldest else {
+            return false;
+        };
+        tracing::debug!(uid, "{why}; closing its oldest idle one");
+        // No longer counted: it closes when its task next runs.
+        victim.closing = true;
+        victim.buffered = 0;
+        victim.close.notify_one();
+        true
+    }
+}
+
 impl ConnSlot {
+    /// Notes that the connection holds `n` bytes of an unfinished frame,
+    /// closing others of its uid if the uid holds too many.
+    fn note_buffered(&self, n: usize) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(uid) = t.open.iter_mut().find(|c| c.id == self.id).map(|c| {
+            c.buffered = n;
+            c.uid
+        }) else {
+            return;
+        };
+        loop {
+            let total: usize = t
+                .open
+                .iter()
+                .filter(|c| c.uid == uid)
+                .map(|c| c.buffered)
+                .sum();
+            if total <= MAX_BUFFERED_PER_UID
+                || !t.close_oldest(
+                    uid,
+                    self.id,
+                    true,
+                    "unfinished frames of one uid hold too much memory",
+                )
+            {
+                return;
+            }
+        }
+    }
+
     fn update(&self, f: impl FnOnce(&mut ConnEntry)) {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = t.open.iter_mut().find(|c| c.id == self.id) {
@@ -634,6 +685,7 @@ impl FrameReader {
     async fn next(
         &mut self,
         stream: &UnixStream,
+        slot: &ConnSlot,
     ) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, ReadError> {
         loop {
             // What the frame being read still lacks: its prefix, then its
@@ -650,6 +702,7 @@ impl FrameReader {
                     if self.buf.capacity() > READ_CHUNK {
                         self.buf.shrink_to(READ_CHUNK);
                     }
+                    slot.note_buffered(self.buf.len());
                     return Ok(Some((body, std::mem::take(&mut self.fds))));
                 }
                 want = end - self.buf.len();
@@ -673,6 +726,7 @@ impl FrameReader {
             }
             self.buf.reserve_exact(n);
             self.buf.extend_from_slice(&chunk);
+            slot.note_buffered(self.buf.len());
         }
     }
 }
@@ -781,9 +835,9 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         let attached = slot.attached();
         let next = async {
             if attached {
-                Ok(reader.next(&stream).await)
+                Ok(reader.next(&stream, &slot).await)
             } else {
-                tokio::time::timeout(IDLE_TIMEOUT, reader.next(&stream)).await
+                tokio::time::timeout(IDLE_TIMEOUT, reader.next(&stream, &slot)).await
             }
         };
         let read = tokio::select! {
