@@ -379,3 +379,48 @@ fn idle_control_connections_are_bounded() {
     let took = timed_get_apps(&d);
     assert!(took < Duration::from_secs(3), "ax get apps took {took:?}");
 }
+
+const HOLDER: &str = r#"
+import socket, sys
+warm = socket.socket()
+warm.getsockname()  # the daemon opens (and keeps) this thread's pidfd now
+print("ready", flush=True)
+sys.stdin.readline()
+s = socket.socket()
+s.setblocking(False)
+print("connect", s.connect_ex((sys.argv[1], 9999)), flush=True)
+s.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"#;
+
+/// A connect held under `--connect-wait` for a service that is not up kept
+/// a daemon thread and two fds until its deadline, after the program had
+/// closed the socket. They are freed as soon as the socket is gone.
+#[test]
+fn held_connect_is_freed_when_its_socket_goes() {
+    require!("python3");
+    let d = Daemon::start_with_env(&[("RUST_LOG", "info")]);
+    let dir = TempDir::new("held");
+    let holder = dir.write("holder.py", HOLDER);
+    let mut app = d.spawn(
+        &["--connect-wait", "120s"],
+        &["python3", p(&holder), "10.233.99.9"],
+    );
+    app.wait_for_stdout("ready", SHORT);
+    let base = d.fd_count();
+    app.send("\n");
+    let out = app.wait_for_stdout("closed", SHORT);
+    assert!(out.contains("connect 115"), "expected EINPROGRESS: {out}");
+    let freed = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        (d.fd_count() <= base).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "the daemon still holds {} fds (base {base}) for a closed socket's connect:\n{}",
+        d.fd_count(),
+        d.fd_links().join("\n")
+    );
+    app.send("\n");
+    app.wait(SHORT);
+}
