@@ -9,8 +9,9 @@
 //! Remembered TCP/IP options (and flags such as "told `EINPROGRESS`") and
 //! held connects (`--connect-wait`) are kept by socket inode. Each table
 //! holds at most [`SOCKET_STATE_LIMIT`] entries; when one is full, entries
-//! of sockets that no process still holds are swept (every visible
-//! process's fds are read). A table still full after a sweep refuses new
+//! of sockets that no process still holds are swept (every process's fds
+//! the broker may read are read: a rootless broker cannot see a set-uid
+//! program's, whose entries then go too). A table still full after a sweep refuses new
 //! entries: the call that needed one fails with `ENOMEM`, as the kernel
 //! answers a socket call it cannot allocate for.
 //!
@@ -41,8 +42,10 @@ pub(crate) const SOCKET_STATE_LIMIT: usize = 65536;
 pub(crate) const MAX_PARKED_ACCEPTS: usize = 1024;
 /// Calls of one app that may wait on helper threads at once.
 pub(crate) const MAX_HELPERS: usize = 64;
-/// Connects of one app that may be held (`--connect-wait`) at once.
-pub(crate) const MAX_HELD_CONNECTS: usize = 256;
+/// Connects of one app that may be held (`--connect-wait`) at once (each
+/// waits on a helper thread of its own, outside [`MAX_HELPERS`]: one app
+/// alone cannot take every thread of the pool).
+pub(crate) const MAX_HELD_CONNECTS: usize = 128;
 /// Least time between two sweeps of one table.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 

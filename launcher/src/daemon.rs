@@ -1055,8 +1055,8 @@ impl Daemon {
                 info.uid
             ));
         }
-        if pid == 0 {
-            return Response::Error("AttachListener needs the program's pid".into());
+        if pid == 0 || i32::try_from(pid).is_err() {
+            return Response::Error(format!("AttachListener needs the program's pid, not {pid}"));
         }
         if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
             if link.as_os_str() != NOTIFY_FD_LINK {

@@ -494,9 +494,6 @@ fn wait_in_background(
     let Some(held_permit) = call.state.held_connects.take() else {
         return Outcome::Errno(libc::ENOBUFS);
     };
-    let Some(helper_permit) = call.state.helpers.take() else {
-        return Outcome::Errno(libc::ENOBUFS);
-    };
     let Some(inode) = super::inode(copy) else {
         return Outcome::Errno(libc::ENOBUFS);
     };
@@ -523,7 +520,7 @@ fn wait_in_background(
     let app = call.app;
     tracing::debug!(app, %dst, ?wait, "connect held until the service is up");
     let spawned = call.shared.pool.spawn(Box::new(move || {
-        let _permits = (held_permit, helper_permit);
+        let _permit = held_permit;
         let caller_holds = || {
             state.is_alive()
                 && caller.is_some_and(|pid| {

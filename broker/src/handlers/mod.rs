@@ -433,14 +433,21 @@ pub(crate) fn write_sockaddr(
 }
 
 /// Finishes a call on a helper thread, for work that may block. The app's
-/// quota of helpers, or the pool, exhausted: `ENOBUFS`. A panic in `work`
-/// answers `EIO`.
+/// quota of helpers, or the pool, exhausted: `ENOBUFS`. Calls a previous
+/// daemon left unanswered are exempt from the quota (they are as many as
+/// the program had waiting, e.g. one per thread blocked in `accept`). A
+/// panic in `work` answers `EIO`.
 pub(crate) fn defer<F>(call: &Call<'_>, work: F) -> Outcome
 where
     F: FnOnce(&Call<'_>) -> Outcome + Send + 'static,
 {
-    let Some(permit) = call.state.helpers.take() else {
-        return Outcome::Errno(libc::ENOBUFS);
+    let permit = if call.replay {
+        None
+    } else {
+        match call.state.helpers.take() {
+            Some(p) => Some(p),
+            None => return Outcome::Errno(libc::ENOBUFS),
+        }
     };
     let owned = crate::serve::OwnedAppLink::of(call);
     let (notif, replay) = (call.notif, call.replay);
