@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 mod addr;
+mod appstate;
 mod doors;
 mod handlers;
 pub mod keeper;

@@ -1,5 +1,6 @@
 //! The broker object and its per-app receive loop.
 
+use crate::appstate::AppState;
 use crate::handlers::accept::{Parked, PARKED_TICK};
 use crate::handlers::{self, Outcome};
 use crate::pool::WorkerPool;
@@ -11,7 +12,6 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -55,8 +55,6 @@ pub(crate) struct Shared {
     /// Held around "is a connection waiting? then accept it" on listeners
     /// whose file is blocking, so that the accept never blocks the broker.
     pub(crate) accept_lock: Mutex<()>,
-    /// TCP/IP options set on swapped sockets, by (app, inode, level, name).
-    options: Mutex<HashMap<OptionKey, Vec<u8>>>,
     /// Threads for calls that may block.
     pub(crate) pool: Arc<WorkerPool>,
     /// Processes under ax that connected a UNIX socket: pid → (start time,
@@ -64,64 +62,12 @@ pub(crate) struct Shared {
     unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
     /// Connections waiting behind doorbells for a server's accept.
     pub(crate) doors: crate::doors::Doors,
-    /// TCP sockets whose connect to a service that was not up yet is held
-    /// on a loopback port (`--connect-wait`): by socket inode, that port
-    /// and the VIP:port the program asked for, which `getpeername` answers.
-    pub(crate) held_connects: Mutex<HashMap<u64, (SocketAddr, SocketAddr)>>,
 }
 
-type OptionKey = (AppId, u64, i32, i32);
-
-/// Options remembered before the table starts over; a program setting
-/// options on this many live swapped sockets at once is far beyond normal.
+/// Entries the table of UNIX connectors keeps before it starts over.
 const OPTION_LIMIT: usize = 65536;
 
 impl Shared {
-    pub(crate) fn remember_option(&self, key: OptionKey, value: Vec<u8>) {
-        let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= OPTION_LIMIT {
-            map.clear();
-        }
-        map.insert(key, value);
-    }
-
-    pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {
-        let map = self.options.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&key).cloned()
-    }
-
-    /// Remembers that the socket with `inode` stands for `dst` while its
-    /// connect is held at `held`.
-    pub(crate) fn note_held_connect(&self, inode: u64, held: SocketAddr, dst: SocketAddr) {
-        let mut map = self.held_connects.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= OPTION_LIMIT {
-            map.clear();
-        }
-        map.insert(inode, (held, dst));
-    }
-
-    /// True when some connect was ever held (the common case answers
-    /// `getpeername` without looking further).
-    pub(crate) fn any_held_connects(&self) -> bool {
-        !self
-            .held_connects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-
-    /// The VIP:port a held socket stands for, if `inode` was held at
-    /// `peer` (a check that rules out a reused inode).
-    pub(crate) fn held_destination(&self, inode: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let map = self.held_connects.lock().unwrap_or_else(|e| e.into_inner());
-        if map.is_empty() {
-            return None;
-        }
-        map.get(&inode)
-            .filter(|(held, _)| *held == peer)
-            .map(|(_, dst)| *dst)
-    }
-
     pub(crate) fn note_unix_connector(&self, pid: u32, started: u64, app: AppId) {
         let mut map = self
             .unix_connectors
@@ -138,8 +84,6 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, v| v.1 != app);
-        let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|k, _| k.0 != app);
     }
 }
 
@@ -193,11 +137,9 @@ impl Broker {
                 config,
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
-                options: Mutex::new(HashMap::new()),
                 unix_connectors: Mutex::new(HashMap::new()),
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
-                held_connects: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -268,6 +210,7 @@ impl Broker {
         let listener = Arc::new(listener);
         let journal = journal.map(Arc::new);
         let stash = stash.map(Arc::new);
+        let state = AppState::new(app);
         // Same-CPU wake-ups halve the round trip where the kernel has them.
         let sync = listener.set_sync_wake_up();
         tracing::debug!(app, sync_wake_up = sync, "serving app");
@@ -280,6 +223,7 @@ impl Broker {
                     listener: &listener,
                     journal: &journal,
                     stash: &stash,
+                    state: &state,
                 };
                 receive_loop(&link, root)
             })?;
@@ -367,6 +311,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     }
     shared.directory.app_exited(app);
     shared.forget_app_options(app);
+    link.state.app_exited();
     tracing::debug!(app, "app exited; services released");
 }
 
@@ -483,7 +428,18 @@ fn resume_parked(
     let mut still = Vec::with_capacity(parked.len());
     for (i, p) in parked.into_iter().enumerate() {
         let call = link.call(p.notif, false, None);
-        match p.resume(&call, ready.get(i).copied().unwrap_or(false), housekeeping) {
+        let readable = ready.get(i).copied().unwrap_or(false);
+        let resumed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            p.resume(&call, readable, housekeeping)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                id = p.notif.id,
+                "a parked accept panicked; failing it with EIO"
+            );
+            Some(Outcome::Errno(PANIC_ERRNO))
+        });
+        match resumed {
             Some(outcome) => respond(link.listener, link.journal, &p.notif, outcome),
             None => still.push(p),
         }
@@ -498,6 +454,8 @@ pub(crate) struct AppLink<'a> {
     pub(crate) listener: &'a Arc<NotifyFd>,
     pub(crate) journal: &'a Option<Arc<Journal>>,
     pub(crate) stash: &'a Option<Arc<crate::Stash>>,
+    /// What the broker keeps for this app, and its quotas.
+    pub(crate) state: &'a Arc<AppState>,
 }
 
 /// An [`AppLink`] that owns its parts, for work moved to a helper thread.
@@ -507,6 +465,7 @@ pub(crate) struct OwnedAppLink {
     listener: Arc<NotifyFd>,
     journal: Option<Arc<Journal>>,
     stash: Option<Arc<crate::Stash>>,
+    state: Arc<AppState>,
 }
 
 impl OwnedAppLink {
@@ -518,6 +477,7 @@ impl OwnedAppLink {
             listener: link.listener.clone(),
             journal: link.journal.clone(),
             stash: link.stash.clone(),
+            state: link.state.clone(),
         }
     }
 
@@ -529,6 +489,7 @@ impl OwnedAppLink {
             listener: call.listener,
             journal: call.journal,
             stash: call.stash,
+            state: call.state,
         })
     }
 
@@ -540,6 +501,7 @@ impl OwnedAppLink {
             listener: &self.listener,
             journal: &self.journal,
             stash: &self.stash,
+            state: &self.state,
         }
     }
 }
@@ -557,6 +519,7 @@ impl<'a> AppLink<'a> {
             listener: self.listener,
             journal: self.journal,
             stash: self.stash,
+            state: self.state,
             replay,
             parking,
             notif,
@@ -577,8 +540,26 @@ pub(crate) fn dispatch(
         j.record(&n);
     }
     let call = link.call(n, replay, parking);
-    let outcome = handlers::handle(&call, pidfds);
+    let outcome = unwind_to_errno(&n, || handlers::handle(&call, pidfds));
     respond(link.listener, link.journal, &n, outcome);
+}
+
+/// The errno a trapped call gets when its handler panics: `EIO`, a call
+/// that failed for a reason the program cannot act on. The panic is logged
+/// (and printed by the panic hook); the program is never left waiting.
+pub(crate) const PANIC_ERRNO: i32 = libc::EIO;
+
+/// Runs a handler, answering [`PANIC_ERRNO`] if it panics.
+pub(crate) fn unwind_to_errno(n: &Notification, f: impl FnOnce() -> Outcome) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        tracing::error!(
+            id = n.id,
+            nr = n.nr,
+            pid = n.pid,
+            "a handler panicked; failing the call with EIO"
+        );
+        Outcome::Errno(PANIC_ERRNO)
+    })
 }
 
 pub(crate) fn respond(

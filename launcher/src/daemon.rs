@@ -5,6 +5,14 @@
 //! registers an app, starts its program under the filter and hands over the
 //! notify fd (`SCM_RIGHTS` on the `AttachListener` frame); the broker then
 //! serves the app on a thread of its own until its last process exits.
+//!
+//! The control socket is bounded: a connection that has not handed over an
+//! app must complete each frame within [`IDLE_TIMEOUT`] of starting to wait
+//! for it, a frame's buffer grows only as its bytes arrive, and each uid
+//! keeps at most [`MAX_CONNS_PER_UID`] such connections open: one more
+//! closes that uid's oldest connection waiting for a frame, so that `ax get`
+//! keeps answering. A launcher's connection, once its app is attached, is
+//! exempt from both (it stays open for the program's life).
 
 use crate::cli::DaemonArgs;
 use crate::expose::{ExposeError, Exposures};
@@ -28,13 +36,25 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Most fds accepted with one read; more are closed unread.
 const MAX_FDS_PER_READ: usize = 4;
+
+/// How long a control connection may take to send its next frame.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control connections one uid may keep open (launchers whose app is
+/// attached not counted).
+const MAX_CONNS_PER_UID: usize = 64;
+/// Most bytes read from a connection at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes of unfinished frames one uid's connections may hold together
+/// (eight frames of the largest size): past it, that uid's oldest
+/// connection waiting for a frame is closed.
+const MAX_BUFFERED_PER_UID: usize = 8 * ax_proto::MAX_FRAME_LEN;
 
 /// What `readlink /proc/self/fd/N` shows for a seccomp listener.
 const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
@@ -54,6 +74,148 @@ struct Daemon {
     /// Connections the previous daemon had accepted and not handed over,
     /// by app, until its launcher hands the app back.
     salvaged: Mutex<std::collections::HashMap<AppId, Vec<OwnedFd>>>,
+    /// Open control connections, for the per-uid cap.
+    conns: Arc<Mutex<ConnTable>>,
+}
+
+/// Open control connections (see the module docs).
+#[derive(Default)]
+struct ConnTable {
+    next_id: u64,
+    open: Vec<ConnEntry>,
+}
+
+struct ConnEntry {
+    id: u64,
+    uid: u32,
+    /// Since when it waits for a frame (or was accepted).
+    idle_since: Instant,
+    /// Between a frame received and its answer sent.
+    busy: bool,
+    /// Its app was handed over: it stays open for the program's life.
+    attached: bool,
+    /// Bytes of an unfinished frame it holds.
+    buffered: usize,
+    /// Told to close (no longer counted).
+    closing: bool,
+    /// Notified to close it.
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// A connection's place in the [`ConnTable`]; leaves it when dropped.
+struct ConnSlot {
+    table: Arc<Mutex<ConnTable>>,
+    id: u64,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl ConnTable {
+    /// Enters a connection of `uid`, closing that uid's oldest connection
+    /// waiting for a frame if the uid has too many.
+    fn enter(table: &Arc<Mutex<ConnTable>>, uid: u32) -> ConnSlot {
+        let mut t = table.lock().unwrap_or_else(|e| e.into_inner());
+        t.next_id += 1;
+        let id = t.next_id;
+        let close = Arc::new(tokio::sync::Notify::new());
+        t.open.push(ConnEntry {
+            id,
+            uid,
+            idle_since: Instant::now(),
+            busy: false,
+            attached: false,
+            buffered: 0,
+            closing: false,
+            close: close.clone(),
+        });
+        let counted = t
+            .open
+            .iter()
+            .filter(|c| c.uid == uid && !c.attached && !c.closing)
+            .count();
+        if counted > MAX_CONNS_PER_UID {
+            t.close_oldest(uid, id, false, "too many control connections of one uid");
+        }
+        drop(t);
+        ConnSlot {
+            table: table.clone(),
+            id,
+            close,
+        }
+    }
+}
+
+impl ConnTable {
+    /// Closes the connection of `uid` that has waited longest for a frame,
+    /// other than `except` (with part of a frame if `holding`); false if
+    /// there is none.
+    fn close_oldest(&mut self, uid: u32, except: u64, holding: bool, why: &str) -> bool {
+        let oldest = self
+            .open
+            .iter_mut()
+            .filter(|c| c.uid == uid && !c.attached && !c.busy && !c.closing && c.id != except)
+            .filter(|c| !holding || c.buffered > 0)
+            .min_by_key(|c| c.idle_since);
+        let Some(victim) = oldest else {
+            return false;
+        };
+        tracing::debug!(uid, "{why}; closing its oldest idle one");
+        // No longer counted: it closes when its task next runs.
+        victim.closing = true;
+        victim.buffered = 0;
+        victim.close.notify_one();
+        true
+    }
+}
+
+impl ConnSlot {
+    /// Notes that the connection holds `n` bytes of an unfinished frame,
+    /// closing others of its uid if the uid holds too many.
+    fn note_buffered(&self, n: usize) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(uid) = t.open.iter_mut().find(|c| c.id == self.id).map(|c| {
+            c.buffered = n;
+            c.uid
+        }) else {
+            return;
+        };
+        loop {
+            let total: usize = t
+                .open
+                .iter()
+                .filter(|c| c.uid == uid)
+                .map(|c| c.buffered)
+                .sum();
+            if total <= MAX_BUFFERED_PER_UID
+                || !t.close_oldest(
+                    uid,
+                    self.id,
+                    true,
+                    "unfinished frames of one uid hold too much memory",
+                )
+            {
+                return;
+            }
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ConnEntry)) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = t.open.iter_mut().find(|c| c.id == self.id) {
+            f(c);
+        }
+    }
+
+    fn attached(&self) -> bool {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.open.iter().any(|c| c.id == self.id && c.attached)
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.open.retain(|c| c.id != self.id);
+    }
 }
 
 impl Daemon {
@@ -178,6 +340,14 @@ impl Daemon {
 /// Runs `ax daemon` until SIGINT or SIGTERM; returns the exit status.
 pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     init_tracing();
+    if args.connect_wait > ax_registry::MAX_CONNECT_WAIT {
+        bail!(
+            "--connect-wait {:?} is longer than the {} s allowed",
+            args.connect_wait,
+            ax_registry::MAX_CONNECT_WAIT.as_secs()
+        );
+    }
+    raise_fd_limit();
     let path = paths::socket_path(args.socket.socket.as_deref())?;
     let dir = paths::socket_dir(&path);
     paths::prepare_dir(dir)?;
@@ -253,6 +423,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         saved: Mutex::new(None),
         exposures: Exposures::default(),
         salvaged: Mutex::new(salvaged),
+        conns: Arc::new(Mutex::new(ConnTable::default())),
     });
     daemon.take_over_predecessor();
 
@@ -333,6 +504,31 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     result?;
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// Raises the soft limit on open fds to the hard limit: the broker holds
+/// fds for the calls it serves, and a broker out of fds fails calls (with
+/// `ENOBUFS`) that it would otherwise have served.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // No hard limit: as high as the kernel lets a process go.
+    let hard = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    if hard.is_none() || limit.current >= hard {
+        return;
+    }
+    let raised = Rlimit {
+        current: hard,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(from = ?limit.current, to = ?hard, "raised the open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }
 
 fn init_tracing() {
@@ -489,24 +685,35 @@ impl FrameReader {
     async fn next(
         &mut self,
         stream: &UnixStream,
+        slot: &ConnSlot,
     ) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, ReadError> {
-        let mut chunk = vec![0u8; 64 * 1024];
         loop {
-            if self.buf.len() >= 4 {
-                let prefix: [u8; 4] = self.buf[..4].try_into().expect("4 bytes");
+            // What the frame being read still lacks: its prefix, then its
+            // body. The buffer grows by what arrives, never by what a
+            // prefix announces.
+            let mut want = 4usize.saturating_sub(self.buf.len());
+            if let Some(prefix) = self.buf.get(..4) {
+                let prefix: [u8; 4] = [prefix[0], prefix[1], prefix[2], prefix[3]];
                 let len = ax_proto::body_len(prefix)?;
-                if self.buf.len() >= 4 + len {
-                    let body = self.buf[4..4 + len].to_vec();
-                    self.buf.drain(..4 + len);
+                let end = 4 + len;
+                if let Some(body) = self.buf.get(4..end) {
+                    let body = body.to_vec();
+                    self.buf.drain(..end);
+                    if self.buf.capacity() > READ_CHUNK {
+                        self.buf.shrink_to(READ_CHUNK);
+                    }
+                    slot.note_buffered(self.buf.len());
                     return Ok(Some((body, std::mem::take(&mut self.fds))));
                 }
+                want = end - self.buf.len();
             }
-            let (n, fds) = recv_with_fds(stream, &mut chunk).await?;
+            let (chunk, fds) = recv_with_fds(stream, want.clamp(4096, READ_CHUNK)).await?;
             for fd in fds {
                 if self.fds.len() < MAX_FDS_PER_READ {
                     self.fds.push(fd);
                 }
             }
+            let n = chunk.len();
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
@@ -517,20 +724,25 @@ impl FrameReader {
                 )
                 .into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.buf.reserve_exact(n);
+            self.buf.extend_from_slice(&chunk);
+            slot.note_buffered(self.buf.len());
         }
     }
 }
 
-async fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+/// Reads up to `room` bytes, and the fds that come with them. The buffer
+/// is allocated once the stream is readable: an idle connection holds none.
+async fn recv_with_fds(stream: &UnixStream, room: usize) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     stream
         .async_io(Interest::READABLE, || {
+            let mut buf = vec![0u8; room];
             let mut space =
                 [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
             let mut anc = RecvAncillaryBuffer::new(&mut space);
             let msg = rustix::net::recvmsg(
                 stream,
-                &mut [IoSliceMut::new(buf)],
+                &mut [IoSliceMut::new(&mut buf)],
                 &mut anc,
                 RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
             )?;
@@ -540,14 +752,18 @@ async fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize
                     fds.extend(received);
                 }
             }
-            Ok((msg.bytes, fds))
+            buf.truncate(msg.bytes);
+            Ok((buf, fds))
         })
         .await
 }
 
 async fn send(stream: &mut UnixStream, resp: &Response) -> io::Result<()> {
     let frame = ax_proto::encode(resp).map_err(io::Error::other)?;
-    stream.write_all(&frame).await
+    // A client that does not read its answer does not hold the task.
+    tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&frame))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 /// Answers a refused client and closes gracefully: closing a socket with
@@ -611,13 +827,37 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         buf: Vec::new(),
         fds: Vec::new(),
     };
+    let slot = ConnTable::enter(&daemon.conns, peer.uid);
     // Apps registered here and not (yet) handed over: if the client goes
     // away first, nothing will ever run in them.
     let mut pending: Vec<AppId> = Vec::new();
     loop {
-        match reader.next(&stream).await {
+        let attached = slot.attached();
+        let next = async {
+            if attached {
+                Ok(reader.next(&stream, &slot).await)
+            } else {
+                tokio::time::timeout(IDLE_TIMEOUT, reader.next(&stream, &slot)).await
+            }
+        };
+        let read = tokio::select! {
+            r = next => r,
+            _ = slot.close.notified() => {
+                tracing::debug!(pid = peer.pid, "closing an idle control connection: its uid opened too many");
+                break;
+            }
+        };
+        let Ok(read) = read else {
+            tracing::debug!(
+                pid = peer.pid,
+                "closing a control connection idle for {IDLE_TIMEOUT:?}"
+            );
+            break;
+        };
+        match read {
             Ok(None) => break,
             Ok(Some((body, fds))) => {
+                slot.update(|c| c.busy = true);
                 let resp = match ax_proto::decode::<Request>(&body) {
                     Ok(req) => daemon.handle(req, fds, peer, &mut pending),
                     Err(e) => {
@@ -626,9 +866,16 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
                         break;
                     }
                 };
+                if resp == Response::Attached {
+                    slot.update(|c| c.attached = true);
+                }
                 if send(&mut stream, &resp).await.is_err() {
                     break;
                 }
+                slot.update(|c| {
+                    c.busy = false;
+                    c.idle_since = Instant::now();
+                });
             }
             Err(ReadError::Frame(e)) => {
                 tracing::warn!(pid = peer.pid, error = %e, "bad frame; closing the connection");
@@ -808,8 +1055,8 @@ impl Daemon {
                 info.uid
             ));
         }
-        if pid == 0 {
-            return Response::Error("AttachListener needs the program's pid".into());
+        if pid == 0 || i32::try_from(pid).is_err() {
+            return Response::Error(format!("AttachListener needs the program's pid, not {pid}"));
         }
         if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
             if link.as_os_str() != NOTIFY_FD_LINK {

@@ -13,7 +13,9 @@
 //! connection arrives (a helper thread does the same for replayed calls), so
 //! the broker itself never blocks in `accept`. The wait ends early with
 //! `EINTR` when the thread gets a signal, and with `EAGAIN` at the
-//! listener's `SO_RCVTIMEO`, as natively.
+//! listener's `SO_RCVTIMEO`, as natively. An app parks at most
+//! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
+//! `ENOBUFS`.
 
 use super::{classify, defer, is_nonblocking, peer_name, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
@@ -30,7 +32,8 @@ const WAIT_TICK: Duration = Duration::from_millis(50);
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
     let (name, listener) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
-        _ => return Outcome::Continue,
+        Ok(_) => return Outcome::Continue,
+        Err(e) => return super::fd_error(call, e),
     };
     let v6 = name.is_v6();
     if !matches!(name, SocketName::Listener { .. })
@@ -64,20 +67,26 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         .ok()
         .flatten();
     if let Some(parking) = call.parking {
+        let Some(permit) = call.state.parked.take() else {
+            return Outcome::Errno(libc::ENOBUFS);
+        };
         parking.borrow_mut().push(Parked {
+            _permit: permit,
             notif: call.notif,
             listener,
             flags: accept_flags,
             v6,
             cloexec,
-            deadline: timeout.map(|t| Instant::now() + t),
+            // A timeout too long to add never ends.
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
         });
         return Outcome::Deferred;
     }
     defer(call, move |call| {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let Ok(target) = Target::open(call.notif.pid) else {
-            return Outcome::Answered;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let target = match super::reopen(call) {
+            Ok(t) => t,
+            Err(answer) => return answer,
         };
         loop {
             let mut fds = [PollFd::new(&listener, PollFlags::IN)];
@@ -117,6 +126,8 @@ pub(crate) struct Parked {
     v6: bool,
     cloexec: bool,
     deadline: Option<Instant>,
+    /// Its place in the app's quota of parked accepts.
+    _permit: crate::appstate::Permit,
 }
 
 impl Parked {
@@ -135,9 +146,9 @@ impl Parked {
         housekeeping: bool,
     ) -> Option<Outcome> {
         if readable {
-            let target = match Target::open(self.notif.pid) {
+            let target = match super::reopen(call) {
                 Ok(t) => t,
-                Err(_) => return Some(Outcome::Answered),
+                Err(answer) => return Some(answer),
             };
             let probe = probe_addr(call, &target, self.v6);
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
@@ -345,8 +356,9 @@ fn in_family(peer: std::net::SocketAddr, v6: bool) -> std::net::SocketAddr {
 /// Finishes an accept with `conn`, a connection an earlier daemon accepted
 /// for it and parked before dying.
 pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
-    let Ok(target) = Target::open(call.notif.pid) else {
-        return Outcome::Answered;
+    let target = match super::reopen(call) {
+        Ok(t) => t,
+        Err(answer) => return answer,
     };
     let v6 = match classify(call, &target, call.arg(0)) {
         Ok(Sock::Swapped { name, .. }) => name.is_v6(),
@@ -365,8 +377,9 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
 /// Answers an accept whose connection an earlier daemon installed as fd
 /// `fd` before dying: writes the client's address and returns `fd`.
 pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
-    let Ok(target) = Target::open(call.notif.pid) else {
-        return Outcome::Answered;
+    let target = match super::reopen(call) {
+        Ok(t) => t,
+        Err(answer) => return answer,
     };
     let addr_ptr = call.arg(1);
     if addr_ptr != 0 {

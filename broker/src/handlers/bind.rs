@@ -34,8 +34,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
-        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
-        Err(e) => return Ok(super::inaccessible(call, e)),
+        Ok(Sock::Other) => return Ok(Outcome::Continue),
+        Err(e) => return Ok(super::fd_error(call, e)),
     };
     // move_addr_to_kernel: the length, then the bytes.
     let addrlen = call.int_arg(2);
@@ -60,9 +60,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         return Ok(Outcome::Errno(addr::bind_when_bound(&bytes, v6, is_local)));
     }
     let Some(want) = addr::parse(&bytes, v6, Purpose::Bind) else {
-        // Malformed for this family: the kernel rejects it the same way
-        // whatever the bytes become.
-        return Ok(Outcome::Continue);
+        // Malformed for this family. Not CONTINUE: another thread could
+        // make the program's bytes a wildcard before the kernel reads them
+        // again. The kernel's answer to the broker's copy, from a fresh
+        // socket of the family (length and family are checked first).
+        return Ok(Outcome::Errno(malformed_errno(&bytes, v6)));
     };
     let ip = want.ip();
     if ip.is_loopback() {
@@ -154,6 +156,25 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             dir.release(&endpoint);
             other
         }
+    }
+}
+
+/// What the kernel answers a `bind` of the malformed address `bytes` on a
+/// socket of the program's family.
+fn malformed_errno(bytes: &[u8], v6: bool) -> Errno {
+    let family = if v6 {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    let probe =
+        match rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None) {
+            Ok(p) => p,
+            Err(e) => return super::shortage_errno(e.raw_os_error()),
+        };
+    match ax_sys::sockaddr::bind_raw(probe.as_fd(), bytes) {
+        Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+        Ok(()) => libc::EINVAL,
     }
 }
 

@@ -70,8 +70,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             note_unix_connector(call, target);
             return Ok(Outcome::Continue);
         }
-        Err(libc::EBADF) => return Ok(Outcome::Continue),
-        Err(e) => return Ok(super::inaccessible(call, e)),
+        Err(e) => return Ok(super::fd_error(call, e)),
     };
     // An earlier daemon installed it and died before answering.
     if call.replay && matches!(swapped, Some(SocketName::Client { .. })) {
@@ -283,8 +282,9 @@ fn egress_replacing(
             }
             Err(e) => return Outcome::Errno(errno_of(&e)),
         };
-        let Ok(target) = Target::open(call.notif.pid) else {
-            return Outcome::Answered;
+        let target = match super::reopen(call) {
+            Ok(t) => t,
+            Err(answer) => return answer,
         };
         if !call.still_valid() {
             return Outcome::Answered;
@@ -339,9 +339,12 @@ fn connect_virtual(
     let endpoints = match dir.resolve(call.app, dst) {
         Ok(eps) => eps,
         Err(ResolveError::NoService(_)) => {
+            // Capped: a wait from the wire is validated, an embedder's
+            // configuration may not be.
             let wait = dir
                 .connect_wait(call.app)
-                .unwrap_or(call.shared.config.connect_wait);
+                .unwrap_or(call.shared.config.connect_wait)
+                .min(ax_registry::MAX_CONNECT_WAIT);
             if wait.is_zero() || rebind.is_some() {
                 tracing::debug!(app = call.app, %dst, "connect refused: no service");
                 return refused(call, target, copy, v6, rebind.is_some());
@@ -412,8 +415,11 @@ pub(super) fn wait_for_service(
     wait: Duration,
 ) -> Result<Outcome, Errno> {
     let dir = &call.shared.directory;
-    let deadline = Instant::now() + wait;
-    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
+    let deadline = deadline_after(wait);
+    let target = match super::reopen(call) {
+        Ok(t) => t,
+        Err(answer) => return Ok(answer),
+    };
     tracing::debug!(app = call.app, %dst, ?wait, "connect waits for the service");
     loop {
         let seen = dir.generation();
@@ -451,6 +457,14 @@ pub(super) fn wait_for_service(
     }
 }
 
+/// `wait` from now; a wait too long to add ends at the longest allowed.
+fn deadline_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(ax_registry::MAX_CONNECT_WAIT))
+        .unwrap_or(now)
+}
+
 /// A non-blocking connect to a service that is not up yet, under
 /// `--connect-wait`. The program's own TCP socket connects to a loopback
 /// port whose accept queue the broker keeps full, so its SYN goes
@@ -464,7 +478,12 @@ pub(super) fn wait_for_service(
 ///   ([`crate::doors`]): client and server then talk over TCP loopback,
 ///   never through the broker;
 /// * the wait ends: the port closes, and the next SYN is refused, so the
-///   program sees `ECONNREFUSED` from `SO_ERROR`.
+///   program sees `ECONNREFUSED` from `SO_ERROR`;
+/// * the program closes its socket, or the app exits: the wait ends at
+///   once, freeing its thread and ports.
+///
+/// An app holds at most `crate::appstate::MAX_HELD_CONNECTS` connects at
+/// once; one more fails with `ENOBUFS`.
 fn wait_in_background(
     call: &Call<'_>,
     copy: &OwnedFd,
@@ -472,10 +491,22 @@ fn wait_in_background(
     dst: SocketAddr,
     wait: Duration,
 ) -> Outcome {
+    let Some(held_permit) = call.state.held_connects.take() else {
+        return Outcome::Errno(libc::ENOBUFS);
+    };
+    let Some(inode) = super::inode(copy) else {
+        return Outcome::Errno(libc::ENOBUFS);
+    };
+    let caller = crate::target::process_identity(call.notif.pid).map(|(pid, _)| pid);
     let hold = match HeldConnect::start(copy, v6) {
         Ok(h) => {
-            if let (Some(inode), Some(held)) = (super::inode(copy), h.address()) {
-                call.shared.note_held_connect(inode, held, dst);
+            let noted = h
+                .address()
+                .map(|held| call.state.note_held_connect(inode, held, dst));
+            if !matches!(noted, Some(Ok(()))) {
+                // Dropping the hold closes its port: the program's
+                // connect, under way, is refused.
+                return Outcome::Errno(libc::ENOBUFS);
             }
             h
         }
@@ -485,14 +516,24 @@ fn wait_in_background(
         }
     };
     let shared = call.shared.clone();
+    let state = call.state.clone();
     let app = call.app;
     tracing::debug!(app, %dst, ?wait, "connect held until the service is up");
     let spawned = call.shared.pool.spawn(Box::new(move || {
-        hold.wait_and_hand_over(&shared, app, dst, wait);
+        let _permit = held_permit;
+        let caller_holds = || {
+            state.is_alive()
+                && caller.is_some_and(|pid| {
+                    crate::orphans::socket_fds(pid)
+                        .iter()
+                        .any(|&(_, i)| i == inode)
+                })
+        };
+        hold.wait_and_hand_over(&shared, app, dst, wait, &caller_holds);
     }));
     match spawned {
         Ok(()) => Outcome::Errno(libc::EINPROGRESS),
-        Err(_) => Outcome::Errno(libc::EAGAIN),
+        Err(_) => Outcome::Errno(libc::ENOBUFS),
     }
 }
 
@@ -534,9 +575,10 @@ impl HeldConnect {
         app: ax_registry::AppId,
         dst: SocketAddr,
         wait: Duration,
+        caller_holds: &dyn Fn() -> bool,
     ) {
         let dir = &shared.directory;
-        let deadline = Instant::now() + wait;
+        let deadline = deadline_after(wait);
         let endpoints = loop {
             let seen = dir.generation();
             match dir.resolve(app, dst) {
@@ -550,6 +592,10 @@ impl HeldConnect {
             let now = Instant::now();
             if now >= deadline {
                 tracing::debug!(app, %dst, "connect-wait ended: no service");
+                return;
+            }
+            if !caller_holds() {
+                tracing::debug!(app, %dst, "connect-wait ended: the program closed its socket");
                 return;
             }
             dir.wait_for_change(seen, deadline.min(now + Duration::from_secs(1)));
@@ -673,7 +719,10 @@ fn wait_for_room(
     sockopt::set_socket_timeout(&sock, Timeout::Send, Some(BACKLOG_SLICE))
         .map_err(|e| e.raw_os_error())?;
     let deadline = Instant::now() + FULL_BACKLOG_WAIT;
-    let target = Target::open(call.notif.pid).map_err(|e| errno_of(&e))?;
+    let target = match super::reopen(call) {
+        Ok(t) => t,
+        Err(answer) => return Ok(answer),
+    };
     loop {
         match rustix::net::connect(&sock, &target_addr) {
             Ok(()) => break,
@@ -820,17 +869,23 @@ fn release_listener(call: &Call<'_>, name: SocketName) {
 /// Marks (or clears) a swapped client socket as told `EINPROGRESS` and not
 /// connected again since.
 fn set_in_progress(call: &Call<'_>, sock: &OwnedFd, on: bool) {
-    if let Some(key) = super::state_key(call, sock, super::STATE_CONNECT_IN_PROGRESS) {
-        call.shared.remember_option(key, vec![u8::from(on)]);
+    if let Some(key) = super::state_key(sock, super::STATE_CONNECT_IN_PROGRESS) {
+        if !on {
+            call.state.forget_option(key);
+        } else if call.state.remember_option(key, vec![1]).is_err() {
+            // The next connect then answers EISCONN rather than 0, which
+            // programs polling for completion take as connected too.
+            tracing::debug!(app = call.app, "in-progress state not kept: table full");
+        }
     }
 }
 
 /// True (once) if the socket was told `EINPROGRESS` and not connected again.
 pub(super) fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
-    let Some(key) = super::state_key(call, sock, super::STATE_CONNECT_IN_PROGRESS) else {
+    let Some(key) = super::state_key(sock, super::STATE_CONNECT_IN_PROGRESS) else {
         return false;
     };
-    if call.shared.recall_option(key) != Some(vec![1]) {
+    if call.state.recall_option(key) != Some(vec![1]) {
         return false;
     }
     set_in_progress(call, sock, false);

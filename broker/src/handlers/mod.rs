@@ -5,6 +5,26 @@
 //! egress connect on a blocking socket, a connect to a full backlog) are
 //! finished on a helper thread by [`defer`], so the receive loop never
 //! waits on the network.
+//!
+//! # Failing closed
+//!
+//! `CONTINUE` hands a call back to the kernel, which would run it on an IP
+//! socket as if ax were not there. A handler answers it only where it has
+//! decided that the kernel's answer is the right one (a socket that is not
+//! ax's, a loopback bind), never because the broker could not look: when
+//! the broker lacks a resource to inspect or answer a call, the call fails
+//! with the errno the kernel gives under that shortage:
+//!
+//! | the broker got | the call fails with |
+//! |---|---|
+//! | `EMFILE`, `ENFILE`, `ENOBUFS` (no fd, no buffer) | `ENOBUFS` |
+//! | `ENOMEM` | `ENOMEM` |
+//! | `EPERM`, `EACCES` (cannot reach into the program) | `EPERM` |
+//! | a quota of the app hit (see `crate::appstate`) | `ENOBUFS` |
+//! | a helper thread not available | `ENOBUFS` |
+//! | a handler panicked | `EIO` |
+//!
+//! Only a program that is gone (its call no longer valid) gets no answer.
 
 pub(crate) mod accept;
 mod bind;
@@ -53,6 +73,8 @@ pub(crate) struct Call<'a> {
     pub(crate) journal: &'a Option<Arc<Journal>>,
     /// Where accepted connections wait while they are installed.
     pub(crate) stash: &'a Option<Arc<crate::Stash>>,
+    /// What the broker keeps for this app, and its quotas.
+    pub(crate) state: &'a Arc<crate::appstate::AppState>,
     /// The call was received by an earlier daemon that died before
     /// answering: part of it may already be done.
     pub(crate) replay: bool,
@@ -97,8 +119,8 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
     let nr = call.notif.nr as libc::c_long;
     let target = match pidfds.target(call.notif.pid) {
         Ok(t) => t,
-        // The thread is gone; whatever we answer goes nowhere.
-        Err(_) => return Outcome::Continue,
+        // Never CONTINUE: the kernel would run the call on the IP socket.
+        Err(e) => return inaccessible(call, crate::target::errno_of(&e)),
     };
     let outcome = match nr {
         libc::SYS_bind => bind::handle(call, &target),
@@ -121,19 +143,107 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
     outcome
 }
 
-/// The broker may not reach into the target (`EPERM`: a non-dumpable or
-/// set-uid process, or Yama's `ptrace_scope` for a rootless broker). A
-/// `bind` or `connect` must not fall through to the kernel, where a virtual
-/// address would be routed: it fails loudly instead.
+/// The broker could not reach into the target (its fd, its memory), for
+/// the reason `errno` gives. The call must not fall through to the kernel,
+/// where a virtual address would be routed: it fails (see the module docs
+/// for the errno), or gets no answer if the program is gone.
 pub(crate) fn inaccessible(call: &Call<'_>, errno: Errno) -> Outcome {
-    tracing::warn!(
-        app = call.app,
-        pid = call.notif.pid,
-        errno,
-        "cannot inspect the program's socket (non-dumpable or set-uid program, or \
-         kernel.yama.ptrace_scope >= 1 with a rootless daemon); failing the call with EPERM"
-    );
-    Outcome::Errno(libc::EPERM)
+    let (app, pid) = (call.app, call.notif.pid);
+    if !call.still_valid() {
+        tracing::debug!(
+            app,
+            pid,
+            errno,
+            "the program exited before its call was answered"
+        );
+        return Outcome::Answered;
+    }
+    let answer = shortage_errno(errno);
+    if !log_allowed() {
+        return Outcome::Errno(answer);
+    }
+    match errno {
+        libc::EPERM | libc::EACCES => tracing::warn!(
+            app,
+            pid,
+            errno,
+            "cannot inspect the program's socket: permission denied (a non-dumpable or \
+             set-uid program, or kernel.yama.ptrace_scope >= 1 with a rootless daemon); \
+             failing the call with EPERM"
+        ),
+        libc::EMFILE | libc::ENFILE => tracing::warn!(
+            app,
+            pid,
+            errno,
+            "cannot inspect the program's socket: the daemon is out of file descriptors; \
+             failing the call with ENOBUFS"
+        ),
+        libc::ENOMEM | libc::ENOBUFS => tracing::warn!(
+            app,
+            pid,
+            errno,
+            "cannot inspect the program's socket: the daemon is out of memory; failing the \
+             call with {}",
+            if answer == libc::ENOMEM {
+                "ENOMEM"
+            } else {
+                "ENOBUFS"
+            }
+        ),
+        libc::ESRCH | libc::ENOENT => tracing::warn!(
+            app,
+            pid,
+            errno,
+            "cannot inspect the program's socket: its process or thread is gone (ESRCH) \
+             though its call still waits; failing the call with EPERM"
+        ),
+        _ => tracing::warn!(
+            app,
+            pid,
+            errno,
+            "cannot inspect the program's socket; failing the call with EPERM"
+        ),
+    }
+    Outcome::Errno(answer)
+}
+
+/// The errno a call fails with when the broker got `errno` trying to serve
+/// it (see the module docs).
+pub(crate) fn shortage_errno(errno: Errno) -> Errno {
+    match errno {
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS => libc::ENOBUFS,
+        libc::ENOMEM => libc::ENOMEM,
+        _ => libc::EPERM,
+    }
+}
+
+/// At most one warning a second about calls the broker could not inspect:
+/// a shortage fails many calls at once.
+fn log_allowed() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.swap(now, Ordering::Relaxed) != now
+}
+
+/// The answer to a call whose fd argument could not be classified:
+/// `EBADF` (no such fd in the program) is the kernel's own answer, anything
+/// else a failure to look (see [`inaccessible`]).
+pub(crate) fn fd_error(call: &Call<'_>, errno: Errno) -> Outcome {
+    if errno == libc::EBADF {
+        Outcome::Errno(libc::EBADF)
+    } else {
+        inaccessible(call, errno)
+    }
+}
+
+/// Opens the target again, from a helper thread or a parked call: `Err`
+/// carries the answer when it cannot be (nothing for a program that is
+/// gone, an errno for a shortage).
+pub(crate) fn reopen(call: &Call<'_>) -> Result<Target, Outcome> {
+    Target::open(call.notif.pid).map_err(|e| inaccessible(call, crate::target::errno_of(&e)))
 }
 
 /// What the broker's copy of a target fd turned out to be.
@@ -150,12 +260,15 @@ pub(crate) enum Sock {
 /// fd that cannot be copied (`EBADF`): the caller lets the kernel say it.
 pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Sock, Errno> {
     let fd = target.fd(arg)?;
-    let Ok(domain) = rustix::net::sockopt::socket_domain(&fd) else {
-        return Ok(Sock::Other);
+    let domain = match rustix::net::sockopt::socket_domain(&fd) {
+        Ok(d) => d,
+        Err(rustix::io::Errno::NOTSOCK) => return Ok(Sock::Other),
+        Err(e) => return Err(e.raw_os_error()),
     };
     match rustix::net::sockopt::socket_type(&fd) {
         Ok(t) if t == SocketType::STREAM => {}
-        _ => return Ok(Sock::Other),
+        Ok(_) => return Ok(Sock::Other),
+        Err(e) => return Err(e.raw_os_error()),
     }
     if domain == AddressFamily::INET || domain == AddressFamily::INET6 {
         return Ok(Sock::Inet {
@@ -197,12 +310,8 @@ const STATE_LEVEL: i32 = -1;
 pub(crate) const STATE_CONNECT_IN_PROGRESS: i32 = 1;
 
 /// The key under which `what` is kept for the socket `fd`.
-pub(crate) fn state_key(
-    call: &Call<'_>,
-    fd: &OwnedFd,
-    what: i32,
-) -> Option<(AppId, u64, i32, i32)> {
-    Some((call.app, inode(fd)?, STATE_LEVEL, what))
+pub(crate) fn state_key(fd: &OwnedFd, what: i32) -> Option<crate::appstate::OptionKey> {
+    Some((inode(fd)?, STATE_LEVEL, what))
 }
 
 /// The ax name a UNIX socket is bound to, if any.
@@ -327,21 +436,34 @@ pub(crate) fn write_sockaddr(
     }
 }
 
-/// Finishes a call on a helper thread, for work that may block.
+/// Finishes a call on a helper thread, for work that may block. The app's
+/// quota of helpers, or the pool, exhausted: `ENOBUFS`. Calls a previous
+/// daemon left unanswered are exempt from the quota (they are as many as
+/// the program had waiting, e.g. one per thread blocked in `accept`). A
+/// panic in `work` answers `EIO`.
 pub(crate) fn defer<F>(call: &Call<'_>, work: F) -> Outcome
 where
     F: FnOnce(&Call<'_>) -> Outcome + Send + 'static,
 {
+    let permit = if call.replay {
+        None
+    } else {
+        match call.state.helpers.take() {
+            Some(p) => Some(p),
+            None => return Outcome::Errno(libc::ENOBUFS),
+        }
+    };
     let owned = crate::serve::OwnedAppLink::of(call);
     let (notif, replay) = (call.notif, call.replay);
     let spawned = call.shared.pool.spawn(Box::new(move || {
+        let _permit = permit;
         let link = owned.link();
         let call = link.call(notif, replay, None);
-        let outcome = work(&call);
+        let outcome = crate::serve::unwind_to_errno(&notif, || work(&call));
         respond(link.listener, link.journal, &notif, outcome);
     }));
     match spawned {
         Ok(_) => Outcome::Deferred,
-        Err(_) => Outcome::Errno(libc::EAGAIN),
+        Err(_) => Outcome::Errno(libc::ENOBUFS),
     }
 }

@@ -19,7 +19,8 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(Sock::Inet { v6, fd }) if peer => return held_peer(call, target, &fd, v6),
-        _ => return Outcome::Continue,
+        Ok(_) => return Outcome::Continue,
+        Err(e) => return super::fd_error(call, e),
     };
     let answer: Result<SocketAddr, Errno> = match name {
         SocketName::Client {
@@ -58,7 +59,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
 /// (`--connect-wait`) answers the VIP:port the program asked for, not the
 /// loopback port it really reached.
 fn held_peer(call: &Call<'_>, target: &Target, fd: &std::os::fd::OwnedFd, v6: bool) -> Outcome {
-    if !call.shared.any_held_connects() {
+    if !call.state.any_held_connects() {
         return Outcome::Continue;
     }
     let real = rustix::net::getpeername(fd)
@@ -71,8 +72,8 @@ fn held_peer(call: &Call<'_>, target: &Target, fd: &std::os::fd::OwnedFd, v6: bo
             .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
         _ => a,
     };
-    let dst = real
-        .and_then(|r| super::inode(fd).and_then(|i| call.shared.held_destination(i, mapped(r))));
+    let dst =
+        real.and_then(|r| super::inode(fd).and_then(|i| call.state.held_destination(i, mapped(r))));
     match dst {
         Some(dst) => match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(dst, v6))
         {

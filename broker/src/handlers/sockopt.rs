@@ -4,7 +4,8 @@
 //! `SO_PROTOCOL`. On a socket the kernel still owns, they run natively. On a
 //! swapped one (a UNIX socket underneath), a TCP/IP option is checked as
 //! TCP checks it, remembered (keyed by the socket's inode, so `dup` and
-//! `fork` share it) and reads back as set; an option never set reads as a
+//! `fork` share it, in the app's own bounded table: see
+//! `crate::appstate`) and reads back as set; an option never set reads as a
 //! fresh TCP socket of the program's family answers it where the broker can
 //! ask one, else as zeroes. `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP
 //! socket of the program's family would.
@@ -65,7 +66,8 @@ fn tcp_value_ok(optname: i32, val: i32) -> bool {
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
     let (v6, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd),
-        _ => return Outcome::Continue,
+        Ok(_) => return Outcome::Continue,
+        Err(e) => return super::fd_error(call, e),
     };
     set(call, target, v6, &fd).into()
 }
@@ -110,17 +112,20 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
         _ => target.read(optval, optlen.min(MAX_OPTION_LEN))?,
     };
     call.check_valid()?;
-    if let Some(ino) = inode(fd) {
-        call.shared
-            .remember_option((call.app, ino, level, optname), value);
-    }
+    let ino = inode(fd).ok_or(libc::ENOMEM)?;
+    // The app's table is full of live sockets' options: as the kernel
+    // answers an option it cannot allocate for.
+    call.state
+        .remember_option((ino, level, optname), value)
+        .map_err(|_| libc::ENOMEM)?;
     Ok(Outcome::Value(0))
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
     let (v6, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd),
-        _ => return Outcome::Continue,
+        Ok(_) => return Outcome::Continue,
+        Err(e) => return super::fd_error(call, e),
     };
     get(call, target, v6, &fd).into()
 }
@@ -156,7 +161,7 @@ fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
         return Ok(Outcome::Errno(libc::ENOPROTOOPT));
     }
     let value = inode(fd)
-        .and_then(|ino| call.shared.recall_option((call.app, ino, level, optname)))
+        .and_then(|ino| call.state.recall_option((ino, level, optname)))
         .or_else(|| default_value(v6, level, optname))
         .unwrap_or_else(|| vec![0u8; INT_LEN]);
     let mut answer: &[u8] = &value[..len.min(value.len())];

@@ -173,6 +173,27 @@ pub enum RegisterError {
     /// No such app.
     #[error("no app with id {0}")]
     NoSuchApp(AppId),
+    /// The connect wait asked for is longer than [`MAX_CONNECT_WAIT`].
+    #[error("a connect wait of {secs} s is longer than the {max} s allowed", max = MAX_CONNECT_WAIT.as_secs())]
+    ConnectWaitTooLong {
+        /// The wait asked for, in whole seconds.
+        secs: u64,
+    },
+}
+
+/// The longest `connect_wait` an app may ask for (one day). Longer ones are
+/// refused at registration ([`RegisterError::ConnectWaitTooLong`]): a wait
+/// is added to the clock, where an unchecked huge value would overflow.
+pub const MAX_CONNECT_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Checks a connect wait that came from outside (the wire, a state file).
+pub fn check_connect_wait(wait: Option<Duration>) -> Result<(), RegisterError> {
+    match wait {
+        Some(w) if w > MAX_CONNECT_WAIT => {
+            Err(RegisterError::ConnectWaitTooLong { secs: w.as_secs() })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Why a bind on a virtual address was refused; each maps to the errno the

@@ -197,6 +197,7 @@ impl LocalRegistry {
     /// with the id and VIPs it had. Succeeds when the app is already known
     /// with the same VIPs (restored from a snapshot).
     pub fn readopt_app(&self, info: &AppInfo) -> Result<(), RegisterError> {
+        crate::check_connect_wait(info.connect_wait)?;
         let mut st = self.lock();
         if let Some(known) = st.apps.get(&info.id) {
             if known.vips == info.vips {
@@ -302,6 +303,7 @@ impl LocalRegistry {
     /// shares a name with a live one joins it: same VIPs, and its listeners
     /// become further backends of the same services.
     pub fn register_app(&self, spec: &AppSpec, uid: u32) -> Result<AppInfo, RegisterError> {
+        crate::check_connect_wait(spec.connect_wait)?;
         let mut st = self.lock();
         let mut vips = Vec::new();
         for &ip in &spec.requested_ips {

@@ -1,0 +1,328 @@
+//! What the broker keeps for one app: per-socket state, bounded and swept,
+//! and the app's quotas.
+//!
+//! Nothing here is shared between apps, so one app's load can neither wipe
+//! nor crowd out another's state; it all goes when the app's session ends.
+//!
+//! # Per-socket state
+//!
+//! Remembered TCP/IP options (and flags such as "told `EINPROGRESS`") and
+//! held connects (`--connect-wait`) are kept by socket inode. Each table
+//! holds at most [`SOCKET_STATE_LIMIT`] entries; when one is full, entries
+//! of sockets that no process still holds are swept (every process's fds
+//! the broker may read are read: a rootless broker cannot see a set-uid
+//! program's, whose entries then go too). A table still full after a sweep refuses new
+//! entries: the call that needed one fails with `ENOMEM`, as the kernel
+//! answers a socket call it cannot allocate for.
+//!
+//! # Quotas
+//!
+//! | what | per app | errno when hit |
+//! |---|---|---|
+//! | blocking accepts parked in the receive loop | [`MAX_PARKED_ACCEPTS`] | `ENOBUFS` |
+//! | calls finished on helper threads | [`MAX_HELPERS`] | `ENOBUFS` |
+//! | connects held for a service not up yet | [`MAX_HELD_CONNECTS`] | `ENOBUFS` |
+//!
+//! `ENOBUFS` ("no buffer space available") is what the kernel answers a
+//! socket call that lacks a resource. The pool of helper threads is also
+//! bounded for all apps together (see `crate::pool`). Each quota logs one
+//! warning when it is hit, and again only after use has fallen back below
+//! three quarters of it.
+
+use ax_registry::AppId;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Entries a per-socket table of one app holds at most.
+pub(crate) const SOCKET_STATE_LIMIT: usize = 65536;
+/// Blocking accepts one app may have parked at once.
+pub(crate) const MAX_PARKED_ACCEPTS: usize = 1024;
+/// Calls of one app that may wait on helper threads at once.
+pub(crate) const MAX_HELPERS: usize = 64;
+/// Connects of one app that may be held (`--connect-wait`) at once (each
+/// waits on a helper thread of its own, outside [`MAX_HELPERS`]: one app
+/// alone cannot take every thread of the pool).
+pub(crate) const MAX_HELD_CONNECTS: usize = 128;
+/// Least time between two sweeps of one table.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// A limit on something an app holds, with its warning.
+pub(crate) struct Quota {
+    what: &'static str,
+    app: AppId,
+    limit: usize,
+    used: AtomicUsize,
+    warned: AtomicBool,
+}
+
+impl Quota {
+    fn new(what: &'static str, app: AppId, limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            what,
+            app,
+            limit,
+            used: AtomicUsize::new(0),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// One unit of the quota, returned when the permit drops; `None` (and
+    /// a warning, once per burst) when none is left.
+    pub(crate) fn take(self: &Arc<Self>) -> Option<Permit> {
+        let took = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .is_ok();
+        if took {
+            Some(Permit {
+                quota: self.clone(),
+            })
+        } else {
+            self.hit();
+            None
+        }
+    }
+
+    /// Logs that the quota is exhausted, unless that was logged already in
+    /// this burst.
+    pub(crate) fn hit(&self) {
+        if !self.warned.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                app = self.app,
+                limit = self.limit,
+                "quota of {} reached; further ones fail with ENOBUFS",
+                self.what
+            );
+        }
+    }
+
+    /// Units in use.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// One unit of a [`Quota`], held while the thing it counts exists.
+pub(crate) struct Permit {
+    quota: Arc<Quota>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let before = self.quota.used.fetch_sub(1, Ordering::AcqRel);
+        if before.saturating_sub(1) <= self.quota.limit * 3 / 4 {
+            self.quota.warned.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("what", &self.quota.what)
+            .finish()
+    }
+}
+
+/// The state was not kept: the app's table is full of live sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableFull;
+
+/// A bounded table of per-socket entries, keyed by something that names
+/// the socket's inode.
+struct SocketTable<K, V> {
+    map: HashMap<K, V>,
+    last_sweep: Option<Instant>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            last_sweep: None,
+        }
+    }
+
+    fn insert(&mut self, key: K, value: V, inode: impl Fn(&K) -> u64) -> Result<(), TableFull> {
+        if self.map.len() >= SOCKET_STATE_LIMIT && !self.map.contains_key(&key) {
+            let due = self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            if due {
+                self.last_sweep = Some(Instant::now());
+                let live = live_socket_inodes();
+                self.map.retain(|k, _| live.contains(&inode(k)));
+            }
+            if self.map.len() >= SOCKET_STATE_LIMIT {
+                return Err(TableFull);
+            }
+        }
+        self.map.insert(key, value);
+        Ok(())
+    }
+}
+
+/// Inodes of every socket some process this broker can see holds.
+fn live_socket_inodes() -> HashSet<u64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return HashSet::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .flat_map(crate::orphans::socket_fds)
+        .map(|(_, inode)| inode)
+        .collect()
+}
+
+/// (inode, level, name) of a remembered option.
+pub(crate) type OptionKey = (u64, i32, i32);
+
+/// Everything the broker keeps for one app.
+pub(crate) struct AppState {
+    app: AppId,
+    /// TCP/IP options set on swapped sockets (and state under a level no
+    /// program can name).
+    options: Mutex<SocketTable<OptionKey, Vec<u8>>>,
+    /// TCP sockets whose connect is held on a loopback port: by inode,
+    /// that port and the VIP:port the program asked for.
+    held: Mutex<SocketTable<u64, (SocketAddr, SocketAddr)>>,
+    /// False once the app's last process has exited.
+    alive: AtomicBool,
+    pub(crate) parked: Arc<Quota>,
+    pub(crate) helpers: Arc<Quota>,
+    pub(crate) held_connects: Arc<Quota>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    pub(crate) fn new(app: AppId) -> Arc<Self> {
+        Arc::new(Self {
+            app,
+            options: Mutex::new(SocketTable::new()),
+            held: Mutex::new(SocketTable::new()),
+            alive: AtomicBool::new(true),
+            parked: Quota::new("parked blocking accepts", app, MAX_PARKED_ACCEPTS),
+            helpers: Quota::new("calls waiting on helper threads", app, MAX_HELPERS),
+            held_connects: Quota::new("held connects (--connect-wait)", app, MAX_HELD_CONNECTS),
+        })
+    }
+
+    /// True until the app's last process has exited.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// The app has exited: its state goes, and waits on its behalf end.
+    pub(crate) fn app_exited(&self) {
+        self.alive.store(false, Ordering::Release);
+        lock(&self.options).map.clear();
+        lock(&self.held).map.clear();
+    }
+
+    pub(crate) fn remember_option(&self, key: OptionKey, value: Vec<u8>) -> Result<(), TableFull> {
+        let kept = lock(&self.options).insert(key, value, |k| k.0);
+        if kept.is_err() {
+            tracing::warn!(
+                app = self.app,
+                limit = SOCKET_STATE_LIMIT,
+                "socket options of too many live sockets; failing setsockopt with ENOMEM"
+            );
+        }
+        kept
+    }
+
+    pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {
+        lock(&self.options).map.get(&key).cloned()
+    }
+
+    pub(crate) fn forget_option(&self, key: OptionKey) {
+        lock(&self.options).map.remove(&key);
+    }
+
+    /// Remembers that the socket with `inode` stands for `dst` while its
+    /// connect is held at `held`.
+    pub(crate) fn note_held_connect(
+        &self,
+        inode: u64,
+        held: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<(), TableFull> {
+        lock(&self.held).insert(inode, (held, dst), |k| *k)
+    }
+
+    /// True when some connect of this app was held (the common case
+    /// answers `getpeername` without looking further).
+    pub(crate) fn any_held_connects(&self) -> bool {
+        !lock(&self.held).map.is_empty()
+    }
+
+    /// The VIP:port a held socket stands for, if `inode` was held at
+    /// `peer` (a check that rules out a reused inode).
+    pub(crate) fn held_destination(&self, inode: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        lock(&self.held)
+            .map
+            .get(&inode)
+            .filter(|(held, _)| *held == peer)
+            .map(|(_, dst)| *dst)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_counts_and_returns() {
+        let q = Quota::new("things", 1, 2);
+        let a = q.take().expect("first");
+        let b = q.take().expect("second");
+        assert!(q.take().is_none());
+        assert!(q.warned.load(Ordering::Acquire));
+        drop(a);
+        assert_eq!(q.used(), 1);
+        assert!(!q.warned.load(Ordering::Acquire), "re-armed below 3/4");
+        let _c = q.take().expect("room again");
+        drop(b);
+    }
+
+    #[test]
+    fn full_table_sweeps_dead_sockets() {
+        let state = AppState::new(1);
+        // Inodes no process holds (sockfs inodes are small; these are not
+        // sockets at all).
+        for i in 0..SOCKET_STATE_LIMIT as u64 {
+            state
+                .remember_option((u64::MAX - i, 6, 1), vec![1])
+                .unwrap();
+        }
+        let live = rustix::net::socket(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        let ino = rustix::fs::fstat(&live).unwrap().st_ino;
+        state.remember_option((ino, 6, 1), vec![1]).unwrap();
+        assert_eq!(lock(&state.options).map.len(), 1, "dead entries swept");
+        assert_eq!(state.recall_option((ino, 6, 1)), Some(vec![1]));
+        state.app_exited();
+        assert!(!state.is_alive());
+        assert_eq!(state.recall_option((ino, 6, 1)), None);
+    }
+}
