@@ -59,15 +59,14 @@ pub(crate) struct Shared {
     options: Mutex<HashMap<OptionKey, Vec<u8>>>,
     /// Threads for calls that may block.
     pub(crate) pool: Arc<WorkerPool>,
-    /// Processes under ax that connected a UNIX socket: pid → (start time,
-    /// app).
-    unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
     /// Connections waiting behind doorbells for a server's accept.
     pub(crate) doors: crate::doors::Doors,
     /// TCP sockets whose connect to a service that was not up yet is held
     /// on a loopback port (`--connect-wait`): by socket inode, that port
     /// and the VIP:port the program asked for, which `getpeername` answers.
     pub(crate) held_connects: Mutex<HashMap<u64, (SocketAddr, SocketAddr)>>,
+    /// Apps that restricted themselves (their egress goes to the kernel).
+    pub(crate) self_restricted: crate::handlers::restrict::SelfRestricted,
 }
 
 type OptionKey = (AppId, u64, i32, i32);
@@ -122,22 +121,8 @@ impl Shared {
             .map(|(_, dst)| *dst)
     }
 
-    pub(crate) fn note_unix_connector(&self, pid: u32, started: u64, app: AppId) {
-        let mut map = self
-            .unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.len() >= OPTION_LIMIT {
-            map.clear();
-        }
-        map.insert(pid, (started, app));
-    }
-
     fn forget_app_options(&self, app: AppId) {
-        self.unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, v| v.1 != app);
+        self.self_restricted.forget(app);
         let mut map = self.options.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, _| k.0 != app);
     }
@@ -194,10 +179,10 @@ impl Broker {
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
                 options: Mutex::new(HashMap::new()),
-                unix_connectors: Mutex::new(HashMap::new()),
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
                 held_connects: Mutex::new(HashMap::new()),
+                self_restricted: Default::default(),
             }),
         }
     }
@@ -217,21 +202,6 @@ impl Broker {
             .doors
             .ring(self.shared.config.instance, conn, endpoints)
             .map_err(|(e, _conn)| e)
-    }
-
-    /// The app whose program `pid` is, if `pid` connected a UNIX socket
-    /// while under ax (every connect under ax is seen by the broker first).
-    /// A daemon uses this on its control socket's peers (`SO_PEERCRED`) to
-    /// refuse programs under ax: they must not change their own identity or
-    /// another app's. Pid reuse is ruled out by the process start time.
-    pub fn app_of_peer(&self, pid: u32) -> Option<AppId> {
-        let (started, app) = *self
-            .shared
-            .unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pid)?;
-        (crate::target::start_time(pid) == Some(started)).then_some(app)
     }
 
     /// The settings in force.

@@ -198,13 +198,6 @@ impl Target {
     }
 }
 
-/// The process a thread belongs to and that process's start time (in clock
-/// ticks since boot), which tells a process from a later one with its pid.
-pub(crate) fn process_identity(tid: u32) -> Option<(u32, u64)> {
-    let tgid = thread_group_leader(tid).ok()?;
-    Some((tgid, start_time(tgid)?))
-}
-
 /// Field 22 of `/proc/PID/stat`: when the process started.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

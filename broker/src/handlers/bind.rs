@@ -34,7 +34,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
-        Ok(Sock::Other) | Err(libc::EBADF) => return Ok(Outcome::Continue),
+        Ok(Sock::Other) if super::not_a_socket(target, fd_arg) => {
+            return Ok(Outcome::Errno(libc::ENOTSOCK))
+        }
+        Ok(Sock::Other) => return Ok(Outcome::Continue),
+        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
     // move_addr_to_kernel: the length, then the bytes.

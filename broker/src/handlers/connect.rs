@@ -66,11 +66,16 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let (v6, copy, swapped) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Inet { v6, fd }) => (v6, fd, None),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, Some(name)),
-        Ok(Sock::Other) => {
-            note_unix_connector(call, target);
-            return Ok(Outcome::Continue);
+        // Not a socket: the kernel's answer, given here, so that no fd
+        // swapped in meanwhile gets connected by it.
+        Ok(Sock::Other) if super::not_a_socket(target, call.arg(0)) => {
+            return Ok(Outcome::Errno(libc::ENOTSOCK))
         }
-        Err(libc::EBADF) => return Ok(Outcome::Continue),
+        // Another kind of socket (UNIX, UDP): the kernel's to connect.
+        // Nothing of ax's rests on this: the daemon tells programs under
+        // ax by their namespaces, not by their connects.
+        Ok(Sock::Other) => return Ok(Outcome::Continue),
+        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
     // An earlier daemon installed it and died before answering.
@@ -111,6 +116,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
                 connect_virtual(call, target, &copy, v6, dst, Some(name))
             }
+            // The fresh socket would be connected with the broker's rights,
+            // and the kernel cannot connect the program's UNIX socket:
+            // refused rather than widening what the program may do.
+            _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Errno(libc::EACCES)),
             _ => Ok(egress_replacing(call, &copy, v6, bytes, name)),
         },
     }
@@ -144,6 +153,13 @@ fn kernel_socket(
         Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
             connect_virtual(call, target, &copy, v6, dst, None)
         }
+        // A program bound by rules of its own (Landlock, its own seccomp
+        // filters, an LSM domain) meets them only in a connect the kernel
+        // makes for it. CONTINUE decides nothing of ax's: if another thread
+        // rewrites the address to a VIP meanwhile, the kernel makes a
+        // plain TCP connect to an address on no interface, which reaches no
+        // service of ax and carries no VIP as its source.
+        _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
         _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
         _ => Ok(egress(call, copy, bytes)),
     }
@@ -160,23 +176,6 @@ fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     } else {
         // A blocking connect takes a network round trip or more.
         defer(call, move |_| attempt())
-    }
-}
-
-/// A program under ax connecting a UNIX socket may be reaching for the
-/// daemon's control socket: remember who, before the connection exists, so
-/// that the daemon can tell it from a client that is not under ax
-/// ([`crate::Broker::app_of_peer`]).
-fn note_unix_connector(call: &Call<'_>, target: &Target) {
-    let is_unix = target
-        .fd(call.arg(0))
-        .ok()
-        .and_then(|fd| sockopt::socket_domain(&fd).ok())
-        == Some(rustix::net::AddressFamily::UNIX);
-    if is_unix {
-        if let Some((pid, started)) = crate::target::process_identity(target.tid) {
-            call.shared.note_unix_connector(pid, started, call.app);
-        }
     }
 }
 

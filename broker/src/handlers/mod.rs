@@ -9,6 +9,7 @@
 pub(crate) mod accept;
 mod bind;
 mod connect;
+pub(crate) mod restrict;
 mod sockname;
 mod sockopt;
 
@@ -108,6 +109,9 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
         libc::SYS_getpeername => sockname::handle(call, &target, true),
         libc::SYS_setsockopt => sockopt::handle_set(call, &target),
         libc::SYS_getsockopt => sockopt::handle_get(call, &target),
+        libc::SYS_landlock_restrict_self | libc::SYS_seccomp | libc::SYS_prctl => {
+            restrict::handle(call)
+        }
         _ => Outcome::Continue,
     };
     pidfds.settle(&target);
@@ -172,6 +176,14 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
         }
     }
     Ok(Sock::Other)
+}
+
+/// True when fd `arg` of the target is no socket at all (a pipe, a file):
+/// `bind` and `connect` then fail with `ENOTSOCK`, as the kernel's would.
+pub(crate) fn not_a_socket(target: &Target, arg: u64) -> bool {
+    target
+        .fd(arg)
+        .is_ok_and(|fd| rustix::net::sockopt::socket_domain(&fd) == Err(rustix::io::Errno::NOTSOCK))
 }
 
 fn parse_unix(addr: rustix::net::SocketAddrAny) -> Option<SocketName> {
