@@ -66,16 +66,16 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let (v6, copy, swapped) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Inet { v6, fd }) => (v6, fd, None),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, Some(name)),
-        // Not a socket: the kernel's answer, given here, so that no fd
-        // swapped in meanwhile gets connected by it.
+        // No open fd, or not a socket: the kernel's answer, given here, so
+        // that no fd swapped in meanwhile gets connected by it.
+        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
         Ok(Sock::Other) if super::not_a_socket(target, call.arg(0)) => {
-            return Ok(Outcome::Errno(libc::ENOTSOCK))
+            return not_a_socket(call, target)
         }
         // Another kind of socket (UNIX, UDP): the kernel's to connect.
         // Nothing of ax's rests on this: the daemon tells programs under
         // ax by their namespaces, not by their connects.
         Ok(Sock::Other) => return Ok(Outcome::Continue),
-        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
     // An earlier daemon installed it and died before answering.
@@ -123,6 +123,18 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             _ => Ok(egress_replacing(call, &copy, v6, bytes, name)),
         },
     }
+}
+
+/// `ENOTSOCK`, after what `__sys_connect` checks before it looks at the
+/// file: the address's length and bytes.
+fn not_a_socket(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
+    let addrlen = call.int_arg(2);
+    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
+        return Ok(Outcome::Errno(libc::EINVAL));
+    }
+    target.read(call.arg(1), addrlen as usize)?;
+    call.check_valid()?;
+    Ok(Outcome::Errno(libc::ENOTSOCK))
 }
 
 fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
