@@ -204,6 +204,14 @@ impl Broker {
             .map_err(|(e, _conn)| e)
     }
 
+    /// Treats `app` as restricting itself (see `handlers::restrict`): its
+    /// egress connects go to the kernel. For an app taken over from a
+    /// daemon that died: whether it restricted itself meanwhile (Landlock
+    /// leaves no trace in `/proc`) is not known.
+    pub fn assume_self_restricted(&self, app: AppId) {
+        self.shared.self_restricted.mark(app);
+    }
+
     /// The settings in force.
     pub fn config(&self) -> &BrokerConfig {
         &self.shared.config

@@ -769,6 +769,10 @@ impl Daemon {
             return Response::Error(format!("cannot take over app {}: {e}", info.id));
         }
         self.rediscover_services();
+        // Its programs may have restricted themselves under the previous
+        // daemon: their egress is left to the kernel, as after a
+        // restriction seen here.
+        self.broker.assume_self_restricted(info.id);
         let resp = self.attach(info.id, info.pid, fds, peer);
         if resp == Response::Attached {
             tracing::info!(

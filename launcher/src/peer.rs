@@ -133,18 +133,26 @@ impl AppNamespaces {
     /// reason than a lack of permission: refuse it.
     pub fn judge(&self, pid: u32, pidfd: Option<&OwnedFd>) -> io::Result<Verdict> {
         let verdict = match self.judge_pid(pid) {
-            // ptrace_may_access refused: a non-dumpable process whose
-            // memory belongs to a user namespace where the daemon has no
-            // capability. Every program under this daemon's user runs in a
-            // user namespace the daemon owns (or, under a root daemon, is
-            // readable anyway), so this one is not under ax.
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) => Verdict::Client,
+            // ptrace_may_access refused: another uid (root, for a rootless
+            // daemon), or a non-dumpable process whose memory belongs to a
+            // user namespace where the daemon has no capability. Every
+            // program of this daemon's user runs in a user namespace the
+            // daemon owns, so is readable; a root daemon reads everything.
+            // What is left is root under a rootless daemon, which ax
+            // cannot hold anyway (it may ptrace the daemon).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
+                Verdict::Client
+            }
             other => other?,
         };
         if let Some(pidfd) = pidfd {
             // Signal 0 checks that the process the pidfd holds still runs,
-            // so `pid` was not reused while we read.
-            ax_sys::process::pidfd_send_signal(pidfd.as_fd(), 0)?;
+            // so `pid` was not reused while we read: `ESRCH` once it has
+            // exited; `EPERM` (another uid) means it runs.
+            match ax_sys::process::pidfd_send_signal(pidfd.as_fd(), 0) {
+                Err(e) if e.raw_os_error() != Some(libc::EPERM) => return Err(e),
+                _ => {}
+            }
         }
         Ok(verdict)
     }

@@ -165,6 +165,8 @@ fn kernel_socket(
         Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
             connect_virtual(call, target, &copy, v6, dst, None)
         }
+        // Begun by the previous daemon: finished as it was begun.
+        _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
         // A program bound by rules of its own (Landlock, its own seccomp
         // filters, an LSM domain) meets them only in a connect the kernel
         // makes for it. CONTINUE decides nothing of ax's: if another thread
@@ -172,7 +174,6 @@ fn kernel_socket(
         // plain TCP connect to an address on no interface, which reaches no
         // service of ax and carries no VIP as its source.
         _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
-        _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
         _ => Ok(egress(call, copy, bytes)),
     }
 }

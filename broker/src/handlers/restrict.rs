@@ -25,7 +25,7 @@ pub(crate) struct SelfRestricted {
 }
 
 impl SelfRestricted {
-    fn mark(&self, app: AppId) {
+    pub(crate) fn mark(&self, app: AppId) {
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         if apps.insert(app) {
             tracing::info!(
