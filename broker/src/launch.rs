@@ -114,7 +114,7 @@ fn add_self_restriction_rules(ctx: &mut ScmpFilterContext) -> Result<(), FilterE
     ctx.add_rule_conditional(
         ScmpAction::Notify,
         ScmpSyscall::from_name("prctl")?,
-        &[first(libc::PR_SET_SECCOMP as u64)],
+        &[first(u64::from(libc::PR_SET_SECCOMP.unsigned_abs()))],
     )?;
     Ok(())
 }

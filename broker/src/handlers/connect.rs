@@ -73,8 +73,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             return not_a_socket(call, target)
         }
         // Another kind of socket (UNIX, UDP): the kernel's to connect.
-        // Nothing of ax's rests on this: the daemon tells programs under
-        // ax by their namespaces, not by their connects.
+        // Nothing of ax's rests on this CONTINUE, whatever another thread
+        // puts on the fd meanwhile: the daemon tells programs under ax by
+        // their namespaces, not by their connects, and a TCP socket
+        // swapped in is connected by the kernel to an address on no
+        // interface, reaching no service of ax and carrying no VIP.
         Ok(Sock::Other) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::inaccessible(call, e)),
     };
