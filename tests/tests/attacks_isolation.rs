@@ -10,7 +10,10 @@
 //! * A program rewrites `/etc/hosts`, or the daemon's file behind it: other
 //!   apps must still resolve names as the daemon says.
 //! * A program forbids itself TCP connects with Landlock: it must get
-//!   `EACCES` under ax as it does natively.
+//!   `EACCES` under ax as it does natively (and a program restricted on
+//!   the file system only still connects, through the kernel).
+//! * `connect`/`bind` on a pipe are answered `ENOTSOCK` by the broker
+//!   itself, exactly as natively.
 
 use std::process::Command;
 
@@ -414,4 +417,66 @@ fn the_daemons_directory_is_an_empty_read_only_tmpfs() {
             .is_some_and(|o| o.starts_with("ro")),
         "{hosts}"
     );
+}
+
+/// Restricts itself with Landlock on the file system only (ABI 1 rights,
+/// nothing about the network), then connects to 127.0.0.1:PORT, blocking
+/// and non-blocking; prints `CONNECTED n` for each that worked.
+const FS_LANDLOCKED_CLIENT: &str = r#"
+import ctypes, errno, select, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+if libc.syscall(444, None, 0, 1) < 1:
+    print("NOLANDLOCK", flush=True)
+    sys.exit(0)
+EXECUTE = 1 << 0
+attr = (ctypes.c_uint64 * 1)(EXECUTE)
+fd = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+assert fd >= 0, ctypes.get_errno()
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.syscall(446, fd, 0) == 0, ctypes.get_errno()
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+print("CONNECTED 1", flush=True)
+n = socket.socket()
+n.setblocking(False)
+rc = n.connect_ex(("127.0.0.1", port))
+if rc == errno.EINPROGRESS:
+    select.select([], [n], [], 10)
+    rc = n.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+if rc == 0:
+    print("CONNECTED 2", flush=True)
+"#;
+
+#[test]
+fn egress_of_a_self_restricted_program_still_works() {
+    require!("python3");
+    let d = Daemon::start();
+    let port = free_loopback_port();
+    let port_s = port.to_string();
+    let mut server = App::spawn({
+        let mut c = Command::new("python3");
+        c.args([
+            "-c",
+            "import socket,sys\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',int(sys.argv[1])))\ns.listen(64)\nprint('READY',flush=True)\nwhile True:\n  c,_=s.accept()\n  c.close()",
+            &port_s,
+        ]);
+        c
+    });
+    server.wait_for_stdout("READY", SHORT);
+    let out = d.run(&[], &["python3", "-c", FS_LANDLOCKED_CLIENT, &port_s]);
+    out.assert_success();
+    if out.stdout.contains("NOLANDLOCK") {
+        note("SKIP: this kernel has no Landlock");
+        server.kill();
+        return;
+    }
+    assert!(out.stdout.contains("CONNECTED 1"), "{out}");
+    assert!(out.stdout.contains("CONNECTED 2"), "{out}");
+    assert!(
+        d.log().contains("the program restricted itself"),
+        "{}",
+        d.log()
+    );
+    server.kill();
 }
