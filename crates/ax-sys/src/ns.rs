@@ -2,7 +2,7 @@
 //! needs to tell a program under ax from an ordinary client.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `NS_GET_PARENT`: `_IO(0xb7, 0x2)` (linux/nsfs.h, Linux 4.9).
 const NS_GET_PARENT: libc::c_ulong = 0xb702;
@@ -23,7 +23,7 @@ pub fn parent(ns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
 }
 
 /// A pidfd for the process that connected the UNIX stream socket `sock`
