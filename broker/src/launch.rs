@@ -69,6 +69,8 @@ const FASTOPEN_CALLS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmm
 ///   NULL address, `sendmsg` without the flag and `write` stay untrapped;
 /// * `io_uring_setup` fails with `ENOSYS`: io_uring's connect and accept
 ///   would not be seen by seccomp, and programs fall back to plain calls;
+/// * a program restricting itself (Landlock, seccomp) is trapped, and
+///   answered `CONTINUE` once the broker took note;
 /// * calls from another ABI (32-bit `int 0x80`, x32) fail with `ENOSYS`
 ///   rather than slip past the trap.
 pub fn compile_filter() -> Result<FilterProgram, FilterError> {
@@ -110,6 +112,7 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
         ScmpAction::Errno(libc::ENOSYS),
         ScmpSyscall::from_name("io_uring_setup")?,
     )?;
+    add_self_restriction_rules(&mut ctx)?;
     let (mut reader, writer) = std::io::pipe()?;
     // The program is a few hundred bytes: far below the pipe's capacity, so
     // exporting cannot block before we read.
@@ -120,6 +123,30 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
     Ok(FilterProgram::from_bpf_bytes(&bytes)?)
 }
 
+/// `landlock_restrict_self`, `seccomp(SECCOMP_SET_MODE_FILTER)` and
+/// `prctl(PR_SET_SECCOMP)` are trapped, so that the broker knows the
+/// program restricted itself (see `handlers::restrict`); it answers them
+/// `CONTINUE`.
+fn add_self_restriction_rules(ctx: &mut ScmpFilterContext) -> Result<(), FilterError> {
+    let first = |v: u64| ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
+    // By number where libseccomp's table is older than the call (Linux
+    // 5.13 gave it 446 on every architecture).
+    let landlock =
+        ScmpSyscall::from_name("landlock_restrict_self").unwrap_or_else(|_| ScmpSyscall::from(446));
+    ctx.add_rule(ScmpAction::Notify, landlock)?;
+    ctx.add_rule_conditional(
+        ScmpAction::Notify,
+        ScmpSyscall::from_name("seccomp")?,
+        &[first(u64::from(libc::SECCOMP_SET_MODE_FILTER))],
+    )?;
+    ctx.add_rule_conditional(
+        ScmpAction::Notify,
+        ScmpSyscall::from_name("prctl")?,
+        &[first(u64::from(libc::PR_SET_SECCOMP.unsigned_abs()))],
+    )?;
+    Ok(())
+}
+
 /// A child running under the filter, and its notify fd.
 #[derive(Debug)]
 pub struct Sandboxed {
@@ -127,9 +154,6 @@ pub struct Sandboxed {
     pub child: Child,
     /// Its notify fd: hand it to [`crate::Broker::serve`].
     pub listener: NotifyFd,
-    /// Why [`SpawnOptions::hosts_file`] could not be shown to the program
-    /// (it runs anyway, with the host's `/etc/hosts`).
-    pub hosts_error: Option<io::Error>,
 }
 
 /// How [`spawn_with`] prepares the child besides the filter.
@@ -138,8 +162,13 @@ pub struct SpawnOptions {
     /// A file the program sees as its `/etc/hosts`, through a bind mount in
     /// a mount namespace of its own (and, without root, a user namespace
     /// mapping the caller's uid and gid to themselves). The file itself
-    /// stays shared: rewrite it in place, never replace it.
+    /// stays shared: rewrite it in place, never replace it. The program
+    /// cannot write to it there (the bind mount is read-only).
     pub hosts_file: Option<std::path::PathBuf>,
+    /// A directory the program must not reach (the daemon's: its control
+    /// socket, state and the hosts file's source): covered, in the same
+    /// mount namespace, by an empty read-only tmpfs.
+    pub hide_dir: Option<std::path::PathBuf>,
 }
 
 /// Spawns `cmd` with `filter` loaded in the child just before `execve`.
@@ -158,15 +187,21 @@ pub fn spawn_with(
     options: &SpawnOptions,
 ) -> io::Result<Sandboxed> {
     let root = ax_sys::process::is_effective_root();
-    let overlay = match &options.hosts_file {
-        Some(source) => Some(FileOverlay::new(
-            source,
-            std::path::Path::new("/etc/hosts"),
+    let overlay = if options.hosts_file.is_some() || options.hide_dir.is_some() {
+        let mut o = FileOverlay::namespace_only(
             !root,
             rustix::process::geteuid().as_raw(),
             rustix::process::getegid().as_raw(),
-        )?),
-        None => None,
+        );
+        if let Some(source) = &options.hosts_file {
+            o = o.showing(source, std::path::Path::new("/etc/hosts"))?;
+        }
+        if let Some(dir) = &options.hide_dir {
+            o = o.hiding(dir)?;
+        }
+        Some(o)
+    } else {
+        None
     };
     let (parent_end, child_end) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
@@ -186,25 +221,42 @@ pub fn spawn_with(
     );
     let spawned = cmd.spawn();
     drop(child_end);
-    let child = spawned?;
-    let (listener, overlay_status) = receive_listener(&parent_end).inspect_err(|_| {
+    let child = match spawned {
+        Ok(c) => c,
+        // The child never ran the program; it may have said why.
+        Err(e) => return Err(overlay_failure(&parent_end).unwrap_or(e)),
+    };
+    let listener = receive_listener(&parent_end).inspect_err(|_| {
         // The child could not hand over its listener; it must not run free.
         let _ = rustix::process::kill_process(
             rustix::process::Pid::from_child(&child),
             rustix::process::Signal::KILL,
         );
     })?;
-    let hosts_error =
-        (overlay_status != 0).then(|| io::Error::from_raw_os_error(i32::from(overlay_status)));
-    Ok(Sandboxed {
-        child,
-        listener,
-        hosts_error,
-    })
+    Ok(Sandboxed { child, listener })
 }
 
-/// The notify fd and the child's status byte (an errno of the overlay, or 0).
-fn receive_listener(sock: &OwnedFd) -> io::Result<(NotifyFd, u8)> {
+/// The error a child reported instead of a listener: it could not make its
+/// own mount namespace, so it did not run the program.
+fn overlay_failure(sock: &OwnedFd) -> Option<io::Error> {
+    let mut byte = [0u8; 1];
+    match rustix::net::recv(sock, &mut byte, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((1, _)) if byte[0] != 0 => Some(namespace_error(byte[0])),
+        _ => None,
+    }
+}
+
+fn namespace_error(errno: u8) -> io::Error {
+    io::Error::other(format!(
+        "cannot give the program its own mount namespace ({}); ax does not run programs \
+         that could reach the daemon's directory or change its hosts file (user or mount \
+         namespaces may be disabled here)",
+        io::Error::from_raw_os_error(i32::from(errno))
+    ))
+}
+
+/// The notify fd (or the errno the child sent instead).
+fn receive_listener(sock: &OwnedFd) -> io::Result<NotifyFd> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut anc = RecvAncillaryBuffer::new(&mut space);
@@ -218,11 +270,13 @@ fn receive_listener(sock: &OwnedFd) -> io::Result<(NotifyFd, u8)> {
     for m in anc.drain() {
         if let RecvAncillaryMessage::ScmRights(mut fds) = m {
             if let Some(fd) = fds.next() {
-                return Ok((NotifyFd::from(fd), byte[0]));
+                return Ok(NotifyFd::from(fd));
             }
         }
     }
-    let _ = msg;
+    if msg.bytes == 1 && byte[0] != 0 {
+        return Err(namespace_error(byte[0]));
+    }
     Err(io::Error::other(
         "the child exited before handing over its seccomp listener",
     ))

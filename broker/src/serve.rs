@@ -10,7 +10,6 @@ use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,33 +56,15 @@ pub(crate) struct Shared {
     pub(crate) accept_lock: Mutex<()>,
     /// Threads for calls that may block.
     pub(crate) pool: Arc<WorkerPool>,
-    /// Processes under ax that connected a UNIX socket: pid → (start time,
-    /// app).
-    unix_connectors: Mutex<HashMap<u32, (u64, AppId)>>,
     /// Connections waiting behind doorbells for a server's accept.
     pub(crate) doors: crate::doors::Doors,
+    /// Apps that restricted themselves (their egress goes to the kernel).
+    pub(crate) self_restricted: crate::handlers::restrict::SelfRestricted,
 }
 
-/// Entries the table of UNIX connectors keeps before it starts over.
-const OPTION_LIMIT: usize = 65536;
-
 impl Shared {
-    pub(crate) fn note_unix_connector(&self, pid: u32, started: u64, app: AppId) {
-        let mut map = self
-            .unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.len() >= OPTION_LIMIT {
-            map.clear();
-        }
-        map.insert(pid, (started, app));
-    }
-
     fn forget_app_options(&self, app: AppId) {
-        self.unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, v| v.1 != app);
+        self.self_restricted.forget(app);
     }
 }
 
@@ -137,9 +118,9 @@ impl Broker {
                 config,
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
-                unix_connectors: Mutex::new(HashMap::new()),
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
+                self_restricted: Default::default(),
             }),
         }
     }
@@ -161,19 +142,12 @@ impl Broker {
             .map_err(|(e, _conn)| e)
     }
 
-    /// The app whose program `pid` is, if `pid` connected a UNIX socket
-    /// while under ax (every connect under ax is seen by the broker first).
-    /// A daemon uses this on its control socket's peers (`SO_PEERCRED`) to
-    /// refuse programs under ax: they must not change their own identity or
-    /// another app's. Pid reuse is ruled out by the process start time.
-    pub fn app_of_peer(&self, pid: u32) -> Option<AppId> {
-        let (started, app) = *self
-            .shared
-            .unix_connectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pid)?;
-        (crate::target::start_time(pid) == Some(started)).then_some(app)
+    /// Treats `app` as restricting itself (see `handlers::restrict`): its
+    /// egress connects go to the kernel. For an app taken over from a
+    /// daemon that died: whether it restricted itself meanwhile (Landlock
+    /// leaves no trace in `/proc`) is not known.
+    pub fn assume_self_restricted(&self, app: AppId) {
+        self.shared.self_restricted.mark(app);
     }
 
     /// The settings in force.

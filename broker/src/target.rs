@@ -204,13 +204,6 @@ impl Target {
     }
 }
 
-/// The process a thread belongs to and that process's start time (in clock
-/// ticks since boot), which tells a process from a later one with its pid.
-pub(crate) fn process_identity(tid: u32) -> Option<(u32, u64)> {
-    let tgid = thread_group_leader(tid).ok()?;
-    Some((tgid, start_time(tgid)?))
-}
-
 /// Field 22 of `/proc/PID/stat`: when the process started.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -225,7 +218,7 @@ pub(crate) fn fd_number(arg: u64) -> i32 {
     arg as u32 as i32
 }
 
-fn thread_group_leader(tid: u32) -> io::Result<u32> {
+pub(crate) fn thread_group_leader(tid: u32) -> io::Result<u32> {
     let text = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
     text.lines()
         .find_map(|l| l.strip_prefix("Tgid:"))

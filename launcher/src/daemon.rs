@@ -74,6 +74,8 @@ struct Daemon {
     /// Connections the previous daemon had accepted and not handed over,
     /// by app, until its launcher hands the app back.
     salvaged: Mutex<std::collections::HashMap<AppId, Vec<OwnedFd>>>,
+    /// Tells programs under ax from clients on the control socket.
+    namespaces: crate::peer::AppNamespaces,
     /// Open control connections, for the per-uid cap.
     conns: Arc<Mutex<ConnTable>>,
 }
@@ -332,6 +334,7 @@ impl Daemon {
         drop(sessions);
         for s in done {
             tracing::info!(app = s.app(), "app exited");
+            self.namespaces.forget(s.app());
             s.join();
         }
     }
@@ -423,6 +426,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         saved: Mutex::new(None),
         exposures: Exposures::default(),
         salvaged: Mutex::new(salvaged),
+        namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
     });
     daemon.take_over_predecessor();
@@ -809,14 +813,23 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
         refuse(&mut stream, msg).await;
         return;
     }
-    if let Some(app) = daemon.broker.app_of_peer(peer.pid as u32) {
+    let pidfd = ax_sys::ns::peer_pidfd(stream.as_fd()).ok();
+    let verdict = u32::try_from(peer.pid)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))
+        .and_then(|pid| daemon.namespaces.judge(pid, pidfd.as_ref()));
+    if verdict.as_ref().ok() != Some(&crate::peer::Verdict::Client) {
+        let what = match verdict {
+            Ok(crate::peer::Verdict::UnderAx(Some(app))) => format!("runs under ax (app {app})"),
+            Ok(_) => "runs under ax".to_string(),
+            Err(e) => format!("cannot be identified ({e})"),
+        };
         tracing::warn!(
-            app,
             pid = peer.pid,
+            what,
             "refusing a program under ax: it may not use the control socket"
         );
         let msg = format!(
-            "permission denied: pid {} runs under ax (app {app}); programs under ax may not \
+            "permission denied: pid {} {what}; programs under ax may not \
              use the daemon's control socket (ax exec and ax get cannot be nested)",
             peer.pid
         );
@@ -1003,6 +1016,10 @@ impl Daemon {
             return Response::Error(format!("cannot take over app {}: {e}", info.id));
         }
         self.rediscover_services();
+        // Its programs may have restricted themselves under the previous
+        // daemon: their egress is left to the kernel, as after a
+        // restriction seen here.
+        self.broker.assume_self_restricted(info.id);
         let resp = self.attach(info.id, info.pid, fds, peer);
         if resp == Response::Attached {
             tracing::info!(
@@ -1070,6 +1087,11 @@ impl Daemon {
         let mut sessions = self.sessions();
         if sessions.iter().any(|s| s.app() == app && !s.is_finished()) {
             return Response::Error(format!("app {app} is already being served"));
+        }
+        if let Err(e) = self.namespaces.record(app, pid) {
+            return Response::Error(format!(
+                "cannot tell the program's processes from clients: {e}"
+            ));
         }
         if let Err(e) = self.registry.set_pid(app, pid) {
             return Response::Error(e.to_string());

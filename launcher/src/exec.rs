@@ -105,22 +105,31 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
 
     // Hold the state lock across spawn: a signal arriving meanwhile waits
     // and then reaches the program rather than ending the launcher.
-    // Names: the daemon's hosts file stands in for /etc/hosts.
+    // Names: the daemon's hosts file stands in for /etc/hosts, read-only;
+    // the daemon's directory (control socket, state, the hosts file's
+    // source) is hidden from the program.
     let hosts = paths::hosts_path(&path);
+    let hide = paths::socket_dir(&path);
+    if Path::new("/etc/hosts").starts_with(hide) {
+        return Err(Failure::new(
+            EXIT_AX_FAILED,
+            format!(
+                "the control socket's directory {} would hide /etc from programs under ax; \
+                 put the socket in a directory of its own (--socket)",
+                hide.display()
+            ),
+        )
+        .into());
+    }
     let options = ax_broker::launch::SpawnOptions {
         hosts_file: (hosts.is_file() && Path::new("/etc/hosts").is_file()).then_some(hosts),
+        hide_dir: Some(hide.to_path_buf()),
     };
     let mut guard = lock(&state);
     let sandboxed = match ax_broker::launch::spawn_with(&mut cmd, &filter, &options) {
         Ok(s) => s,
         Err(e) => return Err(spawn_failure(program, e).into()),
     };
-    if let Some(e) = &sandboxed.hosts_error {
-        eprintln!(
-            "ax: warning: names of apps under ax will not resolve for this program: \
-             cannot show it ax's hosts file ({e}); user or mount namespaces may be disabled here"
-        );
-    }
     let mut child = sandboxed.child;
     let pid = child.id();
     *guard = ChildState::Running(signal_target(&child));

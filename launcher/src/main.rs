@@ -14,6 +14,7 @@ mod expose;
 mod get;
 mod hosts;
 mod paths;
+mod peer;
 mod table;
 
 use clap::Parser;

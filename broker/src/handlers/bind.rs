@@ -34,6 +34,9 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
+        Ok(Sock::Other) if super::not_a_socket(target, fd_arg) => {
+            return Ok(Outcome::Errno(libc::ENOTSOCK))
+        }
         Ok(Sock::Other) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::fd_error(call, e)),
     };

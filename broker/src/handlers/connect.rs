@@ -66,10 +66,19 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let (v6, copy, swapped) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Inet { v6, fd }) => (v6, fd, None),
         Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, Some(name)),
-        Ok(Sock::Other) => {
-            note_unix_connector(call, target);
-            return Ok(Outcome::Continue);
+        // No open fd, or not a socket: the kernel's answer, given here, so
+        // that no fd swapped in meanwhile gets connected by it.
+        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
+        Ok(Sock::Other) if super::not_a_socket(target, call.arg(0)) => {
+            return not_a_socket(call, target)
         }
+        // Another kind of socket (UNIX, UDP): the kernel's to connect.
+        // Nothing of ax's rests on this CONTINUE, whatever another thread
+        // puts on the fd meanwhile: the daemon tells programs under ax by
+        // their namespaces, not by their connects, and a TCP socket
+        // swapped in is connected by the kernel to an address on no
+        // interface, reaching no service of ax and carrying no VIP.
+        Ok(Sock::Other) => return Ok(Outcome::Continue),
         Err(e) => return Ok(super::fd_error(call, e)),
     };
     // An earlier daemon installed it and died before answering.
@@ -110,9 +119,25 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
                 connect_virtual(call, target, &copy, v6, dst, Some(name))
             }
+            // The fresh socket would be connected with the broker's rights,
+            // and the kernel cannot connect the program's UNIX socket:
+            // refused rather than widening what the program may do.
+            _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Errno(libc::EACCES)),
             _ => Ok(egress_replacing(call, &copy, v6, bytes, name)),
         },
     }
+}
+
+/// `ENOTSOCK`, after what `__sys_connect` checks before it looks at the
+/// file: the address's length and bytes.
+fn not_a_socket(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
+    let addrlen = call.int_arg(2);
+    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
+        return Ok(Outcome::Errno(libc::EINVAL));
+    }
+    target.read(call.arg(1), addrlen as usize)?;
+    call.check_valid()?;
+    Ok(Outcome::Errno(libc::ENOTSOCK))
 }
 
 pub(super) fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
@@ -143,7 +168,15 @@ fn kernel_socket(
         Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
             connect_virtual(call, target, &copy, v6, dst, None)
         }
+        // Begun by the previous daemon: finished as it was begun.
         _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
+        // A program bound by rules of its own (Landlock, its own seccomp
+        // filters, an LSM domain) meets them only in a connect the kernel
+        // makes for it. CONTINUE decides nothing of ax's: if another thread
+        // rewrites the address to a VIP meanwhile, the kernel makes a
+        // plain TCP connect to an address on no interface, which reaches no
+        // service of ax and carries no VIP as its source.
+        _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
         _ => Ok(egress(call, copy, bytes)),
     }
 }
@@ -159,23 +192,6 @@ fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
     } else {
         // A blocking connect takes a network round trip or more.
         defer(call, move |_| attempt())
-    }
-}
-
-/// A program under ax connecting a UNIX socket may be reaching for the
-/// daemon's control socket: remember who, before the connection exists, so
-/// that the daemon can tell it from a client that is not under ax
-/// ([`crate::Broker::app_of_peer`]).
-fn note_unix_connector(call: &Call<'_>, target: &Target) {
-    let is_unix = target
-        .fd(call.arg(0))
-        .ok()
-        .and_then(|fd| sockopt::socket_domain(&fd).ok())
-        == Some(rustix::net::AddressFamily::UNIX);
-    if is_unix {
-        if let Some((pid, started)) = crate::target::process_identity(target.tid) {
-            call.shared.note_unix_connector(pid, started, call.app);
-        }
     }
 }
 
@@ -497,7 +513,7 @@ fn wait_in_background(
     let Some(inode) = super::inode(copy) else {
         return Outcome::Errno(libc::ENOBUFS);
     };
-    let caller = crate::target::process_identity(call.notif.pid).map(|(pid, _)| pid);
+    let caller = crate::target::thread_group_leader(call.notif.pid).ok();
     let hold = match HeldConnect::start(copy, v6) {
         Ok(h) => {
             let noted = h

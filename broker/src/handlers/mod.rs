@@ -29,6 +29,7 @@
 pub(crate) mod accept;
 mod bind;
 mod connect;
+pub(crate) mod restrict;
 mod send;
 mod sockname;
 mod sockopt;
@@ -134,6 +135,9 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
         libc::SYS_sendto => send::handle_sendto(call, &target),
         libc::SYS_sendmsg => send::handle_sendmsg(call, &target),
         libc::SYS_sendmmsg => send::handle_sendmmsg(call, &target),
+        libc::SYS_landlock_restrict_self | libc::SYS_seccomp | libc::SYS_prctl => {
+            restrict::handle(call)
+        }
         _ => Outcome::Continue,
     };
     pidfds.settle(&target);
@@ -289,6 +293,14 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
         }
     }
     Ok(Sock::Other)
+}
+
+/// True when fd `arg` of the target is no socket at all (a pipe, a file):
+/// `bind` and `connect` then fail with `ENOTSOCK`, as the kernel's would.
+pub(crate) fn not_a_socket(target: &Target, arg: u64) -> bool {
+    target
+        .fd(arg)
+        .is_ok_and(|fd| rustix::net::sockopt::socket_domain(&fd) == Err(rustix::io::Errno::NOTSOCK))
 }
 
 fn parse_unix(addr: rustix::net::SocketAddrAny) -> Option<SocketName> {

@@ -13,6 +13,7 @@
 pub mod journal;
 pub mod keeper;
 pub mod notify;
+pub mod ns;
 pub mod prexec;
 pub mod process;
 pub mod signal;

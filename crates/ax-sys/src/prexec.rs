@@ -52,15 +52,25 @@ impl FilterProgram {
     }
 }
 
-/// A file to show in place of another in the child's own mount namespace
-/// (ax's `/etc/hosts`), prepared before `fork`.
+/// The program's own view of the file system, prepared before `fork`: a
+/// mount namespace of its own in which ax's hosts file is shown, read-only,
+/// as `/etc/hosts`, and the daemon's directory (control socket, state,
+/// keeper record, the hosts file's source) is covered by an empty,
+/// read-only tmpfs.
 #[derive(Debug, Clone)]
 pub struct FileOverlay {
-    source: CString,
-    target: CString,
+    /// `(source, target)` of the read-only bind mount.
+    file: Option<(CString, CString)>,
+    /// A directory to cover with an empty, read-only tmpfs.
+    hide: Option<CString>,
     /// For an unprivileged caller: a user namespace mapping its own uid
     /// and gid to themselves, which lets it make a mount namespace.
     id_maps: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+fn c_path(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
 impl FileOverlay {
@@ -74,24 +84,41 @@ impl FileOverlay {
         uid: u32,
         gid: u32,
     ) -> io::Result<Self> {
-        let c = |p: &Path| {
-            CString::new(p.as_os_str().as_bytes())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-        };
-        Ok(Self {
-            source: c(source)?,
-            target: c(target)?,
+        Self::namespace_only(user_namespace, uid, gid).showing(source, target)
+    }
+
+    /// A mount namespace (and, with `user_namespace`, a user namespace
+    /// mapping `uid` and `gid` to themselves) and nothing mounted in it yet.
+    pub fn namespace_only(user_namespace: bool, uid: u32, gid: u32) -> Self {
+        Self {
+            file: None,
+            hide: None,
             id_maps: user_namespace.then(|| {
                 (
                     format!("{uid} {uid} 1\n").into_bytes(),
                     format!("{gid} {gid} 1\n").into_bytes(),
                 )
             }),
-        })
+        }
     }
 
-    /// In the child: new namespaces, then the bind mount. Returns the
-    /// errno of the first step that failed. Async-signal-safe.
+    /// Also shows `source` at `target`, read-only.
+    pub fn showing(mut self, source: &Path, target: &Path) -> io::Result<Self> {
+        self.file = Some((c_path(source)?, c_path(target)?));
+        Ok(self)
+    }
+
+    /// Also covers directory `dir` with an empty, read-only tmpfs (after
+    /// the file is shown, so `source` may lie inside it). Without
+    /// capabilities in its namespaces, the program cannot unmount it, and
+    /// namespaces it makes itself inherit it locked.
+    pub fn hiding(mut self, dir: &Path) -> io::Result<Self> {
+        self.hide = Some(c_path(dir)?);
+        Ok(self)
+    }
+
+    /// In the child: new namespaces, then the mounts. Returns the errno of
+    /// the first step that failed. Async-signal-safe.
     fn apply(&self) -> Result<(), i32> {
         let mut flags = libc::CLONE_NEWNS;
         if self.id_maps.is_some() {
@@ -108,35 +135,107 @@ impl FileOverlay {
         }
         // Mounts made on the host later still reach the program; ours do
         // not leave its namespace.
-        // SAFETY: a valid C string and null pointers where mount(2) takes
-        // them for a propagation change.
-        let rc = unsafe {
-            libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_SLAVE,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(raw_errno());
+        mount(None, c"/", None, libc::MS_REC | libc::MS_SLAVE, None)?;
+        if let Some((source, target)) = &self.file {
+            mount(Some(source), target, None, libc::MS_BIND, None)?;
+            // A bind mount takes the read-only flag only from a remount.
+            // In a user namespace the flags the source mount has locked
+            // (nosuid, nodev, noexec) must be kept.
+            let locked = statvfs_flags(target)?;
+            mount(
+                None,
+                target,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | locked,
+                None,
+            )?;
         }
-        // SAFETY: both paths are C strings prepared before fork.
-        let rc = unsafe {
-            libc::mount(
-                self.source.as_ptr(),
-                self.target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(raw_errno());
+        if let Some(dir) = &self.hide {
+            // A working directory inside `dir` would still reach what lies
+            // under the tmpfs: walk to it again by name afterwards.
+            let mut cwd = [0u8; 4096];
+            // SAFETY: the buffer is ours and its length is passed.
+            let have_cwd = !unsafe { libc::getcwd(cwd.as_mut_ptr().cast(), cwd.len()) }.is_null();
+            mount(
+                Some(c"ax"),
+                dir,
+                Some(c"tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"mode=0555,size=4k"),
+            )?;
+            if have_cwd {
+                // SAFETY: getcwd wrote a NUL-terminated path into `cwd`.
+                if unsafe { libc::chdir(cwd.as_ptr().cast()) } != 0 {
+                    // It was inside `dir`: the program starts in the
+                    // empty tmpfs instead.
+                    // SAFETY: a valid C string.
+                    if unsafe { libc::chdir(dir.as_ptr()) } != 0 {
+                        return Err(raw_errno());
+                    }
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// `mount(2)` with C strings prepared before fork. Async-signal-safe.
+fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), i32> {
+    let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is a valid C string or null, where mount(2)
+    // accepts null (source and type for a remount or a propagation
+    // change, data for none).
+    let rc = unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(raw_errno());
+    }
+    Ok(())
+}
+
+/// The mount flags of `path` that a remount must repeat (`MS_NOSUID`,
+/// `MS_NODEV`, `MS_NOEXEC`, and the atime flags). Async-signal-safe.
+fn statvfs_flags(path: &CStr) -> Result<libc::c_ulong, i32> {
+    // SAFETY: statvfs is plain old data; all-zero is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct we own for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(raw_errno());
+    }
+    let keep = libc::ST_NOSUID
+        | libc::ST_NODEV
+        | libc::ST_NOEXEC
+        | libc::ST_NOATIME
+        | libc::ST_NODIRATIME
+        | libc::ST_RELATIME;
+    let f = st.f_flag & keep;
+    let mut flags = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if f & st_flag != 0 {
+            flags |= ms_flag;
+        }
+    }
+    Ok(flags)
 }
 
 fn raw_errno() -> i32 {
@@ -175,9 +274,9 @@ fn errno() -> io::Error {
 /// UNIX socket `channel` with `SCM_RIGHTS`, then closes both.
 ///
 /// `no_new_privs` sets `PR_SET_NO_NEW_PRIVS` first, which an unprivileged
-/// caller needs. `overlay`, applied before anything else, is best effort:
-/// if it fails the program still runs, and the data byte sent with the
-/// listener carries the errno (0: applied or not asked for).
+/// caller needs. `overlay` is applied before anything else; if it fails,
+/// no filter is loaded, the data byte sent (without a listener) carries
+/// the errno, and the caller must not let the program run.
 ///
 /// Async-signal-safe: meant for `CommandExt::pre_exec`.
 pub fn install_filter_and_send_listener(
@@ -186,10 +285,16 @@ pub fn install_filter_and_send_listener(
     overlay: Option<&FileOverlay>,
     channel: RawFd,
 ) -> io::Result<()> {
-    let overlay_status = match overlay.map(FileOverlay::apply) {
-        Some(Err(e)) => e.clamp(1, 255) as u8,
-        _ => 0,
-    };
+    if let Some(Err(e)) = overlay.map(FileOverlay::apply) {
+        // The program must not run outside its own view of the file
+        // system: say why, and let `execve` never happen.
+        let status = u8::try_from(e.clamp(1, 255)).unwrap_or(u8::MAX);
+        let sent = send_byte(channel, status);
+        // SAFETY: closing the channel this function was handed.
+        unsafe { libc::close(channel) };
+        sent?;
+        return Err(io::Error::from_raw_os_error(e));
+    }
     if no_new_privs {
         // SAFETY: prctl with integer arguments only; no memory is passed.
         let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
@@ -227,7 +332,7 @@ pub fn install_filter_and_send_listener(
     if listener < 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let sent = send_fd(channel, listener, overlay_status);
+    let sent = send_fd(channel, listener, 0);
     // SAFETY: closing fds this function owns (the new listener) or was handed
     // for this purpose (the channel); nothing else refers to them here.
     unsafe {
@@ -235,6 +340,22 @@ pub fn install_filter_and_send_listener(
         libc::close(channel);
     }
     sent
+}
+
+/// Sends one data byte, and no fd, over `channel`. Async-signal-safe.
+fn send_byte(channel: RawFd, data: u8) -> io::Result<()> {
+    let byte = [data];
+    loop {
+        // SAFETY: `byte` lives on this stack frame for the call.
+        let rc = unsafe { libc::send(channel, byte.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let err = errno();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
 }
 
 /// Sends `fd` with one data byte over `channel`. Async-signal-safe.
