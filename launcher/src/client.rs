@@ -20,6 +20,21 @@ pub enum ConnectError {
     /// Nothing listens there (no socket file, or a stale one).
     #[error("no daemon is listening on {}", .0.display())]
     NoDaemon(PathBuf),
+    /// The process listening there runs as another user than this one and
+    /// root: it is not our daemon, and gets nothing (no request, no fd).
+    #[error(
+        "refusing the daemon at {}: it runs as uid {uid}, not as you (uid {me}) or root; \
+         someone else's process listens there",
+        path.display()
+    )]
+    Impostor {
+        /// The socket.
+        path: PathBuf,
+        /// The listener's uid (`SO_PEERCRED`).
+        uid: u32,
+        /// Ours.
+        me: u32,
+    },
     /// Something else went wrong (permissions, …).
     #[error("cannot connect to the daemon at {}: {source}", path.display())]
     Other {
@@ -46,10 +61,29 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon at `path`.
+    /// Connects to the daemon at `path`, which must run as this user or as
+    /// root (`SO_PEERCRED`): a launcher hands the daemon its program's
+    /// notify fd, which is power over the program.
     pub fn connect(path: &Path) -> Result<Self, ConnectError> {
         match UnixStream::connect(path) {
             Ok(stream) => {
+                let me = crate::paths::euid();
+                match rustix::net::sockopt::socket_peercred(&stream) {
+                    Ok(cred) if cred.uid.as_raw() == me || cred.uid.is_root() => {}
+                    Ok(cred) => {
+                        return Err(ConnectError::Impostor {
+                            path: path.to_path_buf(),
+                            uid: cred.uid.as_raw(),
+                            me,
+                        })
+                    }
+                    Err(e) => {
+                        return Err(ConnectError::Other {
+                            path: path.to_path_buf(),
+                            source: e.into(),
+                        })
+                    }
+                }
                 let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
                 Ok(Self {
                     stream,
