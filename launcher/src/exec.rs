@@ -231,8 +231,7 @@ impl Handover {
             let mut client = match Client::connect(&self.path) {
                 Ok(c) => c,
                 Err(ConnectError::NoDaemon(_))
-                    if self.autostart
-                        && started.is_none_or(|t| t.elapsed() >= RESTART_AFTER) =>
+                    if self.autostart && started.is_none_or(|t| t.elapsed() >= RESTART_AFTER) =>
                 {
                     // Another launcher may win the race; either way a daemon
                     // comes up. If none does (the winner died too), try

@@ -349,7 +349,10 @@ mod tests {
         let e = Journal::map(fd.try_clone().unwrap()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         add_seals(fd.as_fd(), libc::F_SEAL_SHRINK).unwrap();
-        assert!(Journal::map(fd.try_clone().unwrap()).is_err(), "growing still allowed");
+        assert!(
+            Journal::map(fd.try_clone().unwrap()).is_err(),
+            "growing still allowed"
+        );
         add_seals(fd.as_fd(), REQUIRED_SEALS).unwrap();
         Journal::map(fd.try_clone().unwrap()).unwrap();
         // SAFETY: as above.
