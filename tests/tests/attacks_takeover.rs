@@ -204,8 +204,10 @@ fn rewritten_journal_writes_nowhere() {
     d.kill_hard();
     d.restart();
 
-    // The app serves again: its accept was finished by the successor.
-    assert_eq!(fetch(&d, &dir, "10.233.40.1", "7000").trim(), "GOT hello");
+    // Give a successor that acts on the record time to do it.
+    poll(SHORT, Duration::from_millis(20), || {
+        d.log().contains("finishing a call").then_some(())
+    });
     victim.send("show\n");
     let shown = victim.wait_for_stdout("BUF", SHORT);
     let want = format!("BUF {} 32", "aa".repeat(32));
@@ -214,6 +216,8 @@ fn rewritten_journal_writes_nowhere() {
         "the victim's memory changed: {shown}\ndaemon log:\n{}",
         d.log()
     );
+    // The app serves again: its accept was finished by the successor.
+    assert_eq!(fetch(&d, &dir, "10.233.40.1", "7000").trim(), "GOT hello");
     assert!(
         d.log()
             .contains("ignoring a journal record that does not match"),
