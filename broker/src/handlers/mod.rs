@@ -99,6 +99,7 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
         // The thread is gone; whatever we answer goes nowhere.
         Err(_) => return Outcome::Continue,
     };
+    target.tie(call.listener, call.notif.id);
     let outcome = match nr {
         libc::SYS_bind => bind::handle(call, &target),
         libc::SYS_connect => connect::handle(call, &target),
