@@ -61,29 +61,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon at `path`, which must run as this user or as
-    /// root (`SO_PEERCRED`): a launcher hands the daemon its program's
-    /// notify fd, which is power over the program.
+    /// Connects to the daemon at `path`, whoever runs it (root may query
+    /// any user's daemon). Before handing a daemon anything that gives
+    /// power over a program, use [`Client::connect_own`].
     pub fn connect(path: &Path) -> Result<Self, ConnectError> {
         match UnixStream::connect(path) {
             Ok(stream) => {
-                let me = crate::paths::euid();
-                match rustix::net::sockopt::socket_peercred(&stream) {
-                    Ok(cred) if cred.uid.as_raw() == me || cred.uid.is_root() => {}
-                    Ok(cred) => {
-                        return Err(ConnectError::Impostor {
-                            path: path.to_path_buf(),
-                            uid: cred.uid.as_raw(),
-                            me,
-                        })
-                    }
-                    Err(e) => {
-                        return Err(ConnectError::Other {
-                            path: path.to_path_buf(),
-                            source: e.into(),
-                        })
-                    }
-                }
                 let _ = stream.set_read_timeout(Some(ANSWER_TIMEOUT));
                 Ok(Self {
                     stream,
@@ -94,6 +77,33 @@ impl Client {
             Err(source) => Err(ConnectError::Other {
                 path: path.to_path_buf(),
                 source,
+            }),
+        }
+    }
+
+    /// Connects to the daemon at `path`, which must run as this user or as
+    /// root (`SO_PEERCRED`): a launcher hands the daemon its program's
+    /// notify fd, which is power over the program, and nothing may reach
+    /// a process of another user listening there, not even the request.
+    pub fn connect_own(path: &Path) -> Result<Self, ConnectError> {
+        let client = Self::connect(path)?;
+        client.check_own()?;
+        Ok(client)
+    }
+
+    /// `Ok` if the daemon runs as this user or as root.
+    fn check_own(&self) -> Result<(), ConnectError> {
+        let me = crate::paths::euid();
+        match rustix::net::sockopt::socket_peercred(&self.stream) {
+            Ok(cred) if cred.uid.as_raw() == me || cred.uid.is_root() => Ok(()),
+            Ok(cred) => Err(ConnectError::Impostor {
+                path: self.path.clone(),
+                uid: cred.uid.as_raw(),
+                me,
+            }),
+            Err(e) => Err(ConnectError::Other {
+                path: self.path.clone(),
+                source: e.into(),
             }),
         }
     }
@@ -123,6 +133,8 @@ impl Client {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> anyhow::Result<Response> {
+        // Whatever the caller checked: fds go to our own daemon only.
+        self.check_own()?;
         let frame = ax_proto::encode(req)?;
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut anc = SendAncillaryBuffer::new(&mut space);

@@ -228,7 +228,7 @@ impl Handover {
     fn reattach(&self) -> Client {
         let mut started: Option<Instant> = None;
         loop {
-            let mut client = match Client::connect(&self.path) {
+            let mut client = match Client::connect_own(&self.path) {
                 Ok(c) => c,
                 Err(ConnectError::NoDaemon(_))
                     if self.autostart && started.is_none_or(|t| t.elapsed() >= RESTART_AFTER) =>
@@ -457,7 +457,7 @@ fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
     if dir.exists() {
         paths::check_dir(dir).map_err(|e| Failure::new(EXIT_AX_FAILED, format!("{e:#}")))?;
     }
-    match Client::connect(path) {
+    match Client::connect_own(path) {
         Ok(c) => return Ok(c),
         Err(ConnectError::NoDaemon(_)) if autostart => {}
         Err(ConnectError::NoDaemon(p)) => {
@@ -474,7 +474,7 @@ fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
         Err(e) => return Err(Failure::new(EXIT_AX_FAILED, e.to_string()).into()),
     }
     start_daemon(path).map_err(|e| Failure::new(EXIT_AX_FAILED, format!("{e:#}")))?;
-    Client::connect(path).map_err(|e| Failure::new(EXIT_AX_FAILED, e.to_string()).into())
+    Client::connect_own(path).map_err(|e| Failure::new(EXIT_AX_FAILED, e.to_string()).into())
 }
 
 /// Starts `ax daemon --socket PATH` in its own process group, logging to
