@@ -173,10 +173,21 @@ impl Target {
             .ok()
             .and_then(|l| addr.checked_add(l))
             .ok_or(libc::EFAULT)?;
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.tid))
-            .map_err(|e| errno_of(&e))?;
+        let mut maps =
+            std::fs::File::open(format!("/proc/{}/maps", self.tid)).map_err(|e| errno_of(&e))?;
+        let writable = match process::range_writable(maps.as_fd(), addr, end) {
+            Ok(Some(w)) => w,
+            // A kernel without PROCMAP_QUERY: the text, line by line.
+            Ok(None) => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut maps, &mut text).map_err(|e| errno_of(&e))?;
+                writable_in(&text, addr, end)
+            }
+            Err(e) => return Err(errno_of(&e)),
+        };
+        // The mappings are the tid's only while the call is pending.
         self.still_pending()?;
-        if writable_in(&maps, addr, end) {
+        if writable {
             Ok(())
         } else {
             Err(libc::EFAULT)
