@@ -66,22 +66,24 @@ impl FdKeeper {
     }
 }
 
-/// [`salvage`] from a keeper described by a [`FdKeeper::record`], if the
-/// process it served is gone (a live daemon keeps its keeper).
+/// [`salvage`] from a keeper described by a [`FdKeeper::record`].
+///
+/// Call it only while holding the lock a daemon holds for its lifetime
+/// (the daemon's `PATH.lock`): holding it proves the process the keeper
+/// served is gone, which nothing read from `/proc` can (a killed daemon
+/// nobody reaped stays a zombie, and looks alive there). A live daemon
+/// keeps its keeper.
 pub fn salvage_recorded(record: &str, config: &BrokerConfig) -> HashMap<AppId, Vec<OwnedFd>> {
     let fields: Vec<u64> = record
         .split_whitespace()
         .filter_map(|f| f.parse().ok())
         .collect();
-    let [keeper, keeper_start, daemon, daemon_start] = fields[..] else {
+    let [keeper, keeper_start, _daemon, _daemon_start] = fields[..] else {
         return HashMap::new();
     };
-    let (Ok(keeper), Ok(daemon)) = (u32::try_from(keeper), u32::try_from(daemon)) else {
+    let Ok(keeper) = u32::try_from(keeper) else {
         return HashMap::new();
     };
-    if crate::target::start_time(daemon) == Some(daemon_start) {
-        return HashMap::new();
-    }
     salvage(keeper, keeper_start, config)
 }
 

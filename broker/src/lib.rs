@@ -54,6 +54,7 @@ mod pool;
 mod serve;
 mod stash;
 mod target;
+pub mod verify;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;

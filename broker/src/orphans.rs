@@ -41,14 +41,7 @@ const LOOKS: usize = 100;
 /// …and takes a thread seen waiting in the same call this many times.
 const SAME_LOOKS: usize = 3;
 
-/// `AUDIT_ARCH_*` of the native system calls (the filter refuses others).
-const NATIVE_ARCH: u32 = if cfg!(target_arch = "x86_64") {
-    0xC000_003E
-} else if cfg!(target_arch = "aarch64") {
-    0xC000_00B7
-} else {
-    0
-};
+use crate::verify::NATIVE_ARCH;
 
 /// The system call number of a placeholder record: a lost call whose id is
 /// known and whose thread is not yet.
@@ -69,19 +62,25 @@ pub(crate) fn find(listener: &NotifyFd, journal: &Journal) -> Vec<u64> {
         let recorded: HashSet<u64> = pending.iter().map(|n| n.id).collect();
         for id in (1..=PROBE).map(|k| high.wrapping_add(k)) {
             if !recorded.contains(&id) && listener.id_valid(id) {
-                journal.record(&Notification {
-                    id,
-                    pid: 0,
-                    nr: PLACEHOLDER_NR,
-                    arch: 0,
-                    args: [0; 6],
-                });
+                record_lost(journal, id);
                 lost.push(id);
             }
         }
     }
     lost.sort_unstable();
     lost
+}
+
+/// Records `id` as a lost call (a placeholder): its thread is looked for
+/// from `/proc`, now and by a successor if this daemon dies first.
+pub(crate) fn record_lost(journal: &Journal, id: u64) {
+    journal.record(&Notification {
+        id,
+        pid: 0,
+        nr: PLACEHOLDER_NR,
+        arch: 0,
+        args: [0; 6],
+    });
 }
 
 /// Finds the threads of lost calls `ids` (oldest first) among the
@@ -180,7 +179,7 @@ struct Waiting {
 }
 
 /// `root` and its descendants, as (pid, tid) of every thread.
-fn process_tree(root: u32) -> Vec<(u32, u32)> {
+pub(crate) fn process_tree(root: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut todo = vec![root];
     let mut seen = HashSet::new();
@@ -270,7 +269,7 @@ pub(crate) fn socket_fds(pid: u32) -> Vec<(i32, u64)> {
 
 /// `/proc/TID/syscall` of a blocked thread: the number in decimal, then six
 /// arguments, the stack and the instruction pointer in hex.
-fn parse_syscall(line: &str) -> Option<(i32, [u64; 6])> {
+pub(crate) fn parse_syscall(line: &str) -> Option<(i32, [u64; 6])> {
     let mut fields = line.split_whitespace();
     let nr: i32 = fields.next()?.parse().ok()?;
     let mut args = [0u64; 6];

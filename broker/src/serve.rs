@@ -211,8 +211,10 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     if let Some(j) = journal {
         // Before receiving anything: every call in the "received" state
         // now is a predecessor's.
-        let orphans = crate::orphans::find(listener, j);
-        take_over(link, j, &mut pidfds, root);
+        let mut orphans = crate::orphans::find(listener, j);
+        orphans.extend(take_over(link, j, &mut pidfds, root));
+        orphans.sort_unstable();
+        orphans.dedup();
         crate::orphans::recover(link, orphans, root);
     }
     // Blocking accepts with nothing to accept yet wait here, beside the
@@ -305,19 +307,43 @@ fn fd_with_inode(tid: u32, ino: u64) -> Option<i32> {
         .find_map(|(fd, i)| (i == ino).then_some(fd))
 }
 
-fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache, root: Option<u32>) {
+/// Returns the ids of pending calls whose record did not hold up (see
+/// [`crate::verify`]): they are to be found as lost calls.
+fn take_over(
+    link: &AppLink<'_>,
+    j: &Journal,
+    pidfds: &mut PidfdCache,
+    root: Option<u32>,
+) -> Vec<u64> {
     let listener = link.listener;
+    // The journal is the launcher's user's to write: each record is a hint,
+    // acted on only once the kernel confirms it.
+    let app = crate::verify::AppThreads::of(root);
+    let mut unverified = Vec::new();
     let pending: Vec<Notification> = j
         .pending()
         .into_iter()
         // Lost calls' placeholders: see crate::orphans.
         .filter(|n| n.nr != crate::orphans::PLACEHOLDER_NR)
-        .filter(|n| {
-            let valid = listener.id_valid(n.id);
-            if !valid {
+        .filter(|n| match crate::verify::journaled_call(listener, &app, n) {
+            Ok(()) => true,
+            Err(crate::verify::Rejected::NotPending) => {
                 j.clear(n.id);
+                false
             }
-            valid
+            Err(why) => {
+                tracing::warn!(
+                    app = link.app,
+                    id = n.id,
+                    tid = n.pid,
+                    nr = n.nr,
+                    reason = %why,
+                    "ignoring a journal record that does not match the kernel's view"
+                );
+                crate::orphans::record_lost(j, n.id);
+                unverified.push(n.id);
+                false
+            }
         })
         .collect();
     let mut stashed = link.stash.as_ref().map(|s| s.drain()).unwrap_or_default();
@@ -389,6 +415,7 @@ fn take_over(link: &AppLink<'_>, j: &Journal, pidfds: &mut PidfdCache, root: Opt
             "dropping parked duplicates of connections already installed"
         );
     }
+    unverified
 }
 
 /// Finishes the parked accepts that can be finished.

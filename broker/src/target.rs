@@ -1,9 +1,20 @@
 //! Access to the thread that made a trapped call: its fds, its memory, its
-//! pending signals. Every read of its memory is followed by a check that the
-//! notification is still valid, so that a recycled pid is never trusted.
+//! pending signals. A target tied to its call ([`Target::for_call`])
+//! checks that the notification is still pending after every read of its
+//! memory and before every write, so that a recycled tid is never trusted
+//! and never written to.
+//!
+//! Memory is reached with `process_vm_readv`/`process_vm_writev`, which
+//! honour the target's page protections as the kernel's own copies do
+//! (`EFAULT` on a read-only or `PROT_NONE` page). seccomp_unotify(2)
+//! suggests `/proc/TID/mem` instead, but its accesses are forced
+//! (`FOLL_FORCE`): the broker would then write into read-only memory and
+//! read unreadable memory where the kernel fails the call. The id checks
+//! around each access give the safety that advice is after.
 
 use ax_sys::process;
-use std::cell::Cell;
+use ax_sys::NotifyFd;
+use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -17,6 +28,9 @@ pub(crate) struct Target {
     /// Set when the pidfd turned out to belong to an earlier thread that had
     /// the same tid: the cache must forget it.
     stale: Cell<bool>,
+    /// The call this target is asked about (listener and notification id):
+    /// its memory is reached only while that call is pending.
+    call: OnceCell<(Arc<NotifyFd>, u64)>,
 }
 
 /// Pidfds of an app's threads, kept between calls: opening one is a system
@@ -41,6 +55,7 @@ impl PidfdCache {
                 tid,
                 pidfd: pidfd.clone(),
                 stale: Cell::new(false),
+                call: OnceCell::new(),
             });
         }
         let target = Target::open(tid)?;
@@ -116,7 +131,67 @@ impl Target {
             tid,
             pidfd: Arc::new(pidfd),
             stale: Cell::new(false),
+            call: OnceCell::new(),
         })
+    }
+
+    /// [`Target::open`] for the thread that made notification `id` on
+    /// `listener`, tied to that call (see [`Target::tie`]).
+    pub(crate) fn for_call(tid: u32, listener: &Arc<NotifyFd>, id: u64) -> io::Result<Self> {
+        let t = Self::open(tid)?;
+        t.tie(listener, id);
+        Ok(t)
+    }
+
+    /// Ties this target to notification `id` on `listener`: from now on
+    /// every read of its memory is followed, and every write preceded, by
+    /// `SECCOMP_IOCTL_NOTIF_ID_VALID`, and fails with `ENOENT` once the call
+    /// is no longer pending (the thread was interrupted or died, and its tid
+    /// may name another thread). A target is tied once; later ties are
+    /// ignored.
+    pub(crate) fn tie(&self, listener: &Arc<NotifyFd>, id: u64) {
+        let _ = self.call.set((listener.clone(), id));
+    }
+
+    /// `Ok` while the call this target is tied to is pending (or when it is
+    /// tied to none).
+    fn still_pending(&self) -> Result<(), Errno> {
+        match self.call.get() {
+            Some((listener, id)) if !listener.id_valid(*id) => Err(libc::ENOENT),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `len` bytes at `addr` are all in writable mappings of the
+    /// target (`/proc/TID/maps`), without writing: `EFAULT` if not, as the
+    /// kernel's copy to that buffer would fail.
+    pub(crate) fn check_writable(&self, addr: u64, len: usize) -> Result<(), Errno> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|l| addr.checked_add(l))
+            .ok_or(libc::EFAULT)?;
+        let mut maps =
+            std::fs::File::open(format!("/proc/{}/maps", self.tid)).map_err(|e| errno_of(&e))?;
+        let writable = match process::range_writable(maps.as_fd(), addr, end) {
+            Ok(Some(w)) => w,
+            // A kernel without PROCMAP_QUERY: the text, line by line.
+            Ok(None) => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut maps, &mut text).map_err(|e| errno_of(&e))?;
+                writable_in(&text, addr, end)
+            }
+            Err(e) => return Err(errno_of(&e)),
+        };
+        // The mappings are the tid's only while the call is pending.
+        self.still_pending()?;
+        if writable {
+            Ok(())
+        } else {
+            Err(libc::EFAULT)
+        }
     }
 
     /// A copy of the target's fd `fd` (same open file description). `fd`
@@ -146,6 +221,7 @@ impl Target {
             return Err(libc::EFAULT);
         }
         process::read_memory(self.tid, addr, &mut buf).map_err(|e| errno_of(&e))?;
+        self.still_pending()?;
         Ok(buf)
     }
 
@@ -160,6 +236,7 @@ impl Target {
         if !data.is_empty() && addr == 0 {
             return Err(libc::EFAULT);
         }
+        self.still_pending()?;
         process::write_memory(self.tid, addr, data).map_err(|e| errno_of(&e))
     }
 
@@ -204,6 +281,36 @@ impl Target {
     }
 }
 
+/// Whether `[start, end)` lies in mappings with write permission, as
+/// `/proc/PID/maps` lists them (sorted, one per line:
+/// `start-end perms offset dev inode path`).
+fn writable_in(maps: &str, start: u64, end: u64) -> bool {
+    let mut at = start;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+            continue;
+        };
+        if hi <= at {
+            continue;
+        }
+        if lo > at || perms.as_bytes().get(1) != Some(&b'w') {
+            return false;
+        }
+        at = hi;
+        if at >= end {
+            return true;
+        }
+    }
+    false
+}
+
 /// Field 22 of `/proc/PID/stat`: when the process started.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -224,4 +331,26 @@ pub(crate) fn thread_group_leader(tid: u32) -> io::Result<u32> {
         .find_map(|l| l.strip_prefix("Tgid:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writable_ranges() {
+        let maps = "1000-2000 rw-p 00000000 00:00 0\n\
+                    2000-3000 rw-p 00000000 00:00 0\n\
+                    3000-4000 r--p 00000000 00:00 0 /lib/x.so\n\
+                    5000-6000 rw-s 00000000 00:00 0\n";
+        assert!(writable_in(maps, 0x1000, 0x1010));
+        assert!(writable_in(maps, 0x1ff0, 0x2010), "across two mappings");
+        assert!(!writable_in(maps, 0x2ff0, 0x3010), "into a read-only one");
+        assert!(!writable_in(maps, 0x3000, 0x3001));
+        assert!(!writable_in(maps, 0x4ff0, 0x5010), "across a hole");
+        assert!(writable_in(maps, 0x5000, 0x6000));
+        assert!(!writable_in(maps, 0x6000, 0x6001), "past the end");
+        assert!(!writable_in(maps, 0x10, 0x20));
+        assert!(!writable_in("", 0x1000, 0x1001));
+    }
 }

@@ -20,6 +20,21 @@ pub enum ConnectError {
     /// Nothing listens there (no socket file, or a stale one).
     #[error("no daemon is listening on {}", .0.display())]
     NoDaemon(PathBuf),
+    /// The process listening there runs as another user than this one and
+    /// root: it is not our daemon, and gets nothing (no request, no fd).
+    #[error(
+        "refusing the daemon at {}: it runs as uid {uid}, not as you (uid {me}) or root; \
+         someone else's process listens there",
+        path.display()
+    )]
+    Impostor {
+        /// The socket.
+        path: PathBuf,
+        /// The listener's uid (`SO_PEERCRED`).
+        uid: u32,
+        /// Ours.
+        me: u32,
+    },
     /// Something else went wrong (permissions, …).
     #[error("cannot connect to the daemon at {}: {source}", path.display())]
     Other {
@@ -46,7 +61,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon at `path`.
+    /// Connects to the daemon at `path`, whoever runs it (root may query
+    /// any user's daemon). Before handing a daemon anything that gives
+    /// power over a program, use [`Client::connect_own`].
     pub fn connect(path: &Path) -> Result<Self, ConnectError> {
         match UnixStream::connect(path) {
             Ok(stream) => {
@@ -60,6 +77,33 @@ impl Client {
             Err(source) => Err(ConnectError::Other {
                 path: path.to_path_buf(),
                 source,
+            }),
+        }
+    }
+
+    /// Connects to the daemon at `path`, which must run as this user or as
+    /// root (`SO_PEERCRED`): a launcher hands the daemon its program's
+    /// notify fd, which is power over the program, and nothing may reach
+    /// a process of another user listening there, not even the request.
+    pub fn connect_own(path: &Path) -> Result<Self, ConnectError> {
+        let client = Self::connect(path)?;
+        client.check_own()?;
+        Ok(client)
+    }
+
+    /// `Ok` if the daemon runs as this user or as root.
+    fn check_own(&self) -> Result<(), ConnectError> {
+        let me = crate::paths::euid();
+        match rustix::net::sockopt::socket_peercred(&self.stream) {
+            Ok(cred) if cred.uid.as_raw() == me || cred.uid.is_root() => Ok(()),
+            Ok(cred) => Err(ConnectError::Impostor {
+                path: self.path.clone(),
+                uid: cred.uid.as_raw(),
+                me,
+            }),
+            Err(e) => Err(ConnectError::Other {
+                path: self.path.clone(),
+                source: e.into(),
             }),
         }
     }
@@ -89,6 +133,8 @@ impl Client {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> anyhow::Result<Response> {
+        // Whatever the caller checked: fds go to our own daemon only.
+        self.check_own()?;
         let frame = ax_proto::encode(req)?;
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
         let mut anc = SendAncillaryBuffer::new(&mut space);

@@ -31,7 +31,6 @@ use std::io::{self, IoSliceMut, IsTerminal, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -354,16 +353,20 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let path = paths::socket_path(args.socket.socket.as_deref())?;
     let dir = paths::socket_dir(&path);
     paths::prepare_dir(dir)?;
-    let instance = paths::fnv1a32(path.as_os_str().as_bytes());
+    // Everything a predecessor left is looked at under the lock only: a
+    // daemon that loses the race to start touches none of it.
+    let _lock = lock_socket(&path)?;
+    let instance = crate::instance::load_or_create(&paths::beside(&path, ".instance"))?;
     let config = BrokerConfig {
         instance,
         connect_wait: args.connect_wait,
     };
     // A predecessor killed on this socket left its fd keeper holding the
-    // connections it had accepted for servers: collect them.
+    // connections it had accepted for servers: collect them. Holding the
+    // lock proves it is gone (its lock went with its last fd, even while
+    // it is a zombie nobody reaped).
     let keeper_path = paths::beside(&path, ".keeper");
     let salvaged = salvage_keeper(&keeper_path, &config);
-    let _lock = lock_socket(&path)?;
     let listener = bind(&path)?;
     let socket_id = std::fs::metadata(&path)
         .map(|m| (m.dev(), m.ino()))
@@ -576,9 +579,41 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
+/// How long a starting daemon waits for the lock of a predecessor that no
+/// longer answers on the socket: a killed daemon's fd keeper holds the lock
+/// until it has closed the daemon's fds, an instant after its death.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
-/// at once cannot both decide the socket is stale.
+/// at once cannot both decide the socket is stale. While the lock is held
+/// and nothing answers on the socket, waits up to [`LOCK_WAIT`] for it.
 fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match try_lock_socket(path) {
+            Err(LockError::Busy)
+                if std::time::Instant::now() < deadline
+                    && std::os::unix::net::UnixStream::connect(path).is_err() =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(LockError::Busy) => {
+                bail!("another daemon is already serving {}", path.display())
+            }
+            Err(LockError::Other(e)) => return Err(e),
+            Ok(file) => return Ok(file),
+        }
+    }
+}
+
+/// Why [`try_lock_socket`] failed.
+enum LockError {
+    /// Another process holds the lock.
+    Busy,
+    Other(anyhow::Error),
+}
+
+fn try_lock_socket(path: &Path) -> Result<std::fs::File, LockError> {
     let lock_path = paths::beside(path, ".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -586,15 +621,15 @@ fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .mode(0o600)
         .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        .with_context(|| format!("cannot open {}", lock_path.display()))
+        .map_err(LockError::Other)?;
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            bail!("another daemon is already serving {}", path.display())
-        }
-        Err(e) => {
-            Err(io::Error::from(e)).with_context(|| format!("cannot lock {}", lock_path.display()))
-        }
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Busy),
+        Err(e) => Err(LockError::Other(
+            anyhow::Error::from(io::Error::from(e))
+                .context(format!("cannot lock {}", lock_path.display())),
+        )),
     }
 }
 
@@ -1074,6 +1109,13 @@ impl Daemon {
         }
         if pid == 0 || i32::try_from(pid).is_err() {
             return Response::Error(format!("AttachListener needs the program's pid, not {pid}"));
+        }
+        // The pid decides whose threads a take-over may act on: only a
+        // process the launcher itself started is taken.
+        if u32::try_from(peer.pid).map_or(true, |p| !ax_broker::verify::is_child_of(pid, p)) {
+            return Response::Error(format!(
+                "process {pid} is not a child of the launcher that hands it over"
+            ));
         }
         if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
             if link.as_os_str() != NOTIFY_FD_LINK {

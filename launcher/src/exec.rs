@@ -218,6 +218,9 @@ struct Handover {
 
 /// How often a launcher whose daemon died looks for a new one.
 const HANDOVER_RETRY: Duration = Duration::from_millis(50);
+/// How long a launcher that started a daemon waits for one to answer
+/// before it starts another.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
 
 impl Handover {
     /// Waits for the daemon to go away, then hands the program to its
@@ -232,14 +235,17 @@ impl Handover {
     }
 
     fn reattach(&self) -> Client {
-        let mut started = false;
+        let mut started: Option<Instant> = None;
         loop {
-            let mut client = match Client::connect(&self.path) {
+            let mut client = match Client::connect_own(&self.path) {
                 Ok(c) => c,
-                Err(ConnectError::NoDaemon(_)) if self.autostart && !started => {
+                Err(ConnectError::NoDaemon(_))
+                    if self.autostart && started.is_none_or(|t| t.elapsed() >= RESTART_AFTER) =>
+                {
                     // Another launcher may win the race; either way a daemon
-                    // comes up.
-                    started = true;
+                    // comes up. If none does (the winner died too), try
+                    // again a little later.
+                    started = Some(Instant::now());
                     if let Err(e) = start_daemon(&self.path) {
                         tracing::debug!(error = %format!("{e:#}"), "starting a daemon failed");
                     }
@@ -460,7 +466,7 @@ fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
     if dir.exists() {
         paths::check_dir(dir).map_err(|e| Failure::new(EXIT_AX_FAILED, format!("{e:#}")))?;
     }
-    match Client::connect(path) {
+    match Client::connect_own(path) {
         Ok(c) => return Ok(c),
         Err(ConnectError::NoDaemon(_)) if autostart => {}
         Err(ConnectError::NoDaemon(p)) => {
@@ -477,7 +483,7 @@ fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
         Err(e) => return Err(Failure::new(EXIT_AX_FAILED, e.to_string()).into()),
     }
     start_daemon(path).map_err(|e| Failure::new(EXIT_AX_FAILED, format!("{e:#}")))?;
-    Client::connect(path).map_err(|e| Failure::new(EXIT_AX_FAILED, e.to_string()).into())
+    Client::connect_own(path).map_err(|e| Failure::new(EXIT_AX_FAILED, e.to_string()).into())
 }
 
 /// Starts `ax daemon --socket PATH` in its own process group, logging to
@@ -555,7 +561,19 @@ fn start_daemon(path: &Path) -> anyhow::Result<()> {
         }
     };
     match outcome {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // Reap it when it exits, whenever that is: a daemon killed and
+            // left a zombie would look alive to anyone reading /proc.
+            let reaper = std::thread::Builder::new()
+                .name("ax-reap-daemon".into())
+                .spawn(move || {
+                    let _ = daemon.wait();
+                });
+            if let Err(e) = reaper {
+                tracing::debug!(error = %e, "cannot start a thread to reap the daemon");
+            }
+            Ok(())
+        }
         Err(what) => {
             if what.starts_with("did not") {
                 let _ = daemon.kill();

@@ -13,6 +13,7 @@ mod exec;
 mod expose;
 mod get;
 mod hosts;
+mod instance;
 mod paths;
 mod peer;
 mod table;

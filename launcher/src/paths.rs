@@ -137,17 +137,6 @@ pub fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// 32-bit FNV-1a of `bytes`: the daemon's broker instance is the hash of its
-/// socket path, so a daemon restarted on the same socket keeps it.
-pub fn fnv1a32(bytes: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for &b in bytes {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,12 +249,5 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(prepare_dir(&dir).is_err());
         std::fs::remove_dir_all(&base).unwrap();
-    }
-
-    #[test]
-    fn fnv_known_values() {
-        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
-        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
-        assert_eq!(fnv1a32(b"foobar"), 0xbf9c_f968);
     }
 }

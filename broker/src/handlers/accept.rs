@@ -164,7 +164,9 @@ impl Parked {
         if !call.still_valid() {
             return Some(Outcome::Answered);
         }
-        if Target::open(self.notif.pid).is_ok_and(|t| t.signal_pending()) {
+        if Target::for_call(self.notif.pid, call.listener, self.notif.id)
+            .is_ok_and(|t| t.signal_pending())
+        {
             return Some(Outcome::Errno(libc::EINTR));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -207,31 +209,55 @@ fn try_accept(
 /// written where the program asked (`move_addr_to_user`'s checks: the
 /// length is readable and writable, not negative, and the address buffer
 /// writable). Done before accepting, so that the accepted connection can be
-/// installed at once: a daemon killed in between would lose it.
-fn probe_addr(call: &Call<'_>, target: &Target, v6: bool) -> Result<(), Errno> {
+/// installed at once: a daemon killed in between would lose it. Nothing is
+/// written before there is a connection (the kernel writes only then):
+/// writability is read from the target's mappings.
+fn probe_addr(call: &Call<'_>, target: &Target, v6: bool) -> Result<(), Probe> {
     let addr_ptr = call.arg(1);
     if addr_ptr == 0 {
         return Ok(());
     }
     let len_ptr = call.arg(2);
-    let len = target.read_int(len_ptr)?;
+    let len = target.read_int(len_ptr).map_err(Probe::fail)?;
     if len < 0 {
-        return Err(libc::EINVAL);
+        return Err(Probe::fail(libc::EINVAL));
     }
-    target.write(len_ptr, &len.to_ne_bytes())?;
+    target
+        .check_writable(len_ptr, std::mem::size_of::<i32>())
+        .map_err(Probe::fail)?;
     let full = addr::encode(addr::unspecified(v6), v6).len();
-    let n = (len as usize).min(full);
+    let n = usize::try_from(len).unwrap_or(0).min(full);
     if n > 0 {
-        let writable = target
+        if let Err(e) = target
             .read(addr_ptr, n)
-            .and_then(|current| target.write(addr_ptr, &current));
-        if let Err(e) = writable {
+            .and_then(|_| target.check_writable(addr_ptr, n))
+        {
             // As the kernel: the full length is stored before the copy fails.
-            target.write(len_ptr, &(full as i32).to_ne_bytes())?;
-            return Err(e);
+            return Err(Probe {
+                errno: e,
+                store_len: i32::try_from(full).ok(),
+            });
         }
     }
     Ok(())
+}
+
+/// Why the client's address cannot be written, found by [`probe_addr`]:
+/// the call fails with `errno` once a connection is accepted, after
+/// storing `store_len` at `*addrlen` if set.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    errno: Errno,
+    store_len: Option<i32>,
+}
+
+impl Probe {
+    fn fail(errno: Errno) -> Self {
+        Probe {
+            errno,
+            store_len: None,
+        }
+    }
 }
 
 fn complete(
@@ -240,11 +266,16 @@ fn complete(
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
-    probe: Result<(), Errno>,
+    probe: Result<(), Probe>,
 ) -> Result<Outcome, Errno> {
     // As the kernel: a bad addr/addrlen after the accept loses the
     // connection and fails the call.
-    probe?;
+    if let Err(p) = probe {
+        if let Some(full) = p.store_len {
+            target.write(call.arg(2), &full.to_ne_bytes())?;
+        }
+        return Err(p.errno);
+    }
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     let (conn, peer) = match caller_of(call, &conn) {

@@ -123,6 +123,7 @@ pub(crate) fn handle(call: &Call<'_>, pidfds: &mut PidfdCache) -> Outcome {
         // Never CONTINUE: the kernel would run the call on the IP socket.
         Err(e) => return inaccessible(call, crate::target::errno_of(&e)),
     };
+    target.tie(call.listener, call.notif.id);
     let outcome = match nr {
         libc::SYS_bind => bind::handle(call, &target),
         libc::SYS_connect => connect::handle(call, &target),
@@ -247,7 +248,8 @@ pub(crate) fn fd_error(call: &Call<'_>, errno: Errno) -> Outcome {
 /// carries the answer when it cannot be (nothing for a program that is
 /// gone, an errno for a shortage).
 pub(crate) fn reopen(call: &Call<'_>) -> Result<Target, Outcome> {
-    Target::open(call.notif.pid).map_err(|e| inaccessible(call, crate::target::errno_of(&e)))
+    Target::for_call(call.notif.pid, call.listener, call.notif.id)
+        .map_err(|e| inaccessible(call, crate::target::errno_of(&e)))
 }
 
 /// What the broker's copy of a target fd turned out to be.

@@ -478,9 +478,11 @@ where
     if !blocking {
         return work(call, target);
     }
-    defer(call, move |call| match Target::open(call.notif.pid) {
-        Ok(target) => work(call, &target),
-        Err(_) => Outcome::Answered,
+    defer(call, move |call| {
+        match Target::for_call(call.notif.pid, call.listener, call.notif.id) {
+            Ok(target) => work(call, &target),
+            Err(_) => Outcome::Answered,
+        }
     })
 }
 
@@ -503,7 +505,7 @@ fn to_service(
     rebind: Option<SocketName>,
     send: Request,
 ) -> Outcome {
-    let Ok(target) = Target::open(call.notif.pid) else {
+    let Ok(target) = Target::for_call(call.notif.pid, call.listener, call.notif.id) else {
         return Outcome::Answered;
     };
     let connected =

@@ -8,6 +8,12 @@
 //! next daemon reads the journal, finds the entries whose id is still valid,
 //! and finishes them. The journal lives in the memfd, which the launcher
 //! keeps, so it survives the daemon.
+//!
+//! The launcher's user can write the memfd: nothing read from it is more
+//! than a hint, which the broker checks against the kernel before acting on
+//! it. Its size is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) and
+//! [`Journal::map`] refuses a journal without those seals, so that nobody
+//! can shrink it under a mapping and make the daemon take `SIGBUS`.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -28,22 +34,49 @@ pub const RECORD_LEN: usize = WORDS * 8;
 /// beyond this many may overwrite each other's record.
 pub const DEFAULT_SLOTS: usize = 16384;
 
-/// Creates a journal memfd sized for [`DEFAULT_SLOTS`] records.
+/// The seals a journal must carry: its size is fixed for good.
+pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Creates a journal memfd sized for [`DEFAULT_SLOTS`] records, its size
+/// sealed ([`REQUIRED_SEALS`]).
 pub fn create() -> io::Result<OwnedFd> {
     let fd = new_memfd()?;
-    let len = (DEFAULT_SLOTS * RECORD_LEN) as libc::off_t;
+    let len = libc::off_t::try_from(DEFAULT_SLOTS * RECORD_LEN)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: ftruncate on an fd we own, integer argument.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    add_seals(fd.as_fd(), REQUIRED_SEALS)?;
     Ok(fd)
+}
+
+/// `fcntl(F_ADD_SEALS)`: see memfd_create(2).
+fn add_seals(fd: std::os::fd::BorrowedFd<'_>, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl on a borrowed, open fd with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fcntl(F_GET_SEALS)`: the seals of a memfd (`EINVAL` for a file that
+/// cannot carry seals).
+pub fn seals(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl on a borrowed, open fd, no argument.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
 }
 
 fn new_memfd() -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     let name = c"ax-journal";
     // SAFETY: `name` is a valid NUL-terminated string; flags are constants.
-    let rc = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let rc =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -67,15 +100,31 @@ unsafe impl Sync for Journal {}
 
 impl Journal {
     /// Maps the journal in `fd` (shared, read-write). The size must be a
-    /// non-zero whole number of records.
+    /// non-zero whole number of records, and sealed ([`REQUIRED_SEALS`]):
+    /// a file whose size could change under the mapping would let whoever
+    /// else holds it make this process take `SIGBUS`.
+    ///
+    /// # Errors
+    /// `EPERM` for a file without the seals (or one that cannot carry
+    /// any), `EINVAL` for a bad size, and what `fstat` or `mmap` return.
     pub fn map(fd: OwnedFd) -> io::Result<Self> {
+        // The seals first: once they hold, the size read next is final.
+        match seals(fd.as_fd()) {
+            Ok(s) if s & REQUIRED_SEALS == REQUIRED_SEALS => {}
+            Ok(_) | Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "journal is not a memfd sealed against resizing",
+                ))
+            }
+        }
         // SAFETY: fstat on an fd we own into a zeroed, owned struct.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         if unsafe { libc::fstat(fd.as_fd().as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let len = st.st_size as usize;
+        let len = usize::try_from(st.st_size).unwrap_or(0);
         if len < 2 * RECORD_LEN || !len.is_multiple_of(RECORD_LEN) || len > 64 << 20 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -287,6 +336,26 @@ mod tests {
     #[test]
     fn map_rejects_bad_sizes() {
         let fd = new_memfd().unwrap();
+        add_seals(fd.as_fd(), REQUIRED_SEALS).unwrap();
         assert!(Journal::map(fd).is_err());
+    }
+
+    #[test]
+    fn map_requires_the_seals() {
+        let fd = new_memfd().unwrap();
+        let len = libc::off_t::try_from(4 * RECORD_LEN).unwrap();
+        // SAFETY: ftruncate on an fd we own, integer argument.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }, 0);
+        let e = Journal::map(fd.try_clone().unwrap()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        add_seals(fd.as_fd(), libc::F_SEAL_SHRINK).unwrap();
+        assert!(
+            Journal::map(fd.try_clone().unwrap()).is_err(),
+            "growing still allowed"
+        );
+        add_seals(fd.as_fd(), REQUIRED_SEALS).unwrap();
+        Journal::map(fd.try_clone().unwrap()).unwrap();
+        // SAFETY: as above.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0, "sealed");
     }
 }
