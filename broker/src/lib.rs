@@ -47,6 +47,7 @@ mod names;
 mod orphans;
 mod pool;
 mod serve;
+mod sockets;
 mod stash;
 mod target;
 

@@ -68,6 +68,9 @@ pub(crate) struct Shared {
     /// on a loopback port (`--connect-wait`): by socket inode, that port
     /// and the VIP:port the program asked for, which `getpeername` answers.
     pub(crate) held_connects: Mutex<HashMap<u64, (SocketAddr, SocketAddr)>>,
+    /// Every UNIX socket the broker creates comes from here, in its private
+    /// network namespace.
+    pub(crate) sockets: Arc<crate::sockets::Sockets>,
 }
 
 type OptionKey = (AppId, u64, i32, i32);
@@ -190,7 +193,6 @@ impl Broker {
         Self {
             shared: Arc::new(Shared {
                 directory,
-                config,
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
                 options: Mutex::new(HashMap::new()),
@@ -198,6 +200,8 @@ impl Broker {
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
                 held_connects: Mutex::new(HashMap::new()),
+                sockets: crate::sockets::Sockets::new(config.instance),
+                config,
             }),
         }
     }
@@ -215,7 +219,12 @@ impl Broker {
     ) -> io::Result<()> {
         self.shared
             .doors
-            .ring(self.shared.config.instance, conn, endpoints)
+            .ring(
+                self.shared.config.instance,
+                &self.shared.sockets,
+                conn,
+                endpoints,
+            )
             .map_err(|(e, _conn)| e)
     }
 
@@ -232,6 +241,41 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .get(&pid)?;
         (crate::target::start_time(pid) == Some(started)).then_some(app)
+    }
+
+    /// Creates (or, after [`keeper::salvage`] found a predecessor's,
+    /// enters) the private network namespace every UNIX socket of this
+    /// broker lives in, and starts its socket factory, now rather than at
+    /// the first trapped call. A daemon calls this at start and refuses to
+    /// run without it; an embedder that does not gets it lazily, and calls
+    /// that find no socket fail with `ENOBUFS`.
+    ///
+    /// # Errors
+    /// Why no namespace could be had (namespaces disabled, …).
+    ///
+    /// [`keeper::salvage`]: crate::keeper::salvage
+    pub fn open_private_namespace(&self) -> io::Result<()> {
+        self.shared.sockets.open()
+    }
+
+    /// The kernel's table of UNIX sockets (the text of `/proc/net/unix`)
+    /// of the broker's private network namespace, where its listeners are.
+    ///
+    /// # Errors
+    /// `ENOENT` when no namespace was opened yet; the read's error.
+    pub fn private_unix_table(&self) -> io::Result<String> {
+        let pid = self
+            .shared
+            .sockets
+            .factory_pid()
+            .ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
+        std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+    }
+
+    /// True when `fd` is a socket in the broker's private network
+    /// namespace: one the broker made, whatever its name.
+    pub fn is_private_socket(&self, fd: &impl std::os::fd::AsFd) -> bool {
+        self.shared.sockets.is_private(fd)
     }
 
     /// The settings in force.

@@ -7,6 +7,9 @@
 //!   `*addrlen` as the kernel does, with the full length stored back), and
 //!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
 //!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
+//!   A connection the broker did not make (its peer is not a client or
+//!   doorbell socket the broker bound in its private namespace) is closed
+//!   and the call fails with `ECONNABORTED`.
 //!
 //! A blocking accept with nothing to accept yet is parked: the app's receive
 //! loop polls the listener beside the notify fd and finishes the call when a
@@ -238,7 +241,19 @@ fn complete(
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     let (conn, peer) = match caller_of(call, &conn) {
         Caller::Client(local) => (conn, local),
-        Caller::Unknown => (conn, addr::unspecified(v6)),
+        // Not a connection the broker made (in its private namespace only
+        // the broker binds names, so this is e.g. a program's own swapped
+        // socket connected natively): never reported with a made-up
+        // address. The program sees it as a connection reset before it
+        // was accepted, and accepts again.
+        Caller::Unknown => {
+            tracing::warn!(
+                app = call.app,
+                "dropped a connection to a listener of ax that the broker did not make"
+            );
+            drop(conn);
+            return Err(libc::ECONNABORTED);
+        }
         Caller::Door(token) => {
             let Some(real) = call.shared.doors.answer(token) else {
                 // Nobody keeps a connection for it: servers retry this.
@@ -273,7 +288,13 @@ enum Caller {
     Unknown,
 }
 
+/// Who connected: only a peer in the broker's private namespace bound to
+/// a client or doorbell name — names only the broker binds there — is
+/// believed.
 fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
+    if !call.shared.sockets.is_private(conn) {
+        return Caller::Unknown;
+    }
     let name = rustix::net::getpeername(conn)
         .ok()
         .flatten()

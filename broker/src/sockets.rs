@@ -1,0 +1,349 @@
+//! Where every UNIX socket the broker creates comes from: a pool filled by
+//! a socket factory ([`ax_sys::netns`]) in a private network namespace `P`
+//! that no program is in.
+//!
+//! Abstract names are per network namespace, fixed at `socket()` time: the
+//! broker binds and connects names in `P` from its own threads, while no
+//! process outside `P` sees them (they are not in the host's
+//! `/proc/net/unix`), connects to them, or binds a look-alike; and no
+//! program can create a socket in `P`. A socket is the broker's only if it
+//! lives in `P` ([`Sockets::is_private`]), whatever its name says.
+//!
+//! The pool is refilled in batches by a thread of its own, off the hot
+//! path, so that a connect costs no extra round trip. A successor daemon
+//! keeps using the same `P` (the listeners it takes over live there): it
+//! finds it through the predecessor's anchor, a socket bound to
+//! `ax/<instance>/p` in `P` that the fd keeper keeps
+//! ([`crate::keeper::salvage`]). Without one, a new `P` is made and the
+//! loss logged.
+
+use crate::target::Errno;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags, SocketAddrUnix,
+};
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// Sockets asked for at once.
+const BATCH: usize = 128;
+/// The refill thread tops the pool up below this many.
+const LOW: usize = 48;
+/// After a failure to make a namespace, wait this long before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The anchor's abstract name in `P`.
+pub(crate) fn anchor_name(instance: u32) -> Vec<u8> {
+    format!("ax/{instance:08x}/p").into_bytes()
+}
+
+/// The identity of a namespace: its nsfs inode and device.
+type NsId = (u64, u64);
+
+fn ns_id(fd: &impl AsFd) -> io::Result<NsId> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A running factory and the namespace it makes sockets in.
+struct Maker {
+    factory: Option<ax_sys::netns::Factory>,
+    /// A socket in `P` bound to [`anchor_name`]: keeps `P` findable by a
+    /// successor (through the fd keeper) and lets a new factory join it.
+    anchor: Option<OwnedFd>,
+    last_failure: Option<(Instant, Errno)>,
+}
+
+impl Drop for Maker {
+    fn drop(&mut self) {
+        if let Some(f) = self.factory.take() {
+            ax_sys::netns::reap(f);
+        }
+    }
+}
+
+/// The broker's source of UNIX sockets in its private namespace.
+pub(crate) struct Sockets {
+    instance: u32,
+    spare: Mutex<Vec<OwnedFd>>,
+    low: Condvar,
+    maker: Mutex<Maker>,
+    /// `P`, once known.
+    ns: OnceLock<NsId>,
+    refill_started: OnceLock<()>,
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockets").finish_non_exhaustive()
+    }
+}
+
+impl Sockets {
+    pub(crate) fn new(instance: u32) -> Arc<Self> {
+        Arc::new(Sockets {
+            instance,
+            spare: Mutex::new(Vec::new()),
+            low: Condvar::new(),
+            maker: Mutex::new(Maker {
+                factory: None,
+                anchor: None,
+                last_failure: None,
+            }),
+            ns: OnceLock::new(),
+            refill_started: OnceLock::new(),
+        })
+    }
+
+    /// A fresh, unbound `AF_UNIX` stream socket in `P` (close-on-exec).
+    /// `ENOBUFS` when no private namespace can be had: a caller never lets
+    /// the kernel run a call for want of one.
+    pub(crate) fn take(self: &Arc<Self>) -> Result<OwnedFd, Errno> {
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = spare.pop() {
+                if spare.len() < LOW {
+                    self.low.notify_one();
+                }
+                return Ok(s);
+            }
+        }
+        let mut batch = self.make(BATCH).map_err(|e| {
+            tracing::warn!(error = %e, "no socket in the broker's private network namespace");
+            libc::ENOBUFS
+        })?;
+        self.start_refill();
+        let first = batch.pop().ok_or(libc::ENOBUFS)?;
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.extend(batch);
+        Ok(first)
+    }
+
+    /// Makes sure `P` and a factory exist now (rather than at the first
+    /// socket), so that a daemon can refuse to start without them.
+    pub(crate) fn open(self: &Arc<Self>) -> io::Result<()> {
+        let batch = self.make(BATCH)?;
+        self.spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(batch);
+        self.start_refill();
+        Ok(())
+    }
+
+    /// True when `fd` is a socket in `P`.
+    pub(crate) fn is_private(&self, fd: &impl AsFd) -> bool {
+        let Some(p) = self.ns.get() else {
+            return false;
+        };
+        // EPERM (a namespace we have no rights over) is not ours either.
+        ax_sys::netns::socket_netns(fd.as_fd())
+            .and_then(|ns| ns_id(&ns))
+            .is_ok_and(|id| id == *p)
+    }
+
+    /// The factory's pid (a process in `P`, whose `/proc/PID/net` shows
+    /// `P`), if one runs.
+    pub(crate) fn factory_pid(&self) -> Option<u32> {
+        let maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        maker.factory.as_ref().map(|f| f.pid)
+    }
+
+    fn start_refill(self: &Arc<Self>) {
+        if self.refill_started.set(()).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("ax-sockets".into())
+            .spawn(move || refill_loop(weak));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the socket pool's refill thread");
+        }
+    }
+
+    /// Up to `n` sockets from the factory, starting (or restarting) it in
+    /// `P` as needed.
+    fn make(&self, n: usize) -> io::Result<Vec<OwnedFd>> {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &maker.factory {
+            match request(&f.channel, n) {
+                Ok(socks) => return Ok(socks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the socket factory failed; starting another");
+                    if let Some(f) = maker.factory.take() {
+                        ax_sys::netns::reap(f);
+                    }
+                }
+            }
+        }
+        if let Some((when, errno)) = maker.last_failure {
+            if when.elapsed() < RETRY {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        match self.start(&mut maker) {
+            Ok(()) => {}
+            Err(e) => {
+                maker.last_failure = Some((Instant::now(), e.raw_os_error().unwrap_or(libc::EIO)));
+                return Err(e);
+            }
+        }
+        let f = maker.factory.as_ref().ok_or(io::Error::from_raw_os_error(libc::ECHILD))?;
+        request(&f.channel, n)
+    }
+
+    /// Starts a factory: in `P` when an anchor (ours, or one salvaged from
+    /// a predecessor) names it, else in a new namespace that becomes `P`.
+    fn start(&self, maker: &mut Maker) -> io::Result<()> {
+        if maker.anchor.is_none() {
+            maker.anchor = crate::keeper::take_salvaged_anchor(self.instance);
+        }
+        if let Some(anchor) = &maker.anchor {
+            match join(anchor) {
+                Ok((factory, id)) => {
+                    if self.ns.get().is_some_and(|p| *p != id) {
+                        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+                    }
+                    let _ = self.ns.set(id);
+                    maker.factory = Some(factory);
+                    return Ok(());
+                }
+                Err(e) if self.ns.get().is_some() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot enter the previous daemon's private network namespace; \
+                        making a new one: services taken over from it are unreachable");
+                    maker.anchor = None;
+                }
+            }
+        } else if self.ns.get().is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        let factory = ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::New)
+            .map_err(|e| explain(&e))?;
+        let made = (|| {
+            let mut socks = request(&factory.channel, 1)?;
+            let anchor = socks.pop().ok_or(io::Error::from_raw_os_error(libc::ENOBUFS))?;
+            let name = SocketAddrUnix::new_abstract_name(&anchor_name(self.instance))?;
+            rustix::net::bind(&anchor, &name)?;
+            let ns = ax_sys::netns::socket_netns(anchor.as_fd())?;
+            Ok::<_, io::Error>((anchor, ns_id(&ns)?))
+        })();
+        match made {
+            Ok((anchor, id)) => {
+                if self.ns.set(id).is_err() {
+                    ax_sys::netns::reap(factory);
+                    return Err(io::Error::from_raw_os_error(libc::EXDEV));
+                }
+                maker.anchor = Some(anchor);
+                maker.factory = Some(factory);
+                Ok(())
+            }
+            Err(e) => {
+                ax_sys::netns::reap(factory);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A factory in the namespace of `anchor`, and that namespace's identity.
+fn join(anchor: &OwnedFd) -> io::Result<(ax_sys::netns::Factory, NsId)> {
+    let netns = ax_sys::netns::socket_netns(anchor.as_fd())?;
+    let owner = ax_sys::netns::namespace_owner(netns.as_fd())?;
+    let own_user = std::fs::File::open("/proc/self/ns/user")?;
+    let userns = (ns_id(&owner)? != ns_id(&own_user)?).then(|| owner.as_fd());
+    let factory = ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::Join {
+        userns,
+        netns: netns.as_fd(),
+    })?;
+    Ok((factory, ns_id(&netns)?))
+}
+
+/// Says why no private network namespace could be made.
+fn explain(e: &io::Error) -> io::Error {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let mut why = Vec::new();
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0")
+        || read("/proc/sys/user/max_net_namespaces").as_deref() == Some("0")
+    {
+        why.push("namespaces are disabled (user.max_user_namespaces or user.max_net_namespaces is 0)");
+    }
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        why.push("unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)");
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        why.push("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)");
+    }
+    let why = if why.is_empty() {
+        "neither CLONE_NEWNET nor CLONE_NEWUSER|CLONE_NEWNET is allowed".to_string()
+    } else {
+        why.join("; ")
+    };
+    io::Error::new(
+        e.kind(),
+        format!("cannot create a private network namespace for ax's sockets ({e}): {why}"),
+    )
+}
+
+/// Asks the factory on `channel` for `n` sockets.
+fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
+    let n = n.min(ax_sys::netns::MAX_BATCH);
+    let count = u32::try_from(n).unwrap_or(1);
+    rustix::net::send(channel, &count.to_ne_bytes(), SendFlags::NOSIGNAL)?;
+    let mut head = [0u8; 4];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(ax_sys::netns::MAX_BATCH))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        channel,
+        &mut [IoSliceMut::new(&mut head)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut out = Vec::with_capacity(n);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            out.extend(fds);
+        }
+    }
+    if msg.bytes != 4 {
+        return Err(io::Error::from_raw_os_error(libc::EPIPE));
+    }
+    let answer = i32::from_ne_bytes(head);
+    if answer < 0 {
+        return Err(io::Error::from_raw_os_error(answer.saturating_neg()));
+    }
+    if out.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+    }
+    Ok(out)
+}
+
+fn refill_loop(weak: Weak<Sockets>) {
+    loop {
+        let Some(sockets) = weak.upgrade() else {
+            return;
+        };
+        let need = {
+            let spare = sockets.spare.lock().unwrap_or_else(|e| e.into_inner());
+            let (spare, _) = sockets
+                .low
+                .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= LOW)
+                .unwrap_or_else(|e| e.into_inner());
+            spare.len() < LOW
+        };
+        if need {
+            match sockets.make(BATCH) {
+                Ok(batch) => sockets
+                    .spare
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(batch),
+                Err(_) => std::thread::sleep(RETRY),
+            }
+        }
+        drop(sockets);
+    }
+}
