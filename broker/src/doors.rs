@@ -73,7 +73,9 @@ impl Doors {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bell = (|| {
             // In the broker's private namespace, with its listeners.
-            let bell = sockets.take().map_err(rustix::io::Errno::from_raw_os_error)?;
+            let bell = sockets
+                .take()
+                .map_err(rustix::io::Errno::from_raw_os_error)?;
             rustix::io::ioctl_fionbio(&bell, true)?;
             let name = rustix::net::SocketAddrUnix::new_abstract_name(&bell_name(instance, token))?;
             rustix::net::bind(&bell, &name)?;

@@ -191,7 +191,10 @@ impl Sockets {
                 return Err(e);
             }
         }
-        let f = maker.factory.as_ref().ok_or(io::Error::from_raw_os_error(libc::ECHILD))?;
+        let f = maker
+            .factory
+            .as_ref()
+            .ok_or(io::Error::from_raw_os_error(libc::ECHILD))?;
         request(&f.channel, n)
     }
 
@@ -221,11 +224,13 @@ impl Sockets {
         } else if self.ns.get().is_some() {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
-        let factory = ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::New)
-            .map_err(|e| explain(&e))?;
+        let factory =
+            ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::New).map_err(|e| explain(&e))?;
         let made = (|| {
             let mut socks = request(&factory.channel, 1)?;
-            let anchor = socks.pop().ok_or(io::Error::from_raw_os_error(libc::ENOBUFS))?;
+            let anchor = socks
+                .pop()
+                .ok_or(io::Error::from_raw_os_error(libc::ENOBUFS))?;
             let name = SocketAddrUnix::new_abstract_name(&anchor_name(self.instance))?;
             rustix::net::bind(&anchor, &name)?;
             let ns = ax_sys::netns::socket_netns(anchor.as_fd())?;
@@ -264,15 +269,23 @@ fn join(anchor: &OwnedFd) -> io::Result<(ax_sys::netns::Factory, NsId)> {
 
 /// Says why no private network namespace could be made.
 fn explain(e: &io::Error) -> io::Error {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
     let mut why = Vec::new();
     if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0")
         || read("/proc/sys/user/max_net_namespaces").as_deref() == Some("0")
     {
-        why.push("namespaces are disabled (user.max_user_namespaces or user.max_net_namespaces is 0)");
+        why.push(
+            "namespaces are disabled (user.max_user_namespaces or user.max_net_namespaces is 0)",
+        );
     }
     if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
-        why.push("unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)");
+        why.push(
+            "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)",
+        );
     }
     if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
         why.push("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)");
@@ -294,7 +307,8 @@ fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
     let count = u32::try_from(n).unwrap_or(1);
     rustix::net::send(channel, &count.to_ne_bytes(), SendFlags::NOSIGNAL)?;
     let mut head = [0u8; 4];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(ax_sys::netns::MAX_BATCH))];
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(ax_sys::netns::MAX_BATCH))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
         channel,

@@ -210,7 +210,10 @@ fn socket_inodes_of_tree(root: u32) -> std::collections::HashSet<u64> {
             continue;
         }
         if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-            for link in fds.flatten().filter_map(|e| std::fs::read_link(e.path()).ok()) {
+            for link in fds
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+            {
                 let link = link.to_string_lossy();
                 if let Some(ino) = link
                     .strip_prefix("socket:[")

@@ -579,12 +579,10 @@ impl HeldConnect {
         // connection closed).
         let mut endpoints = endpoints;
         loop {
-            match shared.doors.ring(
-                shared.config.instance,
-                &shared.sockets,
-                conn,
-                &endpoints,
-            ) {
+            match shared
+                .doors
+                .ring(shared.config.instance, &shared.sockets, conn, &endpoints)
+            {
                 Ok(()) => {
                     tracing::debug!(app, %dst, "held connect handed to the service");
                     return;
