@@ -53,7 +53,7 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// One socket as `ss -xpn` / `ss -tanp` print it.
+/// One socket as `ss -xn` prints it.
 #[derive(Debug, Clone)]
 struct SsRow {
     netid: String,
@@ -62,11 +62,10 @@ struct SsRow {
     lport: String,
     peer: String,
     rport: String,
-    procs: Vec<(u32, u32)>,
     line: String,
 }
 
-/// Parses `ss -xpn` output (columns: Netid State Recv-Q Send-Q Local Port Peer Port Process).
+/// Parses `ss -xn` output (columns: Netid State Recv-Q Send-Q Local Port Peer Port).
 fn parse_ss_x(out: &str) -> Vec<SsRow> {
     out.lines()
         .skip(1)
@@ -82,31 +81,10 @@ fn parse_ss_x(out: &str) -> Vec<SsRow> {
                 lport: f[5].into(),
                 peer: f[6].into(),
                 rport: f[7].into(),
-                procs: parse_procs(line),
                 line: line.to_string(),
             })
         })
         .collect()
-}
-
-/// `(pid, fd)` pairs of an `ss -p` process column: `users:(("python3",pid=12,fd=3))`.
-fn parse_procs(line: &str) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
-    let mut rest = line;
-    while let Some(i) = rest.find("pid=") {
-        rest = &rest[i + 4..];
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        let Some(j) = rest.find("fd=") else { break };
-        let fd: String = rest[j + 3..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        if let (Ok(pid), Ok(fd)) = (pid.parse(), fd.parse()) {
-            out.push((pid, fd));
-        }
-        rest = &rest[j + 3..];
-    }
-    out
 }
 
 fn ss(args: &[&str]) -> String {
