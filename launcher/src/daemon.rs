@@ -253,8 +253,11 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // A predecessor killed on this socket left its fd keeper holding the
     // connections it had accepted for servers: collect them.
     let keeper_path = paths::beside(&path, ".keeper");
-    let salvaged = salvage_keeper(&keeper_path, &config);
+    // Under the lock only: a daemon that loses the race to serve the
+    // socket must not take (and drop) what the keeper holds, the private
+    // network namespace's anchor included.
     let _lock = lock_socket(&path)?;
+    let salvaged = salvage_keeper(&keeper_path, &config);
     let listener = bind(&path)?;
     let socket_id = std::fs::metadata(&path)
         .map(|m| (m.dev(), m.ino()))
