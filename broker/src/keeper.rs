@@ -103,10 +103,23 @@ pub fn salvage_recorded(record: &str, config: &BrokerConfig) -> HashMap<AppId, V
     let (Ok(keeper), Ok(daemon)) = (u32::try_from(keeper), u32::try_from(daemon)) else {
         return HashMap::new();
     };
-    if crate::target::start_time(daemon) == Some(daemon_start) {
+    if crate::target::start_time(daemon) == Some(daemon_start) && !is_zombie(daemon) {
         return HashMap::new();
     }
     salvage(keeper, keeper_start, config)
+}
+
+/// True when `pid` has exited and waits for its parent (a daemon killed
+/// while its autostarting launcher has not reaped it yet): dead, though
+/// its start time still reads.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|s| s == "Z" || s == "X")
+        })
+        .unwrap_or(false)
 }
 
 /// Collects, from the keeper `pid` (started at `start_time`) of a daemon

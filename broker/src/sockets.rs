@@ -211,6 +211,10 @@ impl Sockets {
                         return Err(io::Error::from_raw_os_error(libc::EXDEV));
                     }
                     let _ = self.ns.set(id);
+                    tracing::info!(
+                        factory = factory.pid,
+                        "socket factory started in the private network namespace kept from before"
+                    );
                     maker.factory = Some(factory);
                     return Ok(());
                 }
@@ -242,6 +246,10 @@ impl Sockets {
                     ax_sys::netns::reap(factory);
                     return Err(io::Error::from_raw_os_error(libc::EXDEV));
                 }
+                tracing::info!(
+                    factory = factory.pid,
+                    "socket factory started in a new private network namespace"
+                );
                 maker.anchor = Some(anchor);
                 maker.factory = Some(factory);
                 Ok(())
@@ -359,5 +367,51 @@ fn refill_loop(weak: Weak<Sockets>) {
             }
         }
         drop(sockets);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inode of the network namespace `fd` (a socket) lives in.
+    fn netns_of(fd: &OwnedFd) -> NsId {
+        ns_id(&ax_sys::netns::socket_netns(fd.as_fd()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sockets_come_from_one_private_namespace() {
+        let sockets = Sockets::new(0x5eed_0001);
+        if let Err(e) = sockets.open() {
+            eprintln!("no private namespace here ({e}); skipped");
+            return;
+        }
+        let a = sockets.take().unwrap();
+        let b = sockets.take().unwrap();
+        assert!(sockets.is_private(&a) && sockets.is_private(&b));
+        assert_eq!(netns_of(&a), netns_of(&b));
+        // A socket of this process's own namespace, even one bound to an
+        // ax-looking name, is not the broker's.
+        let host = rustix::net::socket(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        let name = format!("ax/{:08x}/c4/10.233.0.9/1/10.233.0.1/80", 0x5eed_0001);
+        rustix::net::bind(
+            &host,
+            &SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(!sockets.is_private(&host));
+        // The same name is free in the private namespace: names there are
+        // not the host's.
+        let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+        rustix::net::bind(&a, &addr).unwrap();
+        // Many more than one batch, all private.
+        let many: Vec<_> = (0..300).map(|_| sockets.take().unwrap()).collect();
+        assert!(many.iter().all(|s| sockets.is_private(s)));
+        assert!(sockets.factory_pid().is_some());
     }
 }

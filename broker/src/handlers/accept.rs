@@ -396,7 +396,14 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 Ok(Sock::Swapped { name, .. }) => name.is_v6(),
                 _ => super::own_name(&conn).is_some_and(|n| n.is_v6()),
             };
-            let peer = match (crate::doors::inet_peer(&conn), peer_name(&conn)) {
+            // A name is believed only on a socket the broker made.
+            let named = call
+                .shared
+                .sockets
+                .is_private(&conn)
+                .then(|| peer_name(&conn))
+                .flatten();
+            let peer = match (crate::doors::inet_peer(&conn), named) {
                 (Some(real), _) => in_family(real, v6),
                 (None, Some(SocketName::Client { local, .. })) => local,
                 _ => addr::unspecified(v6),

@@ -219,6 +219,13 @@ mod tests {
         assert!(!is_accepted_connection(accepted.as_raw_fd(), b"ax/other/"));
         let (a, _b) = UnixStream::pair().unwrap();
         assert!(!is_accepted_connection(a.as_raw_fd(), tag.as_bytes()));
+        // The anchor of the private namespace is kept too; nothing else is.
+        let anchor =
+            UnixListener::bind_addr(&SocketAddr::from_abstract_name(format!("{tag}p")).unwrap())
+                .unwrap();
+        assert!(is_anchor(anchor.as_raw_fd(), tag.as_bytes()));
+        assert!(!is_anchor(listener.as_raw_fd(), tag.as_bytes()));
+        assert!(!is_anchor(a.as_raw_fd(), tag.as_bytes()));
     }
 
     /// A UNIX stream socket bound to abstract `name`, connected to abstract
