@@ -10,7 +10,8 @@
 //! lives in `P` ([`Sockets::is_private`]), whatever its name says.
 //!
 //! The pool is refilled in batches by a thread of its own, off the hot
-//! path, so that a connect costs no extra round trip. A successor daemon
+//! path, so that a connect costs no extra round trip; at rest it holds
+//! exactly [`SPARE`] sockets. A successor daemon
 //! keeps using the same `P` (the listeners it takes over live there): it
 //! finds it through the predecessor's anchor, a socket bound to
 //! `ax/<instance>/p` in `P` that the fd keeper keeps
@@ -27,10 +28,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-/// Sockets asked for at once.
-const BATCH: usize = 128;
-/// The refill thread tops the pool up below this many.
-const LOW: usize = 48;
+/// Spare sockets the pool keeps: the refill thread tops it up to exactly
+/// this many after every use, so that at rest the daemon's fd count is
+/// always the same.
+const SPARE: usize = 64;
 /// After a failure to make a namespace, wait this long before trying again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -104,31 +105,35 @@ impl Sockets {
         {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = spare.pop() {
-                if spare.len() < LOW {
-                    self.low.notify_one();
-                }
+                self.low.notify_one();
                 return Ok(s);
             }
         }
-        let mut batch = self.make(BATCH).map_err(|e| {
+        let mut batch = self.make(SPARE).map_err(|e| {
             tracing::warn!(error = %e, "no socket in the broker's private network namespace");
             libc::ENOBUFS
         })?;
         self.start_refill();
         let first = batch.pop().ok_or(libc::ENOBUFS)?;
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        spare.extend(batch);
+        self.keep(batch);
         Ok(first)
+    }
+
+    /// Adds `batch` to the spare sockets, up to [`SPARE`]; the rest close.
+    fn keep(&self, batch: Vec<OwnedFd>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SPARE.saturating_sub(spare.len());
+        spare.extend(batch.into_iter().take(room));
+        if spare.len() < SPARE {
+            self.low.notify_one();
+        }
     }
 
     /// Makes sure `P` and a factory exist now (rather than at the first
     /// socket), so that a daemon can refuse to start without them.
     pub(crate) fn open(self: &Arc<Self>) -> io::Result<()> {
-        let batch = self.make(BATCH)?;
-        self.spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(batch);
+        let batch = self.make(SPARE)?;
+        self.keep(batch);
         self.start_refill();
         Ok(())
     }
@@ -352,17 +357,14 @@ fn refill_loop(weak: Weak<Sockets>) {
             let spare = sockets.spare.lock().unwrap_or_else(|e| e.into_inner());
             let (spare, _) = sockets
                 .low
-                .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= LOW)
+                .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= SPARE)
                 .unwrap_or_else(|e| e.into_inner());
-            spare.len() < LOW
+            SPARE.saturating_sub(spare.len())
         };
-        if need {
-            match sockets.make(BATCH) {
-                Ok(batch) => sockets
-                    .spare
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(batch),
+        if need > 0 {
+            match sockets.make(need) {
+                Ok(batch) => sockets.keep(batch),
+                // Back off: the next take asks again.
                 Err(_) => std::thread::sleep(RETRY),
             }
         }
