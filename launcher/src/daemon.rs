@@ -385,10 +385,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
     }
-    if let Some(k) = keeper {
-        k.stop();
-        let _ = std::fs::remove_file(&keeper_path);
-    }
     stop_hosts.store(true, Ordering::Relaxed);
     if let Some(t) = hosts_thread {
         let _ = t.join();
@@ -401,6 +397,13 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             apps = running,
             "apps still running; their socket calls wait until a daemon serves them again"
         );
+    }
+    // With apps still running, the keeper outlives this daemon as after a
+    // crash, holding the private network namespace's anchor for a
+    // successor: their listeners live there.
+    if let Some(k) = keeper.filter(|_| running == 0) {
+        k.stop();
+        let _ = std::fs::remove_file(&keeper_path);
     }
     rt.shutdown_timeout(Duration::from_millis(200));
     result?;
