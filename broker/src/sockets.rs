@@ -11,7 +11,7 @@
 //!
 //! The pool is refilled in batches by a thread of its own, off the hot
 //! path, so that a connect costs no extra round trip; at rest it holds
-//! exactly [`SPARE`] sockets. A successor daemon
+//! exactly `SPARE` sockets. A successor daemon
 //! keeps using the same `P` (the listeners it takes over live there): it
 //! finds it through the predecessor's anchor, a socket bound to
 //! `ax/<instance>/p` in `P` that the fd keeper keeps
@@ -119,7 +119,7 @@ impl Sockets {
         Ok(first)
     }
 
-    /// Adds `batch` to the spare sockets, up to [`SPARE`]; the rest close.
+    /// Adds `batch` to the spare sockets, up to `SPARE`; the rest close.
     fn keep(&self, batch: Vec<OwnedFd>) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let room = SPARE.saturating_sub(spare.len());
@@ -415,5 +415,26 @@ mod tests {
         let many: Vec<_> = (0..300).map(|_| sockets.take().unwrap()).collect();
         assert!(many.iter().all(|s| sockets.is_private(s)));
         assert!(sockets.factory_pid().is_some());
+    }
+
+    #[test]
+    fn a_killed_factory_is_replaced_in_the_same_namespace() {
+        let sockets = Sockets::new(0x5eed_0002);
+        if sockets.open().is_err() {
+            return;
+        }
+        let before = netns_of(&sockets.take().unwrap());
+        let pid = sockets.factory_pid().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        // More than the pool holds: the factory is asked again.
+        for _ in 0..(3 * SPARE) {
+            let s = sockets.take().unwrap();
+            assert_eq!(netns_of(&s), before);
+        }
+        assert_ne!(sockets.factory_pid(), Some(pid));
     }
 }
