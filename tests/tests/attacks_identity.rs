@@ -112,6 +112,10 @@ for fake in fakes.split(","):
     s.settimeout(5)
     try:
         s.bind("\0" + fake)
+        # A name it chose does not make its socket one of ax's.
+        own = s.getsockname()
+        own = own.encode() if isinstance(own, str) else own
+        print("SOCKNAME", "own" if own == b"\0" + fake.encode() else "other", own, flush=True)
         s.connect("\0" + listener)
         s.sendall(b"forged\n")
         print("FORGED served", fake, s.recv(100), flush=True)
@@ -245,6 +249,11 @@ fn a_forged_client_name_is_not_an_identity() {
     assert!(
         !out.contains("FORGED served"),
         "a forged client reached the listener: {out}"
+    );
+    assert_eq!(
+        out.matches("SOCKNAME own").count(),
+        2,
+        "getsockname on a program's own UNIX socket answered by ax: {out}"
     );
     assert!(
         out.contains("HONEST b'echo:honest\\n'"),
