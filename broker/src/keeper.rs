@@ -83,7 +83,7 @@ pub(crate) fn take_salvaged_anchor(instance: u32) -> Option<OwnedFd> {
 }
 
 /// True for a socket bound to the anchor name of `instance`.
-fn is_anchor(fd: &OwnedFd, instance: u32) -> bool {
+pub(crate) fn is_anchor(fd: &OwnedFd, instance: u32) -> bool {
     rustix::net::getsockname(fd)
         .ok()
         .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok())

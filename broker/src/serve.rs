@@ -258,6 +258,15 @@ impl Broker {
         self.shared.sockets.open()
     }
 
+    /// Before [`Broker::open_private_namespace`], when no predecessor's
+    /// anchor was salvaged: looks for the predecessor's private namespace
+    /// among the sockets of `pids` (the programs of the apps it served)
+    /// and their descendants — a listener of this instance in a namespace
+    /// the daemon's user owns. True when one was found.
+    pub fn find_private_namespace(&self, pids: &[u32]) -> bool {
+        self.shared.sockets.find_in_processes(pids)
+    }
+
     /// The kernel's table of UNIX sockets (the text of `/proc/net/unix`)
     /// of the broker's private network namespace, where its listeners are.
     ///

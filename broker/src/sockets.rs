@@ -203,6 +203,92 @@ impl Sockets {
         request(&f.channel, n)
     }
 
+    /// True when a way into an earlier `P` is known (an anchor salvaged
+    /// from the predecessor's fd keeper, or one offered), or `P` is open.
+    pub(crate) fn has_anchor(&self) -> bool {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if maker.anchor.is_none() {
+            maker.anchor = crate::keeper::take_salvaged_anchor(self.instance);
+        }
+        maker.anchor.is_some() || self.ns.get().is_some()
+    }
+
+    /// Offers `sock`, a listener of this instance found in a process of an
+    /// app a predecessor served, as the way into `P` when nothing better
+    /// is known. `P` is then anchored again under [`anchor_name`].
+    fn offer(&self, sock: OwnedFd) -> bool {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if maker.anchor.is_some() || maker.factory.is_some() || self.ns.get().is_some() {
+            return false;
+        }
+        maker.anchor = Some(sock);
+        true
+    }
+
+    /// Looks for `P` among the sockets of `pids` and their descendants (the
+    /// programs of the apps a predecessor served, from its state file): a
+    /// listener named for this instance, in a network namespace other
+    /// than ours whose owner is ours (root) or a user namespace we own
+    /// (rootless). Only when no anchor was salvaged.
+    pub(crate) fn find_in_processes(&self, pids: &[u32]) -> bool {
+        if self.has_anchor() {
+            return false;
+        }
+        let (Ok(own_net), Ok(own_user)) = (
+            std::fs::File::open("/proc/self/ns/net").and_then(|f| ns_id(&f)),
+            std::fs::File::open("/proc/self/ns/user").and_then(|f| ns_id(&f)),
+        ) else {
+            return false;
+        };
+        let root = rustix::process::geteuid().is_root();
+        for pid in process_tree(pids) {
+            let Ok(pidfd) = ax_sys::process::pidfd_open(pid, false) else {
+                continue;
+            };
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for entry in fds.flatten() {
+                let is_socket = std::fs::read_link(entry.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+                let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                    continue;
+                };
+                if !is_socket {
+                    continue;
+                }
+                let Ok(sock) = ax_sys::process::pidfd_getfd(pidfd.as_fd(), fd) else {
+                    continue;
+                };
+                let ours = matches!(
+                    crate::handlers::own_name(&sock),
+                    Some(crate::names::SocketName::Listener { instance, .. }) if instance == self.instance
+                );
+                if !ours {
+                    continue;
+                }
+                let Ok(netns) = ax_sys::netns::socket_netns(sock.as_fd()) else {
+                    continue;
+                };
+                let owner = ax_sys::netns::namespace_owner(netns.as_fd()).and_then(|o| ns_id(&o));
+                let trusted = match (ns_id(&netns), owner) {
+                    (Ok(net), Ok(owner)) => net != own_net && (owner == own_user) == root,
+                    _ => false,
+                };
+                if trusted && self.offer(sock) {
+                    tracing::info!(
+                        pid,
+                        fd,
+                        "no anchor kept by the previous daemon's fd keeper: entering its private \
+                         network namespace through a listener of one of its apps"
+                    );
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Starts a factory: in `P` when an anchor (ours, or one salvaged from
     /// a predecessor) names it, else in a new namespace that becomes `P`.
     fn start(&self, maker: &mut Maker) -> io::Result<()> {
@@ -220,6 +306,19 @@ impl Sockets {
                         factory = factory.pid,
                         "socket factory started in the private network namespace kept from before"
                     );
+                    // Entered through an app's listener: anchor `P` again,
+                    // for the next successor.
+                    if !crate::keeper::is_anchor(anchor, self.instance) {
+                        let fresh = request(&factory.channel, 1).ok().and_then(|mut v| v.pop());
+                        if let Some(fresh) = fresh {
+                            let named =
+                                SocketAddrUnix::new_abstract_name(&anchor_name(self.instance))
+                                    .and_then(|a| rustix::net::bind(&fresh, &a));
+                            if named.is_ok() {
+                                maker.anchor = Some(fresh);
+                            }
+                        }
+                    }
                     maker.factory = Some(factory);
                     return Ok(());
                 }
@@ -346,6 +445,30 @@ fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
         return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
     }
     Ok(out)
+}
+
+/// `pids` and their descendants (`/proc/PID/task/*/children`).
+fn process_tree(pids: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    let mut todo: Vec<u32> = pids.iter().copied().filter(|&p| p != 0).collect();
+    while let Some(pid) = todo.pop() {
+        if out.contains(&pid) || out.len() >= 10_000 {
+            continue;
+        }
+        out.push(pid);
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
 }
 
 fn refill_loop(weak: Weak<Sockets>) {

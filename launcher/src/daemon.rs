@@ -197,6 +197,15 @@ impl Daemon {
     }
 }
 
+/// The program pids of the apps in a predecessor's state file.
+fn predecessor_pids(state: &Path) -> Vec<u32> {
+    std::fs::read_to_string(state)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Snapshot>(&text).ok())
+        .map(|snap| snap.apps.iter().map(|a| a.pid).collect())
+        .unwrap_or_default()
+}
+
 /// The inodes of the sockets held by `root` and its descendants.
 fn socket_inodes_of_tree(root: u32) -> std::collections::HashSet<u64> {
     let mut out = std::collections::HashSet::new();
@@ -278,6 +287,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // Every UNIX socket of the broker lives in a private network namespace
     // (the predecessor's, when its fd keeper kept it): without one, ax's
     // listeners would be open to every process here. Fail closed.
+    // Without the predecessor's anchor (its fd keeper gone), the listeners
+    // of the apps it served lead there.
+    broker.find_private_namespace(&predecessor_pids(&paths::beside(&path, ".state")));
     broker
         .open_private_namespace()
         .context("refusing to start")?;

@@ -315,3 +315,47 @@ fn a_restarted_daemon_adopts_no_look_alike_listener() {
     );
     thief.kill();
 }
+
+/// Not an attack, the take-over it must not break: a successor whose
+/// predecessor's fd keeper is gone (and with it the anchor of the private
+/// network namespace) finds the namespace through the listener of an app
+/// it takes over, and serves that app's service.
+#[test]
+fn a_successor_without_the_fd_keeper_finds_the_namespace() {
+    require!("python3");
+    let mut d = Daemon::start();
+    let _server = echo_server(&d, "10.233.0.40", 8000);
+    let record = format!("{}.keeper", d.socket().display());
+    let keeper: u32 = std::fs::read_to_string(&record)
+        .unwrap_or_else(|e| panic!("{record}: {e}"))
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("keeper pid");
+    d.kill_hard();
+    let _ = ax_e2e::signal_pid(keeper, rustix::process::Signal::KILL);
+    poll(SHORT, Duration::from_millis(10), || {
+        (!ax_e2e::pid_is_alive(keeper)).then_some(())
+    })
+    .expect("the fd keeper survived SIGKILL");
+    d.restart();
+    poll(SHORT, Duration::from_millis(20), || {
+        d.log()
+            .contains("app handed over again after a daemon restart")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the app was not handed back:\n{}", d.log()));
+    let mut client = d.spawn(&[], &py(MANY_CLIENTS, &["10.233.0.40", "8000", "5"]));
+    let out = client.wait_for_stdout("DONE", SHORT);
+    assert_eq!(
+        out.lines().filter(|l| l.contains("REPLY b'echo:c")).count(),
+        5,
+        "clients: {out}\ndaemon log:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("through a listener of one of its apps"),
+        "{}",
+        d.log()
+    );
+}
