@@ -3,8 +3,9 @@
 //! whose listener ax swapped for a UNIX one.
 //!
 //! The server may be asleep in `epoll` on its UNIX listener, so the broker
-//! rings: it connects a UNIX socket named `ax/<instance>/d/<token>` to the
-//! listener and keeps the real connection under `<token>`. When the
+//! rings: it connects a UNIX socket named `ax/<instance>/d/<token>` (in its
+//! private network namespace, see `crate::sockets`, so that no other
+//! process can ring or pose as a doorbell) to the listener and keeps the real connection under `<token>`. When the
 //! server's trapped `accept` takes the doorbell, the broker installs the
 //! real connection in its place and writes the real client's address.
 //! Data never passes through the broker.
@@ -16,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A doorbell nobody answered within this long is dropped with its
@@ -65,17 +66,17 @@ impl Doors {
     pub(crate) fn ring(
         &self,
         instance: u32,
+        sockets: &Arc<crate::sockets::Sockets>,
         conn: OwnedFd,
         endpoints: &[UnixEndpoint],
     ) -> Result<(), (io::Error, OwnedFd)> {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bell = (|| {
-            let bell = rustix::net::socket_with(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::STREAM,
-                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-                None,
-            )?;
+            // In the broker's private namespace, with its listeners.
+            let bell = sockets
+                .take()
+                .map_err(rustix::io::Errno::from_raw_os_error)?;
+            rustix::io::ioctl_fionbio(&bell, true)?;
             let name = rustix::net::SocketAddrUnix::new_abstract_name(&bell_name(instance, token))?;
             rustix::net::bind(&bell, &name)?;
             Ok::<_, rustix::io::Errno>(bell)

@@ -66,6 +66,30 @@ impl FdKeeper {
     }
 }
 
+/// The predecessor's anchor in its private network namespace, found by
+/// [`salvage`], until the broker takes it (`crate::sockets`).
+static SALVAGED_ANCHOR: std::sync::Mutex<Option<(u32, OwnedFd)>> = std::sync::Mutex::new(None);
+
+/// The anchor [`salvage`] found for `instance`, once.
+pub(crate) fn take_salvaged_anchor(instance: u32) -> Option<OwnedFd> {
+    let mut slot = SALVAGED_ANCHOR.lock().unwrap_or_else(|e| e.into_inner());
+    match slot.take() {
+        Some((i, fd)) if i == instance => Some(fd),
+        other => {
+            *slot = other;
+            None
+        }
+    }
+}
+
+/// True for a socket bound to the anchor name of `instance`.
+pub(crate) fn is_anchor(fd: &OwnedFd, instance: u32) -> bool {
+    rustix::net::getsockname(fd)
+        .ok()
+        .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok())
+        .is_some_and(|u| u.abstract_name() == Some(&crate::sockets::anchor_name(instance)[..]))
+}
+
 /// [`salvage`] from a keeper described by a [`FdKeeper::record`].
 ///
 /// Call it only while holding the lock a daemon holds for its lifetime
@@ -89,7 +113,9 @@ pub fn salvage_recorded(record: &str, config: &BrokerConfig) -> HashMap<AppId, V
 
 /// Collects, from the keeper `pid` (started at `start_time`) of a daemon
 /// with the same `instance` that died, the connections it had accepted for
-/// servers and not handed over, by app; then ends the keeper. Anything
+/// servers and not handed over, by app; then ends the keeper. The
+/// predecessor's anchor in its private network namespace is kept for this
+/// daemon's broker, which then works in the same namespace. Anything
 /// that is not such a keeper yields nothing.
 pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppId, Vec<OwnedFd>> {
     let mut out: HashMap<AppId, Vec<OwnedFd>> = HashMap::new();
@@ -113,6 +139,11 @@ pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppI
         let Ok(conn) = ax_sys::process::pidfd_getfd(pidfd.as_fd(), fd) else {
             continue;
         };
+        if is_anchor(&conn, config.instance) {
+            *SALVAGED_ANCHOR.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((config.instance, conn));
+            continue;
+        }
         let own = crate::handlers::own_name(&conn);
         let peer = crate::handlers::peer_name(&conn);
         if let (Some(SocketName::Listener { instance, app, .. }), Some(SocketName::Client { .. })) =

@@ -17,6 +17,12 @@
 //! wildcard) becomes a UNIX listener at the same fd number, a `connect` to a
 //! virtual IP:port becomes a UNIX socket connected to it.
 //!
+//! Every UNIX socket the broker creates lives in a private network
+//! namespace no program is in (made by a small child process, the socket
+//! factory): no other process can see, reach, bind or imitate its abstract
+//! names, and a socket counts as the broker's only if it lives there. See
+//! [`Broker::open_private_namespace`].
+//!
 //! # Embedding
 //!
 //! ```no_run
@@ -52,6 +58,7 @@ mod names;
 mod orphans;
 mod pool;
 mod serve;
+mod sockets;
 mod stash;
 mod target;
 pub mod verify;

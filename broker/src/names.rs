@@ -5,6 +5,11 @@
 //! and a broker restart lose nothing. An accepted socket shares its
 //! listener's name, and its peer's name tells who connected to what.
 //!
+//! The names live in the broker's private network namespace (see
+//! `crate::sockets`), not the host's: only the broker binds names there,
+//! so a name is believed only on a socket in that namespace. Anywhere
+//! else the same bytes are just a name some process chose.
+//!
 //! ```text
 //! ax/<instance>/l4/<app>/<bound ip>/<port>                 listener (bind)
 //! ax/<instance>/c6/<local ip>/<port>/<peer ip>/<port>      client (connect)

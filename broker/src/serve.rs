@@ -60,6 +60,9 @@ pub(crate) struct Shared {
     pub(crate) doors: crate::doors::Doors,
     /// Apps that restricted themselves (their egress goes to the kernel).
     pub(crate) self_restricted: crate::handlers::restrict::SelfRestricted,
+    /// Every UNIX socket the broker creates comes from here, in its private
+    /// network namespace.
+    pub(crate) sockets: Arc<crate::sockets::Sockets>,
 }
 
 impl Shared {
@@ -115,12 +118,13 @@ impl Broker {
         Self {
             shared: Arc::new(Shared {
                 directory,
-                config,
                 next_client_port: AtomicU32::new(0),
                 accept_lock: Mutex::new(()),
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
                 self_restricted: Default::default(),
+                sockets: crate::sockets::Sockets::new(config.instance),
+                config,
             }),
         }
     }
@@ -138,7 +142,12 @@ impl Broker {
     ) -> io::Result<()> {
         self.shared
             .doors
-            .ring(self.shared.config.instance, conn, endpoints)
+            .ring(
+                self.shared.config.instance,
+                &self.shared.sockets,
+                conn,
+                endpoints,
+            )
             .map_err(|(e, _conn)| e)
     }
 
@@ -148,6 +157,50 @@ impl Broker {
     /// leaves no trace in `/proc`) is not known.
     pub fn assume_self_restricted(&self, app: AppId) {
         self.shared.self_restricted.mark(app);
+    }
+
+    /// Creates (or, after [`keeper::salvage`] found a predecessor's,
+    /// enters) the private network namespace every UNIX socket of this
+    /// broker lives in, and starts its socket factory, now rather than at
+    /// the first trapped call. A daemon calls this at start and refuses to
+    /// run without it; an embedder that does not gets it lazily, and calls
+    /// that find no socket fail with `ENOBUFS`.
+    ///
+    /// # Errors
+    /// Why no namespace could be had (namespaces disabled, …).
+    ///
+    /// [`keeper::salvage`]: crate::keeper::salvage
+    pub fn open_private_namespace(&self) -> io::Result<()> {
+        self.shared.sockets.open()
+    }
+
+    /// Before [`Broker::open_private_namespace`], when no predecessor's
+    /// anchor was salvaged: looks for the predecessor's private namespace
+    /// among the sockets of `pids` (the programs of the apps it served)
+    /// and their descendants — a listener of this instance in a namespace
+    /// the daemon's user owns. True when one was found.
+    pub fn find_private_namespace(&self, pids: &[u32]) -> bool {
+        self.shared.sockets.find_in_processes(pids)
+    }
+
+    /// The kernel's table of UNIX sockets (the text of `/proc/net/unix`)
+    /// of the broker's private network namespace, where its listeners are.
+    ///
+    /// # Errors
+    /// `ENOENT` when no namespace was opened yet; the read's error.
+    pub fn private_unix_table(&self) -> io::Result<String> {
+        let pid = self
+            .shared
+            .sockets
+            .factory_pid()
+            .ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
+        std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+    }
+
+    /// True when `fd` is a socket in the broker's private network
+    /// namespace: one the broker made, whatever its name.
+    pub fn is_private_socket(&self, fd: &impl std::os::fd::AsFd) -> bool {
+        self.shared.sockets.is_private(fd)
     }
 
     /// The settings in force.

@@ -246,19 +246,30 @@ impl Daemon {
         }
     }
 
-    /// Registers the listeners found in this network namespace that an
-    /// earlier daemon (same socket, same instance) installed for `apps`.
+    /// Registers the listeners an earlier daemon (same socket, same
+    /// instance) installed for its apps: found in the broker's private
+    /// network namespace (where only the broker binds names), and only
+    /// those a process of that app holds.
     fn rediscover_services(&self) {
         let instance = self.broker.config().instance;
-        let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-            return;
+        let table = match self.broker.private_unix_table() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the private namespace's sockets; no service taken over");
+                return;
+            }
         };
+        let mut held: std::collections::HashMap<AppId, std::collections::HashSet<u64>> =
+            Default::default();
         for line in table.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             // Num RefCount Protocol Flags Type St Inode Path
             if cols.len() < 8 || cols[3] != "00010000" {
                 continue;
             }
+            let Ok(inode) = cols[6].parse::<u64>() else {
+                continue;
+            };
             let Some(name) = cols[7].strip_prefix('@') else {
                 continue;
             };
@@ -272,6 +283,17 @@ impl Daemon {
                 continue;
             };
             if inst != instance {
+                continue;
+            }
+            let inodes = held.entry(app).or_insert_with(|| {
+                self.registry
+                    .apps()
+                    .iter()
+                    .find(|a| a.id == app)
+                    .map_or_else(Default::default, |a| socket_inodes_of_tree(a.pid))
+            });
+            if !inodes.contains(&inode) {
+                tracing::warn!(app, addr = %bound, inode, "not taking over a listener no process of its app holds");
                 continue;
             }
             let vips = self.registry.app_vips(app);
@@ -339,6 +361,57 @@ impl Daemon {
     }
 }
 
+/// The program pids of the apps in a predecessor's state file.
+fn predecessor_pids(state: &Path) -> Vec<u32> {
+    std::fs::read_to_string(state)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Snapshot>(&text).ok())
+        .map(|snap| snap.apps.iter().map(|a| a.pid).collect())
+        .unwrap_or_default()
+}
+
+/// The inodes of the sockets held by `root` and its descendants.
+fn socket_inodes_of_tree(root: u32) -> std::collections::HashSet<u64> {
+    let mut out = std::collections::HashSet::new();
+    if root == 0 {
+        return out;
+    }
+    let mut todo = vec![root];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = todo.pop() {
+        if !seen.insert(pid) || seen.len() > 100_000 {
+            continue;
+        }
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for link in fds
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+            {
+                let link = link.to_string_lossy();
+                if let Some(ino) = link
+                    .strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    out.insert(ino);
+                }
+            }
+        }
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Runs `ax daemon` until SIGINT or SIGTERM; returns the exit status.
 pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     init_tracing();
@@ -384,6 +457,15 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     let directory: Arc<dyn Directory> = registry.clone();
     let broker = Broker::new(directory, config.clone());
+    // Every UNIX socket of the broker lives in a private network namespace
+    // (the predecessor's, when its fd keeper kept it): without one, ax's
+    // listeners would be open to every process here. Fail closed.
+    // Without the predecessor's anchor (its fd keeper gone), the listeners
+    // of the apps it served lead there.
+    broker.find_private_namespace(&predecessor_pids(&paths::beside(&path, ".state")));
+    broker
+        .open_private_namespace()
+        .context("refusing to start")?;
     // From here on, what this daemon holds outlives a SIGKILL long enough
     // for a successor to collect it.
     let keeper = match FdKeeper::start(&config) {
@@ -490,10 +572,6 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
     }
-    if let Some(k) = keeper {
-        k.stop();
-        let _ = std::fs::remove_file(&keeper_path);
-    }
     stop_hosts.store(true, Ordering::Relaxed);
     if let Some(t) = hosts_thread {
         let _ = t.join();
@@ -506,6 +584,13 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             apps = running,
             "apps still running; their socket calls wait until a daemon serves them again"
         );
+    }
+    // With apps still running, the keeper outlives this daemon as after a
+    // crash, holding the private network namespace's anchor for a
+    // successor: their listeners live there.
+    if let Some(k) = keeper.filter(|_| running == 0) {
+        k.stop();
+        let _ = std::fs::remove_file(&keeper_path);
     }
     rt.shutdown_timeout(Duration::from_millis(200));
     result?;

@@ -864,6 +864,44 @@ impl Daemon {
         self.adopted.unwrap_or_else(|| self.child.id())
     }
 
+    /// The pid of the serving daemon's socket factory: its child named
+    /// `ax-sockets`, a process in the private network namespace where every
+    /// UNIX socket of the broker lives (and no program is).
+    pub fn private_ns_pid(&self) -> u32 {
+        let daemon = self.pid();
+        poll(Duration::from_secs(10), Duration::from_millis(20), || {
+            descendants(daemon).into_iter().find(|&p| {
+                p != daemon
+                    && fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|c| c.trim_end() == "ax-sockets")
+            })
+        })
+        .unwrap_or_else(|| panic!("daemon {daemon} has no ax-sockets child"))
+    }
+
+    /// The kernel's UNIX socket table (`/proc/net/unix`) of the daemon's
+    /// private network namespace, read through its factory's
+    /// `/proc/PID/net/unix` (readable by the same uid).
+    pub fn private_unix_table(&self) -> String {
+        let pid = self.private_ns_pid();
+        fs::read_to_string(format!("/proc/{pid}/net/unix"))
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/net/unix: {e}"))
+    }
+
+    /// `argv` run inside the daemon's private network namespace (`nsenter`;
+    /// as a non-root user, through the user namespace that owns it, which
+    /// the daemon's user created), e.g. `ss -xpn` to see ax's sockets.
+    pub fn in_private_ns<S: AsRef<OsStr>>(&self, argv: &[S]) -> Command {
+        let pid = self.private_ns_pid().to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["--target", &pid, "--net"]);
+        if euid() != 0 {
+            cmd.args(["--user", "--preserve-credentials"]);
+        }
+        cmd.arg("--").args(argv);
+        cmd
+    }
+
     /// The daemon's temp dir (for scratch files of the test).
     pub fn dir(&self) -> &Path {
         self.dir.path()

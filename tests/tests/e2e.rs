@@ -53,7 +53,7 @@ fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// One socket as `ss -xpn` / `ss -tanp` print it.
+/// One socket as `ss -xn` prints it.
 #[derive(Debug, Clone)]
 struct SsRow {
     netid: String,
@@ -62,11 +62,10 @@ struct SsRow {
     lport: String,
     peer: String,
     rport: String,
-    procs: Vec<(u32, u32)>,
     line: String,
 }
 
-/// Parses `ss -xpn` output (columns: Netid State Recv-Q Send-Q Local Port Peer Port Process).
+/// Parses `ss -xn` output (columns: Netid State Recv-Q Send-Q Local Port Peer Port).
 fn parse_ss_x(out: &str) -> Vec<SsRow> {
     out.lines()
         .skip(1)
@@ -82,31 +81,10 @@ fn parse_ss_x(out: &str) -> Vec<SsRow> {
                 lport: f[5].into(),
                 peer: f[6].into(),
                 rport: f[7].into(),
-                procs: parse_procs(line),
                 line: line.to_string(),
             })
         })
         .collect()
-}
-
-/// `(pid, fd)` pairs of an `ss -p` process column: `users:(("python3",pid=12,fd=3))`.
-fn parse_procs(line: &str) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
-    let mut rest = line;
-    while let Some(i) = rest.find("pid=") {
-        rest = &rest[i + 4..];
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        let Some(j) = rest.find("fd=") else { break };
-        let fd: String = rest[j + 3..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        if let (Ok(pid), Ok(fd)) = (pid.parse(), fd.parse()) {
-            out.push((pid, fd));
-        }
-        rest = &rest[j + 3..];
-    }
-    out
 }
 
 fn ss(args: &[&str]) -> String {
@@ -125,6 +103,24 @@ fn socket_inode(pid: u32, fd: u32) -> String {
         .and_then(|s| s.strip_suffix(']'))
         .unwrap_or_else(|| panic!("/proc/{pid}/fd/{fd} is {link:?}, not a socket"))
         .to_string()
+}
+
+/// The `(pid, fd)` pairs among `pids` that hold the socket `inode`.
+fn procs_of_inode(pids: &[u32], inode: &str) -> Vec<(u32, u32)> {
+    let want = format!("socket:[{inode}]");
+    let mut out = Vec::new();
+    for &pid in pids {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in fds.flatten() {
+            let is = fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want);
+            if let (true, Some(fd)) = (is, e.file_name().to_str().and_then(|n| n.parse().ok())) {
+                out.push((pid, fd));
+            }
+        }
+    }
+    out
 }
 
 /// The first backend's UNIX listener as `ss` prints it (`@name` for
@@ -265,15 +261,26 @@ fn http_server_and_curl_talk_over_unix_sockets() {
         client.pid()
     );
 
-    let xs = ss(&["-xpn"]);
+    // ax's UNIX sockets live in the daemon's private network namespace:
+    // the host's table shows none of them, the private one shows them.
+    let host_table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    assert!(
+        !host_table.contains("@ax/"),
+        "ax names visible in the host's network namespace:\n{host_table}"
+    );
+    // `ss -p` cannot name processes from inside another user namespace:
+    // sockets are matched by inode, from the programs' /proc/PID/fd.
+    let xs = run(&mut d.in_private_ns(&["ss", "-xn"]), SHORT)
+        .assert_success()
+        .stdout
+        .clone();
     let rows = parse_ss_x(&xs);
+    let client_inode = socket_inode(cpid, cfd);
     let crow = rows
         .iter()
-        .find(|r| r.procs.contains(&(cpid, cfd)))
+        .find(|r| r.lport == client_inode)
         .unwrap_or_else(|| {
-            panic!(
-                "client socket (pid {cpid}, fd {cfd}) is not an AF_UNIX socket in ss -xpn:\n{xs}"
-            )
+            panic!("client socket (pid {cpid}, fd {cfd}) is not an AF_UNIX socket in ss -xn:\n{xs}")
         })
         .clone();
     assert_eq!(crow.netid, "u_str", "client socket: {}", crow.line);
@@ -305,16 +312,13 @@ fn http_server_and_curl_talk_over_unix_sockets() {
         "server end's peer is not the client: {}",
         srow.line
     );
-    let (spid, sfd) = *srow
-        .procs
-        .iter()
-        .find(|(pid, _)| server_pids.contains(pid))
-        .unwrap_or_else(|| {
-            panic!(
-                "the client's peer socket is not owned by the server (pids {server_pids:?}): {}",
-                srow.line
-            )
-        });
+    let owners = procs_of_inode(&server_pids, &srow.lport);
+    let (spid, sfd) = *owners.first().unwrap_or_else(|| {
+        panic!(
+            "the client's peer socket is not owned by the server (pids {server_pids:?}): {}",
+            srow.line
+        )
+    });
     assert_eq!(socket_inode(spid, sfd), srow.lport);
     assert!(
         srow.local.starts_with("@ax/") && srow.local.contains("/8000"),
@@ -1247,6 +1251,18 @@ fn get_apps_and_services() {
     assert!(
         endpoint.starts_with("@ax/") && endpoint.ends_with("/8400"),
         "endpoint name {endpoint:?} in {svc}"
+    );
+    // The name is the kernel's, in the daemon's private network namespace
+    // only.
+    let private = d.private_unix_table();
+    assert!(
+        private.contains(&format!(" {endpoint}\n")),
+        "{endpoint} not in the private namespace's /proc/net/unix:\n{private}"
+    );
+    let host = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    assert!(
+        !host.contains(&endpoint),
+        "{endpoint} visible in the host's /proc/net/unix"
     );
 
     // Tables.

@@ -7,6 +7,9 @@
 //!   `*addrlen` as the kernel does, with the full length stored back), and
 //!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
 //!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
+//!   A connection the broker did not make (its peer is not a client or
+//!   doorbell socket the broker bound in its private namespace) is closed
+//!   and the call fails with `ECONNABORTED`.
 //!
 //! A blocking accept with nothing to accept yet is parked: the app's receive
 //! loop polls the listener beside the notify fd and finishes the call when a
@@ -280,7 +283,19 @@ fn complete(
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     let (conn, peer) = match caller_of(call, &conn) {
         Caller::Client(local) => (conn, local),
-        Caller::Unknown => (conn, addr::unspecified(v6)),
+        // Not a connection the broker made (in its private namespace only
+        // the broker binds names, so this is e.g. a program's own swapped
+        // socket connected natively): never reported with a made-up
+        // address. The program sees it as a connection reset before it
+        // was accepted, and accepts again.
+        Caller::Unknown => {
+            tracing::warn!(
+                app = call.app,
+                "dropped a connection to a listener of ax that the broker did not make"
+            );
+            drop(conn);
+            return Err(libc::ECONNABORTED);
+        }
         Caller::Door(token) => {
             let Some(real) = call.shared.doors.answer(token) else {
                 // Nobody keeps a connection for it: servers retry this.
@@ -315,7 +330,13 @@ enum Caller {
     Unknown,
 }
 
+/// Who connected: only a peer in the broker's private namespace bound to
+/// a client or doorbell name — names only the broker binds there — is
+/// believed.
 fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
+    if !call.shared.sockets.is_private(conn) {
+        return Caller::Unknown;
+    }
     let name = rustix::net::getpeername(conn)
         .ok()
         .flatten()
@@ -419,7 +440,14 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 Ok(Sock::Swapped { name, .. }) => name.is_v6(),
                 _ => super::own_name(&conn).is_some_and(|n| n.is_v6()),
             };
-            let peer = match (crate::doors::inet_peer(&conn), peer_name(&conn)) {
+            // A name is believed only on a socket the broker made.
+            let named = call
+                .shared
+                .sockets
+                .is_private(&conn)
+                .then(|| peer_name(&conn))
+                .flatten();
+            let peer = match (crate::doors::inet_peer(&conn), named) {
                 (Some(real), _) => in_family(real, v6),
                 (None, Some(SocketName::Client { local, .. })) => local,
                 _ => addr::unspecified(v6),

@@ -124,7 +124,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         port: want.port(),
     };
     let bound_socket = |endpoint: &UnixEndpoint| -> Result<OwnedFd, Errno> {
-        let sock = unix_socket()?;
+        let sock = unix_socket(call.shared)?;
         rustix::net::bind(&sock, &endpoint_addr(endpoint)?).map_err(|e| e.raw_os_error())?;
         Ok(sock)
     };
@@ -138,7 +138,9 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         None
     };
     let port = dir
-        .bind(&req, &name_for, &endpoint_alive)
+        .bind(&req, &name_for, &|ep: &UnixEndpoint| {
+            endpoint_alive(call.shared, ep)
+        })
         .map_err(|e| e.errno())?;
     let endpoint = name_for(port);
     let installed = (|| {

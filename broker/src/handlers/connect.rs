@@ -641,7 +641,10 @@ impl HeldConnect {
         // connection closed).
         let mut endpoints = endpoints;
         loop {
-            match shared.doors.ring(shared.config.instance, conn, &endpoints) {
+            match shared
+                .doors
+                .ring(shared.config.instance, &shared.sockets, conn, &endpoints)
+            {
                 Ok(()) => {
                     tracing::debug!(app, %dst, "held connect handed to the service");
                     return;
@@ -686,13 +689,8 @@ pub(super) fn deliver(
         _ => local_port,
     };
     let local_ip = client_vip(&dir.app_vips(call.app), dst);
-    let sock = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )
-    .map_err(|e| e.raw_os_error())?;
+    let sock = super::unix_socket(call.shared)?;
+    set_nonblock(&sock, true)?;
     bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
@@ -710,7 +708,7 @@ pub(super) fn deliver(
                 })));
             }
             Err(e) => {
-                if !endpoint_alive(&endpoint) {
+                if !endpoint_alive(call.shared, &endpoint) {
                     dir.release(&endpoint);
                 }
                 tracing::debug!(app = call.app, %dst, %endpoint, error = %e, "backend did not accept; trying the next");

@@ -289,7 +289,9 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
                     instance == call.instance()
                 }
             };
-            if ours {
+            // Only a socket in the broker's private namespace is ours: a
+            // program may bind any name in its own.
+            if ours && call.shared.sockets.is_private(&fd) {
                 return Ok(Sock::Swapped { name, fd });
             }
         }
@@ -338,16 +340,11 @@ pub(crate) fn peer_name(fd: &OwnedFd) -> Option<SocketName> {
     parse_unix(rustix::net::getpeername(fd).ok()??)
 }
 
-/// A new `AF_UNIX` stream socket for the broker (close-on-exec here; the
-/// flag the target sees is chosen at install time).
-pub(crate) fn unix_socket() -> Result<OwnedFd, Errno> {
-    rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| e.raw_os_error())
+/// A new `AF_UNIX` stream socket for the broker, in its private network
+/// namespace (close-on-exec here; the flag the target sees is chosen at
+/// install time). `ENOBUFS` when there is none to be had.
+pub(crate) fn unix_socket(shared: &Shared) -> Result<OwnedFd, Errno> {
+    shared.sockets.take()
 }
 
 /// The socket address of an endpoint.
@@ -360,11 +357,12 @@ pub(crate) fn endpoint_addr(ep: &UnixEndpoint) -> Result<SocketAddrUnix, Errno> 
 }
 
 /// True while a listener holds `ep`. An abstract name is free again the
-/// moment its last socket closes, so a probe bind tells.
-pub(crate) fn endpoint_alive(ep: &UnixEndpoint) -> bool {
+/// moment its last socket closes, so a probe bind (in the broker's private
+/// namespace, where its listeners are) tells.
+pub(crate) fn endpoint_alive(shared: &Shared, ep: &UnixEndpoint) -> bool {
     match ep {
         UnixEndpoint::Abstract(_) => {
-            let (Ok(sock), Ok(addr)) = (unix_socket(), endpoint_addr(ep)) else {
+            let (Ok(sock), Ok(addr)) = (unix_socket(shared), endpoint_addr(ep)) else {
                 return true;
             };
             !matches!(rustix::net::bind(&sock, &addr), Ok(()))

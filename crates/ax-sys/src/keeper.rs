@@ -8,7 +8,8 @@
 //! keeper learns it from `PR_SET_PDEATHSIG`), the table is the keeper's
 //! alone: it closes everything except accepted server-side connections of
 //! this daemon (a UNIX stream socket named `<prefix>l…` whose peer is named
-//! `<prefix>c…`) — so that the daemon's control socket, its clients'
+//! `<prefix>c…`) and its anchor in its private network namespace (named
+//! `<prefix>p`, see [`crate::netns`]) — so that the daemon's control socket, its clients'
 //! connections and its lock close as they would have — and lingers until a
 //! successor has taken those connections (`pidfd_getfd`) and kills it, or
 //! for [`LINGER_SECS`].
@@ -136,7 +137,11 @@ unsafe fn close_all_but_accepted(prefix: &[u8]) {
                 fd = fd.saturating_mul(10).saturating_add((c - b'0') as i32);
                 digits += 1;
             }
-            if digits > 0 && fd != dir && !is_accepted_connection(fd, prefix) {
+            if digits > 0
+                && fd != dir
+                && !is_accepted_connection(fd, prefix)
+                && !is_anchor(fd, prefix)
+            {
                 // SAFETY: closing an fd of this (private) table.
                 unsafe { libc::close(fd) };
             }
@@ -149,33 +154,42 @@ unsafe fn close_all_but_accepted(prefix: &[u8]) {
 
 /// True for a UNIX socket named `\0<prefix>l…` whose peer is `\0<prefix>c…`.
 fn is_accepted_connection(fd: i32, prefix: &[u8]) -> bool {
-    let named = |peer: bool, kind: u8| {
-        // SAFETY: sockaddr_un is plain old data; zeroed is valid.
-        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        let ptr = (&mut sun as *mut libc::sockaddr_un).cast::<libc::sockaddr>();
-        // SAFETY: `sun` and `len` are valid for writing, sized as declared.
-        let rc = unsafe {
-            if peer {
-                libc::getpeername(fd, ptr, &mut len)
-            } else {
-                libc::getsockname(fd, ptr, &mut len)
-            }
-        };
-        if rc != 0 || sun.sun_family != libc::AF_UNIX as libc::sa_family_t {
-            return false;
+    named(fd, prefix, false, b'l') && named(fd, prefix, true, b'c')
+}
+
+/// True for the daemon's anchor in its private network namespace: a UNIX
+/// socket named `\0<prefix>p`.
+fn is_anchor(fd: i32, prefix: &[u8]) -> bool {
+    named(fd, prefix, false, b'p')
+}
+
+/// True when `fd` is a UNIX socket whose own name (or its peer's, with
+/// `peer`) is `\0<prefix><kind>…`.
+fn named(fd: i32, prefix: &[u8], peer: bool, kind: u8) -> bool {
+    // SAFETY: sockaddr_un is plain old data; zeroed is valid.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let ptr = (&mut sun as *mut libc::sockaddr_un).cast::<libc::sockaddr>();
+    // SAFETY: `sun` and `len` are valid for writing, sized as declared.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, ptr, &mut len)
+        } else {
+            libc::getsockname(fd, ptr, &mut len)
         }
-        let path_len = (len as usize).saturating_sub(2);
-        let path = &sun.sun_path[..path_len.min(sun.sun_path.len())];
-        path.len() > prefix.len() + 1
-            && path[0] == 0
-            && path[1..=prefix.len()]
-                .iter()
-                .zip(prefix)
-                .all(|(&a, &b)| a as u8 == b)
-            && path[prefix.len() + 1] as u8 == kind
     };
-    named(false, b'l') && named(true, b'c')
+    if rc != 0 || sun.sun_family != libc::AF_UNIX as libc::sa_family_t {
+        return false;
+    }
+    let path_len = (len as usize).saturating_sub(2);
+    let path = &sun.sun_path[..path_len.min(sun.sun_path.len())];
+    path.len() > prefix.len() + 1
+        && path[0] == 0
+        && path[1..=prefix.len()]
+            .iter()
+            .zip(prefix)
+            .all(|(&a, &b)| a as u8 == b)
+        && path[prefix.len() + 1] as u8 == kind
 }
 
 #[cfg(test)]
@@ -205,6 +219,13 @@ mod tests {
         assert!(!is_accepted_connection(accepted.as_raw_fd(), b"ax/other/"));
         let (a, _b) = UnixStream::pair().unwrap();
         assert!(!is_accepted_connection(a.as_raw_fd(), tag.as_bytes()));
+        // The anchor of the private namespace is kept too; nothing else is.
+        let anchor =
+            UnixListener::bind_addr(&SocketAddr::from_abstract_name(format!("{tag}p")).unwrap())
+                .unwrap();
+        assert!(is_anchor(anchor.as_raw_fd(), tag.as_bytes()));
+        assert!(!is_anchor(listener.as_raw_fd(), tag.as_bytes()));
+        assert!(!is_anchor(a.as_raw_fd(), tag.as_bytes()));
     }
 
     /// A UNIX stream socket bound to abstract `name`, connected to abstract

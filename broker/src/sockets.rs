@@ -1,0 +1,563 @@
+//! Where every UNIX socket the broker creates comes from: a pool filled by
+//! a socket factory ([`ax_sys::netns`]) in a private network namespace `P`
+//! that no program is in.
+//!
+//! Abstract names are per network namespace, fixed at `socket()` time: the
+//! broker binds and connects names in `P` from its own threads, while no
+//! process outside `P` sees them (they are not in the host's
+//! `/proc/net/unix`), connects to them, or binds a look-alike; and no
+//! program can create a socket in `P`. A socket is the broker's only if it
+//! lives in `P` ([`Sockets::is_private`]), whatever its name says.
+//!
+//! The pool is refilled in batches by a thread of its own, off the hot
+//! path, so that a connect costs no extra round trip; at rest it holds
+//! exactly `SPARE` sockets. A successor daemon
+//! keeps using the same `P` (the listeners it takes over live there): it
+//! finds it through the predecessor's anchor, a socket bound to
+//! `ax/<instance>/p` in `P` that the fd keeper keeps
+//! ([`crate::keeper::salvage`]). Without one, a new `P` is made and the
+//! loss logged.
+
+use crate::target::Errno;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags, SocketAddrUnix,
+};
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+/// Spare sockets the pool keeps: the refill thread tops it up to exactly
+/// this many after every use, so that at rest the daemon's fd count is
+/// always the same.
+const SPARE: usize = 64;
+/// After a failure to make a namespace, wait this long before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The anchor's abstract name in `P`.
+pub(crate) fn anchor_name(instance: u32) -> Vec<u8> {
+    format!("ax/{instance:08x}/p").into_bytes()
+}
+
+/// The identity of a namespace: its nsfs inode and device.
+type NsId = (u64, u64);
+
+fn ns_id(fd: &impl AsFd) -> io::Result<NsId> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A running factory and the namespace it makes sockets in.
+struct Maker {
+    factory: Option<ax_sys::netns::Factory>,
+    /// A socket in `P` bound to [`anchor_name`]: keeps `P` findable by a
+    /// successor (through the fd keeper) and lets a new factory join it.
+    anchor: Option<OwnedFd>,
+    last_failure: Option<(Instant, Errno)>,
+}
+
+impl Drop for Maker {
+    fn drop(&mut self) {
+        if let Some(f) = self.factory.take() {
+            ax_sys::netns::reap(f);
+        }
+    }
+}
+
+/// The broker's source of UNIX sockets in its private namespace.
+pub(crate) struct Sockets {
+    instance: u32,
+    spare: Mutex<Vec<OwnedFd>>,
+    low: Condvar,
+    maker: Mutex<Maker>,
+    /// `P`, once known.
+    ns: OnceLock<NsId>,
+    refill_started: OnceLock<()>,
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockets").finish_non_exhaustive()
+    }
+}
+
+impl Sockets {
+    pub(crate) fn new(instance: u32) -> Arc<Self> {
+        Arc::new(Sockets {
+            instance,
+            spare: Mutex::new(Vec::new()),
+            low: Condvar::new(),
+            maker: Mutex::new(Maker {
+                factory: None,
+                anchor: None,
+                last_failure: None,
+            }),
+            ns: OnceLock::new(),
+            refill_started: OnceLock::new(),
+        })
+    }
+
+    /// A fresh, unbound `AF_UNIX` stream socket in `P` (close-on-exec).
+    /// `ENOBUFS` when no private namespace can be had: a caller never lets
+    /// the kernel run a call for want of one.
+    pub(crate) fn take(self: &Arc<Self>) -> Result<OwnedFd, Errno> {
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(s) = spare.pop() {
+                self.low.notify_one();
+                return Ok(s);
+            }
+        }
+        let mut batch = self.make(SPARE).map_err(|e| {
+            tracing::warn!(error = %e, "no socket in the broker's private network namespace");
+            libc::ENOBUFS
+        })?;
+        self.start_refill();
+        let first = batch.pop().ok_or(libc::ENOBUFS)?;
+        self.keep(batch);
+        Ok(first)
+    }
+
+    /// Adds `batch` to the spare sockets, up to `SPARE`; the rest close.
+    fn keep(&self, batch: Vec<OwnedFd>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let room = SPARE.saturating_sub(spare.len());
+        spare.extend(batch.into_iter().take(room));
+        if spare.len() < SPARE {
+            self.low.notify_one();
+        }
+    }
+
+    /// Makes sure `P` and a factory exist now (rather than at the first
+    /// socket), so that a daemon can refuse to start without them.
+    pub(crate) fn open(self: &Arc<Self>) -> io::Result<()> {
+        let batch = self.make(SPARE)?;
+        self.keep(batch);
+        self.start_refill();
+        Ok(())
+    }
+
+    /// True when `fd` is a socket in `P`.
+    pub(crate) fn is_private(&self, fd: &impl AsFd) -> bool {
+        let Some(p) = self.ns.get() else {
+            return false;
+        };
+        // EPERM (a namespace we have no rights over) is not ours either.
+        ax_sys::netns::socket_netns(fd.as_fd())
+            .and_then(|ns| ns_id(&ns))
+            .is_ok_and(|id| id == *p)
+    }
+
+    /// The factory's pid (a process in `P`, whose `/proc/PID/net` shows
+    /// `P`), if one runs.
+    pub(crate) fn factory_pid(&self) -> Option<u32> {
+        let maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        maker.factory.as_ref().map(|f| f.pid)
+    }
+
+    fn start_refill(self: &Arc<Self>) {
+        if self.refill_started.set(()).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("ax-sockets".into())
+            .spawn(move || refill_loop(weak));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the socket pool's refill thread");
+        }
+    }
+
+    /// Up to `n` sockets from the factory, starting (or restarting) it in
+    /// `P` as needed.
+    fn make(&self, n: usize) -> io::Result<Vec<OwnedFd>> {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &maker.factory {
+            match request(&f.channel, n) {
+                Ok(socks) => return Ok(socks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the socket factory failed; starting another");
+                    if let Some(f) = maker.factory.take() {
+                        ax_sys::netns::reap(f);
+                    }
+                }
+            }
+        }
+        if let Some((when, errno)) = maker.last_failure {
+            if when.elapsed() < RETRY {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        match self.start(&mut maker) {
+            Ok(()) => {}
+            Err(e) => {
+                maker.last_failure = Some((Instant::now(), e.raw_os_error().unwrap_or(libc::EIO)));
+                return Err(e);
+            }
+        }
+        let f = maker
+            .factory
+            .as_ref()
+            .ok_or(io::Error::from_raw_os_error(libc::ECHILD))?;
+        request(&f.channel, n)
+    }
+
+    /// True when a way into an earlier `P` is known (an anchor salvaged
+    /// from the predecessor's fd keeper, or one offered), or `P` is open.
+    pub(crate) fn has_anchor(&self) -> bool {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if maker.anchor.is_none() {
+            maker.anchor = crate::keeper::take_salvaged_anchor(self.instance);
+        }
+        maker.anchor.is_some() || self.ns.get().is_some()
+    }
+
+    /// Offers `sock`, a listener of this instance found in a process of an
+    /// app a predecessor served, as the way into `P` when nothing better
+    /// is known. `P` is then anchored again under [`anchor_name`].
+    fn offer(&self, sock: OwnedFd) -> bool {
+        let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
+        if maker.anchor.is_some() || maker.factory.is_some() || self.ns.get().is_some() {
+            return false;
+        }
+        maker.anchor = Some(sock);
+        true
+    }
+
+    /// Looks for `P` among the sockets of `pids` and their descendants (the
+    /// programs of the apps a predecessor served, from its state file): a
+    /// listener named for this instance, in a network namespace other
+    /// than ours whose owner is ours (root) or a user namespace we own
+    /// (rootless). Only when no anchor was salvaged.
+    pub(crate) fn find_in_processes(&self, pids: &[u32]) -> bool {
+        if self.has_anchor() {
+            return false;
+        }
+        let (Ok(own_net), Ok(own_user)) = (
+            std::fs::File::open("/proc/self/ns/net").and_then(|f| ns_id(&f)),
+            std::fs::File::open("/proc/self/ns/user").and_then(|f| ns_id(&f)),
+        ) else {
+            return false;
+        };
+        let root = rustix::process::geteuid().is_root();
+        for pid in process_tree(pids) {
+            let Ok(pidfd) = ax_sys::process::pidfd_open(pid, false) else {
+                continue;
+            };
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for entry in fds.flatten() {
+                let is_socket = std::fs::read_link(entry.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+                let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                    continue;
+                };
+                if !is_socket {
+                    continue;
+                }
+                let Ok(sock) = ax_sys::process::pidfd_getfd(pidfd.as_fd(), fd) else {
+                    continue;
+                };
+                let ours = matches!(
+                    crate::handlers::own_name(&sock),
+                    Some(crate::names::SocketName::Listener { instance, .. }) if instance == self.instance
+                );
+                if !ours {
+                    continue;
+                }
+                let Ok(netns) = ax_sys::netns::socket_netns(sock.as_fd()) else {
+                    continue;
+                };
+                let owner = ax_sys::netns::namespace_owner(netns.as_fd()).and_then(|o| ns_id(&o));
+                let trusted = match (ns_id(&netns), owner) {
+                    (Ok(net), Ok(owner)) => net != own_net && (owner == own_user) == root,
+                    _ => false,
+                };
+                if trusted && self.offer(sock) {
+                    tracing::info!(
+                        pid,
+                        fd,
+                        "no anchor kept by the previous daemon's fd keeper: entering its private \
+                         network namespace through a listener of one of its apps"
+                    );
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Starts a factory: in `P` when an anchor (ours, or one salvaged from
+    /// a predecessor) names it, else in a new namespace that becomes `P`.
+    fn start(&self, maker: &mut Maker) -> io::Result<()> {
+        if maker.anchor.is_none() {
+            maker.anchor = crate::keeper::take_salvaged_anchor(self.instance);
+        }
+        if let Some(anchor) = &maker.anchor {
+            match join(anchor) {
+                Ok((factory, id)) => {
+                    if self.ns.get().is_some_and(|p| *p != id) {
+                        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+                    }
+                    let _ = self.ns.set(id);
+                    tracing::info!(
+                        factory = factory.pid,
+                        "socket factory started in the private network namespace kept from before"
+                    );
+                    // Entered through an app's listener: anchor `P` again,
+                    // for the next successor.
+                    if !crate::keeper::is_anchor(anchor, self.instance) {
+                        let fresh = request(&factory.channel, 1).ok().and_then(|mut v| v.pop());
+                        if let Some(fresh) = fresh {
+                            let named =
+                                SocketAddrUnix::new_abstract_name(&anchor_name(self.instance))
+                                    .and_then(|a| rustix::net::bind(&fresh, &a));
+                            if named.is_ok() {
+                                maker.anchor = Some(fresh);
+                            }
+                        }
+                    }
+                    maker.factory = Some(factory);
+                    return Ok(());
+                }
+                Err(e) if self.ns.get().is_some() => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot enter the previous daemon's private network namespace; \
+                        making a new one: services taken over from it are unreachable");
+                    maker.anchor = None;
+                }
+            }
+        } else if self.ns.get().is_some() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        let factory =
+            ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::New).map_err(|e| explain(&e))?;
+        let made = (|| {
+            let mut socks = request(&factory.channel, 1)?;
+            let anchor = socks
+                .pop()
+                .ok_or(io::Error::from_raw_os_error(libc::ENOBUFS))?;
+            let name = SocketAddrUnix::new_abstract_name(&anchor_name(self.instance))?;
+            rustix::net::bind(&anchor, &name)?;
+            let ns = ax_sys::netns::socket_netns(anchor.as_fd())?;
+            Ok::<_, io::Error>((anchor, ns_id(&ns)?))
+        })();
+        match made {
+            Ok((anchor, id)) => {
+                if self.ns.set(id).is_err() {
+                    ax_sys::netns::reap(factory);
+                    return Err(io::Error::from_raw_os_error(libc::EXDEV));
+                }
+                tracing::info!(
+                    factory = factory.pid,
+                    "socket factory started in a new private network namespace"
+                );
+                maker.anchor = Some(anchor);
+                maker.factory = Some(factory);
+                Ok(())
+            }
+            Err(e) => {
+                ax_sys::netns::reap(factory);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A factory in the namespace of `anchor`, and that namespace's identity.
+fn join(anchor: &OwnedFd) -> io::Result<(ax_sys::netns::Factory, NsId)> {
+    let netns = ax_sys::netns::socket_netns(anchor.as_fd())?;
+    let owner = ax_sys::netns::namespace_owner(netns.as_fd())?;
+    let own_user = std::fs::File::open("/proc/self/ns/user")?;
+    let userns = (ns_id(&owner)? != ns_id(&own_user)?).then(|| owner.as_fd());
+    let factory = ax_sys::netns::spawn_factory(ax_sys::netns::Namespace::Join {
+        userns,
+        netns: netns.as_fd(),
+    })?;
+    Ok((factory, ns_id(&netns)?))
+}
+
+/// Says why no private network namespace could be made.
+fn explain(e: &io::Error) -> io::Error {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    let mut why = Vec::new();
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0")
+        || read("/proc/sys/user/max_net_namespaces").as_deref() == Some("0")
+    {
+        why.push(
+            "namespaces are disabled (user.max_user_namespaces or user.max_net_namespaces is 0)",
+        );
+    }
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        why.push(
+            "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone = 0)",
+        );
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        why.push("AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1)");
+    }
+    let why = if why.is_empty() {
+        "neither CLONE_NEWNET nor CLONE_NEWUSER|CLONE_NEWNET is allowed".to_string()
+    } else {
+        why.join("; ")
+    };
+    io::Error::new(
+        e.kind(),
+        format!("cannot create a private network namespace for ax's sockets ({e}): {why}"),
+    )
+}
+
+/// Asks the factory on `channel` for `n` sockets.
+fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
+    let n = n.min(ax_sys::netns::MAX_BATCH);
+    let count = u32::try_from(n).unwrap_or(1);
+    rustix::net::send(channel, &count.to_ne_bytes(), SendFlags::NOSIGNAL)?;
+    let mut head = [0u8; 4];
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(ax_sys::netns::MAX_BATCH))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(
+        channel,
+        &mut [IoSliceMut::new(&mut head)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut out = Vec::with_capacity(n);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            out.extend(fds);
+        }
+    }
+    if msg.bytes != 4 {
+        return Err(io::Error::from_raw_os_error(libc::EPIPE));
+    }
+    let answer = i32::from_ne_bytes(head);
+    if answer < 0 {
+        return Err(io::Error::from_raw_os_error(answer.saturating_neg()));
+    }
+    if out.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+    }
+    Ok(out)
+}
+
+/// `pids` and their descendants (`/proc/PID/task/*/children`).
+fn process_tree(pids: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    let mut todo: Vec<u32> = pids.iter().copied().filter(|&p| p != 0).collect();
+    while let Some(pid) = todo.pop() {
+        if out.contains(&pid) || out.len() >= 10_000 {
+            continue;
+        }
+        out.push(pid);
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn refill_loop(weak: Weak<Sockets>) {
+    loop {
+        let Some(sockets) = weak.upgrade() else {
+            return;
+        };
+        let need = {
+            let spare = sockets.spare.lock().unwrap_or_else(|e| e.into_inner());
+            let (spare, _) = sockets
+                .low
+                .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= SPARE)
+                .unwrap_or_else(|e| e.into_inner());
+            SPARE.saturating_sub(spare.len())
+        };
+        if need > 0 {
+            match sockets.make(need) {
+                Ok(batch) => sockets.keep(batch),
+                // Back off: the next take asks again.
+                Err(_) => std::thread::sleep(RETRY),
+            }
+        }
+        drop(sockets);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inode of the network namespace `fd` (a socket) lives in.
+    fn netns_of(fd: &OwnedFd) -> NsId {
+        ns_id(&ax_sys::netns::socket_netns(fd.as_fd()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sockets_come_from_one_private_namespace() {
+        let sockets = Sockets::new(0x5eed_0001);
+        if let Err(e) = sockets.open() {
+            eprintln!("no private namespace here ({e}); skipped");
+            return;
+        }
+        let a = sockets.take().unwrap();
+        let b = sockets.take().unwrap();
+        assert!(sockets.is_private(&a) && sockets.is_private(&b));
+        assert_eq!(netns_of(&a), netns_of(&b));
+        // A socket of this process's own namespace, even one bound to an
+        // ax-looking name, is not the broker's.
+        let host = rustix::net::socket(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .unwrap();
+        let name = format!("ax/{:08x}/c4/10.233.0.9/1/10.233.0.1/80", 0x5eed_0001);
+        rustix::net::bind(
+            &host,
+            &SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(!sockets.is_private(&host));
+        // The same name is free in the private namespace: names there are
+        // not the host's.
+        let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+        rustix::net::bind(&a, &addr).unwrap();
+        // Many more than one batch, all private.
+        let many: Vec<_> = (0..300).map(|_| sockets.take().unwrap()).collect();
+        assert!(many.iter().all(|s| sockets.is_private(s)));
+        assert!(sockets.factory_pid().is_some());
+    }
+
+    #[test]
+    fn a_killed_factory_is_replaced_in_the_same_namespace() {
+        let sockets = Sockets::new(0x5eed_0002);
+        if sockets.open().is_err() {
+            return;
+        }
+        let before = netns_of(&sockets.take().unwrap());
+        let pid = sockets.factory_pid().unwrap();
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        // More than the pool holds: the factory is asked again.
+        for _ in 0..(3 * SPARE) {
+            let s = sockets.take().unwrap();
+            assert_eq!(netns_of(&s), before);
+        }
+        assert_ne!(sockets.factory_pid(), Some(pid));
+    }
+}
