@@ -2,7 +2,8 @@
 # ax in one minute: builds ax, starts a private daemon, serves a directory with
 # `python3 -m http.server` on the virtual IP 10.233.0.10 and fetches it with
 # curl, both under `ax exec`; then shows what the kernel sees (two AF_UNIX
-# sockets, no TCP) and what `ax get` lists. Everything it starts is stopped.
+# sockets in ax's private network namespace, no TCP) and what `ax get`
+# lists. Everything it starts is stopped.
 #
 # As root (or where unprivileged user namespaces are allowed) the demo runs in
 # a private network namespace with loopback only, so VIP traffic can never
@@ -80,8 +81,13 @@ time.sleep(4)
 " &
 pids+=($!)
 sleep 1.5
-say "ss -xp   # the connection, as the kernel sees it: AF_UNIX on both ends"
-ss -xp | sed -n "1p;/@ax\//p"
+# ax's UNIX sockets live in a private network namespace that only its
+# socket factory (a child of the daemon named ax-sockets) is in.
+factory=$(pgrep -P "${pids[0]}" -x ax-sockets | head -n 1)
+say "nsenter -t \$(pgrep -x ax-sockets) -n ss -xp   # the connection, as the kernel sees it: AF_UNIX on both ends"
+nsenter -t "$factory" -n ss -xp | sed -n "1p;/@ax\//p"
+say "ss -xp | grep -c @ax/   # none of them is visible to anyone else"
+ss -xp | grep -c "@ax/" || true
 say "ss -tnp  # no TCP socket"
 ss -tnp
 say "ax get apps"
