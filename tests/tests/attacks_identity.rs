@@ -50,8 +50,8 @@ fn outsider(script: &str, args: &[&str]) -> Command {
 }
 
 /// The abstract names of listening UNIX sockets in this network namespace
-/// that look like ax's, each tried: connect, send a line, print what comes
-/// back. Prints `FOUND n`, then `SERVED name reply` or `REFUSED name err`.
+/// that start with `argv[1]` (a daemon's `ax/<instance>/`), and the names
+/// given after it, each tried: connect, send a line, print what comes back. Prints `FOUND n`, then `SERVED name reply` or `REFUSED name err`.
 const ATTACK_LISTENERS: &str = r#"
 import socket, sys
 names = []
@@ -59,9 +59,9 @@ with open("/proc/net/unix") as f:
     next(f)
     for line in f:
         cols = line.split()
-        if len(cols) >= 8 and cols[3] == "00010000" and cols[7].startswith("@ax/"):
+        if len(cols) >= 8 and cols[3] == "00010000" and cols[7].startswith("@" + sys.argv[1]):
             names.append(cols[7][1:])
-names += sys.argv[1:]
+names += sys.argv[2:]
 print("FOUND", len(names), flush=True)
 for n in names:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -200,7 +200,13 @@ fn outsider_cannot_reach_listeners_under_a_deny_policy() {
     let listener = endpoint_of(&d, "10.233.0.10:8000");
     // The attacker tries every ax-looking name it can see, and the one
     // `ax get services` shows.
-    let out = run(&mut outsider(ATTACK_LISTENERS, &[&listener]), SHORT);
+    // Only this daemon's names: tests running beside this one in the same
+    // network namespace bind look-alikes of their own.
+    let prefix: String = listener.split_inclusive('/').take(2).collect();
+    let out = run(
+        &mut outsider(ATTACK_LISTENERS, &[&prefix, &listener]),
+        SHORT,
+    );
     out.assert_success();
     assert!(
         !out.stdout.contains("SERVED"),
