@@ -664,22 +664,21 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// How long a starting daemon waits for the lock of a predecessor that no
-/// longer answers on the socket: a killed daemon's fd keeper holds the lock
-/// until it has closed the daemon's fds, an instant after its death.
-const LOCK_WAIT: Duration = Duration::from_secs(3);
+/// How long a starting daemon waits for a busy lock: a killed daemon's fd
+/// keeper holds it (and the control socket, which then still takes
+/// connections nobody answers) until it has closed the daemon's fds, an
+/// instant after the death, or longer on a loaded machine. A live daemon
+/// holds it for good.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
-/// at once cannot both decide the socket is stale. While the lock is held
-/// and nothing answers on the socket, waits up to [`LOCK_WAIT`] for it.
+/// at once cannot both decide the socket is stale. While the lock is held,
+/// waits up to [`LOCK_WAIT`] for it.
 fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match try_lock_socket(path) {
-            Err(LockError::Busy)
-                if std::time::Instant::now() < deadline
-                    && std::os::unix::net::UnixStream::connect(path).is_err() =>
-            {
+            Err(LockError::Busy) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(LockError::Busy) => {

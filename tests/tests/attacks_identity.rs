@@ -216,10 +216,10 @@ fn outsider_cannot_reach_listeners_under_a_deny_policy() {
         out.stdout.contains(&format!("REFUSED {listener}")),
         "attack did not run: {out}"
     );
-    // Nothing of ax is visible here at all.
+    // Nothing of this daemon is visible here at all.
     let host = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
     assert!(
-        !host.contains("@ax/"),
+        !host.contains(&format!("@{prefix}")),
         "ax names in /proc/net/unix:\n{host}"
     );
 }
