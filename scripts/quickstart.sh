@@ -26,7 +26,9 @@ trap 'rm -rf "$WORK"' EXIT
 DEMO='
 set -euo pipefail
 AX=$1 WORK=$2 ISOLATED=$3
-SOCK="$WORK/ax.sock"
+# The control socket gets a directory of its own: programs under ax see that
+# directory as empty.
+SOCK="$WORK/run/ax.sock"
 pids=()
 # Each background job runs in its own process group (setsid), so that the
 # program under `ax exec` is stopped together with its launcher.
@@ -68,9 +70,13 @@ until "$AX" get services -o json --socket "$SOCK" 2>/dev/null | grep -q "10.233.
 done
 
 say "ax exec -- curl -s http://10.233.0.10:8000/"
-"$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://10.233.0.10:8000/
+page=$("$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://10.233.0.10:8000/)
+echo "$page"
+case "$page" in *"Hello from a server"*) ;; *) echo "quickstart: unexpected answer from http://10.233.0.10:8000/" >&2; exit 1 ;; esac
 say "ax exec -- curl -s http://web:8000/   # by name"
-"$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://web:8000/
+page=$("$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://web:8000/)
+echo "$page"
+case "$page" in *"Hello from a server"*) ;; *) echo "quickstart: unexpected answer from http://web:8000/" >&2; exit 1 ;; esac
 
 # Hold one connection open to look at it.
 setsid "$AX" exec --socket "$SOCK" -- python3 -c "
@@ -81,7 +87,7 @@ time.sleep(4)
 " &
 pids+=($!)
 sleep 1.5
-# ax's UNIX sockets live in a private network namespace that only its
+# The UNIX sockets of ax live in a private network namespace that only its
 # socket factory (a child of the daemon named ax-sockets) is in.
 factory=$(pgrep -P "${pids[0]}" -x ax-sockets | head -n 1)
 say "nsenter -t \$(pgrep -x ax-sockets) -n ss -xp   # the connection, as the kernel sees it: AF_UNIX on both ends"
