@@ -354,3 +354,60 @@ for host in sys.argv[1:]:
     assert!(both.contains(&format!("PEER {v4_local}\n")), "{both}");
     assert!(server.wait(SHORT).success(), "{}", server.report());
 }
+
+/// A server bound on `0.0.0.0` only (python3 -m http.server --bind
+/// 0.0.0.0) is still reached at its app's IPv6 VIP, which names resolve
+/// to first: by curl at the literal address and by busybox wget (which
+/// tries only the first address) by name; the server sees the client's
+/// IPv4 VIP, never an unspecified address.
+#[test]
+fn an_ipv4_only_server_is_reached_at_its_ipv6_vip() {
+    require!("python3", "curl", "busybox");
+    let d = Daemon::start();
+    let dir = ax_e2e::TempDir::new("www");
+    dir.write("index.txt", "v4 only\n");
+    let mut cmd = d.exec_command(
+        &["--name", "four"],
+        &["python3", "-m", "http.server", "--bind", "0.0.0.0", "7700"],
+    );
+    cmd.current_dir(dir.path());
+    let mut server = App::spawn(cmd);
+    let app = poll(SHORT, Duration::from_millis(50), || app_named(&d, "four"))
+        .expect("the server registered");
+    let server_vips = vips(&app);
+    assert_eq!(server_vips.len(), 2, "{app}");
+    let v4 = d.wait_for_service(&mut server, &format!("{}:7700", server_vips[0]));
+    assert_eq!(v4["names"][0], "four");
+    let by_v6 = d.run(
+        &[],
+        &[
+            "curl",
+            "-sS",
+            &format!("http://[{}]:7700/index.txt", server_vips[1]),
+        ],
+    );
+    by_v6.assert_success();
+    assert_eq!(by_v6.stdout, "v4 only\n", "{by_v6}");
+    let by_name = d.run(
+        &[],
+        &[
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://four:7700/index.txt",
+        ],
+    );
+    by_name.assert_success();
+    assert_eq!(by_name.stdout, "v4 only\n", "{by_name}");
+    let log = poll(SHORT, Duration::from_millis(50), || {
+        let err = server.stderr();
+        (err.matches("GET /index.txt").count() >= 2).then_some(err)
+    })
+    .unwrap_or_else(|| panic!("two requests logged: {}", server.report()));
+    for line in log.lines().filter(|l| l.contains("GET /index.txt")) {
+        assert!(line.starts_with("10.233."), "{log}");
+    }
+    server.kill();
+}

@@ -685,7 +685,8 @@ pub(super) fn deliver(
         Some(SocketName::Listener { bound, .. }) => bound.port(),
         _ => local_port,
     };
-    let local_ip = client_vip(&dir.app_vips(call.app), dst);
+    // The family of the service reached (see `Directory::served_addr`).
+    let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
     let sock = rustix::net::socket_with(
         AddressFamily::UNIX,
         SocketType::STREAM,

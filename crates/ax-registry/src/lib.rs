@@ -351,6 +351,15 @@ pub trait Directory: Send + Sync {
     /// others are tried when it refuses).
     fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError>;
 
+    /// The address whose service a connect to `dst` reaches: `dst`, or,
+    /// when nothing listens there, the same port on the other family's VIP
+    /// of the apps holding `dst.ip()` (an app listening on `0.0.0.0` only
+    /// is reached at its IPv6 VIP too). The connecting app's source VIP
+    /// takes this address's family.
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        dst
+    }
+
     /// How long a blocking connect from `app` to a service that is not up
     /// yet may wait for it; `None` leaves the broker's default.
     fn connect_wait(&self, _app: AppId) -> Option<Duration> {

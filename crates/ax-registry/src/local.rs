@@ -127,6 +127,34 @@ impl State {
         names
     }
 
+    fn has_service(&self, addr: SocketAddr) -> bool {
+        self.services
+            .get(&(addr.ip(), addr.port()))
+            .is_some_and(|s| !s.backends.is_empty())
+    }
+
+    /// See [`Directory::served_addr`]: a VIP's service, else the one at the
+    /// same port of the other family's VIP of an app holding it (a client
+    /// that resolved a name to its IPv6 VIP still reaches a server bound on
+    /// `0.0.0.0` only, as a client trying both addresses would).
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        if self.has_service(dst) {
+            return dst;
+        }
+        for owner in self.vip_owners.get(&dst.ip()).into_iter().flatten() {
+            let Some(app) = self.apps.get(owner) else {
+                continue;
+            };
+            for &ip in &app.vips {
+                let other = SocketAddr::new(ip, dst.port());
+                if ip.is_ipv4() != dst.is_ipv4() && self.has_service(other) {
+                    return other;
+                }
+            }
+        }
+        dst
+    }
+
     /// xorshift64*: good enough to spread connections, no dependency.
     fn next_random(&mut self) -> u64 {
         if self.random == 0 {
@@ -657,7 +685,8 @@ impl LocalRegistry {
 
 /// The backends of `dst` in the order to try them: the load balancer's
 /// pick first, then the others.
-fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
+fn pick(st: &mut State, asked: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
+    let dst = st.served_addr(asked);
     let lb = st.lb_of(dst.ip());
     let random = match lb {
         LbMode::RoundRobin => None,
@@ -667,7 +696,7 @@ fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
         .services
         .get_mut(&(dst.ip(), dst.port()))
         .filter(|s| !s.backends.is_empty())
-        .ok_or(ResolveError::NoService(dst))?;
+        .ok_or(ResolveError::NoService(asked))?;
     let count = service.backends.len();
     let first = match random {
         Some(r) => (r % count as u64) as usize,
@@ -781,6 +810,10 @@ impl Directory for LocalRegistry {
 
     fn connect_wait(&self, app: AppId) -> Option<Duration> {
         self.lock().apps.get(&app).and_then(|a| a.connect_wait)
+    }
+
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        self.lock().served_addr(dst)
     }
 
     fn generation(&self) -> u64 {
@@ -1152,6 +1185,33 @@ mod tests {
         let unnamed: Vec<IpAddr> = r.unnamed_vips().into_iter().map(|(ip, _)| ip).collect();
         assert!(a.vips.iter().all(|ip| unnamed.contains(ip)));
         assert!(named_app.vips.iter().all(|ip| !unnamed.contains(ip)));
+    }
+
+    #[test]
+    fn a_vip_without_a_listener_reaches_the_other_familys() {
+        let r = LocalRegistry::default();
+        let a = r.register_app(&AppSpec::default(), 0).unwrap();
+        let (v4, v6) = (a.vips[0], a.vips[1]);
+        let alive = |_: &UnixEndpoint| true;
+        let req = |ips: Vec<IpAddr>, port| BindRequest {
+            app: a.id,
+            ips,
+            port,
+        };
+        // 0.0.0.0:80 only: reached at [v6]:80 too.
+        r.bind(&req(vec![v4], 80), &|p| ep("v4", p), &alive)
+            .unwrap();
+        let at6 = SocketAddr::new(v6, 80);
+        assert_eq!(r.resolve(0, at6), Ok(vec![ep("v4", 80)]));
+        assert_eq!(r.served_addr(at6), SocketAddr::new(v4, 80));
+        // A listener of the asked family wins.
+        r.bind(&req(vec![v6], 80), &|p| ep("v6", p), &alive)
+            .unwrap();
+        assert_eq!(r.resolve(0, at6), Ok(vec![ep("v6", 80)]));
+        assert_eq!(r.served_addr(at6), at6);
+        // Nothing on either: refused, naming the address asked for.
+        let none = SocketAddr::new(v6, 81);
+        assert_eq!(r.resolve(0, none), Err(ResolveError::NoService(none)));
     }
 
     #[test]
