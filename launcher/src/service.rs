@@ -11,11 +11,14 @@ use std::net::IpAddr;
 
 /// Runs `ax service`; returns the exit status.
 pub fn run(args: ServiceArgs) -> anyhow::Result<i32> {
-    let (socket, request) = match args.action {
+    // Declaring is often the first thing a compose-style script does: it
+    // starts a daemon as `ax exec` would; deleting never does.
+    let (socket, autostart, request) = match args.action {
         ServiceAction::Create(a) => {
             check_families(&a.ips)?;
             (
                 a.socket,
+                !a.no_autostart,
                 Request::CreateService {
                     name: a.name,
                     ips: a.ips,
@@ -25,13 +28,19 @@ pub fn run(args: ServiceArgs) -> anyhow::Result<i32> {
         }
         ServiceAction::Delete(a) => (
             a.socket,
+            false,
             Request::DeleteService {
                 name: a.name,
                 force: a.force,
             },
         ),
     };
-    let mut client = connect_to_daemon(socket.socket.as_deref())?;
+    let mut client = if autostart {
+        let path = crate::paths::socket_path(socket.socket.as_deref())?;
+        crate::exec::connect_or_start(&path, true)?
+    } else {
+        connect_to_daemon(socket.socket.as_deref())?
+    };
     match client.call(&request)? {
         Response::ServiceCreated(d) => {
             let vips: Vec<String> = d.vips.iter().map(IpAddr::to_string).collect();
