@@ -343,5 +343,15 @@ ADDRESS        NAMES  LB           APP  LISTENER
                                    6    @b
 ";
         assert_eq!(t, want);
+        // A declared service with no backend yet: its VIP, no port.
+        let mut declared = s("10.233.0.7:0", 0, UnixEndpoint::Abstract(Vec::new()));
+        declared.names = vec!["db".into()];
+        declared.backends.clear();
+        let t = services_table(&[declared]);
+        let want = "\
+ADDRESS     NAMES  LB           APP  LISTENER
+10.233.0.7  db     round-robin  -    <no backend yet>
+";
+        assert_eq!(t, want);
     }
 }
