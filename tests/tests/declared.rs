@@ -411,3 +411,22 @@ fn an_ipv4_only_server_is_reached_at_its_ipv6_vip() {
     }
     server.kill();
 }
+
+/// A daemon killed outright and restarted on the same socket keeps the
+/// declared services: same VIPs, still resolving.
+#[test]
+fn declarations_survive_a_daemon_restart() {
+    require!("getent");
+    let mut d = Daemon::start();
+    let created = service(&d, &["create", "kept", "--ip", "10.233.41.1"]);
+    created.assert_success();
+    d.kill_hard();
+    d.restart();
+    let json = d.services();
+    assert_eq!(json.len(), 1, "{json:?}");
+    assert_eq!(json[0]["addr"], "10.233.41.1:0");
+    let out = d.run(&[], &["getent", "hosts", "kept"]);
+    out.assert_success();
+    assert!(out.stdout.starts_with("10.233.41.1"), "{out}");
+    service(&d, &["delete", "kept"]).assert_success();
+}
