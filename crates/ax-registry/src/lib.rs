@@ -254,6 +254,17 @@ pub enum DeclareError {
     /// The VIP asked for is not usable or not free.
     #[error(transparent)]
     Ip(#[from] RegisterError),
+    /// Apps with that name already run at other VIPs.
+    #[error(
+        "apps named '{name}' already run at {vips}; declare it without --ip, or with those",
+        vips = .vips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",")
+    )]
+    RunningElsewhere {
+        /// The name.
+        name: String,
+        /// The VIPs its apps hold.
+        vips: Vec<IpAddr>,
+    },
 }
 
 /// The longest `connect_wait` an app may ask for (one day). Longer ones are

@@ -516,11 +516,10 @@ impl LocalRegistry {
             if vips.is_empty() {
                 vips = running;
             } else if vips.iter().any(|ip| !running.contains(ip)) {
-                return Err(RegisterError::DeclaredElsewhere {
+                return Err(DeclareError::RunningElsewhere {
                     name: name.to_string(),
                     vips: running,
-                }
-                .into());
+                });
             }
         }
         if vips.is_empty() {
@@ -1293,6 +1292,10 @@ mod tests {
         assert_eq!(fixed.vips.len(), 1);
         // Declaring a name that apps already have keeps their VIPs.
         let web = r.register_app(&named(&["web"], &[]), 0).unwrap();
+        assert!(matches!(
+            r.declare("web", &["10.233.60.1".parse().unwrap()], None, 0),
+            Err(DeclareError::RunningElsewhere { .. })
+        ));
         assert_eq!(r.declare("web", &[], None, 0).unwrap().vips, web.vips);
     }
 
