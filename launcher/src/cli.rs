@@ -46,12 +46,19 @@ Examples:
   # A client that may start before its server: wait up to 30 s for it
   ax exec --connect-wait 30s -- ./client http://10.233.0.10:8000/
 
+  # The same by name: declare it first, then start both in any order
+  ax service create web
+  ax exec --connect-wait 30s -- curl -s http://web:8000/ &
+  ax exec --name web -- python3 -m http.server 8000
+
   # Labels decide who may connect: by default, apps sharing a label
   ax exec --label tier=backend --label team=pay -- ./server
 
-Names: every '--name NAME' makes NAME and NAME.ax resolve to the app's VIP
+Names: every '--name NAME' makes NAME and NAME.ax resolve to the app's VIPs
 for programs under ax (glibc, musl, static binaries and Go alike: ax shows
-them an /etc/hosts of its own, kept current, in a private mount namespace).";
+them an /etc/hosts of its own, kept current, in a private mount namespace).
+Every app has one IPv4 and one IPv6 VIP unless --ip says otherwise; a VIP
+without a name is listed there as app-ID.ax, so reverse lookups stay local.";
 
 const DAEMON_AFTER_HELP: &str = "\
 The daemon runs in the foreground and logs to stderr (set RUST_LOG, e.g.
@@ -79,6 +86,7 @@ Examples:
   ax get apps
   ax get services
   ax get exposures
+  ax service create db   # declare a name before its apps
   ax get apps -o json | jq '.[].vips'";
 
 /// Run unmodified programs with a network identity of their own.
@@ -120,6 +128,96 @@ pub enum Command {
     /// Make a running service reachable from programs not under ax
     #[command(after_help = EXPOSE_AFTER_HELP)]
     Expose(ExposeArgs),
+    /// Declare a service by name before its apps start, or delete one
+    #[command(after_help = SERVICE_AFTER_HELP)]
+    Service(ServiceArgs),
+}
+
+const SERVICE_AFTER_HELP: &str = "\
+A declared name resolves at once, for every program under ax, to VIPs
+reserved for it (one IPv4 and one IPv6 from the daemon's pools, or --ip).
+Apps started with 'ax exec --name NAME' become its backends and take its VIPs;
+a client started with --connect-wait waits for the first one. So a
+compose-style start works in any order, by names only. 'ax service create'
+starts a daemon if none is running, as 'ax exec' does.
+
+Examples:
+  ax service create db
+  ax exec --connect-wait 30s -- ./app --database db:5432 &
+  ax exec --name db -- postgres -D ./data
+  ax service create web --ip 10.233.0.10 --lb random
+  ax get services
+  ax service delete db            # refused while apps named db run
+  ax service delete db --force    # they keep name and VIPs until they exit";
+
+/// `ax service`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ServiceAction,
+}
+
+/// `ax service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceAction {
+    /// Declare NAME: it resolves at once; apps with '--name NAME' serve it
+    #[command(after_help = "\
+Examples:
+  ax service create db
+  ax service create web --ip 10.233.0.10 --ip fd00:a8::10 --lb random")]
+    Create(ServiceCreateArgs),
+    /// Delete a declared service (refused while apps named after it run)
+    #[command(after_help = "\
+Without --force, the deletion is refused while apps started with --name NAME
+run. With --force, the declaration goes at once: those apps keep the name and
+its VIPs until they exit, then both are free again.
+
+Examples:
+  ax service delete db
+  ax service delete db --force")]
+    Delete(ServiceDeleteArgs),
+}
+
+/// `ax service create`.
+#[derive(Debug, Args)]
+pub struct ServiceCreateArgs {
+    /// The name: NAME and NAME.ax resolve to the service's VIPs
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: String,
+
+    /// Virtual IP of the service (IPv4 or IPv6; at most one of each)
+    /// [default: one of each family from the daemon's pools]
+    #[arg(long = "ip", value_name = "VIP", value_parser = parse_vip)]
+    pub ips: Vec<IpAddr>,
+
+    /// How connections are spread over the apps that serve it, unless an
+    /// app gives its own --lb [default: round-robin]
+    #[arg(long, value_name = "MODE", value_parser = parse_lb)]
+    pub lb: Option<LbMode>,
+
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Fail instead of starting a daemon when none is running
+    #[arg(long)]
+    pub no_autostart: bool,
+}
+
+/// `ax service delete`.
+#[derive(Debug, Args)]
+pub struct ServiceDeleteArgs {
+    /// The declared name
+    #[arg(value_name = "NAME", value_parser = parse_name)]
+    pub name: String,
+
+    /// Delete even while apps named after it run (they keep the name and
+    /// its VIPs until they exit)
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 const EXPOSE_AFTER_HELP: &str = "\
@@ -167,13 +265,15 @@ pub struct SocketArg {
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// Virtual IP of the program (IPv4 or IPv6; at most one of each)
-    /// [default: one from the daemon's pool]
+    /// [default: one of each family from the daemon's pools, or those of
+    /// the service declared as --name]
     #[arg(long = "ip", value_name = "VIP", value_parser = parse_vip)]
     pub ips: Vec<IpAddr>,
 
-    /// Name of the app (repeatable): NAME and NAME.ax resolve to its VIP for
-    /// every program under ax. Apps started with the same name share its
-    /// VIP and its connections
+    /// Name of the app (repeatable): NAME and NAME.ax resolve to its VIPs
+    /// for every program under ax. Apps started with the same name share its
+    /// VIPs and its connections; a name declared with 'ax service create'
+    /// brings its VIPs
     #[arg(long = "name", value_name = "NAME", value_parser = parse_name)]
     pub names: Vec<String>,
 
@@ -190,7 +290,8 @@ pub struct ExecArgs {
     pub lb: Option<LbMode>,
 
     /// How long a connect to a VIP whose service is not up yet waits for
-    /// it, e.g. 500ms, 10s, 2m (a name resolves once its app has started)
+    /// it, e.g. 500ms, 10s, 2m (a name resolves once its app has started,
+    /// or at once when declared with 'ax service create')
     /// [default: the daemon's --connect-wait]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub connect_wait: Option<Duration>,
@@ -269,7 +370,8 @@ pub enum Resource {
     /// Running apps (one per 'ax exec')
     #[value(alias = "app")]
     Apps,
-    /// Listening virtual IP:port services
+    /// Listening virtual IP:port services, and declared ones with no
+    /// backend yet
     #[value(alias = "service", alias = "svc")]
     Services,
     /// Services reachable at host addresses ('ax expose', 'ax exec --expose')

@@ -1083,6 +1083,14 @@ impl Daemon {
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::ListExposures => Response::Exposures(self.exposures.list()),
+            Request::CreateService { name, ips, lb } => {
+                crate::service::create(&self.registry, &name, &ips, lb, peer.uid, || {
+                    self.save_state()
+                })
+            }
+            Request::DeleteService { name, force } => {
+                crate::service::delete(&self.registry, &name, force, peer.uid, || self.save_state())
+            }
         }
     }
 

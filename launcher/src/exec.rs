@@ -460,7 +460,7 @@ fn exit_code(status: ExitStatus) -> i32 {
 
 /// Connects to the daemon, starting one in the background if none listens
 /// and `autostart` allows it.
-fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
+pub(crate) fn connect_or_start(path: &Path, autostart: bool) -> anyhow::Result<Client> {
     let dir = paths::socket_dir(path);
     // Never hand a program to a daemon in a directory others control.
     if dir.exists() {

@@ -57,11 +57,9 @@ pub enum ExposeError {
 /// The VIP `target` (a name, `name.ax`, or an address) stands for.
 pub fn resolve_target(registry: &LocalRegistry, target: &str) -> Option<(IpAddr, Option<String>)> {
     if let Ok(ip) = target.parse::<IpAddr>() {
-        return registry
-            .apps()
-            .iter()
-            .any(|a| a.vips.contains(&ip))
-            .then_some((ip, None));
+        let held = registry.apps().iter().any(|a| a.vips.contains(&ip))
+            || registry.declared().iter().any(|d| d.vips.contains(&ip));
+        return held.then_some((ip, None));
     }
     let name = target.strip_suffix(".ax").unwrap_or(target);
     let entry = registry.names().into_iter().find(|e| e.name == name)?;
@@ -130,13 +128,20 @@ impl Exposures {
         self.lock().iter().map(|e| e.info.clone()).collect()
     }
 
-    /// Ends the exposures whose app exited, or whose VIP nobody holds.
+    /// Ends the exposures whose app exited, or whose VIP nobody holds (no
+    /// app, no declared service).
     pub fn reap(&self, registry: &LocalRegistry) {
         let apps = registry.apps();
+        let declared = registry.declared();
         self.lock().retain(|e| {
+            let ip = e.info.service.ip();
             let live = match e.info.owner {
                 Some(app) => apps.iter().any(|a| a.id == app),
-                None => apps.iter().any(|a| a.vips.contains(&e.info.service.ip())),
+                // A declared service's VIP is held until it is deleted.
+                None => {
+                    apps.iter().any(|a| a.vips.contains(&ip))
+                        || declared.iter().any(|d| d.vips.contains(&ip))
+                }
             };
             if !live {
                 e.accepting.abort();

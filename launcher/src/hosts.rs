@@ -1,6 +1,8 @@
 //! The hosts file a daemon keeps current for the programs it serves: the
 //! host's own `/etc/hosts`, then one line per VIP with the names of the
-//! apps behind it (`web web.ax`). Programs under ax see it as their
+//! apps behind it (`web web.ax`), or of the service declared there, or for
+//! a VIP without a name one derived from its app (`app-7.ax`), so that no
+//! reverse lookup of a VIP leaves the host. Programs under ax see it as their
 //! `/etc/hosts` through a bind mount ([`ax_broker::launch::SpawnOptions`]),
 //! so glibc, musl, static binaries and Go's own resolver all read it.
 //!
@@ -108,6 +110,13 @@ pub fn render(host: &str, registry: &LocalRegistry) -> String {
             }
         }
     }
+    // Every other VIP gets a name derived from its app, so that a reverse
+    // lookup of any VIP is answered here and never asks the host's DNS.
+    for (ip, app) in registry.unnamed_vips() {
+        if !by_vip.iter().any(|(v, _)| *v == ip) {
+            by_vip.push((ip, vec![ax_registry::app_host_name(app)]));
+        }
+    }
     by_vip.sort_by_key(|(ip, _)| (ip.is_ipv6(), *ip));
     for (ip, names) in by_vip {
         let _ = writeln!(out, "{ip}\t{}", names.join(" "));
@@ -133,14 +142,20 @@ mod tests {
         r.register_app(&spec(&["web"], &[]), 0).unwrap();
         r.register_app(&spec(&["db", "pg"], &["10.233.0.20"]), 0)
             .unwrap();
-        r.register_app(&spec(&[], &[]), 0).unwrap();
+        let anonymous = r.register_app(&spec(&[], &[]), 0).unwrap();
+        assert_eq!(anonymous.id, 4);
+        r.declare("cache", &["10.233.0.30".parse().unwrap()], None, 0)
+            .unwrap();
         let text = render("127.0.0.1\tlocalhost", &r);
         assert_eq!(
             text,
             "127.0.0.1\tlocalhost\n\
              # Names of apps under ax (kept current by the ax daemon; do not edit).\n\
+             10.233.0.2\tapp-4.ax\n\
              10.233.0.10\tweb web.ax\n\
              10.233.0.20\tdb db.ax pg pg.ax\n\
+             10.233.0.30\tcache cache.ax\n\
+             fd00:a8::2\tapp-4.ax\n\
              fd00:a8::10\tweb web.ax\n"
         );
     }

@@ -2,7 +2,8 @@
 //!
 //! `ax exec` registers an app with the daemon, starts the program under ax's
 //! seccomp filter and hands the filter's notify fd to the daemon; `ax daemon`
-//! serves those fds with the broker; `ax get` lists what the daemon knows.
+//! serves those fds with the broker; `ax get` lists what the daemon knows;
+//! `ax service` declares names before their apps.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ mod hosts;
 mod instance;
 mod paths;
 mod peer;
+mod service;
 mod table;
 
 use clap::Parser;
@@ -71,6 +73,7 @@ fn main() {
         cli::Command::Daemon(a) => (daemon::run(a), 1),
         cli::Command::Get(a) => (get::run(a), 1),
         cli::Command::Expose(a) => (expose::run(a), 1),
+        cli::Command::Service(a) => (service::run(a), 1),
     };
     let code = match result {
         Ok(code) => code,

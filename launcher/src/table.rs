@@ -172,10 +172,22 @@ pub fn exposures_table(exposures: &[ax_proto::ExposureInfo]) -> String {
 }
 
 /// The `ax get services` table: one row per backend; a service's further
-/// backends leave its own columns blank.
+/// backends leave its own columns blank. A declared service with no backend
+/// yet gets one row per VIP, without a port.
 pub fn services_table(services: &[ServiceInfo]) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     for s in services {
+        if s.backends.is_empty() {
+            // A declared service no app serves yet: its VIP, no port.
+            rows.push(vec![
+                s.addr.ip().to_string(),
+                or_none(s.names.join(",")),
+                s.lb.to_string(),
+                "-".into(),
+                "<no backend yet>".into(),
+            ]);
+            continue;
+        }
         for (i, b) in s.backends.iter().enumerate() {
             let service = if i == 0 {
                 vec![
@@ -329,6 +341,16 @@ ADDRESS          NAMES   LB           APP  LISTENER
 ADDRESS        NAMES  LB           APP  LISTENER
 10.233.0.9:80  web    round-robin  5    @a
                                    6    @b
+";
+        assert_eq!(t, want);
+        // A declared service with no backend yet: its VIP, no port.
+        let mut declared = s("10.233.0.7:0", 0, UnixEndpoint::Abstract(Vec::new()));
+        declared.names = vec!["db".into()];
+        declared.backends.clear();
+        let t = services_table(&[declared]);
+        let want = "\
+ADDRESS     NAMES  LB           APP  LISTENER
+10.233.0.7  db     round-robin  -    <no backend yet>
 ";
         assert_eq!(t, want);
     }

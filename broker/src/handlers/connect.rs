@@ -688,7 +688,8 @@ pub(super) fn deliver(
         Some(SocketName::Listener { bound, .. }) => bound.port(),
         _ => local_port,
     };
-    let local_ip = client_vip(&dir.app_vips(call.app), dst);
+    // The family of the service reached (see `Directory::served_addr`).
+    let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
     let sock = super::unix_socket(call.shared)?;
     set_nonblock(&sock, true)?;
     bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;

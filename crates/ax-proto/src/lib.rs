@@ -9,8 +9,9 @@
 //! The launcher hands its notify fd to the daemon as `SCM_RIGHTS` ancillary
 //! data on the frame carrying [`Request::AttachListener`].
 
-use ax_registry::{AppId, AppInfo, AppSpec, RegisterError, ServiceInfo};
+use ax_registry::{AppId, AppInfo, AppSpec, DeclaredService, LbMode, RegisterError, ServiceInfo};
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 
 /// Version of this protocol; bumped on any incompatible change.
@@ -74,6 +75,24 @@ pub enum Request {
     },
     /// Lists exposures.
     ListExposures,
+    /// Declares a service before its apps (`ax service create`): its name
+    /// resolves at once, and apps started with that `--name` become its
+    /// backends.
+    CreateService {
+        /// The name.
+        name: String,
+        /// `--ip`: its VIPs (empty: allocated, one of each family).
+        ips: Vec<IpAddr>,
+        /// `--lb`.
+        lb: Option<LbMode>,
+    },
+    /// Deletes a declared service (`ax service delete`).
+    DeleteService {
+        /// The name.
+        name: String,
+        /// Delete even while apps named after it run.
+        force: bool,
+    },
 }
 
 /// A service reachable at a host address.
@@ -117,6 +136,10 @@ pub enum Response {
     Exposures(Vec<ExposureInfo>),
     /// The request could not be served.
     Error(String),
+    /// Answer to `CreateService`.
+    ServiceCreated(DeclaredService),
+    /// Answer to `DeleteService`.
+    ServiceDeleted(DeclaredService),
 }
 
 /// Why a frame could not be decoded.
@@ -201,5 +224,22 @@ mod tests {
             Err(FrameError::Version(2))
         ));
         assert!(decode::<Request>(&[0x01, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn new_variants_keep_the_old_indices() {
+        // postcard encodes a variant by its index (after the 4-byte length and
+        // the one-byte version): new ones go at the end.
+        assert_eq!(encode(&Request::Ping).unwrap()[5], 0);
+        assert_eq!(encode(&Request::ListExposures).unwrap()[5], 8);
+        let create = Request::CreateService {
+            name: "db".into(),
+            ips: vec![],
+            lb: None,
+        };
+        assert_eq!(encode(&create).unwrap()[5], 9);
+        let bytes = encode(&create).unwrap();
+        assert_eq!(decode::<Request>(&bytes[4..]).unwrap(), create);
+        assert_eq!(encode(&Response::Error(String::new())).unwrap()[5], 9);
     }
 }

@@ -10,7 +10,7 @@ mod local;
 mod policy;
 mod pool;
 
-pub use local::{LocalRegistry, NameEntry, Snapshot};
+pub use local::{app_host_name, LocalRegistry, NameEntry, Snapshot};
 pub use policy::{effective_labels, Decision, Policy, PolicyError};
 pub use pool::{parse_cidr, VipPool};
 
@@ -84,9 +84,11 @@ impl std::str::FromStr for LbMode {
 /// What a launcher asks for when it registers an app.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
-    /// VIPs asked for with `--ip`; empty means "allocate one IPv4 VIP".
+    /// VIPs asked for with `--ip`; empty means "one VIP of each family the
+    /// daemon has a pool for" (dual stack by default).
     pub requested_ips: Vec<IpAddr>,
-    /// `--name` values.
+    /// `--name` values. A name declared with `ax service create` brings
+    /// its VIPs (and its `--lb`) to the app.
     pub names: Vec<String>,
     /// `--label KEY=VALUE` pairs.
     pub labels: BTreeMap<String, String>,
@@ -178,6 +180,90 @@ pub enum RegisterError {
     ConnectWaitTooLong {
         /// The wait asked for, in whole seconds.
         secs: u64,
+    },
+    /// The VIP is reserved for a declared service the app is not named
+    /// after.
+    #[error(
+        "virtual IP {ip} is reserved for the declared service '{name}' (give --name {name} to become its backend)"
+    )]
+    IpDeclared {
+        /// The contested address.
+        ip: IpAddr,
+        /// The declared service holding it.
+        name: String,
+    },
+    /// The app is named after a declared service but asks for other VIPs.
+    #[error(
+        "'{name}' is a declared service with virtual IP(s) {vips}; an app named '{name}' takes those (drop --ip, or give --ip {vips})",
+        vips = .vips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",")
+    )]
+    DeclaredElsewhere {
+        /// The declared name.
+        name: String,
+        /// Its VIPs.
+        vips: Vec<IpAddr>,
+    },
+}
+
+/// A name declared with `ax service create` before (or without) any app
+/// that serves it: it resolves at once, and apps started with that
+/// `--name` become its backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredService {
+    /// The name (`db`; `db.ax` resolves too).
+    pub name: String,
+    /// Its VIPs, IPv4 first, reserved for it until it is deleted.
+    pub vips: Vec<IpAddr>,
+    /// `--lb`, if given: the default of the apps behind it.
+    pub lb: Option<LbMode>,
+    /// The user who declared it (only they, or root, may delete it).
+    pub uid: u32,
+}
+
+/// Why a service could not be declared or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum DeclareError {
+    /// Not a usable host name.
+    #[error("'{name}' cannot be a service name: {reason}")]
+    InvalidName {
+        /// The name asked for.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Already declared.
+    #[error("the service '{0}' is already declared (see 'ax get services')")]
+    Exists(String),
+    /// Not declared.
+    #[error("no service '{0}' is declared (see 'ax get services')")]
+    NotDeclared(String),
+    /// Apps named after it still run.
+    #[error(
+        "the service '{name}' still has running apps ({apps}); stop them first, or delete with --force (they keep the name and VIPs until they exit)",
+        apps = .apps.iter().map(|a| format!("app {a}")).collect::<Vec<_>>().join(", ")
+    )]
+    HasBackends {
+        /// The service.
+        name: String,
+        /// Its live apps.
+        apps: Vec<AppId>,
+    },
+    /// Declared by another user.
+    #[error("the service '{0}' was declared by another user")]
+    NotYours(String),
+    /// The VIP asked for is not usable or not free.
+    #[error(transparent)]
+    Ip(#[from] RegisterError),
+    /// Apps with that name already run at other VIPs.
+    #[error(
+        "apps named '{name}' already run at {vips}; declare it without --ip, or with those",
+        vips = .vips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(",")
+    )]
+    RunningElsewhere {
+        /// The name.
+        name: String,
+        /// The VIPs its apps hold.
+        vips: Vec<IpAddr>,
     },
 }
 
@@ -275,6 +361,15 @@ pub trait Directory: Send + Sync {
     /// in the order to try them (the first is the load balancer's pick; the
     /// others are tried when it refuses).
     fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError>;
+
+    /// The address whose service a connect to `dst` reaches: `dst`, or,
+    /// when nothing listens there, the same port on the other family's VIP
+    /// of the apps holding `dst.ip()` (an app listening on `0.0.0.0` only
+    /// is reached at its IPv6 VIP too). The connecting app's source VIP
+    /// takes this address's family.
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        dst
+    }
 
     /// How long a blocking connect from `app` to a service that is not up
     /// yet may wait for it; `None` leaves the broker's default.

@@ -5,8 +5,8 @@
 
 use crate::policy::{effective_labels, Policy};
 use crate::{
-    AppId, AppInfo, AppSpec, Backend, BindError, BindRequest, Directory, LbMode, RegisterError,
-    ResolveError, ServiceInfo, UnixEndpoint, VipPool,
+    AppId, AppInfo, AppSpec, Backend, BindError, BindRequest, DeclareError, DeclaredService,
+    Directory, LbMode, RegisterError, ResolveError, ServiceInfo, UnixEndpoint, VipPool,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +16,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// First and last port handed out for `bind(…:0)`, as Linux's default
 /// `ip_local_port_range`.
 const EPHEMERAL_PORTS: (u16, u16) = (32768, 60999);
+
+/// The most services that may be declared at once (each reserves VIPs).
+pub const MAX_DECLARED: usize = 4096;
+
+/// The host name a VIP without a name gets in the hosts file, so that a
+/// reverse lookup of it is answered there and never leaves the host.
+pub fn app_host_name(app: AppId) -> String {
+    format!("app-{app}.ax")
+}
 
 #[derive(Debug, Default)]
 struct Service {
@@ -31,7 +40,10 @@ struct State {
     /// Every live app holding each VIP, in the order they came.
     vip_owners: HashMap<IpAddr, Vec<AppId>>,
     services: BTreeMap<(IpAddr, u16), Service>,
-    next_pool_host: u128,
+    /// Services declared before (or without) their apps, by name.
+    declared: BTreeMap<String, DeclaredService>,
+    /// Where the next search for a free VIP starts, per pool.
+    next_pool_host: HashMap<usize, u128>,
     next_port: u16,
     generation: u64,
     random: u64,
@@ -70,6 +82,16 @@ impl State {
             .map(|a| a.vips.clone())
     }
 
+    /// The declared service that reserves `ip`, if any.
+    fn declared_holder(&self, ip: IpAddr) -> Option<&DeclaredService> {
+        self.declared.values().find(|d| d.vips.contains(&ip))
+    }
+
+    /// True when `ip` is held by an app or reserved by a declared service.
+    fn vip_taken(&self, ip: IpAddr) -> bool {
+        self.vip_owners.contains_key(&ip) || self.declared_holder(ip).is_some()
+    }
+
     fn own(&mut self, ip: IpAddr, app: AppId) {
         let owners = self.vip_owners.entry(ip).or_default();
         if !owners.contains(&app) {
@@ -86,11 +108,15 @@ impl State {
             .flatten()
             .rev()
             .find_map(|o| self.apps.get(o).and_then(|a| a.lb))
+            .or_else(|| self.declared_holder(ip).and_then(|d| d.lb))
             .unwrap_or_default()
     }
 
     fn names_of(&self, ip: IpAddr) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
+        if let Some(d) = self.declared_holder(ip) {
+            names.push(d.name.clone());
+        }
         for o in self.vip_owners.get(&ip).into_iter().flatten() {
             for n in self.apps.get(o).map(|a| a.names.as_slice()).unwrap_or(&[]) {
                 if !names.contains(n) {
@@ -99,6 +125,34 @@ impl State {
             }
         }
         names
+    }
+
+    fn has_service(&self, addr: SocketAddr) -> bool {
+        self.services
+            .get(&(addr.ip(), addr.port()))
+            .is_some_and(|s| !s.backends.is_empty())
+    }
+
+    /// See [`Directory::served_addr`]: a VIP's service, else the one at the
+    /// same port of the other family's VIP of an app holding it (a client
+    /// that resolved a name to its IPv6 VIP still reaches a server bound on
+    /// `0.0.0.0` only, as a client trying both addresses would).
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        if self.has_service(dst) {
+            return dst;
+        }
+        for owner in self.vip_owners.get(&dst.ip()).into_iter().flatten() {
+            let Some(app) = self.apps.get(owner) else {
+                continue;
+            };
+            for &ip in &app.vips {
+                let other = SocketAddr::new(ip, dst.port());
+                if ip.is_ipv4() != dst.is_ipv4() && self.has_service(other) {
+                    return other;
+                }
+            }
+        }
+        dst
     }
 
     /// xorshift64*: good enough to spread connections, no dependency.
@@ -143,6 +197,9 @@ pub struct Snapshot {
     pub next_app: AppId,
     /// Every registered app.
     pub apps: Vec<AppInfo>,
+    /// Every declared service.
+    #[serde(default)]
+    pub declared: Vec<DeclaredService>,
 }
 
 /// A name and the VIPs it resolves to, for a hosts file.
@@ -161,6 +218,7 @@ impl LocalRegistry {
         Snapshot {
             next_app: st.next_app,
             apps: st.apps.values().cloned().collect(),
+            declared: st.declared.values().cloned().collect(),
         }
     }
 
@@ -170,6 +228,11 @@ impl LocalRegistry {
         let mut st = self.lock();
         st.next_app = st.next_app.max(snap.next_app);
         let mut restored = Vec::new();
+        for d in &snap.declared {
+            if st.declared.len() < MAX_DECLARED && !st.declared.contains_key(&d.name) {
+                st.declared.insert(d.name.clone(), d.clone());
+            }
+        }
         for info in &snap.apps {
             if !keep(info) || st.apps.contains_key(&info.id) {
                 continue;
@@ -305,9 +368,33 @@ impl LocalRegistry {
     pub fn register_app(&self, spec: &AppSpec, uid: u32) -> Result<AppInfo, RegisterError> {
         crate::check_connect_wait(spec.connect_wait)?;
         let mut st = self.lock();
+        // A declared name brings its VIPs: explicit ones must be among them.
+        let declared = spec.names.iter().find_map(|n| st.declared.get(n)).cloned();
+        if let Some(d) = &declared {
+            let elsewhere = spec.requested_ips.iter().any(|ip| !d.vips.contains(ip))
+                || spec
+                    .names
+                    .iter()
+                    .filter_map(|n| st.declared.get(n))
+                    .any(|other| other.vips != d.vips);
+            if elsewhere {
+                return Err(RegisterError::DeclaredElsewhere {
+                    name: d.name.clone(),
+                    vips: d.vips.clone(),
+                });
+            }
+        }
         let mut vips = Vec::new();
         for &ip in &spec.requested_ips {
             validate_vip(ip)?;
+            if let Some(holder) = st.declared_holder(ip) {
+                if !spec.names.contains(&holder.name) {
+                    return Err(RegisterError::IpDeclared {
+                        ip,
+                        name: holder.name.clone(),
+                    });
+                }
+            }
             if let Some(owner) = st.conflicting_owner(ip, &spec.names, spec.lb.is_some()) {
                 return Err(RegisterError::IpInUse { ip, owner });
             }
@@ -316,30 +403,14 @@ impl LocalRegistry {
             }
         }
         if vips.is_empty() {
-            if let Some(shared) = st.vips_of_name(&spec.names) {
+            if let Some(d) = &declared {
+                vips = d.vips.clone();
+            } else if let Some(shared) = st.vips_of_name(&spec.names) {
                 vips = shared;
             }
         }
         if vips.is_empty() {
-            let pool = self
-                .pools
-                .iter()
-                .find(|p| p.is_ipv4())
-                .or_else(|| self.pools.first())
-                .ok_or_else(|| RegisterError::PoolExhausted("(no pool configured)".into()))?;
-            let cap = pool.capacity();
-            let mut found = None;
-            for i in 0..cap.min(1 << 24) {
-                let n = (st.next_pool_host + i) % cap;
-                let Some(ip) = pool.host(n) else { continue };
-                if !st.vip_owners.contains_key(&ip) {
-                    found = Some((ip, n));
-                    break;
-                }
-            }
-            let (ip, n) = found.ok_or_else(|| RegisterError::PoolExhausted(pool.to_string()))?;
-            st.next_pool_host = n + 1;
-            vips.push(ip);
+            vips = self.allocate(&mut st)?;
         }
         vips.sort_by_key(|ip| ip.is_ipv6());
         let id = st.next_app;
@@ -359,12 +430,153 @@ impl LocalRegistry {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            lb: spec.lb,
+            lb: spec.lb.or(declared.and_then(|d| d.lb)),
             connect_wait: spec.connect_wait,
         };
         st.apps.insert(id, info.clone());
         self.notify(st);
         Ok(info)
+    }
+
+    /// One free VIP from the first pool of each family (dual stack by
+    /// default: a daemon with only an IPv4 pool hands out IPv4 VIPs only).
+    fn allocate(&self, st: &mut State) -> Result<Vec<IpAddr>, RegisterError> {
+        if self.pools.is_empty() {
+            return Err(RegisterError::PoolExhausted("(no pool configured)".into()));
+        }
+        let mut vips = Vec::new();
+        for v4 in [true, false] {
+            let Some((index, pool)) = self
+                .pools
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.is_ipv4() == v4)
+            else {
+                continue;
+            };
+            let cap = pool.capacity();
+            let start = st.next_pool_host.get(&index).copied().unwrap_or(0);
+            let mut found = None;
+            for i in 0..cap.min(1 << 24) {
+                let n = (start + i) % cap;
+                let Some(ip) = pool.host(n) else { continue };
+                if !st.vip_taken(ip) {
+                    found = Some((ip, n));
+                    break;
+                }
+            }
+            let (ip, n) = found.ok_or_else(|| RegisterError::PoolExhausted(pool.to_string()))?;
+            st.next_pool_host.insert(index, n + 1);
+            vips.push(ip);
+        }
+        Ok(vips)
+    }
+
+    /// Declares the service `name` (`ax service create`): it resolves at
+    /// once to `ips`, or to VIPs allocated as for an app (those of live apps
+    /// already named so, if any), reserved until it is deleted.
+    pub fn declare(
+        &self,
+        name: &str,
+        ips: &[IpAddr],
+        lb: Option<LbMode>,
+        uid: u32,
+    ) -> Result<DeclaredService, DeclareError> {
+        validate_name(name)?;
+        let mut st = self.lock();
+        if st.declared.contains_key(name) {
+            return Err(DeclareError::Exists(name.to_string()));
+        }
+        if st.declared.len() >= MAX_DECLARED {
+            return Err(DeclareError::InvalidName {
+                name: name.to_string(),
+                reason: format!("{MAX_DECLARED} services are declared already"),
+            });
+        }
+        let names = [name.to_string()];
+        let running = st.vips_of_name(&names);
+        let mut vips = Vec::new();
+        for &ip in ips {
+            validate_vip(ip)?;
+            if let Some(holder) = st.declared_holder(ip) {
+                return Err(RegisterError::IpDeclared {
+                    ip,
+                    name: holder.name.clone(),
+                }
+                .into());
+            }
+            if let Some(owner) = st.conflicting_owner(ip, &names, false) {
+                return Err(RegisterError::IpInUse { ip, owner }.into());
+            }
+            if !vips.contains(&ip) {
+                vips.push(ip);
+            }
+        }
+        if let Some(running) = running {
+            if vips.is_empty() {
+                vips = running;
+            } else if vips.iter().any(|ip| !running.contains(ip)) {
+                return Err(DeclareError::RunningElsewhere {
+                    name: name.to_string(),
+                    vips: running,
+                });
+            }
+        }
+        if vips.is_empty() {
+            vips = self.allocate(&mut st)?;
+        }
+        vips.sort_by_key(|ip| ip.is_ipv6());
+        let declared = DeclaredService {
+            name: name.to_string(),
+            vips,
+            lb,
+            uid,
+        };
+        st.declared.insert(name.to_string(), declared.clone());
+        self.notify(st);
+        Ok(declared)
+    }
+
+    /// Deletes a declared service (`ax service delete`). Refused while live
+    /// apps are named after it, unless `force` (they then keep the name and
+    /// its VIPs until they exit). Only its declarer or root may delete it.
+    pub fn undeclare(
+        &self,
+        name: &str,
+        force: bool,
+        uid: u32,
+    ) -> Result<DeclaredService, DeclareError> {
+        let mut st = self.lock();
+        let declared = st
+            .declared
+            .get(name)
+            .ok_or_else(|| DeclareError::NotDeclared(name.to_string()))?;
+        if uid != 0 && declared.uid != uid {
+            return Err(DeclareError::NotYours(name.to_string()));
+        }
+        let apps: Vec<AppId> = st
+            .apps
+            .values()
+            .filter(|a| a.names.iter().any(|n| n == name))
+            .map(|a| a.id)
+            .collect();
+        if !apps.is_empty() && !force {
+            return Err(DeclareError::HasBackends {
+                name: name.to_string(),
+                apps,
+            });
+        }
+        let removed = st
+            .declared
+            .remove(name)
+            .ok_or_else(|| DeclareError::NotDeclared(name.to_string()))?;
+        self.notify(st);
+        Ok(removed)
+    }
+
+    /// Every declared service, by name.
+    pub fn declared(&self) -> Vec<DeclaredService> {
+        self.lock().declared.values().cloned().collect()
     }
 
     /// Records the pid of the app's main program.
@@ -389,6 +601,9 @@ impl LocalRegistry {
     pub fn names(&self) -> Vec<NameEntry> {
         let st = self.lock();
         let mut by_name: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+        for d in st.declared.values() {
+            by_name.insert(&d.name, d.vips.clone());
+        }
         for app in st.apps.values() {
             for name in &app.names {
                 let vips = by_name.entry(name).or_default();
@@ -422,10 +637,12 @@ impl LocalRegistry {
             .collect())
     }
 
-    /// All services, by address, each with its backends.
+    /// All services, by address, each with its backends; then each VIP of
+    /// a declared service that has none yet, at port 0 with no backend.
     pub fn services(&self) -> Vec<ServiceInfo> {
         let st = self.lock();
-        st.services
+        let mut services: Vec<ServiceInfo> = st
+            .services
             .iter()
             .filter(|(_, s)| !s.backends.is_empty())
             .map(|(&(ip, port), s)| ServiceInfo {
@@ -434,13 +651,41 @@ impl LocalRegistry {
                 lb: st.lb_of(ip),
                 backends: s.backends.clone(),
             })
-            .collect()
+            .collect();
+        for d in st.declared.values() {
+            for &ip in &d.vips {
+                if !services.iter().any(|s| s.addr.ip() == ip) {
+                    services.push(ServiceInfo {
+                        addr: SocketAddr::new(ip, 0),
+                        names: st.names_of(ip),
+                        lb: st.lb_of(ip),
+                        backends: Vec::new(),
+                    });
+                }
+            }
+        }
+        services
+    }
+
+    /// Each VIP that no name resolves to, with the first app holding it:
+    /// the hosts file gives it [`app_host_name`].
+    pub fn unnamed_vips(&self) -> Vec<(IpAddr, AppId)> {
+        let st = self.lock();
+        let mut out: Vec<(IpAddr, AppId)> = st
+            .vip_owners
+            .iter()
+            .filter(|(ip, _)| st.names_of(**ip).is_empty())
+            .filter_map(|(ip, owners)| owners.first().map(|o| (*ip, *o)))
+            .collect();
+        out.sort_by_key(|(ip, _)| (ip.is_ipv6(), *ip));
+        out
     }
 }
 
 /// The backends of `dst` in the order to try them: the load balancer's
 /// pick first, then the others.
-fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
+fn pick(st: &mut State, asked: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
+    let dst = st.served_addr(asked);
     let lb = st.lb_of(dst.ip());
     let random = match lb {
         LbMode::RoundRobin => None,
@@ -450,7 +695,7 @@ fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
         .services
         .get_mut(&(dst.ip(), dst.port()))
         .filter(|s| !s.backends.is_empty())
-        .ok_or(ResolveError::NoService(dst))?;
+        .ok_or(ResolveError::NoService(asked))?;
     let count = service.backends.len();
     let first = match random {
         Some(r) => (r % count as u64) as usize,
@@ -463,6 +708,32 @@ fn pick(st: &mut State, dst: SocketAddr) -> Result<Vec<Backend>, ResolveError> {
     Ok((0..count)
         .map(|i| service.backends[(first + i) % count].clone())
         .collect())
+}
+
+/// A service name must be a host name: a-z, 0-9, '-' and '.', at most 253
+/// characters (the CLI explains finer points before asking).
+fn validate_name(name: &str) -> Result<(), DeclareError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 253 {
+        Some("it is longer than 253 characters")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        Some("names use a-z, 0-9, '-' and '.'")
+    } else if name.starts_with(['-', '.']) || name.ends_with(['-', '.']) {
+        Some("it starts or ends with '-' or '.'")
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => Err(DeclareError::InvalidName {
+            name: name.to_string(),
+            reason: r.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn validate_vip(ip: IpAddr) -> Result<(), RegisterError> {
@@ -493,7 +764,7 @@ impl Directory for LocalRegistry {
         if self.pools.iter().any(|p| p.contains(ip)) {
             return true;
         }
-        self.lock().vip_owners.contains_key(&ip)
+        self.lock().vip_taken(ip)
     }
 
     fn app_vips(&self, app: AppId) -> Vec<IpAddr> {
@@ -538,6 +809,10 @@ impl Directory for LocalRegistry {
 
     fn connect_wait(&self, app: AppId) -> Option<Duration> {
         self.lock().apps.get(&app).and_then(|a| a.connect_wait)
+    }
+
+    fn served_addr(&self, dst: SocketAddr) -> SocketAddr {
+        self.lock().served_addr(dst)
     }
 
     fn generation(&self) -> u64 {
@@ -765,7 +1040,7 @@ mod tests {
         let mut lb = named(&[], &[&a.vips[0].to_string()]);
         lb.lb = Some(LbMode::RoundRobin);
         let d = r.register_app(&lb, 0).unwrap();
-        assert_eq!(d.vips, a.vips);
+        assert_eq!(d.vips, vec![a.vips[0]]);
         r.app_exited(d.id);
         let ip = a.vips[0];
         for (app, tag) in [(a.id, "a"), (b.id, "b"), (c.id, "c")] {
@@ -885,6 +1160,143 @@ mod tests {
             .unwrap(),
         );
         assert!(r.resolve(stranger.id, dst).is_ok());
+    }
+
+    #[test]
+    fn apps_get_one_vip_of_each_family() {
+        let r = LocalRegistry::default();
+        let a = r.register_app(&AppSpec::default(), 0).unwrap();
+        assert_eq!(a.vips.len(), 2, "{:?}", a.vips);
+        assert!(a.vips[0].is_ipv4() && a.vips[1].is_ipv6(), "{:?}", a.vips);
+        let b = r.register_app(&AppSpec::default(), 0).unwrap();
+        assert!(a.vips.iter().all(|ip| !b.vips.contains(ip)));
+        // --ip says otherwise.
+        let c = r.register_app(&named(&[], &["10.233.9.9"]), 0).unwrap();
+        assert_eq!(c.vips, vec!["10.233.9.9".parse::<IpAddr>().unwrap()]);
+        // A daemon with an IPv4 pool only hands out IPv4 VIPs.
+        let v4 = LocalRegistry::new(vec![VipPool::default_v4()]);
+        assert_eq!(
+            v4.register_app(&AppSpec::default(), 0).unwrap().vips.len(),
+            1
+        );
+        // Unnamed VIPs are listed for the hosts file, named ones are not.
+        let named_app = r.register_app(&named(&["web"], &[]), 0).unwrap();
+        let unnamed: Vec<IpAddr> = r.unnamed_vips().into_iter().map(|(ip, _)| ip).collect();
+        assert!(a.vips.iter().all(|ip| unnamed.contains(ip)));
+        assert!(named_app.vips.iter().all(|ip| !unnamed.contains(ip)));
+    }
+
+    #[test]
+    fn a_vip_without_a_listener_reaches_the_other_familys() {
+        let r = LocalRegistry::default();
+        let a = r.register_app(&AppSpec::default(), 0).unwrap();
+        let (v4, v6) = (a.vips[0], a.vips[1]);
+        let alive = |_: &UnixEndpoint| true;
+        let req = |ips: Vec<IpAddr>, port| BindRequest {
+            app: a.id,
+            ips,
+            port,
+        };
+        // 0.0.0.0:80 only: reached at [v6]:80 too.
+        r.bind(&req(vec![v4], 80), &|p| ep("v4", p), &alive)
+            .unwrap();
+        let at6 = SocketAddr::new(v6, 80);
+        assert_eq!(r.resolve(0, at6), Ok(vec![ep("v4", 80)]));
+        assert_eq!(r.served_addr(at6), SocketAddr::new(v4, 80));
+        // A listener of the asked family wins.
+        r.bind(&req(vec![v6], 80), &|p| ep("v6", p), &alive)
+            .unwrap();
+        assert_eq!(r.resolve(0, at6), Ok(vec![ep("v6", 80)]));
+        assert_eq!(r.served_addr(at6), at6);
+        // Nothing on either: refused, naming the address asked for.
+        let none = SocketAddr::new(v6, 81);
+        assert_eq!(r.resolve(0, none), Err(ResolveError::NoService(none)));
+    }
+
+    #[test]
+    fn declared_services_resolve_before_their_apps() {
+        let r = LocalRegistry::default();
+        let db = r.declare("db", &[], Some(LbMode::Random), 1000).unwrap();
+        assert_eq!(db.vips.len(), 2);
+        assert!(r.is_virtual(db.vips[0]));
+        assert!(r
+            .names()
+            .iter()
+            .any(|n| n.name == "db" && n.vips == db.vips));
+        // Shown with no backend yet.
+        let services = r.services();
+        assert_eq!(services.len(), 2);
+        assert!(services
+            .iter()
+            .all(|s| s.backends.is_empty() && s.addr.port() == 0));
+        assert_eq!(services[0].names, vec!["db".to_string()]);
+        assert_eq!(services[0].lb, LbMode::Random);
+        // Its VIPs are reserved: never allocated, refused to other names.
+        for _ in 0..4 {
+            let other = r.register_app(&AppSpec::default(), 0).unwrap();
+            assert!(other.vips.iter().all(|ip| !db.vips.contains(ip)));
+        }
+        let ip = db.vips[0].to_string();
+        assert!(matches!(
+            r.register_app(&named(&["web"], &[&ip]), 0),
+            Err(RegisterError::IpDeclared { .. })
+        ));
+        // An app named after it takes its VIPs; another --ip is refused.
+        let err = r
+            .register_app(&named(&["db"], &["10.233.77.1"]), 0)
+            .unwrap_err();
+        assert!(matches!(err, RegisterError::DeclaredElsewhere { .. }));
+        assert!(err.to_string().contains(&ip), "{err}");
+        let backend = r.register_app(&named(&["db"], &[]), 1000).unwrap();
+        assert_eq!(backend.vips, db.vips);
+        assert_eq!(backend.lb, Some(LbMode::Random));
+        assert!(r.register_app(&named(&["db"], &[&ip]), 0).is_ok());
+        // Declared twice, or deleted while it has apps: refused.
+        assert!(matches!(
+            r.declare("db", &[], None, 1000),
+            Err(DeclareError::Exists(_))
+        ));
+        assert!(matches!(
+            r.undeclare("db", false, 1000),
+            Err(DeclareError::HasBackends { .. })
+        ));
+        assert!(matches!(
+            r.undeclare("db", true, 1001),
+            Err(DeclareError::NotYours(_))
+        ));
+        // The VIPs outlive the apps while the name is declared.
+        for app in r.apps() {
+            r.app_exited(app.id);
+        }
+        assert!(r.names().iter().any(|n| n.name == "db"));
+        let snap = r.snapshot();
+        assert_eq!(snap.declared.len(), 1);
+        r.undeclare("db", false, 1000).unwrap();
+        assert!(r.names().is_empty());
+        assert!(r.services().is_empty());
+        // A successor keeps declarations.
+        let successor = LocalRegistry::default();
+        successor.restore(&snap, &|_| true);
+        assert_eq!(successor.declared(), snap.declared);
+        // Names are host names; explicit VIPs are checked.
+        assert!(matches!(
+            r.declare("Bad Name", &[], None, 0),
+            Err(DeclareError::InvalidName { .. })
+        ));
+        assert!(r
+            .declare("lo", &["127.0.0.1".parse().unwrap()], None, 0)
+            .is_err());
+        let fixed = r
+            .declare("cache", &["10.233.50.50".parse().unwrap()], None, 0)
+            .unwrap();
+        assert_eq!(fixed.vips.len(), 1);
+        // Declaring a name that apps already have keeps their VIPs.
+        let web = r.register_app(&named(&["web"], &[]), 0).unwrap();
+        assert!(matches!(
+            r.declare("web", &["10.233.60.1".parse().unwrap()], None, 0),
+            Err(DeclareError::RunningElsewhere { .. })
+        ));
+        assert_eq!(r.declare("web", &[], None, 0).unwrap().vips, web.vips);
     }
 
     #[test]
