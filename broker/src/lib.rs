@@ -51,6 +51,7 @@ pub mod launch;
 mod names;
 mod orphans;
 mod pool;
+mod probe;
 mod serve;
 mod stash;
 mod target;

@@ -204,6 +204,9 @@ enum Kind {
 
 /// `sendto(fd, buf, len, flags, addr, addrlen)`.
 pub(super) fn handle_sendto(call: &Call<'_>, target: &Target) -> Outcome {
+    if let Some(refused) = super::udp::to_vip(call, target, call.arg(4), call.int_arg(5)) {
+        return refused;
+    }
     let flags = call.int_arg(3);
     let kind = match kind(call, target, flags & MSG_FASTOPEN != 0) {
         Ok(k) => k,
