@@ -16,7 +16,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// The state a swapped socket stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,20 +73,15 @@ fn listen(lo: SocketAddr) -> Option<TcpListener> {
     Some(TcpListener::from(fd))
 }
 
-/// The cached probes, `[v4, v6]`; `None` where they could not be made
-/// (no loopback in this namespace): callers then ask a fresh socket.
+/// The cached probes of the family; `None` where they could not be made
+/// (no loopback in the broker's namespace when first asked; not retried):
+/// callers then ask a fresh socket.
 fn cached(v6: bool) -> Option<&'static Probes> {
+    // get_or_init runs one initialiser at a time: one pair per family.
     static PROBES: [OnceLock<Option<Probes>>; 2] = [OnceLock::new(), OnceLock::new()];
-    // One attempt at a time, so that two first calls make one pair.
-    static MAKING: Mutex<()> = Mutex::new(());
-    let cell = &PROBES[usize::from(v6)];
-    if let Some(p) = cell.get() {
-        return p.as_ref();
-    }
-    let _one = MAKING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    cell.get_or_init(|| Probes::new(v6)).as_ref()
+    PROBES[usize::from(v6)]
+        .get_or_init(|| Probes::new(v6))
+        .as_ref()
 }
 
 /// A fresh TCP socket of the family.

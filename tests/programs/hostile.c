@@ -901,7 +901,7 @@ static int sweep_skips(int level, int opt)
         case 56 /* SO_INCOMING_NAPI_ID */:
             return 1;
         }
-    if (level == IPPROTO_IP && opt == 52)          /* a per-socket value */
+    if (level == IPPROTO_IP && opt == 52)          /* IP_PROTOCOL: the local port */
         return 1;
     if (level == IPPROTO_TCP)
         switch (opt) {

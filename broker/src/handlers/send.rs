@@ -42,6 +42,8 @@
 //!     where the UNIX socket would say `EISCONN`: the broker sends the data
 //!     on its copy and answers the count. A swapped listening or bound
 //!     socket: `EPIPE` (and `SIGPIPE` without `MSG_NOSIGNAL`), as TCP.
+//!   - a UDP socket to a VIP: `ENETUNREACH` (see `udp.rs`), with or
+//!     without `MSG_FASTOPEN`.
 //!   - anything else: `CONTINUE`, which is safe here. Without
 //!     `MSG_FASTOPEN` no send connects a TCP socket (TCP ignores the
 //!     address), a UDP datagram is not ax's business, and whatever another
