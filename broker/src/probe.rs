@@ -23,6 +23,9 @@ use std::sync::OnceLock;
 pub(crate) enum Kind {
     /// Connected (a client, or an accepted connection).
     Connected,
+    /// An `AF_INET6` socket connected to an IPv4 peer (v4-mapped): IPv4's
+    /// path MTU and MSS.
+    ConnectedMapped,
     /// Listening.
     Listening,
     /// Neither: bound, or not yet anything.
@@ -35,6 +38,9 @@ struct Probes {
     connected: TcpStream,
     /// Its accepted end: kept so the connection stays established.
     _accepted: TcpStream,
+    /// For `AF_INET6`: the client end of a v4-mapped loopback connection,
+    /// and its accepted end.
+    mapped: Option<(TcpStream, TcpStream)>,
     listening: TcpListener,
 }
 
@@ -50,11 +56,22 @@ impl Probes {
         let (accepted, _) = server.accept().ok()?;
         drop(server);
         let listening = listen(lo)?;
+        let mapped = v6.then(Self::mapped).flatten();
         Some(Self {
             connected,
             _accepted: accepted,
+            mapped,
             listening,
         })
+    }
+
+    /// An `AF_INET6` socket connected to 127.0.0.1 (as `::ffff:127.0.0.1`).
+    fn mapped() -> Option<(TcpStream, TcpStream)> {
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+        let port = server.local_addr().ok()?.port();
+        let client = TcpStream::connect((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), port)).ok()?;
+        let (accepted, _) = server.accept().ok()?;
+        Some((client, accepted))
     }
 }
 
@@ -107,6 +124,9 @@ impl Probe {
         let cached = match kind {
             Kind::Fresh => None,
             Kind::Connected => cached(v6).map(|p| p.connected.as_fd()),
+            Kind::ConnectedMapped => cached(v6)
+                .and_then(|p| p.mapped.as_ref())
+                .map(|(c, _)| c.as_fd()),
             Kind::Listening => cached(v6).map(|p| p.listening.as_fd()),
         };
         match cached {
@@ -145,7 +165,13 @@ mod tests {
                 continue;
             };
             // IP_OPTIONS on an established TCP socket: no options, length 0.
-            if !v6 {
+            if v6 {
+                let m = Probe::get(v6, Kind::ConnectedMapped).expect("mapped");
+                let mut buf = [0u8; 4];
+                let n =
+                    ax_sys::sockopt::get_raw(m.fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU, &mut buf);
+                assert_eq!(n.ok(), Some(4));
+            } else {
                 let mut buf = [0u8; 40];
                 let n =
                     ax_sys::sockopt::get_raw(p.fd(), libc::IPPROTO_IP, libc::IP_OPTIONS, &mut buf);

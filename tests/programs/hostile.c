@@ -972,6 +972,13 @@ static void sweep_cases(int l, int l6)
     sweep_set("conn", fd);
     sweep_get("conn_after_set", fd);
     close(fd);
+    /* An AF_INET6 socket connected to the IPv4 server (v4-mapped). */
+    fd = tcp(AF_INET6);
+    struct sockaddr_in6 m = mapped_of(server_ip, port);
+    if (syscall(SYS_connect, fd, &m, sizeof m))
+        die("connect6");
+    sweep_get("conn6", fd);
+    close(fd);
     sweep_get("listen", l);
     sweep_get("listen6", l6);
 }

@@ -27,8 +27,10 @@
 //! socket level, where the value comes first.
 
 use super::{classify, inode, Call, Outcome, Sock};
+use crate::names::SocketName;
 use crate::probe::{self, Probe};
 use crate::target::{Errno, Target};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
 /// Enough room for any TCP/IP option a program sets or reads (`struct
@@ -118,15 +120,33 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
-    let (v6, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd),
+    let (name, fd) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    get(call, target, v6, &fd).into()
+    get(call, target, &name, &fd).into()
 }
 
-fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outcome, Errno> {
+/// The peer a connected swapped socket stands for: the service it reached,
+/// or (accepted) the client's VIP:port.
+fn peer_of(name: &SocketName, fd: &OwnedFd) -> Option<SocketAddr> {
+    match name {
+        SocketName::Client { peer, .. } => Some(*peer),
+        SocketName::Listener { .. } => match super::peer_name(fd)? {
+            SocketName::Client { local, .. } => Some(local),
+            SocketName::Listener { .. } => None,
+        },
+    }
+}
+
+fn get(
+    call: &Call<'_>,
+    target: &Target,
+    name: &SocketName,
+    fd: &OwnedFd,
+) -> Result<Outcome, Errno> {
+    let v6 = name.is_v6();
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let (optval, len_ptr) = (call.arg(3), call.arg(4));
@@ -155,13 +175,18 @@ fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
     }
     let mut buf = vec![0u8; len.min(MAX_OPTION_LEN)];
     let mut kind = probe::kind_of(fd.as_fd());
+    if v6 && kind == probe::Kind::Connected && peer_of(name, fd).is_some_and(|p| p.is_ipv4()) {
+        kind = probe::Kind::ConnectedMapped;
+    }
     let mut remembered = inode(fd).and_then(|ino| call.state.recall_option((ino, level, optname)));
     match (level, optname) {
         // Binding a specific IPv6 address sets it (the probes are bound to
         // ::1); a socket of ax's answers as one bound to [::].
         (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => kind = probe::Kind::Fresh,
         // Once connected, TCP answers its current MSS, whatever was set.
-        (libc::IPPROTO_TCP, libc::TCP_MAXSEG) if kind == probe::Kind::Connected => {
+        (libc::IPPROTO_TCP, libc::TCP_MAXSEG)
+            if matches!(kind, probe::Kind::Connected | probe::Kind::ConnectedMapped) =>
+        {
             remembered = None;
         }
         _ => {}
