@@ -241,3 +241,44 @@ const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
 fn int_bytes(n: usize) -> [u8; INT_LEN] {
     i32::try_from(n).unwrap_or(i32::MAX).to_ne_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe::Kind::{Connected, Fresh, Listening};
+
+    #[test]
+    fn tcp_state_checks_as_do_tcp_setsockopt() {
+        let zero = 0i32.to_ne_bytes();
+        let one = 1i32.to_ne_bytes();
+        let tcp = libc::IPPROTO_TCP;
+        let cases = [
+            (Connected, libc::TCP_WINDOW_CLAMP, zero, Some(libc::EINVAL)),
+            (Listening, libc::TCP_WINDOW_CLAMP, zero, Some(libc::EINVAL)),
+            (Fresh, libc::TCP_WINDOW_CLAMP, zero, None),
+            (Connected, libc::TCP_WINDOW_CLAMP, one, None),
+            (Connected, libc::TCP_FASTOPEN, one, Some(libc::EINVAL)),
+            (Listening, libc::TCP_FASTOPEN, one, None),
+            (
+                Listening,
+                libc::TCP_FASTOPEN_CONNECT,
+                one,
+                Some(libc::EINVAL),
+            ),
+            (Connected, TCP_FASTOPEN_NO_COOKIE, one, Some(libc::EINVAL)),
+            (Listening, TCP_FASTOPEN_NO_COOKIE, one, None),
+            (Connected, libc::TCP_NODELAY, one, None),
+        ];
+        for (kind, opt, val, want) in cases {
+            assert_eq!(
+                refused_in_state(kind, tcp, opt, &val),
+                want,
+                "{kind:?} {opt}"
+            );
+        }
+        assert_eq!(
+            refused_in_state(Connected, libc::IPPROTO_IP, libc::TCP_FASTOPEN, &one),
+            None
+        );
+    }
+}
