@@ -193,6 +193,8 @@ pub(crate) struct AppState {
     held: Mutex<SocketTable<u64, (SocketAddr, SocketAddr)>>,
     /// False once the app's last process has exited.
     alive: AtomicBool,
+    /// Set once a UDP datagram to a VIP was refused (and logged).
+    udp_to_vip: AtomicBool,
     pub(crate) parked: Arc<Quota>,
     pub(crate) helpers: Arc<Quota>,
     pub(crate) held_connects: Arc<Quota>,
@@ -213,6 +215,7 @@ impl AppState {
             options: Mutex::new(SocketTable::new()),
             held: Mutex::new(SocketTable::new()),
             alive: AtomicBool::new(true),
+            udp_to_vip: AtomicBool::new(false),
             parked: Quota::new("parked blocking accepts", app, MAX_PARKED_ACCEPTS),
             helpers: Quota::new("calls waiting on helper threads", app, MAX_HELPERS),
             held_connects: Quota::new("held connects (--connect-wait)", app, MAX_HELD_CONNECTS),
@@ -222,6 +225,12 @@ impl AppState {
     /// True until the app's last process has exited.
     pub(crate) fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// True the first time only: a UDP `connect`/`sendto` to a VIP was
+    /// refused, and is logged once per app.
+    pub(crate) fn first_udp_to_vip(&self) -> bool {
+        !self.udp_to_vip.swap(true, Ordering::Relaxed)
     }
 
     /// The app has exited: its state goes, and waits on its behalf end.

@@ -50,7 +50,21 @@ const SOCKOPT_LEVELS: &[u64] = &[
     libc::IPPROTO_IP as u64,
     libc::IPPROTO_IPV6 as u64,
 ];
-const SOCKOPT_SOCKET_NAMES: &[u64] = &[libc::SO_DOMAIN as u64, libc::SO_PROTOCOL as u64];
+/// `SO_DOMAIN`/`SO_PROTOCOL`, and the socket-level options TCP and UNIX
+/// sockets answer differently (`SO_PASSCRED`, `SO_PASSSEC`, `SO_PASSPIDFD`
+/// are UNIX-only, `SO_TXREHASH` IP-only).
+const SOCKOPT_SOCKET_NAMES: &[u64] = &[
+    libc::SO_DOMAIN as u64,
+    libc::SO_PROTOCOL as u64,
+    libc::SO_PASSCRED as u64,
+    libc::SO_PASSSEC as u64,
+    SO_TXREHASH,
+    SO_PASSPIDFD,
+];
+/// `SO_TXREHASH` (Linux 5.18), not in the libc crate.
+const SO_TXREHASH: u64 = 74;
+/// `SO_PASSPIDFD` (Linux 6.5).
+const SO_PASSPIDFD: u64 = 76;
 /// `MSG_FASTOPEN`: a send that connects (TCP Fast Open).
 const MSG_FASTOPEN: u64 = libc::MSG_FASTOPEN as u64;
 /// The send calls trapped with `MSG_FASTOPEN`, and their flags argument.
@@ -60,8 +74,9 @@ const FASTOPEN_CALLS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmm
 ///
 /// * the calls in [`TRAPPED_SYSCALLS`] are trapped (`SECCOMP_RET_USER_NOTIF`);
 /// * `setsockopt`/`getsockopt` are trapped only at the TCP, IP and IPv6
-///   levels and for `SO_DOMAIN`/`SO_PROTOCOL` — the cases a swapped socket
-///   must answer as TCP would; every other option runs untouched;
+///   levels and for the socket-level names in [`SOCKOPT_SOCKET_NAMES`] —
+///   the cases a swapped socket must answer as TCP would; every other
+///   option runs untouched (a UNIX socket answers it as TCP does);
 /// * `sendto` is trapped when it names a destination (its address argument
 ///   is not NULL) or has `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` when they
 ///   have `MSG_FASTOPEN` (a masked comparison of the flags argument): a

@@ -57,6 +57,7 @@ pub mod launch;
 mod names;
 mod orphans;
 mod pool;
+mod probe;
 mod serve;
 mod sockets;
 mod stash;

@@ -925,6 +925,105 @@ static void sockopt_cases(int l6)
     GETOPT("getsockopt6_keepidle", IPPROTO_TCP, TCP_KEEPIDLE, 4);
 }
 
+/* ---------------------------------------------------- every option, swept */
+
+/* Options whose answers legitimately differ between two TCP sockets, or
+ * between a swapped socket and a TCP one (see tests/tests/hostile.rs). */
+static int sweep_skips(int level, int opt)
+{
+    if (level == SOL_SOCKET)
+        switch (opt) {
+        case SO_SNDBUF: case SO_RCVBUF:            /* UNIX buffer sizes */
+        case SO_PEERCRED: case SO_PEERSEC:         /* UNIX peers only */
+        case 28 /* SO_PEERNAME */: case 59 /* SO_PEERGROUPS */:
+        case 77 /* SO_PEERPIDFD: a new fd */:
+        case 57 /* SO_COOKIE */: case 71 /* SO_NETNS_COOKIE */:
+        case 55 /* SO_MEMINFO */: case 49 /* SO_INCOMING_CPU */:
+        case 56 /* SO_INCOMING_NAPI_ID */:
+            return 1;
+        }
+    if (level == IPPROTO_IP && opt == 52)          /* IP_PROTOCOL: the local port */
+        return 1;
+    if (level == IPPROTO_TCP)
+        switch (opt) {
+        case TCP_INFO: case 26 /* TCP_CC_INFO */:  /* live counters */
+        case 35 /* TCP_ZEROCOPY_RECEIVE */:       /* reads a request */
+        case 24 /* TCP_TIMESTAMP */:              /* a random offset */
+            return 1;
+        }
+    return 0;
+}
+
+static void sweep_get(const char *tag, int fd)
+{
+    static const struct {
+        const char *name;
+        int level, max;
+    } levels[] = {{"ip", IPPROTO_IP, 80},
+                  {"ipv6", IPPROTO_IPV6, 80},
+                  {"tcp", IPPROTO_TCP, 48},
+                  {"sock", SOL_SOCKET, 80}};
+    unsigned char buf[256];
+    char name[80], hex[2 * 64 + 1];
+    for (size_t l = 0; l < sizeof levels / sizeof levels[0]; l++)
+        for (int opt = 0; opt <= levels[l].max; opt++) {
+            if (sweep_skips(levels[l].level, opt))
+                continue;
+            /* The sweep of sets moved the connection's MSS. */
+            if (!strcmp(tag, "conn_after_set") && levels[l].level == IPPROTO_TCP && opt == 2)
+                continue;
+            int n = sizeof buf, e;
+            memset(buf, 0, sizeof buf);
+            long r = SYS(e, SYS_getsockopt, fd, levels[l].level, opt, buf, &n);
+            hex[0] = 0;
+            for (int i = 0; r == 0 && i < n && i < 64; i++)
+                sprintf(hex + 2 * i, "%02x", buf[i]);
+            snprintf(name, sizeof name, "sweep_%s_get_%s_%d", tag, levels[l].name, opt);
+            report(name, r, e, "len=%d val=%s", r == 0 ? n : -1, hex);
+        }
+}
+
+/* setsockopt of a zero int, then the option read back. */
+static void sweep_set(const char *tag, int fd)
+{
+    static const struct {
+        const char *name;
+        int level, max;
+    } levels[] = {{"ip", IPPROTO_IP, 80}, {"ipv6", IPPROTO_IPV6, 80}, {"tcp", IPPROTO_TCP, 48}};
+    char name[80];
+    int zero = 0;
+    for (size_t l = 0; l < sizeof levels / sizeof levels[0]; l++)
+        for (int opt = 0; opt <= levels[l].max; opt++) {
+            snprintf(name, sizeof name, "sweep_%s_set_%s_%d", tag, levels[l].name, opt);
+            CASE(name, SYS_setsockopt, fd, levels[l].level, opt, &zero, 4);
+        }
+    /* The socket-level options TCP and UNIX answer differently. */
+    static const int sock_opts[] = {16 /* SO_PASSCRED */, 34 /* SO_PASSSEC */,
+                                    74 /* SO_TXREHASH */, 76 /* SO_PASSPIDFD */};
+    for (size_t i = 0; i < sizeof sock_opts / sizeof sock_opts[0]; i++) {
+        snprintf(name, sizeof name, "sweep_%s_set_sock_%d", tag, sock_opts[i]);
+        CASE(name, SYS_setsockopt, fd, SOL_SOCKET, sock_opts[i], &zero, 4);
+    }
+}
+
+static void sweep_cases(int l, int l6)
+{
+    int fd = connected_to(server_ip, port);
+    sweep_get("conn", fd);
+    sweep_set("conn", fd);
+    sweep_get("conn_after_set", fd);
+    close(fd);
+    /* An AF_INET6 socket connected to the IPv4 server (v4-mapped). */
+    fd = tcp(AF_INET6);
+    struct sockaddr_in6 m = mapped_of(server_ip, port);
+    if (syscall(SYS_connect, fd, &m, sizeof m))
+        die("connect6");
+    sweep_get("conn6", fd);
+    close(fd);
+    sweep_get("listen", l);
+    sweep_get("listen6", l6);
+}
+
 /* ------------------------------------------------------------- sends */
 
 static volatile sig_atomic_t sigpipes;
@@ -1206,6 +1305,7 @@ int main(int argc, char **argv)
     accept_cases(l, l6);
     name_cases(l, l6);
     sockopt_cases(l6);
+    sweep_cases(l, l6);
     fd_cases();
     send_cases(l);
     close(l);

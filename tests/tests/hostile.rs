@@ -15,6 +15,27 @@
 //! sockets in the first run and swapped ones in the second. Every line must
 //! be the same. The whole table is printed.
 //!
+//! A sweep then reads every option of `SOL_IP`, `SOL_IPV6` and `SOL_TCP`
+//! (0 to 80, 80 and 48) and of `SOL_SOCKET` (0 to 80) with a 256-byte
+//! buffer on a connected socket, an IPv4 and an IPv6 listener (value,
+//! length, errno), sets each IP/IPv6/TCP option and the socket-level ones
+//! TCP and UNIX answer differently to a zero `int` on the connected
+//! socket, and reads everything back. Left out of the sweep, because two
+//! real TCP sockets already answer them differently:
+//! * `SO_SNDBUF`/`SO_RCVBUF` (not trapped: the UNIX socket's sizes, which
+//!   programs only use as hints), `SO_PEERCRED`, `SO_PEERSEC`,
+//!   `SO_PEERNAME`, `SO_PEERGROUPS`, `SO_PEERPIDFD` (UNIX peers only, and
+//!   the last returns a new fd), `SO_COOKIE`, `SO_NETNS_COOKIE`,
+//!   `SO_MEMINFO`, `SO_INCOMING_CPU`, `SO_INCOMING_NAPI_ID` (per socket,
+//!   per CPU or per queue);
+//! * `IP_PROTOCOL` (for TCP the kernel answers the local port: under ax
+//!   the probe's port, not the program's; nothing is known to read it),
+//!   `TCP_TIMESTAMP` (a random offset per connection), `TCP_INFO` and
+//!   `TCP_CC_INFO` (live counters), `TCP_ZEROCOPY_RECEIVE` (reads a request
+//!   from the buffer);
+//! * `TCP_MAXSEG` read back after the sweep of sets: the sets moved the
+//!   native connection's MSS.
+//!
 //! Cases left out, and why:
 //! * `connect(AF_UNSPEC)` on a *listening* socket: TCP stops listening and
 //!   keeps the port bound; a UNIX listener cannot stop listening, and the

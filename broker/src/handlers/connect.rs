@@ -78,7 +78,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         // their namespaces, not by their connects, and a TCP socket
         // swapped in is connected by the kernel to an address on no
         // interface, reaching no service of ax and carrying no VIP.
-        Ok(Sock::Other) => return Ok(Outcome::Continue),
+        // But a UDP socket to a VIP: ENETUNREACH (see udp.rs).
+        Ok(Sock::Other) => {
+            let to_vip = super::udp::to_vip(call, target, call.arg(1), call.int_arg(2));
+            return Ok(to_vip.unwrap_or(Outcome::Continue));
+        }
         Err(e) => return Ok(super::fd_error(call, e)),
     };
     // An earlier daemon installed it and died before answering.

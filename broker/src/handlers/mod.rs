@@ -33,6 +33,7 @@ pub(crate) mod restrict;
 mod send;
 mod sockname;
 mod sockopt;
+mod udp;
 
 use crate::names::SocketName;
 use crate::serve::{respond, Shared};

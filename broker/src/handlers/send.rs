@@ -42,6 +42,8 @@
 //!     where the UNIX socket would say `EISCONN`: the broker sends the data
 //!     on its copy and answers the count. A swapped listening or bound
 //!     socket: `EPIPE` (and `SIGPIPE` without `MSG_NOSIGNAL`), as TCP.
+//!   - a UDP socket to a VIP: `ENETUNREACH` (see `udp.rs`), with or
+//!     without `MSG_FASTOPEN`.
 //!   - anything else: `CONTINUE`, which is safe here. Without
 //!     `MSG_FASTOPEN` no send connects a TCP socket (TCP ignores the
 //!     address), a UDP datagram is not ax's business, and whatever another
@@ -204,6 +206,9 @@ enum Kind {
 
 /// `sendto(fd, buf, len, flags, addr, addrlen)`.
 pub(super) fn handle_sendto(call: &Call<'_>, target: &Target) -> Outcome {
+    if let Some(refused) = super::udp::to_vip(call, target, call.arg(4), call.int_arg(5)) {
+        return refused;
+    }
     let flags = call.int_arg(3);
     let kind = match kind(call, target, flags & MSG_FASTOPEN != 0) {
         Ok(k) => k,

@@ -2,13 +2,22 @@
 //!
 //! The filter only traps the TCP, IP and IPv6 levels and `SO_DOMAIN`/
 //! `SO_PROTOCOL`. On a socket the kernel still owns, they run natively. On a
-//! swapped one (a UNIX socket underneath), a TCP/IP option is checked as
-//! TCP checks it, remembered (keyed by the socket's inode, so `dup` and
-//! `fork` share it, in the app's own bounded table: see
-//! `crate::appstate`) and reads back as set; an option never set reads as a
-//! fresh TCP socket of the program's family answers it where the broker can
-//! ask one, else as zeroes. `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP
-//! socket of the program's family would.
+//! swapped one (a UNIX socket underneath), every TCP/IP option is answered
+//! by a real TCP socket of the program's family (see `crate::probe`):
+//!
+//! * `setsockopt` sets the program's value on a fresh TCP socket; the
+//!   kernel's verdict there is the answer, and an accepted value is
+//!   remembered (keyed by the socket's inode, so `dup` and `fork` share it,
+//!   in the app's own bounded table: see `crate::appstate`).
+//! * `getsockopt` of an option the program set asks a fresh TCP socket that
+//!   was given the remembered value (so that it reads back as the kernel
+//!   normalises it); of any other option, a TCP socket in the same state
+//!   (connected, listening, or neither) that nobody set anything on. So
+//!   `IP_OPTIONS` answers length 0 on an established connection, as sshd
+//!   expects, and an option ax never heard of answers what the kernel says.
+//!
+//! `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP socket of the program's
+//! family would.
 //!
 //! Lengths and bad pointers are judged in the kernel's order:
 //! `setsockopt` refuses a negative length first; TCP then wants at least an
@@ -18,24 +27,19 @@
 //! socket level, where the value comes first.
 
 use super::{classify, inode, Call, Outcome, Sock};
+use crate::names::SocketName;
+use crate::probe::{self, Probe};
 use crate::target::{Errno, Target};
-use rustix::net::sockopt;
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
-use std::os::fd::OwnedFd;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 
-/// Enough room for any TCP/IP option a program sets (`struct tcp_info`
-/// is the largest common one).
-const MAX_OPTION_LEN: usize = 256;
+/// Enough room for any TCP/IP option a program sets or reads (`struct
+/// tcp_info`, 40 bytes of IP options, a congestion control name).
+const MAX_OPTION_LEN: usize = 512;
 const INT_LEN: usize = std::mem::size_of::<libc::c_int>();
 
-/// TCP options the kernel knows (Linux 6.18: 1 to `TCP_DELACK_MAX_US`, 46,
-/// but for the retired 15); any other name is `ENOPROTOOPT`.
-fn tcp_knows(optname: i32) -> bool {
-    (1..=46).contains(&optname) && optname != 15
-}
-
-/// TCP options whose value is a string or a struct of any length; every
-/// other one takes an `int`.
+/// TCP options whose value is a string or a struct of any length, read
+/// before TCP wants an `int`.
 fn tcp_takes_bytes(optname: i32) -> bool {
     matches!(
         optname,
@@ -43,24 +47,9 @@ fn tcp_takes_bytes(optname: i32) -> bool {
     )
 }
 
-/// Whether TCP accepts `val` for the `int` option `optname`, as its setters
-/// check (`tcp_sock_set_keepidle` and friends).
-fn tcp_value_ok(optname: i32, val: i32) -> bool {
-    const MAX_TCP_KEEPIDLE: i32 = 32767;
-    const MAX_TCP_KEEPINTVL: i32 = 32767;
-    const MAX_TCP_KEEPCNT: i32 = 127;
-    const MAX_TCP_SYNCNT: i32 = 127;
-    const TCP_MIN_MSS: i32 = 88;
-    const MAX_TCP_WINDOW: i32 = 32767;
-    match optname {
-        libc::TCP_KEEPIDLE => (1..=MAX_TCP_KEEPIDLE).contains(&val),
-        libc::TCP_KEEPINTVL => (1..=MAX_TCP_KEEPINTVL).contains(&val),
-        libc::TCP_KEEPCNT => (1..=MAX_TCP_KEEPCNT).contains(&val),
-        libc::TCP_SYNCNT => (1..=MAX_TCP_SYNCNT).contains(&val),
-        libc::TCP_USER_TIMEOUT => val >= 0,
-        libc::TCP_MAXSEG => val == 0 || (TCP_MIN_MSS..=MAX_TCP_WINDOW).contains(&val),
-        _ => true,
-    }
+/// The errno of a failed call on the broker's own socket.
+fn errno(e: &std::io::Error) -> Errno {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
@@ -76,15 +65,14 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let optval = call.arg(3);
-    let optlen = call.int_arg(4);
-    if optlen < 0 {
+    let Ok(optlen) = usize::try_from(call.int_arg(4)) else {
         return Ok(Outcome::Errno(libc::EINVAL));
-    }
-    let optlen = optlen as usize;
+    };
     if level == libc::IPPROTO_IPV6 && !v6 {
         // ip_setsockopt knows the IP level only.
         return Ok(Outcome::Errno(libc::ENOPROTOOPT));
     }
+    let want = optlen.min(MAX_OPTION_LEN);
     let value = match level {
         // sk_setsockopt: an int, then the name. SO_DOMAIN and SO_PROTOCOL
         // are read-only.
@@ -92,25 +80,35 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
             if optlen < INT_LEN {
                 return Ok(Outcome::Errno(libc::EINVAL));
             }
-            target.read(optval, INT_LEN)?;
-            return Ok(Outcome::Errno(libc::ENOPROTOOPT));
+            let int = target.read(optval, INT_LEN)?;
+            if matches!(optname, libc::SO_DOMAIN | libc::SO_PROTOCOL) {
+                return Ok(Outcome::Errno(libc::ENOPROTOOPT));
+            }
+            int
         }
         libc::IPPROTO_TCP if !tcp_takes_bytes(optname) => {
             if optlen < INT_LEN {
                 return Ok(Outcome::Errno(libc::EINVAL));
             }
             let int = target.read(optval, INT_LEN)?;
-            if !tcp_knows(optname) {
-                return Ok(Outcome::Errno(libc::ENOPROTOOPT));
-            }
-            let val = i32::from_ne_bytes([int[0], int[1], int[2], int[3]]);
-            if !tcp_value_ok(optname, val) {
-                return Ok(Outcome::Errno(libc::EINVAL));
-            }
-            int
+            // A struct option reads on; an int one stops at the int.
+            target.read(optval, want).unwrap_or(int)
         }
-        _ => target.read(optval, optlen.min(MAX_OPTION_LEN))?,
+        _ => target.read(optval, want)?,
     };
+    let kind = probe::kind_of(fd.as_fd());
+    // TCP_QUEUE_SEQ: the state first (repair mode is for closed sockets).
+    if kind != probe::Kind::Fresh && (level, optname) == (libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ) {
+        return Ok(Outcome::Errno(libc::EPERM));
+    }
+    // The kernel's verdict, on a TCP socket of the program's family.
+    let fresh = probe::fresh(v6).ok_or(libc::ENOMEM)?;
+    if let Err(e) = ax_sys::sockopt::set_raw(fresh.as_fd(), level, optname, &value) {
+        return Ok(Outcome::Errno(errno(&e)));
+    }
+    if let Some(refused) = refused_in_state(kind, level, optname, &value) {
+        return Ok(Outcome::Errno(refused));
+    }
     call.check_valid()?;
     let ino = inode(fd).ok_or(libc::ENOMEM)?;
     // The app's table is full of live sockets' options: as the kernel
@@ -122,15 +120,33 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
-    let (v6, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd),
+    let (name, fd) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    get(call, target, v6, &fd).into()
+    get(call, target, &name, &fd).into()
 }
 
-fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outcome, Errno> {
+/// The peer a connected swapped socket stands for: the service it reached,
+/// or (accepted) the client's VIP:port.
+fn peer_of(name: &SocketName, fd: &OwnedFd) -> Option<SocketAddr> {
+    match name {
+        SocketName::Client { peer, .. } => Some(*peer),
+        SocketName::Listener { .. } => match super::peer_name(fd)? {
+            SocketName::Client { local, .. } => Some(local),
+            SocketName::Listener { .. } => None,
+        },
+    }
+}
+
+fn get(
+    call: &Call<'_>,
+    target: &Target,
+    name: &SocketName,
+    fd: &OwnedFd,
+) -> Result<Outcome, Errno> {
+    let v6 = name.is_v6();
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let (optval, len_ptr) = (call.arg(3), call.arg(4));
@@ -145,7 +161,7 @@ fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
         Err(_) if level == libc::IPPROTO_IPV6 => usize::MAX,
         Err(_) => return Ok(Outcome::Errno(libc::EINVAL)),
     };
-    if level == libc::SOL_SOCKET {
+    if level == libc::SOL_SOCKET && matches!(optname, libc::SO_DOMAIN | libc::SO_PROTOCOL) {
         // sk_getsockopt: the value, then the length.
         let v = match optname {
             libc::SO_DOMAIN if v6 => libc::AF_INET6,
@@ -154,61 +170,115 @@ fn get(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
         };
         let n = len.min(INT_LEN);
         target.write(optval, &v.to_ne_bytes()[..n])?;
-        target.write(len_ptr, &(n as i32).to_ne_bytes())?;
+        target.write(len_ptr, &int_bytes(n))?;
         return Ok(Outcome::Value(0));
     }
-    if level == libc::IPPROTO_TCP && !tcp_knows(optname) {
-        return Ok(Outcome::Errno(libc::ENOPROTOOPT));
+    let mut buf = vec![0u8; len.min(MAX_OPTION_LEN)];
+    let mut kind = probe::kind_of(fd.as_fd());
+    if v6 && kind == probe::Kind::Connected && peer_of(name, fd).is_some_and(|p| p.is_ipv4()) {
+        kind = probe::Kind::ConnectedMapped;
     }
-    let value = inode(fd)
-        .and_then(|ino| call.state.recall_option((ino, level, optname)))
-        .or_else(|| default_value(v6, level, optname))
-        .unwrap_or_else(|| vec![0u8; INT_LEN]);
-    let mut answer: &[u8] = &value[..len.min(value.len())];
-    // do_ip_getsockopt answers a small int in one byte to a short buffer.
-    let byte;
-    if level == libc::IPPROTO_IP && value.len() == INT_LEN && (1..INT_LEN).contains(&answer.len()) {
-        let val = i32::from_ne_bytes([value[0], value[1], value[2], value[3]]);
-        if let Ok(b) = u8::try_from(val) {
-            byte = [b];
-            answer = &byte;
+    let mut remembered = inode(fd).and_then(|ino| call.state.recall_option((ino, level, optname)));
+    match (level, optname) {
+        // Binding a specific IPv6 address sets it (the probes are bound to
+        // ::1); a socket of ax's answers as one bound to [::].
+        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => kind = probe::Kind::Fresh,
+        // Once connected, TCP answers its current MSS, whatever was set.
+        (libc::IPPROTO_TCP, libc::TCP_MAXSEG)
+            if matches!(kind, probe::Kind::Connected | probe::Kind::ConnectedMapped) =>
+        {
+            remembered = None;
         }
+        _ => {}
     }
+    let asked = match remembered {
+        // Given the program's value, read back as the kernel keeps it.
+        Some(value) => {
+            let fresh = probe::fresh(v6).ok_or(libc::ENOMEM)?;
+            ax_sys::sockopt::set_raw(fresh.as_fd(), level, optname, &value)
+                .and_then(|()| ax_sys::sockopt::get_raw(fresh.as_fd(), level, optname, &mut buf))
+        }
+        None => {
+            let probe = Probe::get(v6, kind).ok_or(libc::ENOMEM)?;
+            ax_sys::sockopt::get_raw(probe.fd(), level, optname, &mut buf)
+        }
+    };
+    let n = match asked {
+        Ok(n) => n.min(buf.len()),
+        Err(e) => return Ok(Outcome::Errno(errno(&e))),
+    };
     // The length, then the value.
-    target.write(len_ptr, &(answer.len() as i32).to_ne_bytes())?;
-    target.write(optval, answer)?;
+    target.write(len_ptr, &int_bytes(n))?;
+    target.write(optval, &buf[..n])?;
     Ok(Outcome::Value(0))
 }
 
-/// What a fresh TCP socket of the program's family answers for an option
-/// nobody set, for the options the broker can ask one; `None` otherwise.
-fn default_value(v6: bool, level: i32, optname: i32) -> Option<Vec<u8>> {
-    let family = if v6 {
-        AddressFamily::INET6
-    } else {
-        AddressFamily::INET
-    };
-    let fresh =
-        rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None).ok()?;
-    let secs = |d: std::time::Duration| d.as_secs() as i32;
-    let val: i32 = match (level, optname) {
-        (libc::IPPROTO_TCP, libc::TCP_NODELAY) => sockopt::tcp_nodelay(&fresh).ok()?.into(),
-        (libc::IPPROTO_TCP, libc::TCP_CORK) => sockopt::tcp_cork(&fresh).ok()?.into(),
-        (libc::IPPROTO_TCP, libc::TCP_QUICKACK) => sockopt::tcp_quickack(&fresh).ok()?.into(),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE) => secs(sockopt::tcp_keepidle(&fresh).ok()?),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL) => secs(sockopt::tcp_keepintvl(&fresh).ok()?),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT) => sockopt::tcp_keepcnt(&fresh).ok()? as i32,
-        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT) => {
-            sockopt::tcp_user_timeout(&fresh).ok()? as i32
+/// The errno TCP answers a `setsockopt` that a fresh (closed) socket
+/// accepted, when the socket is connected or listening instead
+/// (`do_tcp_setsockopt`'s state checks).
+fn refused_in_state(kind: probe::Kind, level: i32, optname: i32, value: &[u8]) -> Option<Errno> {
+    if kind == probe::Kind::Fresh || level != libc::IPPROTO_TCP {
+        return None;
+    }
+    let connected = kind == probe::Kind::Connected;
+    let val = value
+        .get(..INT_LEN)
+        .and_then(|b| <[u8; INT_LEN]>::try_from(b).ok())
+        .map(i32::from_ne_bytes);
+    match optname {
+        // tcp_set_window_clamp: 0 only on a closed socket.
+        libc::TCP_WINDOW_CLAMP if val == Some(0) => Some(libc::EINVAL),
+        libc::TCP_FASTOPEN_CONNECT => Some(libc::EINVAL),
+        libc::TCP_FASTOPEN | TCP_FASTOPEN_NO_COOKIE if connected => Some(libc::EINVAL),
+        _ => None,
+    }
+}
+
+/// `TCP_FASTOPEN_NO_COOKIE` (Linux 4.19), not in the libc crate.
+const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
+
+/// `n` (at most [`MAX_OPTION_LEN`]) as the C `int` a length is stored in.
+fn int_bytes(n: usize) -> [u8; INT_LEN] {
+    i32::try_from(n).unwrap_or(i32::MAX).to_ne_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe::Kind::{Connected, Fresh, Listening};
+
+    #[test]
+    fn tcp_state_checks_as_do_tcp_setsockopt() {
+        let zero = 0i32.to_ne_bytes();
+        let one = 1i32.to_ne_bytes();
+        let tcp = libc::IPPROTO_TCP;
+        let cases = [
+            (Connected, libc::TCP_WINDOW_CLAMP, zero, Some(libc::EINVAL)),
+            (Listening, libc::TCP_WINDOW_CLAMP, zero, Some(libc::EINVAL)),
+            (Fresh, libc::TCP_WINDOW_CLAMP, zero, None),
+            (Connected, libc::TCP_WINDOW_CLAMP, one, None),
+            (Connected, libc::TCP_FASTOPEN, one, Some(libc::EINVAL)),
+            (Listening, libc::TCP_FASTOPEN, one, None),
+            (
+                Listening,
+                libc::TCP_FASTOPEN_CONNECT,
+                one,
+                Some(libc::EINVAL),
+            ),
+            (Connected, TCP_FASTOPEN_NO_COOKIE, one, Some(libc::EINVAL)),
+            (Listening, TCP_FASTOPEN_NO_COOKIE, one, None),
+            (Connected, libc::TCP_NODELAY, one, None),
+        ];
+        for (kind, opt, val, want) in cases {
+            assert_eq!(
+                refused_in_state(kind, tcp, opt, &val),
+                want,
+                "{kind:?} {opt}"
+            );
         }
-        (libc::IPPROTO_IP, libc::IP_TTL) => sockopt::ip_ttl(&fresh).ok()? as i32,
-        (libc::IPPROTO_IP, libc::IP_TOS) => sockopt::ip_tos(&fresh).ok()?.into(),
-        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => sockopt::ipv6_v6only(&fresh).ok()?.into(),
-        (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS) => {
-            sockopt::ipv6_unicast_hops(&fresh).ok()?.into()
-        }
-        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => sockopt::ipv6_tclass(&fresh).ok()? as i32,
-        _ => return None,
-    };
-    Some(val.to_ne_bytes().to_vec())
+        assert_eq!(
+            refused_in_state(Connected, libc::IPPROTO_IP, libc::TCP_FASTOPEN, &one),
+            None
+        );
+    }
 }

@@ -20,5 +20,6 @@ pub mod prexec;
 pub mod process;
 pub mod signal;
 pub mod sockaddr;
+pub mod sockopt;
 
 pub use notify::{Notification, NotifyFd};

@@ -1,0 +1,207 @@
+//! Socket calls that must not tell a program it runs under ax (issue 9):
+//! sshd and ssh over an IPv4 VIP (sshd drops a connection whose
+//! `IP_OPTIONS` answer a non-zero length), and UDP to a VIP, which must
+//! fail with `ENETUNREACH` rather than leave the host. The option-by-option
+//! comparison with TCP is in `hostile.rs`.
+
+use std::process::Command;
+
+use ax_e2e::{free_loopback_port, note, require, run, Daemon, TempDir, SHORT};
+
+const SSHD_VIP: &str = "10.233.0.160";
+const UDP_VIP: &str = "10.233.0.161";
+
+#[test]
+fn ssh_runs_a_command_on_an_ipv4_vip() {
+    require!("sshd", "ssh", "ssh-keygen");
+    if !rustix::process::geteuid().is_root() {
+        // Privilege separation needs root; unprivileged, sshd cannot log
+        // anyone in but its own user, which it refuses without a password
+        // database entry it can switch to.
+        note("SKIP: ssh_runs_a_command_on_an_ipv4_vip: sshd's privilege separation needs root");
+        return;
+    }
+    let dir = TempDir::new("sshd");
+    let keygen = |path: &std::path::Path| {
+        run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path),
+            SHORT,
+        )
+        .assert_success();
+    };
+    let host_key = dir.join("host_key");
+    let user_key = dir.join("user_key");
+    keygen(&host_key);
+    keygen(&user_key);
+    let public = std::fs::read_to_string(dir.join("user_key.pub")).expect("public key");
+    let authorized = dir.write("authorized_keys", &public);
+    // sshd's privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+    let port = free_loopback_port().to_string();
+    let config = dir.write(
+        "sshd_config",
+        &format!(
+            "Port {port}\nListenAddress 0.0.0.0\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PidFile none\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nLogLevel VERBOSE\n",
+            host_key.display(),
+            authorized.display()
+        ),
+    );
+    let sshd = ax_e2e::find_program("sshd").expect("sshd");
+    let d = Daemon::start();
+    let mut server = d.spawn(
+        &["--ip", SSHD_VIP],
+        &[
+            sshd.to_str().expect("utf-8 path"),
+            "-D",
+            "-e",
+            "-f",
+            config.to_str().expect("utf-8 path"),
+        ],
+    );
+    d.wait_for_service(&mut server, &format!("{SSHD_VIP}:{port}"));
+    let key = user_key.to_str().expect("utf-8 path");
+    let out = d.run(
+        &[],
+        &[
+            "ssh",
+            "-i",
+            key,
+            "-p",
+            &port,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=10",
+            &format!("root@{SSHD_VIP}"),
+            "echo",
+            "ok",
+        ],
+    );
+    let sshd_log = server.report();
+    assert!(
+        out.status.success() && out.stdout.trim() == "ok",
+        "ssh to {SSHD_VIP}:{port} under ax: {out}\nsshd:\n{sshd_log}\ndaemon log:\n{}",
+        d.log()
+    );
+    server.kill();
+}
+
+/// `python3 -c UDP ECHO_PORT VIP`: a native-style UDP echo on 127.0.0.1
+/// (in a thread), then UDP `connect` and `sendto` to the VIP and to the
+/// echo; prints one line per case.
+const UDP: &str = r#"
+import errno, socket, sys, threading
+echo_port, vip = int(sys.argv[1]), sys.argv[2]
+echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+echo.bind(("127.0.0.1", echo_port))
+def serve():
+    while True:
+        data, peer = echo.recvfrom(2048)
+        echo.sendto(data, peer)
+threading.Thread(target=serve, daemon=True).start()
+def outcome(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+def udp(family=socket.AF_INET):
+    return socket.socket(family, socket.SOCK_DGRAM)
+print("connect_vip", outcome(lambda: udp().connect((vip, 53))))
+print("sendto_vip", outcome(lambda: udp().sendto(b"x", (vip, 53))))
+s6 = udp(socket.AF_INET6)
+print("sendto_mapped_vip", outcome(lambda: s6.sendto(b"x", ("::ffff:" + vip, 53))))
+s = udp()
+s.settimeout(10)
+print("sendto_loopback", outcome(lambda: s.sendto(b"hello", ("127.0.0.1", echo_port))))
+print("echo", s.recvfrom(2048)[0].decode())
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(10)
+print("connect_loopback", outcome(lambda: c.connect(("127.0.0.1", echo_port))))
+c.send(b"again")
+print("echo", c.recv(2048).decode())
+"#;
+
+/// A route to a VIP through `lo`, in a table of its own (the main table,
+/// which the isolation preflight checks, stays empty): natively, a datagram
+/// to it is then accepted by the kernel and sent (to be dropped by
+/// loopback, the only interface here), as one routed off a host with a
+/// default route would be. Removed on drop.
+struct LoRoute(&'static str);
+
+impl LoRoute {
+    const TABLE: &'static str = "4242";
+
+    fn add(ip: &'static str) -> LoRoute {
+        let dst = format!("{ip}/32");
+        run(
+            Command::new("ip").args(["route", "add", &dst, "dev", "lo", "table", Self::TABLE]),
+            SHORT,
+        )
+        .assert_success();
+        let route = LoRoute(ip);
+        run(
+            Command::new("ip").args(["rule", "add", "to", &dst, "table", Self::TABLE]),
+            SHORT,
+        )
+        .assert_success();
+        route
+    }
+}
+
+impl Drop for LoRoute {
+    fn drop(&mut self) {
+        let dst = format!("{}/32", self.0);
+        let _ = Command::new("ip")
+            .args(["rule", "del", "to", &dst, "table", Self::TABLE])
+            .status();
+        let _ = Command::new("ip")
+            .args(["route", "del", &dst, "dev", "lo", "table", Self::TABLE])
+            .status();
+    }
+}
+
+#[test]
+fn udp_to_a_vip_is_unreachable_and_loopback_works() {
+    require!("python3");
+    // As root, give the VIP a route, so that it is ax, not the missing
+    // route of this namespace, that refuses the datagrams.
+    let _route = rustix::process::geteuid().is_root().then(|| {
+        let route = LoRoute::add(UDP_VIP);
+        let port = free_loopback_port().to_string();
+        let native = run(
+            Command::new("python3").args(["-c", UDP, &port, UDP_VIP]),
+            SHORT,
+        );
+        native.assert_success();
+        assert!(
+            native.stdout.starts_with("connect_vip ok\nsendto_vip ok\n"),
+            "natively, the routed VIP takes datagrams: {native}"
+        );
+        route
+    });
+    let d = Daemon::start();
+    let port = free_loopback_port().to_string();
+    let out = d.run(
+        &["--ip", "10.233.0.162"],
+        &["python3", "-c", UDP, &port, UDP_VIP],
+    );
+    out.assert_success();
+    let want = "connect_vip ENETUNREACH\nsendto_vip ENETUNREACH\nsendto_mapped_vip ENETUNREACH\n\
+                sendto_loopback ok\necho hello\nconnect_loopback ok\necho again\n";
+    assert_eq!(out.stdout, want, "{out}\ndaemon log:\n{}", d.log());
+    let log = d.log();
+    assert_eq!(
+        log.matches("UDP to a VIP is not brokered").count(),
+        1,
+        "logged once per app:\n{log}"
+    );
+}
