@@ -664,24 +664,26 @@ fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// How long a starting daemon waits for a busy lock: a killed daemon's fd
-/// keeper holds it (and the control socket, which then still takes
+/// How long a starting daemon waits for a lock a dead daemon still holds:
+/// its fd keeper keeps it (and the control socket, which then still takes
 /// connections nobody answers) until it has closed the daemon's fds, an
-/// instant after the death, or longer on a loaded machine. A live daemon
-/// holds it for good.
+/// instant after the death, or longer on a loaded machine.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Takes `PATH.lock` for the daemon's lifetime, so that two daemons starting
-/// at once cannot both decide the socket is stale. While the lock is held,
-/// waits up to [`LOCK_WAIT`] for it.
+/// at once cannot both decide the socket is stale. A lock taken by a live
+/// daemon fails at once; one whose taker is dead (its fd keeper holds it
+/// for an instant) is waited for, up to [`LOCK_WAIT`].
 fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         match try_lock_socket(path) {
-            Err(LockError::Busy) if std::time::Instant::now() < deadline => {
+            Err(LockError::Busy(ino))
+                if std::time::Instant::now() < deadline && !lock_taker_alive(ino) =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(LockError::Busy) => {
+            Err(LockError::Busy(_)) => {
                 bail!("another daemon is already serving {}", path.display())
             }
             Err(LockError::Other(e)) => return Err(e),
@@ -690,10 +692,41 @@ fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// Whether the process that took the `flock` on the file with inode `ino`
+/// still runs (`/proc/locks` names it; a zombie counts as dead). True when
+/// it cannot be told.
+fn lock_taker_alive(ino: u64) -> bool {
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return true;
+    };
+    // `1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE START END`
+    let taker = locks.lines().find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(kind), Some(pid), Some(dev)) = (cols.get(1), cols.get(4), cols.get(5)) else {
+            return None;
+        };
+        let inode = dev.rsplit(':').next()?.parse::<u64>().ok()?;
+        (*kind == "FLOCK" && inode == ino)
+            .then(|| pid.parse::<u32>().ok())
+            .flatten()
+    });
+    let Some(pid) = taker else {
+        return true;
+    };
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which may contain anything.
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// Why [`try_lock_socket`] failed.
 enum LockError {
-    /// Another process holds the lock.
-    Busy,
+    /// Another process holds the lock on the file with this inode.
+    Busy(u64),
     Other(anyhow::Error),
 }
 
@@ -709,7 +742,9 @@ fn try_lock_socket(path: &Path) -> Result<std::fs::File, LockError> {
         .map_err(LockError::Other)?;
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Busy),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Busy(
+            file.metadata().map(|m| m.ino()).unwrap_or(0),
+        )),
         Err(e) => Err(LockError::Other(
             anyhow::Error::from(io::Error::from(e))
                 .context(format!("cannot lock {}", lock_path.display())),
@@ -717,25 +752,22 @@ fn try_lock_socket(path: &Path) -> Result<std::fs::File, LockError> {
     }
 }
 
-/// Binds the control socket (mode 0600), replacing a stale socket file but
-/// never a live daemon's.
+/// Binds the control socket (mode 0600), replacing a previous daemon's
+/// socket file. Call it under the lock ([`lock_socket`]).
 fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => bail!(
             "{} exists and is not a socket; remove it or choose another --socket",
             path.display()
         ),
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => bail!("another daemon is already serving {}", path.display()),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(socket = %path.display(), "removing stale socket");
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot check {}", path.display()));
-            }
-        },
+        // Called under the lock, which proves no live daemon serves here:
+        // a socket that still takes connections is a dead daemon's, held
+        // open for an instant by its fd keeper.
+        Ok(_) => {
+            tracing::info!(socket = %path.display(), "replacing the previous daemon's socket");
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
     }

@@ -16,7 +16,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -696,16 +696,22 @@ impl Daemon {
             log,
             dir,
         };
-        d.wait_ready();
+        d.wait_ready(None);
         d
     }
 
     /// Waits until our child daemon answers on the socket; panics with its
-    /// log if it exits first or [`DAEMON_READY`] passes.
-    fn wait_ready(&mut self) {
+    /// log if it exits first or [`DAEMON_READY`] passes. `stale`: the
+    /// [`socket_file_id`] of a dead predecessor's socket file, whose listener its fd keeper may
+    /// hold open for an instant (a connect there proves nothing).
+    fn wait_ready(&mut self, stale: Option<(u64, i64, i64)>) {
         let ready = poll(DAEMON_READY, Duration::from_millis(20), || {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return Some(Err(st));
+            }
+            let ino = socket_file_id(&self.sock);
+            if ino.is_none() || ino == stale {
+                return None;
             }
             UnixStream::connect(&self.sock).ok().map(|_| Ok(()))
         });
@@ -758,9 +764,10 @@ impl Daemon {
                 .expect("open daemon log"),
             "==== ax-e2e: daemon restarted on the same socket ===="
         );
+        let stale = socket_file_id(&self.sock);
         self.child = spawn_daemon(&self.sock, &self.log, self.dir.path(), &[], &self.args);
         self.reaped = false;
-        self.wait_ready();
+        self.wait_ready(stale);
     }
 
     /// Waits until a daemon that is not our child (one started by an
@@ -1046,6 +1053,14 @@ impl Drop for Daemon {
 
 /// Starts `ax daemon --socket SOCK`, its output appended to `log`, in its
 /// own process group.
+/// Tells one socket file from the next at the same path: its inode number
+/// alone may be reused at once, its change time not.
+fn socket_file_id(path: &Path) -> Option<(u64, i64, i64)> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
 fn spawn_daemon(
     sock: &Path,
     log: &Path,
