@@ -146,7 +146,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         .bind(&req, &name_for, &|ep: &UnixEndpoint| {
             endpoint_alive(call.shared, ep)
         })
-        .map_err(|e| e.errno())?;
+        .map_err(|e| {
+            tracing::debug!(app, %ip, port = want.port(), reuseport = reuseport.is_some(), error = %e, "bind refused");
+            e.errno()
+        })?;
     let endpoint = name_for(port);
     let installed = (|| {
         let sock = match early {
