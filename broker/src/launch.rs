@@ -52,7 +52,7 @@ const SOCKOPT_LEVELS: &[u64] = &[
 ];
 /// `SO_DOMAIN`/`SO_PROTOCOL`, and the socket-level options TCP and UNIX
 /// sockets answer differently (`SO_PASSCRED`, `SO_PASSSEC`, `SO_PASSPIDFD`
-/// are UNIX-only, `SO_TXREHASH` IP-only).
+/// are UNIX-only, `SO_TXREHASH` and `SO_REUSEPORT` IP-only).
 const SOCKOPT_SOCKET_NAMES: &[u64] = &[
     libc::SO_DOMAIN as u64,
     libc::SO_PROTOCOL as u64,
@@ -60,6 +60,7 @@ const SOCKOPT_SOCKET_NAMES: &[u64] = &[
     libc::SO_PASSSEC as u64,
     SO_TXREHASH,
     SO_PASSPIDFD,
+    libc::SO_REUSEPORT as u64,
 ];
 /// `SO_TXREHASH` (Linux 5.18), not in the libc crate.
 const SO_TXREHASH: u64 = 74;

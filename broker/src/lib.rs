@@ -66,7 +66,7 @@ pub mod verify;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;
-pub use names::{SocketName, MAX_NAME_LEN};
+pub use names::{Reuseport, SocketName, MAX_NAME_LEN};
 pub use serve::{Broker, BrokerConfig, Session};
 pub use stash::Stash;
 

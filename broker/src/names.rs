@@ -12,6 +12,7 @@
 //!
 //! ```text
 //! ax/<instance>/l4/<app>/<bound ip>/<port>                 listener (bind)
+//! ax/<instance>/l4/<app>/<bound ip>/<port>/<uid>/<id>       SO_REUSEPORT listener
 //! ax/<instance>/c6/<local ip>/<port>/<peer ip>/<port>      client (connect)
 //! ```
 //!
@@ -39,6 +40,9 @@ pub enum SocketName {
         app: AppId,
         /// The address as the program bound it (wildcard or VIP) and port.
         bound: SocketAddr,
+        /// Set when the program's socket had `SO_REUSEPORT`: one of
+        /// several listeners of the app on the same address and port.
+        reuseport: Option<Reuseport>,
     },
     /// A client socket installed by `connect` to a virtual address.
     Client {
@@ -53,6 +57,18 @@ pub enum SocketName {
     },
 }
 
+/// A listener bound with `SO_REUSEPORT`: the owner the kernel compares
+/// (`sk_uid`), and what tells it apart from the others of its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuseport {
+    /// The uid that owns the program's socket (the kernel lets only
+    /// sockets of one uid share a port).
+    pub uid: u32,
+    /// Unique among the live listeners of the group (the inode number of
+    /// the broker's UNIX socket, which holds the name while it lives).
+    pub id: u32,
+}
+
 impl SocketName {
     /// The abstract name (without the leading NUL).
     pub fn encode(&self) -> Vec<u8> {
@@ -63,12 +79,19 @@ impl SocketName {
                 v6,
                 app,
                 bound,
-            } => format!(
-                "{PREFIX}{instance:08x}/l{}/{app}/{}/{}",
-                fam(v6),
-                bound.ip(),
-                bound.port()
-            ),
+                reuseport,
+            } => {
+                let mut s = format!(
+                    "{PREFIX}{instance:08x}/l{}/{app}/{}/{}",
+                    fam(v6),
+                    bound.ip(),
+                    bound.port()
+                );
+                if let Some(Reuseport { uid, id }) = reuseport {
+                    s.push_str(&format!("/{uid}/{id:08x}"));
+                }
+                s
+            }
             SocketName::Client {
                 instance,
                 v6,
@@ -106,11 +129,20 @@ impl SocketName {
         let name = match kind.as_bytes().first()? {
             b'l' if kind.len() == 2 => {
                 let app: AppId = parts.next()?.parse().ok()?;
+                let bound = addr(&mut parts)?;
+                let reuseport = match parts.next() {
+                    None => None,
+                    Some(uid) => Some(Reuseport {
+                        uid: uid.parse().ok()?,
+                        id: u32::from_str_radix(parts.next()?, 16).ok()?,
+                    }),
+                };
                 SocketName::Listener {
                     instance,
                     v6,
                     app,
-                    bound: addr(&mut parts)?,
+                    bound,
+                    reuseport,
                 }
             }
             b'c' if kind.len() == 2 => SocketName::Client {
@@ -158,12 +190,39 @@ mod tests {
             v6: false,
             app: 42,
             bound: "0.0.0.0:8000".parse().unwrap(),
+            reuseport: None,
         };
         assert_eq!(
             String::from_utf8(l.encode()).unwrap(),
             "ax/00000007/l4/42/0.0.0.0/8000"
         );
         assert_eq!(SocketName::parse(&l.encode()), Some(l));
+        let shared = SocketName::Listener {
+            instance: u32::MAX,
+            v6: true,
+            app: u64::MAX,
+            bound: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
+            reuseport: Some(Reuseport {
+                uid: u32::MAX,
+                id: u32::MAX,
+            }),
+        };
+        assert!(shared.encode().len() <= MAX_NAME_LEN);
+        assert_eq!(SocketName::parse(&shared.encode()), Some(shared));
+        let r = SocketName::Listener {
+            instance: 7,
+            v6: false,
+            app: 42,
+            bound: "0.0.0.0:8000".parse().unwrap(),
+            reuseport: Some(Reuseport { uid: 1000, id: 255 }),
+        };
+        assert_eq!(
+            String::from_utf8(r.encode()).unwrap(),
+            "ax/00000007/l4/42/0.0.0.0/8000/1000/000000ff"
+        );
+        assert_eq!(SocketName::parse(&r.encode()), Some(r));
     }
 
     #[test]
@@ -173,6 +232,9 @@ mod tests {
             b"ax/",
             b"ax/zz/l4/1/0.0.0.0/1",
             b"ax/1/l4/1/0.0.0.0/1/extra",
+            b"ax/1/l4/1/0.0.0.0/1/0",
+            b"ax/1/l4/1/0.0.0.0/1/0/zz",
+            b"ax/1/l4/1/0.0.0.0/1/0/1/2",
             b"ax/1/x4/1/0.0.0.0/1",
             b"ax/1/l5/1/0.0.0.0/1",
             b"ax/1/l4/1/0.0.0.0/70000",

@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use ax_broker::{SocketName, MAX_NAME_LEN};
+use ax_broker::{Reuseport, SocketName, MAX_NAME_LEN};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +35,14 @@ fn built(u: &mut Unstructured<'_>) -> Result<SocketName> {
             v6: u.arbitrary()?,
             app: u.arbitrary()?,
             bound: addr(u)?,
+            reuseport: if u.arbitrary()? {
+                Some(Reuseport {
+                    uid: u.arbitrary()?,
+                    id: u.arbitrary()?,
+                })
+            } else {
+                None
+            },
         }
     } else {
         SocketName::Client {

@@ -278,6 +278,7 @@ impl Daemon {
                 v6,
                 app,
                 bound,
+                reuseport,
             }) = SocketName::parse(name.as_bytes())
             else {
                 continue;
@@ -304,9 +305,13 @@ impl Daemon {
             };
             let endpoint = UnixEndpoint::Abstract(name.as_bytes().to_vec());
             if !ips.is_empty()
-                && self
-                    .registry
-                    .restore_service(app, &ips, bound.port(), endpoint)
+                && self.registry.restore_service(
+                    app,
+                    &ips,
+                    bound.port(),
+                    endpoint,
+                    reuseport.map(|r| r.uid),
+                )
             {
                 tracing::info!(app, addr = %bound, "service taken over from the previous daemon");
             }

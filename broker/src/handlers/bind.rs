@@ -16,7 +16,7 @@ use super::{
     Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
-use crate::names::SocketName;
+use crate::names::{Reuseport, SocketName};
 use crate::target::{Errno, Target};
 use ax_registry::{BindRequest, UnixEndpoint};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
@@ -107,6 +107,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     }
     let instance = call.instance();
     let app = call.app;
+    let sock = unix_socket(call.shared)?;
+    let reuseport = reuseport_of(&copy, &sock)?;
     let name_for = |port: u16| {
         UnixEndpoint::Abstract(
             SocketName::Listener {
@@ -114,6 +116,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
                 v6,
                 app,
                 bound: SocketAddr::new(ip, port),
+                reuseport,
             }
             .encode(),
         )
@@ -122,9 +125,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         app,
         ips,
         port: want.port(),
+        reuseport: reuseport.map(|r| r.uid),
     };
-    let bound_socket = |endpoint: &UnixEndpoint| -> Result<OwnedFd, Errno> {
-        let sock = unix_socket(call.shared)?;
+    let mut sock = Some(sock);
+    let mut bound_socket = |endpoint: &UnixEndpoint| -> Result<OwnedFd, Errno> {
+        let sock = sock.take().ok_or(libc::EINVAL)?;
         rustix::net::bind(&sock, &endpoint_addr(endpoint)?).map_err(|e| e.raw_os_error())?;
         Ok(sock)
     };
@@ -141,7 +146,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         .bind(&req, &name_for, &|ep: &UnixEndpoint| {
             endpoint_alive(call.shared, ep)
         })
-        .map_err(|e| e.errno())?;
+        .map_err(|e| {
+            tracing::debug!(app, %ip, port = want.port(), reuseport = reuseport.is_some(), error = %e, "bind refused");
+            e.errno()
+        })?;
     let endpoint = name_for(port);
     let installed = (|| {
         let sock = match early {
@@ -162,6 +170,24 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             other
         }
     }
+}
+
+/// `SO_REUSEPORT` as the program set it on its socket `copy` (the option
+/// runs natively before the swap), with the owner the kernel compares
+/// and, to tell group members apart, the inode of the broker's `listener`.
+fn reuseport_of(copy: &OwnedFd, listener: &OwnedFd) -> Result<Option<Reuseport>, Errno> {
+    if !rustix::net::sockopt::socket_reuseport(copy).map_err(|e| e.raw_os_error())? {
+        return Ok(None);
+    }
+    let uid = rustix::fs::fstat(copy)
+        .map_err(|e| e.raw_os_error())?
+        .st_uid;
+    let ino = rustix::fs::fstat(listener)
+        .map_err(|e| e.raw_os_error())?
+        .st_ino;
+    // sockfs numbers its inodes with an unsigned int.
+    let id = u32::try_from(ino & u64::from(u32::MAX)).map_err(|_| libc::EINVAL)?;
+    Ok(Some(Reuseport { uid, id }))
 }
 
 /// What the kernel answers a `bind` of the malformed address `bytes` on a

@@ -17,7 +17,9 @@
 //!   expects, and an option ax never heard of answers what the kernel says.
 //!
 //! `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP socket of the program's
-//! family would.
+//! family would. `SO_REUSEPORT` (which a UNIX socket refuses) is set and
+//! read like a TCP option; a listener bound with it, and the connections
+//! it accepts, read it as set (the listener's name says so).
 //!
 //! Lengths and bad pointers are judged in the kernel's order:
 //! `setsockopt` refuses a negative length first; TCP then wants at least an
@@ -180,6 +182,20 @@ fn get(
     }
     let mut remembered = inode(fd).and_then(|ino| call.state.recall_option((ino, level, optname)));
     match (level, optname) {
+        // Bound with SO_REUSEPORT (its name says), unless set since: on,
+        // and on for the connections it accepts, which inherit it.
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT)
+            if remembered.is_none()
+                && matches!(
+                    name,
+                    SocketName::Listener {
+                        reuseport: Some(_),
+                        ..
+                    }
+                ) =>
+        {
+            remembered = Some(1i32.to_ne_bytes().to_vec());
+        }
         // Binding a specific IPv6 address sets it (the probes are bound to
         // ::1); a socket of ax's answers as one bound to [::].
         (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => kind = probe::Kind::Fresh,

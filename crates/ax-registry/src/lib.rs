@@ -319,6 +319,10 @@ pub struct BindRequest {
     pub ips: Vec<IpAddr>,
     /// The port asked for; 0 lets the registry choose.
     pub port: u16,
+    /// The uid owning the program's socket when it has `SO_REUSEPORT`:
+    /// the app may then hold several listeners on the port, all with the
+    /// option and of one uid (the kernel's rule), each a backend.
+    pub reuseport: Option<u32>,
 }
 
 /// Why a connect to a virtual address found nothing; all are `ECONNREFUSED`.

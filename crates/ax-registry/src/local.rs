@@ -8,7 +8,7 @@ use crate::{
     AppId, AppInfo, AppSpec, Backend, BindError, BindRequest, DeclareError, DeclaredService,
     Directory, LbMode, RegisterError, ResolveError, ServiceInfo, UnixEndpoint, VipPool,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -47,11 +47,26 @@ struct State {
     next_port: u16,
     generation: u64,
     random: u64,
+    /// The listeners bound with `SO_REUSEPORT`, with the uid owning each.
+    reuseport: HashMap<UnixEndpoint, u32>,
 }
 
 impl State {
     fn changed(&mut self) {
         self.generation += 1;
+    }
+
+    /// Drops the `SO_REUSEPORT` marks of endpoints no service delivers to.
+    fn prune_reuseport(&mut self) {
+        if self.reuseport.is_empty() {
+            return;
+        }
+        let live: HashSet<&UnixEndpoint> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| &b.endpoint))
+            .collect();
+        self.reuseport.retain(|ep, _| live.contains(ep));
     }
 
     /// The owners of `ip` when a new app with `names` may not share it. An
@@ -300,10 +315,14 @@ impl LocalRegistry {
         ips: &[IpAddr],
         port: u16,
         endpoint: UnixEndpoint,
+        reuseport: Option<u32>,
     ) -> bool {
         let mut st = self.lock();
         if !st.apps.contains_key(&app) {
             return false;
+        }
+        if let Some(uid) = reuseport {
+            st.reuseport.insert(endpoint.clone(), uid);
         }
         let mut added = false;
         for &ip in ips {
@@ -848,7 +867,9 @@ impl Directory for LocalRegistry {
             return Err(BindError::AddrNotAvailable);
         }
         // A port is free for this app when it holds no live listener there
-        // on any of the IPs (other apps sharing the VIP add backends).
+        // on any of the IPs (other apps sharing the VIP add backends), or
+        // when, as inet_bind_conflict has it, this one and every such
+        // listener have SO_REUSEPORT and one owner.
         let mut stale = Vec::new();
         let port_free = |st: &State, port: u16, stale: &mut Vec<UnixEndpoint>| {
             let mut free = true;
@@ -862,7 +883,9 @@ impl Directory for LocalRegistry {
                     if !is_alive(&b.endpoint) {
                         stale.push(b.endpoint.clone());
                     } else if b.app == req.app {
-                        free = false;
+                        let shares = req.reuseport.is_some()
+                            && st.reuseport.get(&b.endpoint) == req.reuseport.as_ref();
+                        free &= shares;
                     }
                 }
             }
@@ -913,6 +936,10 @@ impl Directory for LocalRegistry {
                 });
         }
         st.services.retain(|_, s| !s.backends.is_empty());
+        st.prune_reuseport();
+        if let Some(uid) = req.reuseport {
+            st.reuseport.insert(ep, uid);
+        }
         self.notify(st);
         Ok(port)
     }
@@ -923,6 +950,7 @@ impl Directory for LocalRegistry {
             service.backends.retain(|b| &b.endpoint != endpoint);
         }
         st.services.retain(|_, s| !s.backends.is_empty());
+        st.prune_reuseport();
         self.notify(st);
     }
 
@@ -942,6 +970,7 @@ impl Directory for LocalRegistry {
             service.backends.retain(|b| b.app != app);
         }
         st.services.retain(|_, s| !s.backends.is_empty());
+        st.prune_reuseport();
         self.notify(st);
     }
 }
@@ -991,6 +1020,7 @@ mod tests {
             app: a.id,
             ips: vec![ip],
             port: 80,
+            reuseport: None,
         };
         let alive = |_: &UnixEndpoint| true;
         assert_eq!(r.bind(&req, &|p| ep("a", p), &alive), Ok(80));
@@ -1010,6 +1040,46 @@ mod tests {
         assert!(p >= 32768);
         r.app_exited(a.id);
         assert!(r.services().is_empty());
+    }
+
+    #[test]
+    fn reuseport_listeners_share_a_port_as_the_kernel_allows() {
+        let r = LocalRegistry::default();
+        let a = r.register_app(&AppSpec::default(), 0).unwrap();
+        let b = r.register_app(&AppSpec::default(), 0).unwrap();
+        let ip = a.vips[0];
+        let alive = |_: &UnixEndpoint| true;
+        let req = |reuseport| BindRequest {
+            app: a.id,
+            ips: vec![ip],
+            port: 80,
+            reuseport,
+        };
+        assert_eq!(r.bind(&req(Some(7)), &|p| ep("r1", p), &alive), Ok(80));
+        assert_eq!(r.bind(&req(Some(7)), &|p| ep("r2", p), &alive), Ok(80));
+        // Without the option, or of another uid: EADDRINUSE.
+        for other in [None, Some(8)] {
+            assert_eq!(
+                r.bind(&req(other), &|p| ep("x", p), &alive),
+                Err(BindError::AddrInUse)
+            );
+        }
+        // Both are backends, taken in turn.
+        let dst = SocketAddr::new(ip, 80);
+        let first = r.resolve(b.id, dst).unwrap();
+        let second = r.resolve(b.id, dst).unwrap();
+        assert_eq!(first.len(), 2);
+        assert_ne!(first[0], second[0]);
+        // A listener without the option keeps the port to itself.
+        r.release(&ep("r1", 80));
+        r.release(&ep("r2", 80));
+        assert_eq!(r.bind(&req(None), &|p| ep("n", p), &alive), Ok(80));
+        assert_eq!(
+            r.bind(&req(Some(7)), &|p| ep("r3", p), &alive),
+            Err(BindError::AddrInUse)
+        );
+        r.release(&ep("n", 80));
+        assert!(r.lock().reuseport.is_empty());
     }
 
     fn named(names: &[&str], ips: &[&str]) -> AppSpec {
@@ -1048,6 +1118,7 @@ mod tests {
                 app,
                 ips: vec![ip],
                 port: 80,
+                reuseport: None,
             };
             assert_eq!(r.bind(&req, &|p| ep(tag, p), &alive), Ok(80));
             // One app cannot bind the same port twice.
@@ -1103,6 +1174,7 @@ mod tests {
                 app: a.id,
                 ips: vec![ip],
                 port: 5432,
+                reuseport: None,
             };
             r.bind(&req, &|p| ep(&i.to_string(), p), &|_| true).unwrap();
         }
@@ -1130,6 +1202,7 @@ mod tests {
             app: server.id,
             ips: vec![ip],
             port: 5432,
+            reuseport: None,
         };
         r.bind(&req, &|p| ep("db", p), &|_| true).unwrap();
         let dst = SocketAddr::new(ip, 5432);
@@ -1196,6 +1269,7 @@ mod tests {
             app: a.id,
             ips,
             port,
+            reuseport: None,
         };
         // 0.0.0.0:80 only: reached at [v6]:80 too.
         r.bind(&req(vec![v4], 80), &|p| ep("v4", p), &alive)
@@ -1312,6 +1386,7 @@ mod tests {
             app: a.id,
             ips: a.vips.clone(),
             port: 1,
+            reuseport: None,
         };
         r.bind(&req, &|p| ep("x", p), &|_| true).unwrap();
         assert!(waiter.join().unwrap() > seen);

@@ -183,6 +183,7 @@ fn names(dir: &Path) {
                 v6: false,
                 app: 3,
                 bound: sa("0.0.0.0:8000"),
+                reuseport: None,
             },
         ),
         (
@@ -192,6 +193,20 @@ fn names(dir: &Path) {
                 v6: true,
                 app: u64::MAX,
                 bound: sa("[fd00:a8::30]:9000"),
+                reuseport: None,
+            },
+        ),
+        (
+            "listener_reuseport",
+            SocketName::Listener {
+                instance: 2,
+                v6: true,
+                app: 5,
+                bound: sa("[::]:8080"),
+                reuseport: Some(ax_broker::Reuseport {
+                    uid: 1000,
+                    id: 0x1234,
+                }),
             },
         ),
         (
