@@ -37,6 +37,9 @@ const FORWARDED: &[i32] = &[
     libc::SIGWINCH,
 ];
 
+/// How long a daemon this launcher starts stays without apps (`--idle-exit`).
+const DEFAULT_IDLE_EXIT: &str = "10m";
+
 /// How long an autostarted daemon has to say it is ready.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -508,8 +511,13 @@ fn start_daemon(path: &Path) -> anyhow::Result<()> {
     drop(writer);
 
     let mut cmd = Command::new(&exe);
-    cmd.arg("daemon")
-        .arg("--socket")
+    cmd.arg("daemon");
+    // A daemon started here exits after DEFAULT_IDLE_EXIT without apps,
+    // unless $AX_IDLE_EXIT (which it reads itself) says otherwise.
+    if std::env::var_os("AX_IDLE_EXIT").is_none() {
+        cmd.arg("--idle-exit").arg(DEFAULT_IDLE_EXIT);
+    }
+    cmd.arg("--socket")
         .arg(path)
         .arg("--ready-fd")
         .arg(ready_end.as_raw_fd().to_string())
