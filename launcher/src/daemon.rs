@@ -580,7 +580,9 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         if let Some(listener) = metrics_listener {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .context("cannot watch the --metrics socket")?;
-            tracing::info!(addr = %args.metrics.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics");
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
             let d = daemon.clone();
             tokio::spawn(crate::metrics::serve(listener, Arc::new(move || d.scrape())));
         }

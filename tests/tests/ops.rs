@@ -182,6 +182,39 @@ fn metrics_count_real_traffic() {
     server.kill();
 }
 
+/// A daemon killed with SIGKILL and restarted on the same socket (and the
+/// same --metrics address, which nothing of the dead one holds): the
+/// restart and the take-over of the running app are counted.
+#[test]
+fn metrics_count_restarts_and_takeovers() {
+    require!("python3");
+    let port = free_loopback_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut d = Daemon::start_with(&[], &["--metrics", &addr]);
+    assert_eq!(get(&scrape(port), "ax_daemon_restarts_total"), 0.0);
+    let mut server = d.spawn(
+        &["--no-autostart", "--ip", "10.233.50.2"],
+        &["python3", "-m", "http.server", "--bind", "0.0.0.0", "8001"],
+    );
+    d.wait_for_service(&mut server, "10.233.50.2:8001");
+    d.kill_hard();
+    d.restart();
+    let m = poll(SHORT, Duration::from_millis(50), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()?;
+        let m = scrape(port);
+        (get(&m, "ax_daemon_takeovers_total{how=\"handback\"}") >= 1.0).then_some(m)
+    })
+    .unwrap_or_else(|| panic!("no hand-back counted:\n{}", d.log()));
+    assert_eq!(get(&m, "ax_daemon_restarts_total"), 1.0, "{m:?}");
+    assert_eq!(
+        get(&m, "ax_daemon_takeovers_total{how=\"state\"}"),
+        1.0,
+        "{m:?}"
+    );
+    assert_eq!(get(&m, "ax_apps"), 1.0, "{m:?}");
+    server.kill();
+}
+
 /// Kills a process by pid when dropped, unless it is gone.
 struct KillOnDrop(u32);
 
