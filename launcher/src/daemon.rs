@@ -333,10 +333,17 @@ impl Daemon {
         }
     }
 
-    /// True when no app is registered or served and no service declared:
-    /// what `--idle-exit` waits for.
+    /// True when no app is registered or served, no service declared and
+    /// no control connection open: what `--idle-exit` waits for.
     fn is_idle(&self) -> bool {
-        self.sessions().is_empty()
+        let connections = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .len();
+        connections == 0
+            && self.sessions().is_empty()
             && self.registry.apps().is_empty()
             && self.registry.declared().is_empty()
     }
