@@ -91,6 +91,7 @@ impl Quota {
     /// Logs that the quota is exhausted, unless that was logged already in
     /// this burst.
     pub(crate) fn hit(&self) {
+        crate::metrics::quota_hit(self.what);
         if !self.warned.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 app = self.app,

@@ -54,6 +54,7 @@ mod doors;
 mod handlers;
 pub mod keeper;
 pub mod launch;
+pub mod metrics;
 mod names;
 mod orphans;
 mod pool;
@@ -66,6 +67,7 @@ pub mod verify;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;
+pub use metrics::Metrics;
 pub use names::{Reuseport, SocketName, MAX_NAME_LEN};
 pub use serve::{Broker, BrokerConfig, Session};
 pub use stash::Stash;

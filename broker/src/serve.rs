@@ -203,6 +203,13 @@ impl Broker {
         self.shared.sockets.is_private(fd)
     }
 
+    /// The counters of every broker in this process: trapped calls by
+    /// syscall and outcome, their handling time, policy denials, errors,
+    /// quota hits. Reading them takes no lock the broker uses.
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        crate::metrics::snapshot()
+    }
+
     /// The settings in force.
     pub fn config(&self) -> &BrokerConfig {
         &self.shared.config
@@ -594,8 +601,10 @@ pub(crate) fn dispatch(
         j.record(&n);
     }
     let call = link.call(n, replay, parking);
+    let start = Instant::now();
     let outcome = unwind_to_errno(&n, || handlers::handle(&call, pidfds));
     respond(link.listener, link.journal, &n, outcome);
+    crate::metrics::record_call(n.nr, outcome, start);
 }
 
 /// The errno a trapped call gets when its handler panics: `EIO`, a call
@@ -612,6 +621,7 @@ pub(crate) fn unwind_to_errno(n: &Notification, f: impl FnOnce() -> Outcome) -> 
             pid = n.pid,
             "a handler panicked; failing the call with EIO"
         );
+        crate::metrics::error(crate::metrics::ErrorKind::HandlerPanic);
         Outcome::Errno(PANIC_ERRNO)
     })
 }
@@ -635,6 +645,7 @@ pub(crate) fn respond(
     if let Err(e) = result {
         // ENOENT: the target died or was interrupted meanwhile.
         if e.raw_os_error() != Some(libc::ENOENT) {
+            crate::metrics::error(crate::metrics::ErrorKind::AnswerFailed);
             tracing::warn!(id = n.id, nr = n.nr, error = %e, "answering a trapped call failed");
         }
     }

@@ -79,7 +79,12 @@ Examples:
   ax daemon
   ax daemon --socket /tmp/ax-test/ax.sock --vip-pool 10.99.0.0/16
   ax daemon --policy /etc/ax/policy.toml --connect-wait 10s
-  RUST_LOG=debug ax daemon";
+  ax daemon --metrics 127.0.0.1:9464   # Prometheus text at /metrics
+  RUST_LOG=debug ax daemon
+
+A daemon that 'ax exec' starts by itself exits once it has had no apps for
+--idle-exit (default 10m there; set AX_IDLE_EXIT to change it, 0 = never).
+Under systemd (Type=notify) the daemon sends READY=1 once it listens.";
 
 const GET_AFTER_HELP: &str = "\
 Examples:
@@ -131,6 +136,37 @@ pub enum Command {
     /// Declare a service by name before its apps start, or delete one
     #[command(after_help = SERVICE_AFTER_HELP)]
     Service(ServiceArgs),
+    /// Print a shell completion script (bash, zsh or fish)
+    #[command(after_help = COMPLETIONS_AFTER_HELP)]
+    Completions(CompletionsArgs),
+    /// Print the man page of ax (roff), e.g. 'ax man | man -l -'
+    Man,
+}
+
+const COMPLETIONS_AFTER_HELP: &str = "\
+Examples:
+  ax completions bash > /etc/bash_completion.d/ax
+  ax completions zsh > \"${fpath[1]}/_ax\"
+  ax completions fish > ~/.config/fish/completions/ax.fish
+  source <(ax completions bash)";
+
+/// `ax completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// Shells `ax completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    /// GNU bash
+    Bash,
+    /// Z shell
+    Zsh,
+    /// fish
+    Fish,
 }
 
 const SERVICE_AFTER_HELP: &str = "\
@@ -347,6 +383,16 @@ pub struct DaemonArgs {
     /// once the socket listens
     #[arg(long, value_name = "N")]
     pub ready_fd: Option<u32>,
+
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR:PORT/metrics
+    /// (no authentication: use a loopback address)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Exit once no app has run for this long (0: never) [default: never;
+    /// 10m for a daemon 'ax exec' starts]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "AX_IDLE_EXIT")]
+    pub idle_exit: Option<Duration>,
 }
 
 /// `ax get`.

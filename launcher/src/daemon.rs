@@ -77,6 +77,8 @@ struct Daemon {
     namespaces: crate::peer::AppNamespaces,
     /// Open control connections, for the per-uid cap.
     conns: Arc<Mutex<ConnTable>>,
+    /// The daemon's own counters, for `--metrics`.
+    counters: Arc<crate::metrics::DaemonCounters>,
 }
 
 /// Open control connections (see the module docs).
@@ -336,6 +338,39 @@ impl Daemon {
         }
     }
 
+    /// True when no app is registered or served, no service declared and
+    /// no control connection open: what `--idle-exit` waits for.
+    fn is_idle(&self) -> bool {
+        let connections = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .len();
+        connections == 0
+            && self.sessions().is_empty()
+            && self.registry.apps().is_empty()
+            && self.registry.declared().is_empty()
+    }
+
+    /// The values `--metrics` serves now.
+    fn scrape(&self) -> crate::metrics::Scrape {
+        let len = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let c = &self.counters;
+        crate::metrics::Scrape {
+            broker: self.broker.metrics(),
+            apps: len(self.registry.apps().len()),
+            sessions: len(self.sessions().len()),
+            services: len(self.registry.services().len()),
+            declared: len(self.registry.declared().len()),
+            restarts: c.restarts.load(Ordering::Relaxed),
+            takeovers: [
+                ("state", c.takeovers_state.load(Ordering::Relaxed)),
+                ("handback", c.takeovers_handback.load(Ordering::Relaxed)),
+            ],
+        }
+    }
+
     /// Forgets sessions whose app has exited, logging each, and apps that
     /// nobody serves whose program is gone (taken over from a predecessor
     /// but never handed back).
@@ -434,6 +469,17 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // Everything a predecessor left is looked at under the lock only: a
     // daemon that loses the race to start touches none of it.
     let _lock = lock_socket(&path)?;
+    let counters = Arc::new(crate::metrics::DaemonCounters::default());
+    let restarts = crate::metrics::count_start(&path);
+    counters.restarts.store(restarts, Ordering::Relaxed);
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| format!("cannot listen for --metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let instance = crate::instance::load_or_create(&paths::beside(&path, ".instance"))?;
     let config = BrokerConfig {
         instance,
@@ -518,6 +564,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         salvaged: Mutex::new(salvaged),
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
+        counters,
     });
     daemon.take_over_predecessor();
 
@@ -542,12 +589,26 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             instance = format_args!("{instance:08x}"),
             "ax daemon listening"
         );
+        if let Some(listener) = metrics_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .context("cannot watch the --metrics socket")?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics");
+            }
+            let d = daemon.clone();
+            tokio::spawn(crate::metrics::serve(listener, Arc::new(move || d.scrape())));
+        }
         if let Some(fd) = args.ready_fd {
             if let Err(e) = signal_ready(fd) {
                 tracing::warn!(fd, error = %e, "could not write to --ready-fd");
             }
         }
+        if let Err(e) = crate::sdnotify::notify("READY=1") {
+            tracing::warn!(error = %e, "could not notify the service manager");
+        }
         let mut reap = tokio::time::interval(Duration::from_secs(1));
+        let idle_exit = args.idle_exit.filter(|d| !d.is_zero());
+        let mut idle_since = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -567,9 +628,16 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 _ = reap.tick() => {
                     daemon.reap_sessions();
                     daemon.save_state();
+                    if !daemon.is_idle() {
+                        idle_since = tokio::time::Instant::now();
+                    } else if idle_exit.is_some_and(|d| idle_since.elapsed() >= d) {
+                        tracing::info!(idle = ?idle_exit.unwrap_or_default(), "no apps for --idle-exit: stopping");
+                        break;
+                    }
                 }
             }
         }
+        let _ = crate::sdnotify::notify("STOPPING=1");
         anyhow::Ok(())
     });
     // Remove the socket only if it is still ours. The hosts file stays:
@@ -1186,6 +1254,7 @@ impl Daemon {
         self.broker.assume_self_restricted(info.id);
         let resp = self.attach(info.id, info.pid, fds, peer);
         if resp == Response::Attached {
+            crate::metrics::bump(&self.counters.takeovers_handback);
             tracing::info!(
                 app = info.id,
                 pid = info.pid,
@@ -1213,6 +1282,10 @@ impl Daemon {
         let alive =
             |info: &AppInfo| info.pid != 0 && Path::new(&format!("/proc/{}", info.pid)).exists();
         let restored = self.registry.restore(&snap, &alive);
+        let taken = u64::try_from(restored.len()).unwrap_or(u64::MAX);
+        self.counters
+            .takeovers_state
+            .fetch_add(taken, Ordering::Relaxed);
         if !restored.is_empty() {
             tracing::info!(apps = ?restored, "taking over apps from the previous daemon; waiting for their launchers");
             self.rediscover_services();

@@ -37,6 +37,9 @@ const FORWARDED: &[i32] = &[
     libc::SIGWINCH,
 ];
 
+/// How long a daemon this launcher starts stays without apps (`--idle-exit`).
+const DEFAULT_IDLE_EXIT: &str = "10m";
+
 /// How long an autostarted daemon has to say it is ready.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -520,6 +523,11 @@ fn start_daemon(path: &Path) -> anyhow::Result<()> {
         // Out of the terminal's foreground group: Ctrl-C in this terminal
         // must not stop the daemon other programs depend on.
         .process_group(0);
+    // It exits after DEFAULT_IDLE_EXIT without apps, unless $AX_IDLE_EXIT
+    // (which it reads itself) says otherwise.
+    if std::env::var_os("AX_IDLE_EXIT").is_none() {
+        cmd.arg("--idle-exit").arg(DEFAULT_IDLE_EXIT);
+    }
     ax_sys::signal::clear_mask_before_exec(&mut cmd);
     // Nor may it hold fds we were given (a test harness's pipe, say).
     ax_sys::process::inherit_only_stdio_and(&mut cmd, Some(ready_end.as_raw_fd()));

@@ -9,14 +9,17 @@
 
 mod cli;
 mod client;
+mod completions;
 mod daemon;
 mod exec;
 mod expose;
 mod get;
 mod hosts;
 mod instance;
+mod metrics;
 mod paths;
 mod peer;
+mod sdnotify;
 mod service;
 mod table;
 
@@ -74,6 +77,8 @@ fn main() {
         cli::Command::Get(a) => (get::run(a), 1),
         cli::Command::Expose(a) => (expose::run(a), 1),
         cli::Command::Service(a) => (service::run(a), 1),
+        cli::Command::Completions(a) => (completions::run(a), 1),
+        cli::Command::Man => (completions::man(), 1),
     };
     let code = match result {
         Ok(code) => code,

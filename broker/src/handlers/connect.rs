@@ -402,6 +402,7 @@ pub(super) fn log_denied(e: &ResolveError) {
         rule,
     } = e
     {
+        crate::metrics::connect_denied();
         tracing::warn!(
             client_app = client,
             client_labels = %labels_text(client_labels),

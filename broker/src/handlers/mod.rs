@@ -165,6 +165,7 @@ pub(crate) fn inaccessible(call: &Call<'_>, errno: Errno) -> Outcome {
         return Outcome::Answered;
     }
     let answer = shortage_errno(errno);
+    crate::metrics::error(crate::metrics::ErrorKind::Inaccessible);
     if !log_allowed() {
         return Outcome::Errno(answer);
     }
