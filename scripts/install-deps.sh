@@ -15,6 +15,7 @@ PKGS=(
     golang-go        # a Go program under ax in the end-to-end tests (offline, stdlib only)
     gcc libc6-dev    # C test programs compiled at test time
     openssh-server openssh-client  # sshd and ssh under ax (tests/tests/fidelity.rs)
+    erlang-base      # erl/epmd: Erlang distribution under ax (tests/tests/localhost.rs)
 )
 
 installed() {

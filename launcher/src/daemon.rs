@@ -70,6 +70,8 @@ struct Daemon {
     saved: Mutex<Option<Snapshot>>,
     /// Services reachable at host addresses.
     exposures: Exposures,
+    /// Wildcard services also reachable on the host's loopback.
+    loopback: Arc<crate::localhost::HostLoopback>,
     /// Connections the previous daemon had accepted and not handed over,
     /// by app, until its launcher hands the app back.
     salvaged: Mutex<std::collections::HashMap<AppId, Vec<OwnedFd>>>,
@@ -510,6 +512,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         state_path: paths::beside(&path, ".state"),
         saved: Mutex::new(None),
         exposures: Exposures::default(),
+        loopback: Arc::default(),
         salvaged: Mutex::new(salvaged),
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
@@ -542,6 +545,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 tracing::warn!(fd, error = %e, "could not write to --ready-fd");
             }
         }
+        let loopback = tokio::spawn(
+            daemon
+                .loopback
+                .clone()
+                .watch(daemon.registry.clone(), daemon.broker.clone()),
+        );
         let mut reap = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -565,6 +574,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 }
             }
         }
+        loopback.abort();
         anyhow::Ok(())
     });
     // Remove the socket only if it is still ours. The hosts file stays:
@@ -1071,7 +1081,13 @@ impl Daemon {
             }
             Request::ReattachApp(info) => self.reattach(info, fds, peer),
             Request::ListApps => Response::Apps(self.registry.apps()),
-            Request::ListServices => Response::Services(self.registry.services()),
+            Request::ListServices => {
+                let mut services = self.registry.services();
+                for s in &mut services {
+                    s.host_loopback = self.loopback.host_address(s.addr);
+                }
+                Response::Services(services)
+            }
             Request::Expose {
                 target,
                 port,

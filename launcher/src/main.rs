@@ -15,6 +15,7 @@ mod expose;
 mod get;
 mod hosts;
 mod instance;
+mod localhost;
 mod paths;
 mod peer;
 mod service;

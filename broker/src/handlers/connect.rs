@@ -181,6 +181,13 @@ fn kernel_socket(
         // plain TCP connect to an address on no interface, which reaches no
         // service of ax and carries no VIP as its source.
         _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
+        // Loopback: the app's own listener on that port, if it has one.
+        Some(dst) if super::localhost::loopback(dst.ip()).is_some() => {
+            match super::localhost::connect(call, target, &copy, v6, dst)? {
+                Some(outcome) => Ok(outcome),
+                None => Ok(egress(call, copy, bytes)),
+            }
+        }
         _ => Ok(egress(call, copy, bytes)),
     }
 }
@@ -724,7 +731,7 @@ pub(super) fn deliver(
 }
 
 /// Waits, off the receive loop, for room in a full listener's backlog.
-fn wait_for_room(
+pub(super) fn wait_for_room(
     call: &Call<'_>,
     copy: &OwnedFd,
     sock: OwnedFd,
@@ -812,7 +819,7 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
 
 /// Binds the client socket to its self-describing name, choosing a free
 /// client port unless the program bound one.
-fn bind_client_name(
+pub(super) fn bind_client_name(
     call: &Call<'_>,
     sock: &OwnedFd,
     v6: bool,
@@ -846,7 +853,7 @@ fn bind_client_name(
 /// Installs the connected UNIX socket over the program's. A non-blocking
 /// socket is told `EINPROGRESS`, as TCP tells it, though the connection is
 /// already made: the next `connect` then answers 0, and `SO_ERROR` 0.
-fn finish(
+pub(super) fn finish(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,

@@ -146,6 +146,11 @@ pub struct ServiceInfo {
     pub lb: LbMode,
     /// The listening apps, in the order they bound.
     pub backends: Vec<Backend>,
+    /// The host loopback address (`127.0.0.1:P` / `[::1]:P`) it is also
+    /// reachable at from outside ax, if the daemon holds it (wildcard
+    /// listeners only). The registry leaves it empty; the daemon fills it.
+    #[serde(default)]
+    pub host_loopback: Option<SocketAddr>,
 }
 
 /// Why an app could not be registered.

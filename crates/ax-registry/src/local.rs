@@ -650,6 +650,7 @@ impl LocalRegistry {
                 names: st.names_of(ip),
                 lb: st.lb_of(ip),
                 backends: s.backends.clone(),
+                host_loopback: None,
             })
             .collect();
         for d in st.declared.values() {
@@ -660,6 +661,7 @@ impl LocalRegistry {
                         names: st.names_of(ip),
                         lb: st.lb_of(ip),
                         backends: Vec::new(),
+                        host_loopback: None,
                     });
                 }
             }
