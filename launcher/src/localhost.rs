@@ -10,7 +10,9 @@
 //! another app, or by a program outside ax) is logged once; the service's
 //! VIP works all the same, and the port is tried again while the service
 //! lives. The listeners follow the registry: one comes with a wildcard
-//! service, and goes with it.
+//! service, and goes with it. A privileged port (below
+//! `net.ipv4.ip_unprivileged_port_start`) is taken only for an app of
+//! root, as natively.
 
 use ax_broker::{Broker, SocketName};
 use ax_registry::{AppId, Directory, LocalRegistry, UnixEndpoint};
@@ -110,6 +112,16 @@ impl HostLoopback {
                     .push((b.app, s.addr));
             }
         }
+        // A program of an unprivileged user cannot bind a privileged port
+        // natively: nor does the daemon (perhaps root) for it.
+        let first_unprivileged = unprivileged_port_start();
+        let uids: HashMap<AppId, u32> = registry.apps().iter().map(|a| (a.id, a.uid)).collect();
+        for wanting in candidates.values_mut() {
+            wanting.retain(|(app, service)| {
+                service.port() >= first_unprivileged || uids.get(app) == Some(&0)
+            });
+        }
+        candidates.retain(|_, wanting| !wanting.is_empty());
         let mut held = self.held();
         held.retain(|host, h| {
             let keep = candidates
@@ -190,6 +202,15 @@ impl HostLoopback {
             }
         }
     }
+}
+
+/// The first port an unprivileged program may bind
+/// (`net.ipv4.ip_unprivileged_port_start`, 1024 if unreadable).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// Listens on `host` for `service`, handing connections over as an

@@ -52,7 +52,7 @@ pub(super) fn connect(
     };
     // A socket with a port of its own (bound, listening, connected) is
     // the kernel's to judge.
-    if super::connect::inet_name(copy).map_or(true, |a| a.port() != 0) {
+    if super::connect::inet_name(copy).is_none_or(|a| a.port() != 0) {
         return Ok(None);
     }
     let endpoints = own_listeners(call, lo, dst.port());
