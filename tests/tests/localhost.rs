@@ -56,6 +56,8 @@ until [ "$(reached)" = "$pid" ]; do
 done
 echo "OWN $pid"
 echo "PING $(redis-cli -p "$port" ping 2>&1)"
+echo "V6 $(redis-cli -h ::1 -p "$port" ping 2>&1)"
+echo "NAMED $(redis-cli -h localhost -p "$port" ping 2>&1)"
 echo "PEER $(redis-cli -p "$port" client info | tr ' ' '\n' | grep '^addr=')"
 read -r _
 kill $pid
@@ -105,7 +107,7 @@ fn native_ping(port: u16) -> String {
 }
 
 /// Within one app, redis-cli reaches the app's own redis-server at
-/// 127.0.0.1:P, and redis, in protected mode, sees a loopback client.
+/// 127.0.0.1:P ([::1]:P, localhost:P), and redis, in protected mode, sees a loopback client.
 #[test]
 fn redis_within_one_app_over_localhost_protected_mode() {
     require!("redis-server", "redis-cli");
@@ -114,6 +116,13 @@ fn redis_within_one_app_over_localhost_protected_mode() {
     let port = free_loopback_port();
     let mut app = redis_in_one_app(&d, port, &dir);
     own(&mut app);
+    // [::1] and the name localhost too.
+    let out = app.stdout();
+    assert!(
+        out.contains("V6 PONG") && out.contains("NAMED PONG"),
+        "{}",
+        app.report()
+    );
     app.close_stdin();
     assert!(app.wait(SHORT).success(), "{}", app.report());
 }
