@@ -1081,13 +1081,7 @@ impl Daemon {
             }
             Request::ReattachApp(info) => self.reattach(info, fds, peer),
             Request::ListApps => Response::Apps(self.registry.apps()),
-            Request::ListServices => {
-                let mut services = self.registry.services();
-                for s in &mut services {
-                    s.host_loopback = self.loopback.host_address(s.addr);
-                }
-                Response::Services(services)
-            }
+            Request::ListServices => Response::Services(self.registry.services()),
             Request::Expose {
                 target,
                 port,

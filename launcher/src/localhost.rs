@@ -9,7 +9,10 @@
 //! TCP connection itself with the real client address. A port taken (by
 //! another app, or by a program outside ax) is logged once; the service's
 //! VIP works all the same, and the port is tried again while the service
-//! lives. The listeners follow the registry: one comes with a wildcard
+//! lives. Programs under ax that connect there are sent to the service
+//! as to its VIP, policy included (see
+//! [`ax_registry::Directory::host_loopback_service`]); only programs
+//! outside ax use the daemon's listener. The listeners follow the registry: one comes with a wildcard
 //! service, and goes with it. A privileged port (below
 //! `net.ipv4.ip_unprivileged_port_start`) is taken only for an app of
 //! root, as natively.
@@ -78,14 +81,6 @@ fn is_wildcard_listener(instance: u32, app: AppId, endpoint: &UnixEndpoint) -> b
 impl HostLoopback {
     fn held(&self) -> MutexGuard<'_, HashMap<SocketAddr, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The host loopback address `service` is also reachable at, if any.
-    pub fn host_address(&self, service: SocketAddr) -> Option<SocketAddr> {
-        self.held()
-            .iter()
-            .find(|(_, h)| h.service == service)
-            .map(|(host, _)| *host)
     }
 
     /// Brings the listeners in line with the registry's wildcard services.
@@ -183,6 +178,7 @@ impl HostLoopback {
                 }
             }
         }
+        registry.set_host_loopback(held.iter().map(|(host, h)| (*host, h.service)).collect());
     }
 
     /// Follows the registry until the task is aborted: syncs at each

@@ -206,6 +206,57 @@ fn redis_on_host_loopback_from_another_app_and_natively() {
     assert!(freed.is_some(), "{}", d.log());
 }
 
+/// A program under ax that connects to another app's server at
+/// 127.0.0.1:P is sent to it as to its VIP, so the label policy decides:
+/// an unlabelled redis-cli is refused by a `tier=db` redis-server (no
+/// shared label), a `tier=db` one gets PONG; outside ax, redis-cli gets
+/// PONG through the host's loopback.
+#[test]
+fn host_loopback_does_not_go_around_the_policy() {
+    require!("redis-server", "redis-cli");
+    let d = Daemon::start();
+    let dir = TempDir::new("redis-policy");
+    let port = free_loopback_port();
+    let mut server = d.spawn(&["--label", "tier=db"], &redis_server(port, &dir));
+    let pong = poll(SERVICE_READY, Duration::from_millis(50), || {
+        if native_ping(port) == "PONG" {
+            return Some(Ok(()));
+        }
+        server.try_status().map(|_| Err(()))
+    });
+    assert!(
+        matches!(pong, Some(Ok(()))),
+        "{}\n{}",
+        server.report(),
+        d.log()
+    );
+    let p = port.to_string();
+    let denied = d.run(&[], &["redis-cli", "-p", &p, "ping"]);
+    assert!(
+        denied.stdout.contains("Connection refused")
+            || denied.stderr.contains("Connection refused"),
+        "{denied}"
+    );
+    let allowed = d.run(&["--label", "tier=db"], &["redis-cli", "-p", &p, "ping"]);
+    assert_eq!(allowed.stdout.trim(), "PONG", "{allowed}");
+    assert!(d.log().contains("connect denied by policy"), "{}", d.log());
+    server.kill();
+}
+
+/// An app's own localhost is its own business, as in a pod: a policy that
+/// denies everything leaves it alone.
+#[test]
+fn own_localhost_under_a_deny_all_policy() {
+    require!("redis-server", "redis-cli");
+    let dir = TempDir::new("redis-deny");
+    let policy = dir.write("policy.toml", "default = \"deny\"\n");
+    let d = Daemon::start_with(&[], &["--policy", policy.to_str().expect("utf-8")]);
+    let mut app = redis_in_one_app(&d, free_loopback_port(), &dir);
+    own(&mut app);
+    app.close_stdin();
+    assert!(app.wait(SHORT).success(), "{}", app.report());
+}
+
 /// A program outside ax holds the port: the app's server still works on
 /// its VIP and within the app, and the host's port stays the native
 /// program's.

@@ -14,8 +14,8 @@
 //!   `EINPROGRESS` on a non-blocking socket, as TCP always does, and then
 //!   0 once more to the next `connect`, before `EISCONN`.
 //! * Effect, loopback (`127.0.0.1:P`, `[::1]:P`): the app's own wildcard
-//!   listener on P, if it has one, as for a VIP (see `localhost.rs`);
-//!   otherwise egress.
+//!   listener on P, or the one the daemon serves on the host's loopback,
+//!   as for a VIP (see `localhost.rs`); otherwise egress.
 //! * Effect, egress: the broker connects the program's own socket (its
 //!   copy shares the open file) with the broker's copy of the address, so
 //!   the kernel's answer — `EINPROGRESS` for a non-blocking socket

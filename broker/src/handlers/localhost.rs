@@ -6,9 +6,13 @@
 //!   included) already read from the program's memory.
 //! * Decision: the app has a listener on `P` bound by `bind` to a wildcard
 //!   address (so registered on its VIP of the destination's family): then
-//!   the connection is the app's own; anything else (no such listener, a
-//!   socket bound or connected already) is left to the caller, which sends
-//!   it to the host's loopback as before.
+//!   the connection is the app's own. Else, if the daemon serves another
+//!   app's wildcard listener at the host's `127.0.0.1:P`/`[::1]:P`, the
+//!   connection goes to that service as to its VIP, policy included (a
+//!   denial is `ECONNREFUSED`): a program under ax never reaches another
+//!   app through the host's loopback around the policy. Anything else (no
+//!   such listener, a socket bound or connected already) is left to the
+//!   caller, which sends it to the host's loopback as before.
 //! * Effect: a UNIX socket named after a loopback client address and the
 //!   loopback destination is connected to that listener and replaces the
 //!   program's socket, as for a VIP. The server's `accept` and
@@ -16,15 +20,15 @@
 //!   (redis' protected mode) accept the client; the client's `getpeername`
 //!   answers the address it asked for.
 //!
-//! Only the app's own listeners are candidates: each app's localhost is
-//! its own, so two apps may listen on the same port.
+//! The app's own listeners come first: each app's localhost is its own,
+//! so two apps may listen on the same port.
 
 use super::connect::{bind_client_name, finish, wait_for_room};
 use super::{defer, endpoint_addr, set_nonblock, Call, Outcome};
 use crate::names::SocketName;
 use crate::target::{errno_of, Errno, Target};
-use ax_registry::UnixEndpoint;
-use std::net::{IpAddr, SocketAddr};
+use ax_registry::{ResolveError, UnixEndpoint};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 
 /// The loopback address `ip` stands for (a v4-mapped loopback address is
@@ -55,9 +59,22 @@ pub(super) fn connect(
     if super::connect::inet_name(copy).is_none_or(|a| a.port() != 0) {
         return Ok(None);
     }
-    let endpoints = own_listeners(call, lo, dst.port());
+    let mut endpoints = own_listeners(call, lo, dst.port());
     if endpoints.is_empty() {
-        return Ok(None);
+        // Another app's wildcard listener that the daemon serves on the
+        // host's loopback: reached as its VIP would be, policy included.
+        let host = SocketAddr::new(host_loopback(lo), dst.port());
+        let Some(service) = call.shared.directory.host_loopback_service(host) else {
+            return Ok(None);
+        };
+        match call.shared.directory.resolve(call.app, service) {
+            Ok(eps) => endpoints = eps,
+            Err(ResolveError::NoService(_)) => return Ok(None),
+            Err(e) => {
+                super::connect::log_denied(&e);
+                return super::connect::refused(call, target, copy, v6, false).map(Some);
+            }
+        }
     }
     let peer = SocketAddr::new(lo, dst.port());
     let sock = super::unix_socket(call.shared)?;
@@ -83,6 +100,16 @@ pub(super) fn connect(
     Ok(None)
 }
 
+/// The address the daemon listens on for a loopback destination of
+/// `lo`'s family: `127.0.0.1` for all of 127/8 (a wildcard listener
+/// answers there natively), `::1`.
+fn host_loopback(lo: IpAddr) -> IpAddr {
+    match lo {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
 /// The UNIX listeners of the calling app bound to a wildcard address on
 /// `port`, for a loopback destination of `lo`'s family.
 fn own_listeners(call: &Call<'_>, lo: IpAddr, port: u16) -> Vec<UnixEndpoint> {
@@ -94,10 +121,7 @@ fn own_listeners(call: &Call<'_>, lo: IpAddr, port: u16) -> Vec<UnixEndpoint> {
     else {
         return Vec::new();
     };
-    let Ok(endpoints) = dir.resolve(call.app, SocketAddr::new(vip, port)) else {
-        return Vec::new();
-    };
-    endpoints
+    dir.own_backends(call.app, SocketAddr::new(vip, port))
         .into_iter()
         .filter(|ep| is_own_wildcard(call, ep))
         .collect()
@@ -117,7 +141,6 @@ fn is_own_wildcard(call: &Call<'_>, ep: &UnixEndpoint) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
     fn loopback_addresses_of_both_families() {

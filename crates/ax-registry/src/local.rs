@@ -180,6 +180,8 @@ pub struct LocalRegistry {
     state: Mutex<State>,
     changes: Condvar,
     policy: Mutex<Policy>,
+    /// Host loopback address → the service the daemon serves there.
+    host_loopback: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl Default for LocalRegistry {
@@ -336,7 +338,24 @@ impl LocalRegistry {
             }),
             changes: Condvar::new(),
             policy: Mutex::new(Policy::default()),
+            host_loopback: Mutex::default(),
         }
+    }
+
+    /// Records which service the daemon serves at each host loopback
+    /// address (see [`Directory::host_loopback_service`]), replacing the
+    /// previous record.
+    pub fn set_host_loopback(&self, held: HashMap<SocketAddr, SocketAddr>) {
+        *self.host_loopback.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    fn host_loopback_of(&self, service: SocketAddr) -> Option<SocketAddr> {
+        self.host_loopback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, s)| **s == service)
+            .map(|(host, _)| *host)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -640,6 +659,14 @@ impl LocalRegistry {
     /// All services, by address, each with its backends; then each VIP of
     /// a declared service that has none yet, at port 0 with no backend.
     pub fn services(&self) -> Vec<ServiceInfo> {
+        let mut services = self.services_unmarked();
+        for s in &mut services {
+            s.host_loopback = self.host_loopback_of(s.addr);
+        }
+        services
+    }
+
+    fn services_unmarked(&self) -> Vec<ServiceInfo> {
         let st = self.lock();
         let mut services: Vec<ServiceInfo> = st
             .services
@@ -807,6 +834,28 @@ impl Directory for LocalRegistry {
             });
         }
         Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+    }
+
+    fn own_backends(&self, app: AppId, dst: SocketAddr) -> Vec<UnixEndpoint> {
+        let st = self.lock();
+        st.services
+            .get(&(dst.ip(), dst.port()))
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| b.app == app)
+                    .map(|b| b.endpoint.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn host_loopback_service(&self, host: SocketAddr) -> Option<SocketAddr> {
+        self.host_loopback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&host)
+            .copied()
     }
 
     fn connect_wait(&self, app: AppId) -> Option<Duration> {
