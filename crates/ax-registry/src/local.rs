@@ -1166,6 +1166,34 @@ mod tests {
     }
 
     #[test]
+    fn own_backends_skip_the_policy_and_host_loopback_is_recorded() {
+        let r = LocalRegistry::default();
+        r.set_policy(Policy::from_toml("default = \"deny\"\n").unwrap());
+        let app = r.register_app(&AppSpec::default(), 0).unwrap();
+        let other = r.register_app(&AppSpec::default(), 0).unwrap();
+        let ip = app.vips[0];
+        let req = BindRequest {
+            app: app.id,
+            ips: vec![ip],
+            port: 6379,
+        };
+        r.bind(&req, &|p| ep("redis", p), &|_| true).unwrap();
+        let dst = SocketAddr::new(ip, 6379);
+        assert!(matches!(
+            r.resolve(app.id, dst),
+            Err(ResolveError::Denied { .. })
+        ));
+        assert_eq!(r.own_backends(app.id, dst), vec![ep("redis", 6379)]);
+        assert!(r.own_backends(other.id, dst).is_empty());
+        let host: SocketAddr = "127.0.0.1:6379".parse().unwrap();
+        assert_eq!(r.host_loopback_service(host), None);
+        r.set_host_loopback([(host, dst)].into_iter().collect());
+        assert_eq!(r.host_loopback_service(host), Some(dst));
+        let shown = r.services();
+        assert_eq!(shown[0].host_loopback, Some(host));
+    }
+
+    #[test]
     fn labels_decide_by_default_and_policy_overrides() {
         let r = LocalRegistry::default();
         let labelled = |pairs: &[(&str, &str)]| AppSpec {
