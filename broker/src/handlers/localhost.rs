@@ -41,8 +41,9 @@ pub(super) fn loopback(ip: IpAddr) -> Option<IpAddr> {
     ip.is_loopback().then_some(ip)
 }
 
-/// Connects the program's socket to its own app's listener on `dst`'s
-/// port. `Ok(None)`: the app has none (or the socket is not fresh); the
+/// Connects the program's socket to its own app's wildcard listener on
+/// `dst`'s port, else to the service the daemon serves at that host
+/// loopback port. `Ok(None)`: neither (or the socket is not fresh); the
 /// caller connects to the host's loopback instead.
 pub(super) fn connect(
     call: &Call<'_>,
