@@ -16,6 +16,7 @@ PKGS=(
     gcc libc6-dev    # C test programs compiled at test time
     openssh-server openssh-client  # sshd and ssh under ax (tests/tests/fidelity.rs)
     nginx            # nginx with `listen … reuseport` under ax (tests/tests/reuseport.rs)
+    erlang-base      # erl/epmd: Erlang distribution under ax (tests/tests/localhost.rs)
 )
 
 installed() {

@@ -151,6 +151,12 @@ impl Broker {
             .map_err(|(e, _conn)| e)
     }
 
+    /// Whether a program still holds the UNIX listener at `endpoint` (a
+    /// closed one leaves its name free).
+    pub fn listener_alive(&self, endpoint: &ax_registry::UnixEndpoint) -> bool {
+        crate::handlers::endpoint_alive(&self.shared, endpoint)
+    }
+
     /// Treats `app` as restricting itself (see `handlers::restrict`): its
     /// egress connects go to the kernel. For an app taken over from a
     /// daemon that died: whether it restricted itself meanwhile (Landlock

@@ -70,6 +70,8 @@ struct Daemon {
     saved: Mutex<Option<Snapshot>>,
     /// Services reachable at host addresses.
     exposures: Exposures,
+    /// Wildcard services also reachable on the host's loopback.
+    loopback: Arc<crate::localhost::HostLoopback>,
     /// Connections the previous daemon had accepted and not handed over,
     /// by app, until its launcher hands the app back.
     salvaged: Mutex<std::collections::HashMap<AppId, Vec<OwnedFd>>>,
@@ -561,6 +563,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         state_path: paths::beside(&path, ".state"),
         saved: Mutex::new(None),
         exposures: Exposures::default(),
+        loopback: Arc::default(),
         salvaged: Mutex::new(salvaged),
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
@@ -606,6 +609,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         if let Err(e) = crate::sdnotify::notify("READY=1") {
             tracing::warn!(error = %e, "could not notify the service manager");
         }
+        let loopback = tokio::spawn(
+            daemon
+                .loopback
+                .clone()
+                .watch(daemon.registry.clone(), daemon.broker.clone()),
+        );
         let mut reap = tokio::time::interval(Duration::from_secs(1));
         let idle_exit = args.idle_exit.filter(|d| !d.is_zero());
         let mut idle_since = tokio::time::Instant::now();
@@ -638,6 +647,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             }
         }
         let _ = crate::sdnotify::notify("STOPPING=1");
+        loopback.abort();
         anyhow::Ok(())
     });
     // Remove the socket only if it is still ours. The hosts file stays:

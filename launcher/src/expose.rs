@@ -152,7 +152,7 @@ impl Exposures {
     }
 }
 
-async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: tokio::net::TcpListener,
     service: SocketAddr,
     registry: Arc<LocalRegistry>,

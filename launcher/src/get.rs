@@ -88,6 +88,8 @@ struct ServiceView {
     names: Vec<String>,
     lb: String,
     backends: Vec<BackendView>,
+    /// Also reachable from outside ax at this host loopback address.
+    host_loopback: Option<SocketAddr>,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,6 +112,7 @@ impl From<&ServiceInfo> for ServiceView {
                     listener: b.endpoint.to_string(),
                 })
                 .collect(),
+            host_loopback: s.host_loopback,
         }
     }
 }
@@ -129,12 +132,14 @@ mod tests {
                 app: 4,
                 endpoint: UnixEndpoint::Abstract(b"ax/1/x".to_vec()),
             }],
+            host_loopback: Some("127.0.0.1:8000".parse().unwrap()),
         };
         let json = serde_json::to_value(ServiceView::from(&s)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"addr": "10.233.0.10:8000", "names": ["web"], "lb": "round-robin",
-                "backends": [{"app": 4, "listener": "@ax/1/x"}]})
+                "backends": [{"app": 4, "listener": "@ax/1/x"}],
+                "host_loopback": "127.0.0.1:8000"})
         );
     }
 }

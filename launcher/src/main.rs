@@ -16,6 +16,7 @@ mod expose;
 mod get;
 mod hosts;
 mod instance;
+mod localhost;
 mod metrics;
 mod paths;
 mod peer;

@@ -185,6 +185,7 @@ pub fn services_table(services: &[ServiceInfo]) -> String {
                 s.lb.to_string(),
                 "-".into(),
                 "<no backend yet>".into(),
+                "-".into(),
             ]);
             continue;
         }
@@ -202,11 +203,19 @@ pub fn services_table(services: &[ServiceInfo]) -> String {
                 service
                     .into_iter()
                     .chain([b.app.to_string(), b.endpoint.to_string()])
+                    .chain([match s.host_loopback {
+                        _ if i != 0 => String::new(),
+                        Some(host) => host.to_string(),
+                        None => "-".into(),
+                    }])
                     .collect(),
             );
         }
     }
-    render(&["ADDRESS", "NAMES", "LB", "APP", "LISTENER"], &rows)
+    render(
+        &["ADDRESS", "NAMES", "LB", "APP", "LISTENER", "HOST LOOPBACK"],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -311,6 +320,7 @@ ID  PID   VIPS                   NAMES    LABELS   AGE  COMMAND
             names: vec![],
             lb: ax_registry::LbMode::RoundRobin,
             backends: vec![ax_registry::Backend { app, endpoint }],
+            host_loopback: None,
         };
         let t = services_table(&[
             s(
@@ -325,9 +335,9 @@ ID  PID   VIPS                   NAMES    LABELS   AGE  COMMAND
             ),
         ]);
         let want = "\
-ADDRESS          NAMES   LB           APP  LISTENER
-10.233.0.2:8000  <none>  round-robin  3    @ax/1/10.233.0.2:8000
-[fd00:a8::2]:80  <none>  round-robin  4    /tmp/x.sock
+ADDRESS          NAMES   LB           APP  LISTENER               HOST LOOPBACK
+10.233.0.2:8000  <none>  round-robin  3    @ax/1/10.233.0.2:8000  -
+[fd00:a8::2]:80  <none>  round-robin  4    /tmp/x.sock            -
 ";
         assert_eq!(t, want);
         let mut shared = s("10.233.0.9:80", 5, UnixEndpoint::Abstract(b"a".to_vec()));
@@ -338,8 +348,8 @@ ADDRESS          NAMES   LB           APP  LISTENER
         });
         let t = services_table(&[shared]);
         let want = "\
-ADDRESS        NAMES  LB           APP  LISTENER
-10.233.0.9:80  web    round-robin  5    @a
+ADDRESS        NAMES  LB           APP  LISTENER  HOST LOOPBACK
+10.233.0.9:80  web    round-robin  5    @a        -
                                    6    @b
 ";
         assert_eq!(t, want);
@@ -349,8 +359,8 @@ ADDRESS        NAMES  LB           APP  LISTENER
         declared.backends.clear();
         let t = services_table(&[declared]);
         let want = "\
-ADDRESS     NAMES  LB           APP  LISTENER
-10.233.0.7  db     round-robin  -    <no backend yet>
+ADDRESS     NAMES  LB           APP  LISTENER          HOST LOOPBACK
+10.233.0.7  db     round-robin  -    <no backend yet>  -
 ";
         assert_eq!(t, want);
     }

@@ -237,16 +237,16 @@ fn huge_connect_wait_is_refused() {
     require!();
     let d = Daemon::start();
     for secs in [u64::MAX, 10 * 86_400] {
-        // Frame { version 1, Request::RegisterApp(AppSpec { no ips, names,
+        // Frame { version 2, Request::RegisterApp(AppSpec { no ips, names,
         // labels, command, lb: None, connect_wait: Some(secs) }) }.
-        let mut body = vec![0x01, 0x01, 0, 0, 0, 0, 0, 0x01];
+        let mut body = vec![0x02, 0x01, 0, 0, 0, 0, 0, 0x01];
         varint(secs, &mut body);
         varint(0, &mut body);
         let answer = exchange(d.socket(), &body);
         // Response::RegisterFailed is variant 2 (AppRegistered is 1).
         assert_eq!(
             answer.get(..2),
-            Some(&[0x01, 0x02][..]),
+            Some(&[0x02, 0x02][..]),
             "connect_wait {secs} s was not refused: {answer:?}\ndaemon log:\n{}",
             d.log()
         );

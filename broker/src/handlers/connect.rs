@@ -13,6 +13,9 @@
 //!   the program's socket at the same fd number; `connect` returns 0 — or
 //!   `EINPROGRESS` on a non-blocking socket, as TCP always does, and then
 //!   0 once more to the next `connect`, before `EISCONN`.
+//! * Effect, loopback (`127.0.0.1:P`, `[::1]:P`): the app's own wildcard
+//!   listener on P, or the one the daemon serves on the host's loopback,
+//!   as for a VIP (see `localhost.rs`); otherwise egress.
 //! * Effect, egress: the broker connects the program's own socket (its
 //!   copy shares the open file) with the broker's copy of the address, so
 //!   the kernel's answer — `EINPROGRESS` for a non-blocking socket
@@ -181,6 +184,13 @@ fn kernel_socket(
         // plain TCP connect to an address on no interface, which reaches no
         // service of ax and carries no VIP as its source.
         _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
+        // Loopback: the app's own listener on that port, if it has one.
+        Some(dst) if super::localhost::loopback(dst.ip()).is_some() => {
+            match super::localhost::connect(call, target, &copy, v6, dst)? {
+                Some(outcome) => Ok(outcome),
+                None => Ok(egress(call, copy, bytes)),
+            }
+        }
         _ => Ok(egress(call, copy, bytes)),
     }
 }
@@ -725,7 +735,7 @@ pub(super) fn deliver(
 }
 
 /// Waits, off the receive loop, for room in a full listener's backlog.
-fn wait_for_room(
+pub(super) fn wait_for_room(
     call: &Call<'_>,
     copy: &OwnedFd,
     sock: OwnedFd,
@@ -813,7 +823,7 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
 
 /// Binds the client socket to its self-describing name, choosing a free
 /// client port unless the program bound one.
-fn bind_client_name(
+pub(super) fn bind_client_name(
     call: &Call<'_>,
     sock: &OwnedFd,
     v6: bool,
@@ -847,7 +857,7 @@ fn bind_client_name(
 /// Installs the connected UNIX socket over the program's. A non-blocking
 /// socket is told `EINPROGRESS`, as TCP tells it, though the connection is
 /// already made: the next `connect` then answers 0, and `SO_ERROR` 0.
-fn finish(
+pub(super) fn finish(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::net::SocketAddr;
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest accepted frame body, in bytes.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
@@ -220,10 +220,10 @@ mod tests {
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(
-            decode::<Request>(&[0x02, 0x00]),
-            Err(FrameError::Version(2))
+            decode::<Request>(&[0x01, 0x00]),
+            Err(FrameError::Version(1))
         ));
-        assert!(decode::<Request>(&[0x01, 0xff, 0xff]).is_err());
+        assert!(decode::<Request>(&[0x02, 0xff, 0xff]).is_err());
     }
 
     #[test]

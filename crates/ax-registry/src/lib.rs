@@ -146,6 +146,11 @@ pub struct ServiceInfo {
     pub lb: LbMode,
     /// The listening apps, in the order they bound.
     pub backends: Vec<Backend>,
+    /// The host loopback address (`127.0.0.1:P` / `[::1]:P`) it is also
+    /// reachable at from outside ax, if the daemon holds it (wildcard
+    /// listeners only; see [`LocalRegistry::set_host_loopback`]).
+    #[serde(default)]
+    pub host_loopback: Option<SocketAddr>,
 }
 
 /// Why an app could not be registered.
@@ -378,6 +383,21 @@ pub trait Directory: Send + Sync {
     /// How long a blocking connect from `app` to a service that is not up
     /// yet may wait for it; `None` leaves the broker's default.
     fn connect_wait(&self, _app: AppId) -> Option<Duration> {
+        None
+    }
+
+    /// The listeners `app` itself has at `dst` (one of its VIPs), with no
+    /// policy asked: an app's connections to its own localhost are its own
+    /// business, as in a pod.
+    fn own_backends(&self, app: AppId, dst: SocketAddr) -> Vec<UnixEndpoint> {
+        self.resolve(app, dst).unwrap_or_default()
+    }
+
+    /// The service (VIP:port) whose wildcard listener the daemon also
+    /// serves at the host loopback address `host` (`127.0.0.1:P`,
+    /// `[::1]:P`), if any: a program under ax that connects there is sent
+    /// to that service as to its VIP, policy included.
+    fn host_loopback_service(&self, _host: SocketAddr) -> Option<SocketAddr> {
         None
     }
 

@@ -195,6 +195,8 @@ pub struct LocalRegistry {
     state: Mutex<State>,
     changes: Condvar,
     policy: Mutex<Policy>,
+    /// Host loopback address → the service the daemon serves there.
+    host_loopback: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl Default for LocalRegistry {
@@ -355,7 +357,24 @@ impl LocalRegistry {
             }),
             changes: Condvar::new(),
             policy: Mutex::new(Policy::default()),
+            host_loopback: Mutex::default(),
         }
+    }
+
+    /// Records which service the daemon serves at each host loopback
+    /// address (see [`Directory::host_loopback_service`]), replacing the
+    /// previous record.
+    pub fn set_host_loopback(&self, held: HashMap<SocketAddr, SocketAddr>) {
+        *self.host_loopback.lock().unwrap_or_else(|e| e.into_inner()) = held;
+    }
+
+    fn host_loopback_of(&self, service: SocketAddr) -> Option<SocketAddr> {
+        self.host_loopback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(_, s)| **s == service)
+            .map(|(host, _)| *host)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -659,6 +678,14 @@ impl LocalRegistry {
     /// All services, by address, each with its backends; then each VIP of
     /// a declared service that has none yet, at port 0 with no backend.
     pub fn services(&self) -> Vec<ServiceInfo> {
+        let mut services = self.services_unmarked();
+        for s in &mut services {
+            s.host_loopback = self.host_loopback_of(s.addr);
+        }
+        services
+    }
+
+    fn services_unmarked(&self) -> Vec<ServiceInfo> {
         let st = self.lock();
         let mut services: Vec<ServiceInfo> = st
             .services
@@ -669,6 +696,7 @@ impl LocalRegistry {
                 names: st.names_of(ip),
                 lb: st.lb_of(ip),
                 backends: s.backends.clone(),
+                host_loopback: None,
             })
             .collect();
         for d in st.declared.values() {
@@ -679,6 +707,7 @@ impl LocalRegistry {
                         names: st.names_of(ip),
                         lb: st.lb_of(ip),
                         backends: Vec::new(),
+                        host_loopback: None,
                     });
                 }
             }
@@ -824,6 +853,28 @@ impl Directory for LocalRegistry {
             });
         }
         Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+    }
+
+    fn own_backends(&self, app: AppId, dst: SocketAddr) -> Vec<UnixEndpoint> {
+        let st = self.lock();
+        st.services
+            .get(&(dst.ip(), dst.port()))
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|b| b.app == app)
+                    .map(|b| b.endpoint.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn host_loopback_service(&self, host: SocketAddr) -> Option<SocketAddr> {
+        self.host_loopback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&host)
+            .copied()
     }
 
     fn connect_wait(&self, app: AppId) -> Option<Duration> {
@@ -1184,6 +1235,35 @@ mod tests {
         }
         assert_eq!(seen.len(), 3);
         assert_eq!(r.services()[0].lb, LbMode::Random);
+    }
+
+    #[test]
+    fn own_backends_skip_the_policy_and_host_loopback_is_recorded() {
+        let r = LocalRegistry::default();
+        r.set_policy(Policy::from_toml("default = \"deny\"\n").unwrap());
+        let app = r.register_app(&AppSpec::default(), 0).unwrap();
+        let other = r.register_app(&AppSpec::default(), 0).unwrap();
+        let ip = app.vips[0];
+        let req = BindRequest {
+            app: app.id,
+            ips: vec![ip],
+            port: 6379,
+            reuseport: None,
+        };
+        r.bind(&req, &|p| ep("redis", p), &|_| true).unwrap();
+        let dst = SocketAddr::new(ip, 6379);
+        assert!(matches!(
+            r.resolve(app.id, dst),
+            Err(ResolveError::Denied { .. })
+        ));
+        assert_eq!(r.own_backends(app.id, dst), vec![ep("redis", 6379)]);
+        assert!(r.own_backends(other.id, dst).is_empty());
+        let host: SocketAddr = "127.0.0.1:6379".parse().unwrap();
+        assert_eq!(r.host_loopback_service(host), None);
+        r.set_host_loopback([(host, dst)].into_iter().collect());
+        assert_eq!(r.host_loopback_service(host), Some(dst));
+        let shown = r.services();
+        assert_eq!(shown[0].host_loopback, Some(host));
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn frames(dir: &Path) {
                     ),
                 },
             ],
+            host_loopback: None,
         },
         ServiceInfo {
             addr: sa("[fd00:a8::30]:9000"),
@@ -71,6 +72,7 @@ fn frames(dir: &Path) {
                 app: 3,
                 endpoint: UnixEndpoint::Path("/run/ax/svc.sock".into()),
             }],
+            host_loopback: None,
         },
     ];
     let requests = [
