@@ -207,7 +207,7 @@ fi
 
 # --- report ------------------------------------------------------------------------
 {
-    echo "### Real programs (under ax ÷ native, same run; medians of $ROUNDS rounds, $N requests per round)"
+    echo "### Real programs (under ax vs native, same run; medians of $ROUNDS rounds, $N requests per round; ratio: median of the per-round ratios)"
     echo
     echo "| workload | native req/s | under ax req/s | ratio | daemon CPU per connection |"
     echo "|---|---:|---:|---:|---:|"
@@ -220,7 +220,11 @@ fi
         nat=$(median <<<"${RES["$row,native"]}")
         c=$(median <<<"${CPU["$row"]:-}")
         [ "$c" = nan ] && c="–" || c="$c µs"
-        ratio=$(awk -v a="$a" -v b="$nat" 'BEGIN {printf "%.2f×", a / b}')
+        # The median of the per-round ratios (each compares two runs made
+        # back to back).
+        ratio=$(paste -d/ <(tr ' ' '\n' <<<"${RES["$row,ax"]}" | awk 'NF') \
+            <(tr ' ' '\n' <<<"${RES["$row,native"]}" | awk 'NF') |
+            awk -F/ '$2 > 0 {print $1 / $2}' | median | awk '{printf "%.2f×", $1}')
         echo "| $row | $nat | $a | $ratio | $c |"
     done
     echo
