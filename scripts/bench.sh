@@ -23,14 +23,28 @@
 #
 # Other options are passed to `ax-bench run` (see `ax-bench run --help`),
 # e.g. --rounds 3, --only ax,tcp,unix, --no-scale.
+#
+# Real programs (benches/programs/run.sh): Go net/http with and without
+# keep-alive and nginx with `ab` without keep-alive, under ax vs native in
+# the same run, with the daemon's CPU per connection and per trapped call.
+# They run after the rows above, into benches/results/programs.md; a row
+# whose program (go, nginx, ab) is missing is skipped.
+#
+#   sudo bash scripts/bench.sh --programs      # only the real-program rows
+#   sudo bash scripts/bench.sh --no-programs   # everything else
+#   PROGRAMS_N=10000 PROGRAMS_ROUNDS=3          # requests per row and rounds
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 args=()
+programs=1
+only_programs=0
 for a in "$@"; do
     case "$a" in
+        --programs) only_programs=1 ;;
+        --no-programs) programs=0 ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
@@ -51,6 +65,9 @@ fi
 need=(slirp4netns:slirp4netns passt:pasta iproute2:ip python3:python3
     util-linux:unshare util-linux:taskset
     libseccomp-dev:dpkg pkg-config:pkg-config)
+if [ "$programs" = 1 ] || [ "$only_programs" = 1 ]; then
+    need+=(golang-go:go nginx-light:nginx apache2-utils:ab)
+fi
 have() {
     if [ "$2" = dpkg ]; then
         dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
@@ -92,8 +109,18 @@ AX="$TARGET/release/ax"
 # --- 3. run, in a network namespace with loopback only ------------------------
 OUT="$ROOT/benches/results"
 mkdir -p "$OUT"
+PROG=(true)
+if [ "$only_programs" = 1 ] || [ "$programs" = 1 ]; then
+    PROG=(bash "$ROOT/benches/programs/run.sh" "$AX" "$OUT/programs.md")
+fi
+if [ "$only_programs" = 1 ]; then
+    # shellcheck disable=SC2016
+    exec unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh "${PROG[@]}"
+fi
+BENCHCMD=("$BENCH" run --ax "$AX"
+    --out-md "$OUT/latest.md" --out-svg "$OUT/latest.svg" --out-json "$OUT/latest.json"
+    "${args[@]}")
+# Both commands in one loopback-only namespace: the first N words are ax-bench's.
 # shellcheck disable=SC2016
-exec unshare --net -- sh -c 'ip link set lo up && exec "$@"' sh \
-    "$BENCH" run --ax "$AX" \
-    --out-md "$OUT/latest.md" --out-svg "$OUT/latest.svg" --out-json "$OUT/latest.json" \
-    "${args[@]}"
+exec unshare --net -- bash -c 'ip link set lo up || exit 1; n=$1; shift
+    "${@:1:n}"; rc=$?; "${@:n+1}" || rc=1; exit $rc' bash "${#BENCHCMD[@]}" "${BENCHCMD[@]}" "${PROG[@]}"

@@ -63,6 +63,7 @@ mod serve;
 mod sockets;
 mod stash;
 mod target;
+mod verdict;
 pub mod verify;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};

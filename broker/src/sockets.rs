@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 /// this many after every use, so that at rest the daemon's fd count is
 /// always the same.
 const SPARE: usize = 64;
+/// Most sockets [`Sockets::known_name`] remembers before it starts afresh.
+const KNOWN_MAX: usize = 16_384;
 /// After a failure to make a namespace, wait this long before trying again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -73,6 +75,10 @@ pub(crate) struct Sockets {
     maker: Mutex<Maker>,
     /// `P`, once known.
     ns: OnceLock<NsId>,
+    /// The `SO_NETNS_COOKIE` of `P`, once a socket in `P` was seen.
+    ns_cookie: OnceLock<u64>,
+    /// See [`Sockets::known_name`].
+    known: Mutex<std::collections::HashMap<u64, crate::names::SocketName>>,
     refill_started: OnceLock<()>,
 }
 
@@ -94,6 +100,8 @@ impl Sockets {
                 last_failure: None,
             }),
             ns: OnceLock::new(),
+            ns_cookie: OnceLock::new(),
+            known: Mutex::new(std::collections::HashMap::new()),
             refill_started: OnceLock::new(),
         })
     }
@@ -143,10 +151,45 @@ impl Sockets {
         let Some(p) = self.ns.get() else {
             return false;
         };
+        // Fast path: one getsockopt, compared with the cookie of `P`
+        // (learnt from a socket the slow path found in `P`; a netns cookie
+        // is never reused, and `P` never changes once known).
+        if let Some(&p_cookie) = self.ns_cookie.get() {
+            match ax_sys::netns::netns_cookie(fd.as_fd()) {
+                Ok(c) => return c == p_cookie,
+                Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {}
+                Err(_) => return false,
+            }
+        }
         // EPERM (a namespace we have no rights over) is not ours either.
-        ax_sys::netns::socket_netns(fd.as_fd())
+        let private = ax_sys::netns::socket_netns(fd.as_fd())
             .and_then(|ns| ns_id(&ns))
-            .is_ok_and(|id| id == *p)
+            .is_ok_and(|id| id == *p);
+        if private && self.ns_cookie.get().is_none() {
+            if let Ok(c) = ax_sys::netns::netns_cookie(fd.as_fd()) {
+                let _ = self.ns_cookie.set(c);
+            }
+        }
+        private
+    }
+
+    /// What classifying a socket found, by socket cookie (`SO_COOKIE`,
+    /// never reused while the system runs): the ax name of a socket known to
+    /// be in `P`. A UNIX socket's name and namespace never change once bound,
+    /// so an entry stays true for the socket's whole life; the map is
+    /// emptied when full (a miss only costs the full look).
+    pub(crate) fn known_name(&self, cookie: u64) -> Option<crate::names::SocketName> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.get(&cookie).copied()
+    }
+
+    /// Records that the socket with `cookie` is in `P` and bound to `name`.
+    pub(crate) fn remember_name(&self, cookie: u64, name: crate::names::SocketName) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_MAX {
+            known.clear();
+        }
+        known.insert(cookie, name);
     }
 
     /// The factory's pid (a process in `P`, whose `/proc/PID/net` shows

@@ -240,6 +240,23 @@ impl Target {
         process::write_memory(self.tid, addr, data).map_err(|e| errno_of(&e))
     }
 
+    /// Writes each `(addr, data)` part in order, with one check that the
+    /// call is pending and one system call; `EFAULT` at the first byte that
+    /// is not writable (a non-empty part at address 0 is not), the parts
+    /// before it written, as the kernel's copies in that order would be.
+    pub(crate) fn write_parts(&self, parts: &[(u64, &[u8])]) -> Result<(), Errno> {
+        let null = parts
+            .iter()
+            .position(|&(addr, data)| addr == 0 && !data.is_empty());
+        let before = parts.get(..null.unwrap_or(parts.len())).unwrap_or(parts);
+        self.still_pending()?;
+        process::write_memory_parts(self.tid, before).map_err(|e| errno_of(&e))?;
+        match null {
+            Some(_) => Err(libc::EFAULT),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the target's fd `fd` has `FD_CLOEXEC`, from
     /// `/proc/TID/fdinfo/FD` (a copy taken with pidfd_getfd always has it,
     /// so the copy cannot tell).

@@ -269,6 +269,16 @@ pub(crate) enum Sock {
 /// fd that cannot be copied (`EBADF`): the caller lets the kernel say it.
 pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Sock, Errno> {
     let fd = target.fd(arg)?;
+    // A socket already classified as ours is known by its cookie: one
+    // getsockopt instead of four (see `Sockets::known_name`).
+    let cookie = match rustix::net::sockopt::socket_cookie(&fd) {
+        Ok(c) => Some(c),
+        Err(rustix::io::Errno::NOTSOCK) => return Ok(Sock::Other),
+        Err(_) => None,
+    };
+    if let Some(name) = cookie.and_then(|c| call.shared.sockets.known_name(c)) {
+        return Ok(Sock::Swapped { name, fd });
+    }
     let domain = match rustix::net::sockopt::socket_domain(&fd) {
         Ok(d) => d,
         Err(rustix::io::Errno::NOTSOCK) => return Ok(Sock::Other),
@@ -295,6 +305,9 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
             // Only a socket in the broker's private namespace is ours: a
             // program may bind any name in its own.
             if ours && call.shared.sockets.is_private(&fd) {
+                if let Some(c) = cookie {
+                    call.shared.sockets.remember_name(c, name);
+                }
                 return Ok(Sock::Swapped { name, fd });
             }
         }
@@ -441,14 +454,9 @@ pub(crate) fn write_sockaddr(
 ) -> Result<(), Errno> {
     let full = bytes.len() as i32;
     let len = target.read_int(len_ptr)?.min(full);
-    if len >= 0 {
-        target.write(len_ptr, &full.to_ne_bytes())?;
-    }
-    match usize::try_from(len) {
-        Err(_) => Err(libc::EINVAL),
-        Ok(0) => Ok(()),
-        Ok(n) => target.write(addr_ptr, &bytes[..n]),
-    }
+    let n = usize::try_from(len).map_err(|_| libc::EINVAL)?;
+    // The length, then the address, as the kernel copies them: one write.
+    target.write_parts(&[(len_ptr, &full.to_ne_bytes()), (addr_ptr, &bytes[..n])])
 }
 
 /// Finishes a call on a helper thread, for work that may block. The app's

@@ -104,9 +104,8 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
         return Ok(Outcome::Errno(libc::EPERM));
     }
     // The kernel's verdict, on a TCP socket of the program's family.
-    let fresh = probe::fresh(v6).ok_or(libc::ENOMEM)?;
-    if let Err(e) = ax_sys::sockopt::set_raw(fresh.as_fd(), level, optname, &value) {
-        return Ok(Outcome::Errno(errno(&e)));
+    if let Err(e) = crate::verdict::set_on_fresh(v6, level, optname, &value)? {
+        return Ok(Outcome::Errno(e));
     }
     if let Some(refused) = refused_in_state(kind, level, optname, &value) {
         return Ok(Outcome::Errno(refused));

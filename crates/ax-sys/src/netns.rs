@@ -79,6 +79,38 @@ pub fn socket_netns(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd_result(libc::c_long::from(rc))
 }
 
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h, Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace of the socket `sock`
+/// (`getsockopt(SO_NETNS_COOKIE)`): a 64-bit number unique to that
+/// namespace and never reused while the system runs. One call, no fd, and no
+/// privilege needed, unlike [`socket_netns`].
+///
+/// # Errors
+/// `ENOPROTOOPT` on a kernel older than 5.14; `ENOTSOCK` for an fd that is
+/// not a socket.
+pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: getsockopt writes at most `len` (8) bytes into `cookie`, a
+    // live, owned u64, and `len` into a live, owned socklen_t.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::addr_of_mut!(cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The user namespace that owns the namespace `ns` (`ioctl(NS_GET_USERNS)`,
 /// see [ioctl_ns(2)](https://man7.org/linux/man-pages/man2/ioctl_ns.2.html)).
 ///

@@ -112,6 +112,55 @@ pub fn write_memory(tid: u32, addr: u64, data: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Writes each `(addr, data)` part, in order, in the address space of
+/// `tid` with one `process_vm_writev`, honouring page protections: `EFAULT`
+/// if any byte is not writable (the parts before it may be written, as the
+/// kernel's own copies in that order would be). Empty parts are skipped.
+pub fn write_memory_parts(tid: u32, parts: &[(u64, &[u8])]) -> io::Result<()> {
+    let mut local = Vec::with_capacity(parts.len());
+    let mut remote = Vec::with_capacity(parts.len());
+    let mut total: usize = 0;
+    for &(addr, data) in parts.iter().filter(|p| !p.1.is_empty()) {
+        let at = usize::try_from(addr).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+        local.push(libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        });
+        remote.push(libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: data.len(),
+        });
+        total = total
+            .checked_add(data.len())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+    }
+    if local.is_empty() {
+        return Ok(());
+    }
+    let count = libc::c_ulong::try_from(local.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let pid = libc::pid_t::try_from(tid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: each `local` iovec describes a slice of `parts`, which the
+    // kernel only reads and which outlive the call; `remote` is only
+    // interpreted in the target's address space; both arrays hold `count`
+    // entries.
+    let n =
+        unsafe { libc::process_vm_writev(pid, local.as_ptr(), count, remote.as_ptr(), count, 0) };
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ESRCH) | Some(libc::EPERM) => Err(e),
+                _ => Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            }
+        }
+        n if usize::try_from(n).ok() != Some(total) => {
+            Err(io::Error::from_raw_os_error(libc::EFAULT))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `struct procmap_query` of `<linux/fs.h>` (Linux 6.11).
 #[repr(C)]
 #[derive(Default)]

@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Real-program rows of the ax benchmark: Go net/http with and without
+# keep-alive, nginx with `ab` without keep-alive, each under ax vs native in
+# the same run, plus the daemon's CPU per connection and per trapped call
+# that needs no target memory. Run by scripts/bench.sh (alone with
+# `sudo bash scripts/bench.sh --programs`), inside a network namespace with
+# loopback only; it refuses to run anywhere else.
+#
+#   run.sh AX OUT_MD     (env: PROGRAMS_N requests per row, default 10000;
+#                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50)
+# A row whose program is missing (go, nginx, ab) says so and is skipped.
+set -euo pipefail
+AX="$1"
+OUT="$2"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+N="${PROGRAMS_N:-10000}"
+ROUNDS="${PROGRAMS_ROUNDS:-3}"
+CONC="${PROGRAMS_CONC:-50}"
+
+if ip -o route show default 2>/dev/null | grep -q . || [ "$(ip -o link show | grep -vc ' lo:')" -ne 0 ]; then
+    echo "programs: not in a loopback-only network namespace; refusing to run" >&2
+    exit 1
+fi
+
+TMP="$(mktemp -d /tmp/ax-bench-programs.XXXXXX)"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+SOCKDIR="$TMP/ctl"
+mkdir -p "$SOCKDIR"
+SOCK="$SOCKDIR/ax.sock"
+"$AX" daemon --socket "$SOCK" 2>"$TMP/daemon.log" &
+DAEMON=$!
+PIDS+=("$DAEMON")
+for _ in $(seq 200); do
+    "$AX" get services --socket "$SOCK" >/dev/null 2>&1 && break
+    sleep 0.05
+done
+AXX=("$AX" exec --socket "$SOCK" --no-autostart)
+CLK=$(getconf CLK_TCK)
+
+# Daemon CPU (utime+stime of the whole process, in clock ticks).
+dcpu() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
+
+# Waits until a line READY appears in file $1 (the server's stdout).
+wait_ready() {
+    for _ in $(seq 400); do
+        grep -q READY "$1" 2>/dev/null && return 0
+        sleep 0.025
+    done
+    echo "programs: server did not start: $(tail -3 "$1" "$1.err" 2>/dev/null)" >&2
+    return 1
+}
+
+# Waits until TCP port $2 on $1 accepts (native servers without a READY line).
+wait_port() {
+    for _ in $(seq 400); do
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+        sleep 0.025
+    done
+    return 1
+}
+
+declare -A RES   # RES[row,ax|native] = space-separated rps per round
+declare -A CPU   # CPU[row] = space-separated daemon µs per connection per round
+ROWS=()
+
+median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+# --- Go net/http ---------------------------------------------------------------
+GO_OK=0
+if command -v go >/dev/null 2>&1; then
+    mkdir -p "$TMP/go"
+    cp "$HERE/gohttp.go" "$TMP/go/"
+    if (cd "$TMP/go" && GOCACHE="$TMP/go/cache" GO111MODULE=off GOFLAGS= go build -o gohttp gohttp.go) 2>"$TMP/go/build.log"; then
+        GO_OK=1
+    else
+        echo "programs: go build failed: $(tail -3 "$TMP/go/build.log")" >&2
+    fi
+fi
+GOH="$TMP/go/gohttp"
+VIP=10.233.7.10   # Go server
+VIP_NGINX=10.233.7.11
+VIP_PY=10.233.7.12
+if [ "$GO_OK" = 1 ]; then
+    "$GOH" serve 127.0.0.1:8081 >"$TMP/gon.out" 2>"$TMP/gon.out.err" &
+    PIDS+=($!)
+    "${AXX[@]}" --ip "$VIP" -- "$GOH" serve 0.0.0.0:8080 >"$TMP/goa.out" 2>"$TMP/goa.out.err" &
+    PIDS+=($!)
+    wait_ready "$TMP/gon.out"
+    wait_ready "$TMP/goa.out"
+    for ka in 0 1; do
+        row="Go net/http, $CONC goroutines, keep-alive $([ $ka = 1 ] && echo on || echo off)"
+        ROWS+=("$row")
+        n=$N
+        [ $ka = 1 ] && n=$((N * 4))
+        for r in $(seq "$ROUNDS"); do
+            for side in native ax; do
+                if [ $side = ax ]; then
+                    c0=$(dcpu)
+                    out=$("${AXX[@]}" -- "$GOH" load "http://$VIP:8080/" "$CONC" "$n" $ka)
+                    c1=$(dcpu)
+                else
+                    out=$("$GOH" load "http://127.0.0.1:8081/" "$CONC" "$n" $ka)
+                fi
+                read -r reqs errs secs <<<"$out"
+                [ "$errs" = 0 ] || echo "programs: $row ($side): $errs of $reqs requests failed" >&2
+                RES["$row,$side"]+=" $(awk -v n="$reqs" -v s="$secs" 'BEGIN {printf "%.0f", n / s}')"
+                if [ $side = ax ] && [ $ka = 0 ]; then
+                    CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$reqs" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                fi
+            done
+        done
+    done
+else
+    ROWS+=("Go net/http (go not installed)")
+fi
+
+# --- nginx + ab ------------------------------------------------------------------
+if command -v nginx >/dev/null 2>&1 && command -v ab >/dev/null 2>&1; then
+    for side in native ax; do
+        d="$TMP/nginx-$side"
+        mkdir -p "$d/html" "$d/tmp"
+        echo hello >"$d/html/index.html"
+        if [ $side = ax ]; then listen=8090; else listen=127.0.0.1:8091; fi
+        cat >"$d/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+master_process on;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp;
+    uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
+    keepalive_timeout 0;
+    server { listen $listen; root $d/html; }
+}
+CONF
+        if [ $side = ax ]; then
+            "${AXX[@]}" --ip "$VIP_NGINX" -- nginx -c "$d/nginx.conf" -e "$d/error.log" 2>"$d/stderr" &
+        else
+            nginx -c "$d/nginx.conf" -e "$d/error.log" 2>"$d/stderr" &
+        fi
+        PIDS+=($!)
+    done
+    wait_port 127.0.0.1 8091
+    # The ax side: ready once a client under ax gets an answer.
+    for _ in $(seq 400); do
+        "${AXX[@]}" -- ab -q -n 1 "http://$VIP_NGINX:8090/" >/dev/null 2>&1 && break
+        sleep 0.025
+    done
+    row="nginx (2 workers) + ab -c $CONC, keep-alive off"
+    ROWS+=("$row")
+    for r in $(seq "$ROUNDS"); do
+        for side in native ax; do
+            if [ $side = ax ]; then
+                c0=$(dcpu)
+                out=$("${AXX[@]}" -- ab -q -r -c "$CONC" -n "$N" "http://$VIP_NGINX:8090/" 2>&1)
+                c1=$(dcpu)
+                CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$N" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+            else
+                out=$(ab -q -r -c "$CONC" -n "$N" "http://127.0.0.1:8091/" 2>&1)
+            fi
+            rps=$(awk '/^Requests per second/ {print $4}' <<<"$out")
+            failed=$(awk '/^Failed requests/ {print $3}' <<<"$out")
+            [ "${failed:-x}" = 0 ] || echo "programs: $row ($side): failed requests: ${failed:-?}" >&2
+            RES["$row,$side"]+=" ${rps:-nan}"
+        done
+    done
+else
+    ROWS+=("nginx + ab (nginx or apache2-utils not installed)")
+fi
+
+# --- daemon CPU per trapped call that needs no target memory ---------------------
+# accept4(listener, NULL, NULL, SOCK_NONBLOCK) on a listener with nothing
+# pending: trapped, answered EAGAIN, no address to read or write.
+CALLS=$((N * 10))
+percall=""
+if command -v python3 >/dev/null 2>&1; then
+    for r in $(seq "$ROUNDS"); do
+        c0=$(dcpu)
+        "${AXX[@]}" --ip "$VIP_PY" -- python3 - "$CALLS" <<'PY'
+import ctypes, socket, sys
+n = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket()
+s.bind(("0.0.0.0", 8095))
+s.listen(16)
+s.setblocking(False)
+fd = s.fileno()
+acc = libc.accept4
+for _ in range(n):
+    if acc(fd, None, None, 0o4000) >= 0 or ctypes.get_errno() != 11:
+        sys.exit("accept4: unexpected answer")
+PY
+        c1=$(dcpu)
+        percall+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$CALLS" 'BEGIN {printf "%.2f", d / k * 1e6 / n}')"
+    done
+fi
+
+# --- report ------------------------------------------------------------------------
+{
+    echo "### Real programs (under ax vs native, same run; medians of $ROUNDS rounds, $N requests per round; ratio: median of the per-round ratios)"
+    echo
+    echo "| workload | native req/s | under ax req/s | ratio | daemon CPU per connection |"
+    echo "|---|---:|---:|---:|---:|"
+    for row in "${ROWS[@]}"; do
+        if [ -z "${RES["$row,ax"]:-}" ]; then
+            echo "| $row | not available | | | |"
+            continue
+        fi
+        a=$(median <<<"${RES["$row,ax"]}")
+        nat=$(median <<<"${RES["$row,native"]}")
+        c=$(median <<<"${CPU["$row"]:-}")
+        [ "$c" = nan ] && c="–" || c="$c µs"
+        # The median of the per-round ratios (each compares two runs made
+        # back to back).
+        ratio=$(paste -d/ <(tr ' ' '\n' <<<"${RES["$row,ax"]}" | awk 'NF') \
+            <(tr ' ' '\n' <<<"${RES["$row,native"]}" | awk 'NF') |
+            awk -F/ '$2 > 0 {print $1 / $2}' | median | awk '{printf "%.2f×", $1}')
+        echo "| $row | $nat | $a | $ratio | $c |"
+    done
+    echo
+    pc=$(median <<<"$percall")
+    echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
+    echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
+} | tee "$OUT"
