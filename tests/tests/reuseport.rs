@@ -183,7 +183,12 @@ fn reuseport_group_survives_a_daemon_restart() {
     let vip = "10.233.0.63";
     let port = "8063";
     let addr = format!("{vip}:{port}");
-    let mut server = d.spawn(&["--ip", vip], &py(TWO_LISTENERS, &[vip, port]));
+    // The test restarts the killed daemon itself: the launcher must not
+    // race it with one of its own.
+    let mut server = d.spawn(
+        &["--no-autostart", "--ip", vip],
+        &py(TWO_LISTENERS, &[vip, port]),
+    );
     server.wait_for_stdout("READY", SHORT);
     d.kill_hard();
     d.restart();
