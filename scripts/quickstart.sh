@@ -60,7 +60,7 @@ done
 mkdir -p "$WORK/www"
 echo "Hello from a server that thinks it listens on 10.233.0.10:8000" >"$WORK/www/index.html"
 say "ax exec --ip 10.233.0.10 --name web -- python3 -m http.server 8000 &"
-setsid "$AX" exec --socket "$SOCK" --ip 10.233.0.10 --name web -- \
+setsid "$AX" exec --socket "$SOCK" --no-autostart --ip 10.233.0.10 --name web -- \
     python3 -m http.server 8000 --directory "$WORK/www" >"$WORK/server.log" 2>&1 &
 pids+=($!)
 deadline=$((SECONDS + 15))
@@ -70,16 +70,16 @@ until "$AX" get services -o json --socket "$SOCK" 2>/dev/null | grep -q "10.233.
 done
 
 say "ax exec -- curl -s http://10.233.0.10:8000/"
-page=$("$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://10.233.0.10:8000/)
+page=$("$AX" exec --socket "$SOCK" --no-autostart -- curl -s --max-time 10 http://10.233.0.10:8000/)
 echo "$page"
 case "$page" in *"Hello from a server"*) ;; *) echo "quickstart: unexpected answer from http://10.233.0.10:8000/" >&2; exit 1 ;; esac
 say "ax exec -- curl -s http://web:8000/   # by name"
-page=$("$AX" exec --socket "$SOCK" -- curl -s --max-time 10 http://web:8000/)
+page=$("$AX" exec --socket "$SOCK" --no-autostart -- curl -s --max-time 10 http://web:8000/)
 echo "$page"
 case "$page" in *"Hello from a server"*) ;; *) echo "quickstart: unexpected answer from http://web:8000/" >&2; exit 1 ;; esac
 
 # Hold one connection open to look at it.
-setsid "$AX" exec --socket "$SOCK" -- python3 -c "
+setsid "$AX" exec --socket "$SOCK" --no-autostart -- python3 -c "
 import socket, sys, time
 s = socket.create_connection((\"10.233.0.10\", 8000))
 print(\"client sees itself as\", s.getsockname(), \"and its peer as\", s.getpeername(), flush=True)

@@ -776,8 +776,8 @@ fn lock_socket(path: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// Whether the process that took the `flock` on the file with inode `ino`
-/// still runs (`/proc/locks` names it; a zombie counts as dead). True when
-/// it cannot be told.
+/// still runs (`/proc/locks` names it; a zombie counts as dead). False when
+/// the lock is gone meanwhile; true when `/proc/locks` cannot be read.
 fn lock_taker_alive(ino: u64) -> bool {
     let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
         return true;
@@ -793,8 +793,9 @@ fn lock_taker_alive(ino: u64) -> bool {
             .then(|| pid.parse::<u32>().ok())
             .flatten()
     });
+    // No such lock any more: it was let go since the attempt; try again.
     let Some(pid) = taker else {
-        return true;
+        return false;
     };
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which may contain anything.
