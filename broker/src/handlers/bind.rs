@@ -23,6 +23,10 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 
+/// How often a listener's name found taken is tried again (200 µs apart):
+/// a liveness probe holds a name for microseconds.
+const NAME_PROBE_RETRIES: u32 = 50;
+
 pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
     run(call, target).into()
 }
@@ -128,10 +132,23 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         reuseport: reuseport.map(|r| r.uid),
     };
     let mut sock = Some(sock);
+    // A liveness probe (`endpoint_alive`, from a connect or the daemon's
+    // host-loopback watch) binds a name for an instant: a name that is
+    // taken is tried again for a little while before the bind fails.
     let mut bound_socket = |endpoint: &UnixEndpoint| -> Result<OwnedFd, Errno> {
         let sock = sock.take().ok_or(libc::EINVAL)?;
-        rustix::net::bind(&sock, &endpoint_addr(endpoint)?).map_err(|e| e.raw_os_error())?;
-        Ok(sock)
+        let addr = endpoint_addr(endpoint)?;
+        let mut tries = 0;
+        loop {
+            match rustix::net::bind(&sock, &addr) {
+                Ok(()) => return Ok(sock),
+                Err(rustix::io::Errno::ADDRINUSE) if tries < NAME_PROBE_RETRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                Err(e) => return Err(e.raw_os_error()),
+            }
+        }
     };
     // With the port known, the listener's name is taken before the
     // service is registered: a connect that finds the service then finds
