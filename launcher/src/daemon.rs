@@ -47,7 +47,7 @@ const MAX_FDS_PER_READ: usize = 4;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Control connections one uid may keep open (launchers whose app is
 /// attached not counted).
-const MAX_CONNS_PER_UID: usize = 64;
+const MAX_CONNS_PER_UID: usize = 256;
 /// Most bytes read from a connection at once.
 const READ_CHUNK: usize = 64 * 1024;
 /// Bytes of unfinished frames one uid's connections may hold together

@@ -349,7 +349,7 @@ fn options_survive_another_apps_storm() {
 
 /// The control socket: 1,000 idle connections cost 58 MB, and 300
 /// connections each holding a partial 1 MiB frame pinned 344 MB. Each uid
-/// keeps 64 open now (the oldest idle one closes), frames grow as bytes
+/// keeps 256 open now (the oldest idle one closes), frames grow as bytes
 /// arrive, and `ax get` keeps answering.
 #[test]
 fn idle_control_connections_are_bounded() {
@@ -396,7 +396,7 @@ fn idle_control_connections_are_bounded() {
         "daemon RSS {rss_before} KiB -> {rss_after} KiB, {fds} fds, ax get apps in {took:?}"
     ));
     assert!(took < Duration::from_secs(3), "ax get apps took {took:?}");
-    assert!(fds < 300, "the daemon holds {fds} fds");
+    assert!(fds < 800, "the daemon holds {fds} fds");
     assert!(
         rss_after.saturating_sub(rss_before) < 160 * 1024,
         "daemon RSS grew from {rss_before} KiB to {rss_after} KiB"
