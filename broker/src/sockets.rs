@@ -490,24 +490,13 @@ fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
-/// `pids` and their descendants (`/proc/PID/task/*/children`).
+/// `pids` and their descendants, each once (see `crate::orphans::process_tree`).
 fn process_tree(pids: &[u32]) -> Vec<u32> {
     let mut out: Vec<u32> = Vec::new();
-    let mut todo: Vec<u32> = pids.iter().copied().filter(|&p| p != 0).collect();
-    while let Some(pid) = todo.pop() {
-        if out.contains(&pid) || out.len() >= 10_000 {
-            continue;
-        }
-        out.push(pid);
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for task in tasks.flatten() {
-                let children = std::fs::read_to_string(task.path().join("children"));
-                todo.extend(
-                    children
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
+    for &root in pids.iter().filter(|&&p| p != 0) {
+        for (pid, _) in crate::orphans::process_tree(root) {
+            if !out.contains(&pid) {
+                out.push(pid);
             }
         }
     }
