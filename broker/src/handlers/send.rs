@@ -291,7 +291,9 @@ fn kind(call: &Call<'_>, target: &Target, fastopen: bool) -> Result<Kind, Outcom
         // see the module docs.
         return match sock {
             Ok(Sock::Swapped { name, fd }) => Ok(Kind::Swapped { name, fd }),
-            _ => Err(Outcome::Continue),
+            Ok(_) => Err(Outcome::Continue),
+            // Never CONTINUE for want of an fd or memory.
+            Err(e) => Err(super::fd_error(call, e)),
         };
     }
     match sock {
