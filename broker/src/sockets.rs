@@ -529,7 +529,7 @@ fn refill_loop(weak: Weak<Sockets>) {
             // when the pool runs low.
             loop {
                 let before = spare.len();
-                if before >= SPARE || before < LOW {
+                if !(LOW..SPARE).contains(&before) {
                     break;
                 }
                 let (after, _) = sockets
