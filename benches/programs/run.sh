@@ -300,11 +300,11 @@ fi
         pc=$(median <<<"$percall")
         echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
     fi
+    echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
     if ((${#MROWS[@]} > 0)); then
         echo
         echo "| cost of counting ($((N * 2)) connections per side and round, alternating order) | rate | ratio (median of per-round ratios) | |"
         echo "|---|---|---:|---|"
         printf '%s\n' "${MROWS[@]}"
     fi
-    echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
 } | tee "$OUT"
