@@ -64,7 +64,11 @@ pub(super) fn try_inline(copy: &OwnedFd, bytes: &[u8]) -> Inline {
     }
     match result {
         Ok(()) => Inline::Done(Ok(())),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Inline::InProgress,
+        // EINTR (a signal to the broker's thread): the handshake goes on
+        // too, and the helper's connect waits for it.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EINTR)) => {
+            Inline::InProgress
+        }
         Err(e) => Inline::Done(Err(e.raw_os_error().unwrap_or(libc::EIO))),
     }
 }
