@@ -37,7 +37,7 @@ const SPARE: usize = 64;
 /// Below this many spare sockets the pool is topped up at once.
 const LOW: usize = SPARE / 2;
 /// Otherwise it is topped up once no socket was taken for this long.
-const SETTLE: Duration = Duration::from_millis(20);
+const SETTLE: Duration = Duration::from_millis(2);
 /// Most sockets [`Sockets::known_name`] remembers before it starts afresh.
 const KNOWN_MAX: usize = 16_384;
 /// After a failure to make a namespace, wait this long before trying again.
