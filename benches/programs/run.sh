@@ -7,7 +7,13 @@
 # loopback only; it refuses to run anywhere else.
 #
 #   run.sh AX OUT_MD     (env: PROGRAMS_N requests per row, default 10000;
-#                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50)
+#                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50;
+#                         PROGRAMS_ONLY: a comma-separated subset of
+#                         go,nginx,percall,metrics, default all)
+#
+# The "metrics" row is the cost of counting (`ax daemon --metrics`): the
+# connection rate of `ax-bench client --mode connrate` (next to AX) through
+# a daemon with --metrics and one without, alternately in each round.
 # A row whose program is missing (go, nginx, ab) says so and is skipped.
 set -euo pipefail
 AX="$1"
@@ -16,6 +22,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 N="${PROGRAMS_N:-10000}"
 ROUNDS="${PROGRAMS_ROUNDS:-3}"
 CONC="${PROGRAMS_CONC:-50}"
+ONLY="${PROGRAMS_ONLY:-go,nginx,percall,metrics}"
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if ip -o route show default 2>/dev/null | grep -q . || [ "$(ip -o link show | grep -vc ' lo:')" -ne 0 ]; then
     echo "programs: not in a loopback-only network namespace; refusing to run" >&2
@@ -74,7 +82,7 @@ median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR == 0) 
 
 # --- Go net/http ---------------------------------------------------------------
 GO_OK=0
-if command -v go >/dev/null 2>&1; then
+if want go && command -v go >/dev/null 2>&1; then
     mkdir -p "$TMP/go"
     cp "$HERE/gohttp.go" "$TMP/go/"
     if (cd "$TMP/go" && GOCACHE="$TMP/go/cache" GO111MODULE=off GOFLAGS= go build -o gohttp gohttp.go) 2>"$TMP/go/build.log"; then
@@ -117,12 +125,14 @@ if [ "$GO_OK" = 1 ]; then
             done
         done
     done
-else
+elif want go; then
     ROWS+=("Go net/http (go not installed)")
 fi
 
 # --- nginx + ab ------------------------------------------------------------------
-if command -v nginx >/dev/null 2>&1 && command -v ab >/dev/null 2>&1; then
+if ! want nginx; then
+    :
+elif command -v nginx >/dev/null 2>&1 && command -v ab >/dev/null 2>&1; then
     for side in native ax; do
         d="$TMP/nginx-$side"
         mkdir -p "$d/html" "$d/tmp"
@@ -183,7 +193,7 @@ fi
 # pending: trapped, answered EAGAIN, no address to read or write.
 CALLS=$((N * 10))
 percall=""
-if command -v python3 >/dev/null 2>&1; then
+if want percall && command -v python3 >/dev/null 2>&1; then
     for r in $(seq "$ROUNDS"); do
         c0=$(dcpu)
         "${AXX[@]}" --ip "$VIP_PY" -- python3 - "$CALLS" <<'PY'
@@ -203,6 +213,64 @@ PY
         c1=$(dcpu)
         percall+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$CALLS" 'BEGIN {printf "%.2f", d / k * 1e6 / n}')"
     done
+fi
+
+# --- the cost of counting: a daemon with --metrics vs one without ---------------------
+# Each daemon serves its own copy of an ax-bench server; each round runs the
+# same connrate client through both, in alternating order.
+BENCH="$(dirname "$AX")/ax-bench"
+MROWS=()
+if want metrics && [ -x "$BENCH" ]; then
+    MSOCK="$TMP/ctlm/ax.sock"
+    mkdir -p "$TMP/ctlm"
+    "$AX" daemon --socket "$MSOCK" --metrics 127.0.0.1:9464 2>"$TMP/daemon-metrics.log" &
+    MDAEMON=$!
+    PIDS+=("$MDAEMON")
+    for _ in $(seq 200); do
+        "$AX" get services --socket "$MSOCK" >/dev/null 2>&1 && break
+        sleep 0.05
+    done
+    AXM=("$AX" exec --socket "$MSOCK" --no-autostart)
+    "${AXX[@]}" --ip 10.233.7.13 -- "$BENCH" serve --bind 0.0.0.0:5401 >"$TMP/mo.out" 2>&1 &
+    PIDS+=($!)
+    "${AXM[@]}" --ip 10.233.7.14 -- "$BENCH" serve --bind 0.0.0.0:5401 >"$TMP/mm.out" 2>&1 &
+    PIDS+=($!)
+    MN=$((N * 2))
+    crate() { sed -n 's/.*"conn_per_s":\([0-9.]*\).*/\1/p'; }
+    cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+    # Warm-up (and readiness): a few connections through each.
+    for _ in $(seq 400); do
+        "${AXX[@]}" -- "$BENCH" client --connect 10.233.7.13:5401 --mode connrate --iterations 10 >/dev/null 2>&1 &&
+            "${AXM[@]}" -- "$BENCH" client --connect 10.233.7.14:5401 --mode connrate --iterations 10 >/dev/null 2>&1 &&
+            break
+        sleep 0.025
+    done
+    off="" on="" cpuoff="" cpuon="" ratios=""
+    # At least 5 rounds: a difference of a few percent needs them.
+    for r in $(seq $((ROUNDS > 5 ? ROUNDS : 5))); do
+        order="off on"
+        [ $((r % 2)) = 0 ] && order="on off"
+        for side in $order; do
+            if [ $side = on ]; then
+                c0=$(cpu_of "$MDAEMON")
+                rate=$("${AXM[@]}" -- "$BENCH" client --connect 10.233.7.14:5401 --mode connrate --iterations "$MN" | crate)
+                c1=$(cpu_of "$MDAEMON")
+                on+=" $rate"
+                cpuon+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$MN" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+            else
+                c0=$(dcpu)
+                rate=$("${AXX[@]}" -- "$BENCH" client --connect 10.233.7.13:5401 --mode connrate --iterations "$MN" | crate)
+                c1=$(dcpu)
+                off+=" $rate"
+                cpuoff+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$MN" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+            fi
+        done
+        ratios+=" $(awk -v a="${on##* }" -v b="${off##* }" 'BEGIN {if (b > 0) printf "%.3f", a / b; else print "nan"}')"
+    done
+    # The counters counted: the metrics daemon's connect calls, scraped once.
+    scraped=$(exec 3<>/dev/tcp/127.0.0.1/9464 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3 || true)
+    counted=$(grep -c '^ax_' <<<"$scraped" || true)
+    MROWS+=("| connection rate, \`ax daemon --metrics\` ÷ without | $(median <<<"$off" | awk '{printf "%.0f", $1}') conn/s without, $(median <<<"$on" | awk '{printf "%.0f", $1}') with | $(median <<<"$ratios" | awk '{printf "%.3f×", $1}') (rounds:$ratios) | daemon CPU per connection $(median <<<"$cpuoff") µs without, $(median <<<"$cpuon") µs with; $counted ax_ series scraped |")
 fi
 
 # --- report ------------------------------------------------------------------------
@@ -228,7 +296,15 @@ fi
         echo "| $row | $nat | $a | $ratio | $c |"
     done
     echo
-    pc=$(median <<<"$percall")
-    echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
+    if [ -n "$percall" ]; then
+        pc=$(median <<<"$percall")
+        echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
+    fi
     echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
+    if ((${#MROWS[@]} > 0)); then
+        echo
+        echo "| cost of counting ($((N * 2)) connections per side and round, alternating order) | rate | ratio (median of per-round ratios) | |"
+        echo "|---|---|---:|---|"
+        printf '%s\n' "${MROWS[@]}"
+    fi
 } | tee "$OUT"

@@ -10,7 +10,9 @@
 //! lives in `P` ([`Sockets::is_private`]), whatever its name says.
 //!
 //! The pool is refilled in batches by a thread of its own, off the hot
-//! path, so that a connect costs no extra round trip; at rest it holds
+//! path, so that a connect costs no extra round trip: a burst of takes is
+//! topped up by one request once it pauses ([`SETTLE`]) or the pool runs
+//! below [`LOW`], rather than by a request per socket; at rest it holds
 //! exactly `SPARE` sockets. A successor daemon
 //! keeps using the same `P` (the listeners it takes over live there): it
 //! finds it through the predecessor's anchor, a socket bound to
@@ -32,6 +34,10 @@ use std::time::{Duration, Instant};
 /// this many after every use, so that at rest the daemon's fd count is
 /// always the same.
 const SPARE: usize = 64;
+/// Below this many spare sockets the pool is topped up at once.
+const LOW: usize = SPARE / 2;
+/// Otherwise it is topped up once no socket was taken for this long.
+const SETTLE: Duration = Duration::from_millis(2);
 /// Most sockets [`Sockets::known_name`] remembers before it starts afresh.
 const KNOWN_MAX: usize = 16_384;
 /// After a failure to make a namespace, wait this long before trying again.
@@ -113,7 +119,12 @@ impl Sockets {
         {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = spare.pop() {
-                self.low.notify_one();
+                // The refill thread is woken by the first take from a full
+                // pool and when the pool runs low; other takes cost no
+                // wake-up (see `refill_loop`).
+                if spare.len() + 1 == SPARE || spare.len() < LOW {
+                    self.low.notify_one();
+                }
                 return Ok(s);
             }
         }
@@ -510,10 +521,26 @@ fn refill_loop(weak: Weak<Sockets>) {
         };
         let need = {
             let spare = sockets.spare.lock().unwrap_or_else(|e| e.into_inner());
-            let (spare, _) = sockets
+            let (mut spare, _) = sockets
                 .low
                 .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= SPARE)
                 .unwrap_or_else(|e| e.into_inner());
+            // A burst of takes: one request once it pauses, or at once
+            // when the pool runs low.
+            loop {
+                let before = spare.len();
+                if !(LOW..SPARE).contains(&before) {
+                    break;
+                }
+                let (after, _) = sockets
+                    .low
+                    .wait_timeout_while(spare, SETTLE, |s| s.len() >= LOW && s.len() == before)
+                    .unwrap_or_else(|e| e.into_inner());
+                spare = after;
+                if spare.len() == before {
+                    break;
+                }
+            }
             SPARE.saturating_sub(spare.len())
         };
         if need > 0 {

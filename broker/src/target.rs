@@ -31,6 +31,9 @@ pub(crate) struct Target {
     /// The call this target is asked about (listener and notification id):
     /// its memory is reached only while that call is pending.
     call: OnceCell<(Arc<NotifyFd>, u64)>,
+    /// `/proc/TID/maps`, opened by the first [`Target::check_writable`] of
+    /// the call and reused by the next (an accept checks two buffers).
+    maps: OnceCell<std::fs::File>,
 }
 
 /// Pidfds of an app's threads, kept between calls: opening one is a system
@@ -56,6 +59,7 @@ impl PidfdCache {
                 pidfd: pidfd.clone(),
                 stale: Cell::new(false),
                 call: OnceCell::new(),
+                maps: OnceCell::new(),
             });
         }
         let target = Target::open(tid)?;
@@ -132,6 +136,7 @@ impl Target {
             pidfd: Arc::new(pidfd),
             stale: Cell::new(false),
             call: OnceCell::new(),
+            maps: OnceCell::new(),
         })
     }
 
@@ -173,12 +178,25 @@ impl Target {
             .ok()
             .and_then(|l| addr.checked_add(l))
             .ok_or(libc::EFAULT)?;
-        let mut maps =
-            std::fs::File::open(format!("/proc/{}/maps", self.tid)).map_err(|e| errno_of(&e))?;
+        // One open per call: the file stays tied to the address space it
+        // was opened on, which is the tid's while the call is pending
+        // (checked below, after every query).
+        let mut maps = match self.maps.get() {
+            Some(m) => m,
+            None => {
+                let m = std::fs::File::open(format!("/proc/{}/maps", self.tid))
+                    .map_err(|e| errno_of(&e))?;
+                self.maps.get_or_init(|| m)
+            }
+        };
         let writable = match process::range_writable(maps.as_fd(), addr, end) {
             Ok(Some(w)) => w,
-            // A kernel without PROCMAP_QUERY: the text, line by line.
+            // A kernel without PROCMAP_QUERY: the text, line by line, from
+            // the start.
             Ok(None) => {
+                use std::io::Seek;
+                maps.seek(std::io::SeekFrom::Start(0))
+                    .map_err(|e| errno_of(&e))?;
                 let mut text = String::new();
                 std::io::Read::read_to_string(&mut maps, &mut text).map_err(|e| errno_of(&e))?;
                 writable_in(&text, addr, end)

@@ -188,15 +188,25 @@ fn kernel_socket(
         Some(dst) if super::localhost::loopback(dst.ip()).is_some() => {
             match super::localhost::connect(call, target, &copy, v6, dst)? {
                 Some(outcome) => Ok(outcome),
-                None => Ok(egress(call, copy, bytes)),
+                None => Ok(egress(call, copy, bytes, true)),
             }
         }
-        _ => Ok(egress(call, copy, bytes)),
+        _ => Ok(egress(call, copy, bytes, false)),
     }
 }
 
-fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
+/// `loopback`: the destination is a loopback address, where a blocking
+/// connect is first tried on this thread (see `super::egress`).
+fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>, loopback: bool) -> Outcome {
     let nonblocking = is_nonblocking(&copy);
+    if loopback && !nonblocking {
+        match super::egress::try_inline(&copy, &bytes) {
+            super::egress::Inline::Done(Ok(())) => return Outcome::Value(0),
+            super::egress::Inline::Done(Err(e)) => return Outcome::Errno(e),
+            // Connecting: the connect below waits for the handshake.
+            super::egress::Inline::InProgress | super::egress::Inline::NotTried => {}
+        }
+    }
     let attempt = move || match ax_sys::sockaddr::connect_raw(copy.as_fd(), &bytes) {
         Ok(()) => Outcome::Value(0),
         Err(e) => Outcome::Errno(errno_of(&e)),
@@ -212,6 +222,8 @@ fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
 /// An egress connect an earlier daemon started and did not answer: the
 /// socket may be connected or connecting already.
 fn egress_replayed(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>) -> Outcome {
+    // A predecessor killed during an inline attempt left its mark.
+    super::egress::clear_left_over(&copy);
     defer(call, move |_| {
         match ax_sys::sockaddr::connect_raw(copy.as_fd(), &bytes) {
             Ok(()) => Outcome::Value(0),

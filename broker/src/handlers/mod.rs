@@ -29,6 +29,7 @@
 pub(crate) mod accept;
 mod bind;
 mod connect;
+mod egress;
 mod localhost;
 pub(crate) mod restrict;
 mod send;

@@ -55,15 +55,31 @@ fn errno(e: &std::io::Error) -> Errno {
 }
 
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
-    let (v6, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd),
+    let (name, fd) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    set(call, target, v6, &fd).into()
+    set(call, target, &name, &fd).into()
 }
 
-fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outcome, Errno> {
+/// The state of a swapped socket, as [`probe::kind_of`] finds it; a
+/// client's name says it without asking (a client socket is installed
+/// connected and stays so, as `connect::state_of` also holds).
+fn kind_of(name: &SocketName, fd: &OwnedFd) -> probe::Kind {
+    match name {
+        SocketName::Client { .. } => probe::Kind::Connected,
+        SocketName::Listener { .. } => probe::kind_of(fd.as_fd()),
+    }
+}
+
+fn set(
+    call: &Call<'_>,
+    target: &Target,
+    name: &SocketName,
+    fd: &OwnedFd,
+) -> Result<Outcome, Errno> {
+    let v6 = name.is_v6();
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let optval = call.arg(3);
@@ -94,11 +110,15 @@ fn set(call: &Call<'_>, target: &Target, v6: bool, fd: &OwnedFd) -> Result<Outco
             }
             let int = target.read(optval, INT_LEN)?;
             // A struct option reads on; an int one stops at the int.
-            target.read(optval, want).unwrap_or(int)
+            if want > INT_LEN {
+                target.read(optval, want).unwrap_or(int)
+            } else {
+                int
+            }
         }
         _ => target.read(optval, want)?,
     };
-    let kind = probe::kind_of(fd.as_fd());
+    let kind = kind_of(name, fd);
     // TCP_QUEUE_SEQ: the state first (repair mode is for closed sockets).
     if kind != probe::Kind::Fresh && (level, optname) == (libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ) {
         return Ok(Outcome::Errno(libc::EPERM));
@@ -175,7 +195,7 @@ fn get(
         return Ok(Outcome::Value(0));
     }
     let mut buf = vec![0u8; len.min(MAX_OPTION_LEN)];
-    let mut kind = probe::kind_of(fd.as_fd());
+    let mut kind = kind_of(name, fd);
     if v6 && kind == probe::Kind::Connected && peer_of(name, fd).is_some_and(|p| p.is_ipv4()) {
         kind = probe::Kind::ConnectedMapped;
     }
