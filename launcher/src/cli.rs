@@ -136,6 +136,10 @@ pub enum Command {
     /// Declare a service by name before its apps start, or delete one
     #[command(after_help = SERVICE_AFTER_HELP)]
     Service(ServiceArgs),
+    /// Containers: the seccomp profile that makes runc, crun or podman hand
+    /// containers to ax
+    #[command(after_help = crate::oci::OCI_AFTER_HELP)]
+    Oci(crate::oci::OciArgs),
     /// Print a shell completion script (bash, zsh or fish)
     #[command(after_help = COMPLETIONS_AFTER_HELP)]
     Completions(CompletionsArgs),

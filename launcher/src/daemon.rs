@@ -81,6 +81,8 @@ struct Daemon {
     conns: Arc<Mutex<ConnTable>>,
     /// The daemon's own counters, for `--metrics`.
     counters: Arc<crate::metrics::DaemonCounters>,
+    /// OCI containers, handed over on the runtime socket.
+    containers: std::sync::OnceLock<Arc<crate::oci::agent::Containers>>,
 }
 
 /// Open control connections (see the module docs).
@@ -351,6 +353,7 @@ impl Daemon {
             .len();
         connections == 0
             && self.sessions().is_empty()
+            && self.containers.get().is_none_or(|c| c.is_empty())
             && self.registry.apps().is_empty()
             && self.registry.declared().is_empty()
     }
@@ -390,6 +393,9 @@ impl Daemon {
             }
         }
         self.exposures.reap(&self.registry);
+        if let Some(c) = self.containers.get() {
+            c.reap();
+        }
         let mut sessions = self.sessions();
         let (done, live): (Vec<Session>, Vec<Session>) =
             sessions.drain(..).partition(|s| s.is_finished());
@@ -494,6 +500,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let keeper_path = paths::beside(&path, ".keeper");
     let salvaged = salvage_keeper(&keeper_path, &config);
     let listener = bind(&path)?;
+    // Container runtimes hand over notify fds here (same access rules).
+    let runtime_path = crate::oci::runtime_socket(&path);
+    let runtime_listener = bind(&runtime_path)?;
+    runtime_listener.set_nonblocking(false)?;
     let socket_id = std::fs::metadata(&path)
         .map(|m| (m.dev(), m.ino()))
         .with_context(|| format!("cannot inspect {}", path.display()))?;
@@ -568,8 +578,26 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
         counters,
+        containers: std::sync::OnceLock::new(),
     });
     daemon.take_over_predecessor();
+    let containers = {
+        let d = Arc::downgrade(&daemon);
+        Arc::new(crate::oci::agent::Containers::new(
+            daemon.registry.clone(),
+            daemon.broker.clone(),
+            daemon.uid,
+            Box::new(move || {
+                if let Some(d) = d.upgrade() {
+                    d.save_state();
+                }
+            }),
+        ))
+    };
+    containers
+        .listen(runtime_listener)
+        .context("cannot serve the runtime socket")?;
+    let _ = daemon.containers.set(containers);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -654,6 +682,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // running programs have it mounted, and a successor rewrites it.
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&runtime_path);
     }
     stop_hosts.store(true, Ordering::Relaxed);
     if let Some(t) = hosts_thread {

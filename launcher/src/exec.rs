@@ -331,6 +331,7 @@ fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
             .collect(),
         lb: args.lb,
         connect_wait: args.connect_wait,
+        container: None,
     })
 }
 

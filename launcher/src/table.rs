@@ -293,6 +293,7 @@ mod tests {
             started_unix: 1000,
             lb: None,
             connect_wait: None,
+            container: None,
         };
         let bare = AppInfo {
             id: 12,

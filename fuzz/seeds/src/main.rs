@@ -30,6 +30,7 @@ fn frames(dir: &Path) {
         command: vec!["python3".into(), "-m".into(), "http.server".into()],
         lb: Some(LbMode::Random),
         connect_wait: Some(std::time::Duration::from_millis(1500)),
+        container: None,
     };
     let info = AppInfo {
         id: 3,
@@ -42,6 +43,7 @@ fn frames(dir: &Path) {
         started_unix: 1_760_000_000,
         lb: spec.lb,
         connect_wait: spec.connect_wait,
+        container: None,
     };
     let services = vec![
         ServiceInfo {

@@ -1,0 +1,441 @@
+//! The daemon's runtime socket: ax as the OCI seccomp agent.
+//!
+//! runc (≥ 1.1) and crun (≥ 1.6) connect to a profile's `listenerPath`
+//! once per container process they start (`run`, `exec`), send the
+//! container's state as JSON (`ociVersion`, `fds`, `pid`, `metadata`,
+//! `state`: `id`, `status`, `pid`, `bundle`, `annotations`) with the
+//! seccomp notify fd attached (`SCM_RIGHTS`, at the index of
+//! `"seccompFd"` in `fds`), and close the connection. The daemon serves
+//! that fd as it serves an `ax exec` app's: one container is one app,
+//! keyed by its id, and every `exec` into it joins that app.
+//!
+//! Nothing is registered before the whole message and its fd arrived: a
+//! runtime that dies mid-handshake leaves nothing behind. A container whose
+//! identity is refused (a bad `io.ax.*` value, a VIP in use) has every
+//! trapped call answered `EPERM` until it exits, and the reason logged.
+
+use super::identity;
+use ax_broker::{Broker, NotifyFd, Session};
+use ax_registry::{AppId, ContainerRef, Directory, LocalRegistry};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a runtime may take to send its message.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest state message read (annotations included).
+const MAX_MESSAGE: usize = 1 << 20;
+/// Runtime connections handled at once.
+const MAX_CONNECTIONS: usize = 64;
+/// What `readlink /proc/self/fd/N` shows for a seccomp listener.
+const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
+
+/// The message a runtime sends (the OCI `ContainerProcessState`).
+#[derive(Debug, Deserialize)]
+pub struct ProcessState {
+    /// The OCI runtime-spec version.
+    #[serde(rename = "ociVersion", default)]
+    pub oci_version: String,
+    /// What each fd sent with the message is (`"seccompFd"`).
+    #[serde(default)]
+    pub fds: Vec<String>,
+    /// The container process's pid (0 when the runtime does not say, as
+    /// crun for an `exec`).
+    #[serde(default)]
+    pub pid: i64,
+    /// The profile's `listenerMetadata`.
+    #[serde(default)]
+    pub metadata: String,
+    /// The container's state.
+    pub state: ContainerState,
+}
+
+/// The OCI state of the container.
+#[derive(Debug, Deserialize)]
+pub struct ContainerState {
+    /// Its id.
+    pub id: String,
+    /// `creating`, `created`, `running`, …
+    #[serde(default)]
+    pub status: String,
+    /// Its init process.
+    #[serde(default)]
+    pub pid: i64,
+    /// Its bundle directory.
+    #[serde(default)]
+    pub bundle: String,
+    /// Its annotations.
+    #[serde(default)]
+    pub annotations: HashMap<String, String>,
+}
+
+/// The containers a daemon serves.
+pub struct Containers {
+    registry: Arc<LocalRegistry>,
+    broker: Broker,
+    uid: u32,
+    /// Sessions of container processes (a container, each `exec`).
+    sessions: Mutex<Vec<Session>>,
+    /// Held from "is this container known?" to "it is registered".
+    adopting: Mutex<()>,
+    /// Called when the registry changed (the daemon saves its state).
+    changed: Box<dyn Fn() + Send + Sync>,
+    open: AtomicUsize,
+}
+
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containers")
+            .field("uid", &self.uid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Containers {
+    /// Containers of the daemon of `uid`, served by `broker` from `registry`.
+    pub fn new(
+        registry: Arc<LocalRegistry>,
+        broker: Broker,
+        uid: u32,
+        changed: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self {
+            registry,
+            broker,
+            uid,
+            sessions: Mutex::default(),
+            adopting: Mutex::default(),
+            changed,
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    /// True when no container process is served.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Forgets container processes that exited (their app is released by
+    /// the broker when its last one does).
+    pub fn reap(&self) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, live): (Vec<Session>, Vec<Session>) =
+            sessions.drain(..).partition(|s| s.is_finished());
+        *sessions = live;
+        drop(sessions);
+        for s in done {
+            if self.registry.app(s.app()).is_none() {
+                tracing::info!(app = s.app(), "container exited; app released");
+            }
+            s.join();
+        }
+    }
+
+    /// Accepts runtime connections on `listener` on a thread of its own,
+    /// for the daemon's life.
+    pub fn listen(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("ax-oci".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(stream) => me.accepted(stream),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accepting a runtime connection failed");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn accepted(self: &Arc<Self>, stream: UnixStream) {
+        let cred = match rustix::net::sockopt::socket_peercred(&stream) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime connection without credentials; closed");
+                return;
+            }
+        };
+        let uid = cred.uid.as_raw();
+        if uid != self.uid && uid != 0 {
+            tracing::warn!(
+                uid,
+                pid = cred.pid.as_raw_nonzero().get(),
+                "runtime connection from another user refused"
+            );
+            return;
+        }
+        if self.open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("too many runtime connections at once; one closed");
+            return;
+        }
+        let me = self.clone();
+        let peer_pid = cred.pid.as_raw_nonzero().get();
+        let spawned = std::thread::Builder::new()
+            .name("ax-oci-conn".into())
+            .spawn(move || {
+                me.handshake(stream, uid, peer_pid);
+                me.open.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(error = %e, "cannot handle a runtime connection");
+        }
+    }
+
+    fn handshake(&self, stream: UnixStream, uid: u32, peer_pid: i32) {
+        let runtime = std::fs::read_to_string(format!("/proc/{peer_pid}/comm"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let (bytes, fds) = match read_message(&stream) {
+            Ok(m) => m,
+            Err(e) => {
+                // Nothing was registered: a runtime that died mid-handshake
+                // leaves nothing behind (its fds close with this frame).
+                tracing::warn!(runtime, pid = peer_pid, error = %e, "runtime handshake failed; nothing registered");
+                return;
+            }
+        };
+        let state: ProcessState = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(runtime, error = %e, "the runtime's container state is not valid JSON; its calls are refused");
+                if let Some(fd) = fds.into_iter().find(|fd| is_notify_fd(fd)) {
+                    refuse_calls(NotifyFd::from(fd), String::new());
+                }
+                return;
+            }
+        };
+        tracing::debug!(
+            runtime,
+            container = state.state.id,
+            oci_version = state.oci_version,
+            status = state.state.status,
+            bundle = state.state.bundle,
+            pid = state.pid,
+            "a runtime handed over a container process"
+        );
+        let Some(index) = state.fds.iter().position(|f| f == "seccompFd") else {
+            tracing::error!(runtime, container = state.state.id, fds = ?state.fds, "the runtime sent no seccompFd");
+            return;
+        };
+        let Some(fd) = fds.into_iter().nth(index) else {
+            tracing::error!(runtime, container = state.state.id, "the runtime named a seccompFd it did not send");
+            return;
+        };
+        if !is_notify_fd(&fd) {
+            tracing::error!(runtime, container = state.state.id, "the fd sent as seccompFd is not a seccomp notify fd");
+            return;
+        }
+        let notify = NotifyFd::from(fd);
+        let container = ContainerRef {
+            id: state.state.id.clone(),
+            runtime,
+        };
+        if let Err(why) = self.adopt(&state, container, notify, uid) {
+            tracing::error!(container = state.state.id, "{why}");
+        }
+    }
+
+    /// Serves `notify` as (part of) container `container`'s app.
+    fn adopt(
+        &self,
+        state: &ProcessState,
+        container: ContainerRef,
+        notify: NotifyFd,
+        uid: u32,
+    ) -> Result<(), String> {
+        let id = container.id.clone();
+        if id.is_empty() {
+            refuse_calls(notify, id);
+            return Err("refusing a container without an id: its calls are answered EPERM".into());
+        }
+        let spec = match identity::spec(&state.state.annotations, &state.metadata, container) {
+            Ok(s) => s,
+            Err(why) => {
+                refuse_calls(notify, id.clone());
+                return Err(format!(
+                    "refusing container {id}: {why}; its calls are answered EPERM"
+                ));
+            }
+        };
+        let guard = self.adopting.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = self.registry.apps().into_iter().find(|a| {
+            a.container.as_ref().is_some_and(|c| c.id == id) && (uid == 0 || a.uid == uid)
+        });
+        let (app, joined): (AppId, bool) = match existing {
+            Some(info) => (info.id, true),
+            None => match self.registry.register_app(&spec, uid) {
+                Ok(info) => {
+                    let pid = [state.pid, state.state.pid]
+                        .into_iter()
+                        .find(|&p| p > 0)
+                        .and_then(|p| u32::try_from(p).ok());
+                    if let Some(pid) = pid {
+                        let _ = self.registry.set_pid(info.id, pid);
+                    }
+                    tracing::info!(
+                        app = info.id,
+                        container = id,
+                        runtime = spec.container.as_ref().map(|c| c.runtime.as_str()),
+                        vips = ?info.vips,
+                        names = ?info.names,
+                        "container registered"
+                    );
+                    (info.id, false)
+                }
+                Err(e) => {
+                    drop(guard);
+                    refuse_calls(notify, id.clone());
+                    return Err(format!(
+                        "refusing container {id}: {e}; its calls are answered EPERM"
+                    ));
+                }
+            },
+        };
+        match self.broker.serve(app, notify) {
+            Ok(session) => {
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(session);
+                drop(guard);
+                if joined {
+                    tracing::info!(app, container = id, "process joined its container's app");
+                }
+                (self.changed)();
+                Ok(())
+            }
+            Err(e) => {
+                if !joined {
+                    self.registry.app_exited(app);
+                }
+                Err(format!("cannot serve container {id}: {e}"))
+            }
+        }
+    }
+}
+
+/// True for a seccomp notify fd.
+fn is_notify_fd(fd: &OwnedFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == NOTIFY_FD_LINK)
+}
+
+/// Reads the runtime's message until it closes its end (or a whole JSON
+/// object arrived), with the fds that came with it.
+fn read_message(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut bytes = Vec::new();
+    let mut fds = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the runtime sent no complete state"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let got = rustix::net::recvmsg(
+            stream.as_fd(),
+            &mut [IoSliceMut::new(&mut chunk)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        for m in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = m {
+                fds.extend(received);
+            }
+        }
+        if got.bytes == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..got.bytes]);
+        if bytes.len() > MAX_MESSAGE {
+            return Err(io::Error::other("the runtime's state is larger than 1 MiB"));
+        }
+        // runc and crun close after one message; others may wait.
+        if serde_json::from_slice::<serde_json::Value>(&bytes).is_ok() {
+            break;
+        }
+    }
+    if bytes.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the runtime closed the connection before sending the container state",
+        ));
+    }
+    Ok((bytes, fds))
+}
+
+/// Answers every trapped call on `notify` with `EPERM` until its processes
+/// exit, on a thread of its own: a refused container fails its socket
+/// calls at once rather than hang.
+fn refuse_calls(notify: NotifyFd, container: String) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let spawned = std::thread::Builder::new()
+        .name("ax-oci-refused".into())
+        .spawn(move || loop {
+            let mut fds = [PollFd::new(&notify, PollFlags::IN)];
+            match poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
+            let revents = fds[0].revents();
+            if !revents.contains(PollFlags::IN) {
+                if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
+                    break;
+                }
+                continue;
+            }
+            match notify.recv() {
+                Ok(n) => {
+                    let _ = notify.respond_error(n.id, libc::EPERM);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(_) => break,
+            }
+        });
+    if let Err(e) = spawned {
+        // Without a thread the fd closes here: the kernel then fails the
+        // container's trapped calls with ENOSYS, which is no hang either.
+        tracing::warn!(container, error = %e, "cannot start answering a refused container");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_runc_and_crun_states() {
+        let runc = r#"{"ociVersion":"1.0.2","fds":["seccompFd"],"pid":4242,
+            "metadata":"io.ax.ip=10.233.0.9",
+            "state":{"ociVersion":"1.0.2","id":"web","status":"creating","pid":4242,
+            "bundle":"/b","annotations":{"io.ax.name":"web"}}}"#;
+        let s: ProcessState = serde_json::from_str(runc).unwrap();
+        assert_eq!((s.pid, s.state.id.as_str()), (4242, "web"));
+        assert_eq!(s.fds, vec!["seccompFd"]);
+        assert_eq!(s.state.annotations["io.ax.name"], "web");
+        // crun, for an exec: pid 0, no annotations.
+        let crun = r#"{"ociVersion":"1.0.0","fds":["seccompFd"],"pid":0,
+            "state":{"id":"web","status":"running","pid":0,"bundle":"/b"}}"#;
+        let s: ProcessState = serde_json::from_str(crun).unwrap();
+        assert_eq!(s.pid, 0);
+        assert!(s.metadata.is_empty() && s.state.annotations.is_empty());
+    }
+}
