@@ -350,6 +350,16 @@ pub struct ExecArgs {
     #[arg(long)]
     pub no_autostart: bool,
 
+    /// Run the program in ax's filter only, without the user and mount
+    /// namespaces ax makes to show it ax's /etc/hosts and hide the daemon's
+    /// directory: for wrapping a container runtime ('runc exec', subuid
+    /// mappings, podman) that must make namespaces of its own. The program
+    /// then resolves no ax names through /etc/hosts and can reach the
+    /// daemon's socket. For containers, prefer 'ax oci profile' (see 'ax oci
+    /// --help')
+    #[arg(long)]
+    pub no_hosts_mount: bool,
+
     /// The program to run and its arguments
     #[arg(
         value_name = "PROGRAM",

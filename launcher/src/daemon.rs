@@ -1372,7 +1372,11 @@ impl Daemon {
         if sessions.iter().any(|s| s.app() == app && !s.is_finished()) {
             return Response::Error(format!("app {app} is already being served"));
         }
-        if let Err(e) = self.namespaces.record(app, pid) {
+        // `--no-hosts-mount`: the program shares the launcher's namespaces
+        // by the user's choice, and is told from clients by nothing.
+        if info.no_hosts_mount {
+            tracing::info!(app, "app without namespaces of its own (--no-hosts-mount)");
+        } else if let Err(e) = self.namespaces.record(app, pid) {
             return Response::Error(format!(
                 "cannot tell the program's processes from clients: {e}"
             ));

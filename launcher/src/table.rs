@@ -294,6 +294,7 @@ mod tests {
             lb: None,
             connect_wait: None,
             container: None,
+            no_hosts_mount: false,
         };
         let bare = AppInfo {
             id: 12,

@@ -103,6 +103,11 @@ pub struct AppSpec {
     /// socket rather than by `ax exec`).
     #[serde(default)]
     pub container: Option<ContainerRef>,
+    /// `ax exec --no-hosts-mount`: the program runs in the launcher's own
+    /// user and mount namespaces (no hosts file shown, the daemon's
+    /// directory not hidden).
+    #[serde(default)]
+    pub no_hosts_mount: bool,
 }
 
 /// An OCI container served as an app: its id and the runtime that sent it.
@@ -141,6 +146,9 @@ pub struct AppInfo {
     /// The OCI container this app is, if it is one.
     #[serde(default)]
     pub container: Option<ContainerRef>,
+    /// Started with `ax exec --no-hosts-mount` (see [`AppSpec`]).
+    #[serde(default)]
+    pub no_hosts_mount: bool,
 }
 
 /// One app listening on a service.

@@ -471,6 +471,7 @@ impl LocalRegistry {
             lb: spec.lb.or(declared.and_then(|d| d.lb)),
             connect_wait: spec.connect_wait,
             container: spec.container.clone(),
+            no_hosts_mount: spec.no_hosts_mount,
         };
         st.apps.insert(id, info.clone());
         self.notify(st);

@@ -31,6 +31,7 @@ fn frames(dir: &Path) {
         lb: Some(LbMode::Random),
         connect_wait: Some(std::time::Duration::from_millis(1500)),
         container: None,
+        no_hosts_mount: false,
     };
     let info = AppInfo {
         id: 3,
@@ -44,6 +45,7 @@ fn frames(dir: &Path) {
         lb: spec.lb,
         connect_wait: spec.connect_wait,
         container: None,
+        no_hosts_mount: false,
     };
     let services = vec![
         ServiceInfo {

@@ -118,7 +118,10 @@ impl Containers {
 
     /// True when no container process is served.
     pub fn is_empty(&self) -> bool {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Forgets container processes that exited (their app is released by
@@ -181,10 +184,14 @@ impl Containers {
         }
         let me = self.clone();
         let peer_pid = cred.pid.as_raw_nonzero().get();
+        // Now, before the runtime sends, closes and exits.
+        let runtime = runtime_name(
+            &std::fs::read_to_string(format!("/proc/{peer_pid}/comm")).unwrap_or_default(),
+        );
         let spawned = std::thread::Builder::new()
             .name("ax-oci-conn".into())
             .spawn(move || {
-                me.handshake(stream, uid, peer_pid);
+                me.handshake(stream, uid, peer_pid, runtime);
                 me.open.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
@@ -193,10 +200,7 @@ impl Containers {
         }
     }
 
-    fn handshake(&self, stream: UnixStream, uid: u32, peer_pid: i32) {
-        let runtime = std::fs::read_to_string(format!("/proc/{peer_pid}/comm"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
+    fn handshake(&self, stream: UnixStream, uid: u32, peer_pid: i32, runtime: String) {
         let (bytes, fds) = match read_message(&stream) {
             Ok(m) => m,
             Err(e) => {
@@ -209,8 +213,11 @@ impl Containers {
         let state: ProcessState = match serde_json::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(runtime, error = %e, "the runtime's container state is not valid JSON; its calls are refused");
-                if let Some(fd) = fds.into_iter().find(|fd| is_notify_fd(fd)) {
+                // Cut short (the runtime died) or garbled: if a notify fd
+                // came anyway, its calls are refused rather than left hanging.
+                let fd = fds.into_iter().find(is_notify_fd);
+                tracing::error!(runtime, error = %e, refused = fd.is_some(), "the runtime's container state is not valid JSON; nothing registered");
+                if let Some(fd) = fd {
                     refuse_calls(NotifyFd::from(fd), String::new());
                 }
                 return;
@@ -230,11 +237,19 @@ impl Containers {
             return;
         };
         let Some(fd) = fds.into_iter().nth(index) else {
-            tracing::error!(runtime, container = state.state.id, "the runtime named a seccompFd it did not send");
+            tracing::error!(
+                runtime,
+                container = state.state.id,
+                "the runtime named a seccompFd it did not send"
+            );
             return;
         };
         if !is_notify_fd(&fd) {
-            tracing::error!(runtime, container = state.state.id, "the fd sent as seccompFd is not a seccomp notify fd");
+            tracing::error!(
+                runtime,
+                container = state.state.id,
+                "the fd sent as seccompFd is not a seccomp notify fd"
+            );
             return;
         }
         let notify = NotifyFd::from(fd);
@@ -326,6 +341,19 @@ impl Containers {
     }
 }
 
+/// The runtime's name from its `comm`: crun runs from a sealed memfd copy
+/// of itself (`memfd:crun_clon`), runc's helpers are `runc:[…]`.
+fn runtime_name(comm: &str) -> String {
+    let comm = comm.trim();
+    let comm = comm.strip_prefix("memfd:").unwrap_or(comm);
+    let name = comm
+        .split(['_', ':', '['])
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("unknown");
+    name.to_string()
+}
+
 /// True for a seccomp notify fd.
 fn is_notify_fd(fd: &OwnedFd) -> bool {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
@@ -343,7 +371,10 @@ fn read_message(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the runtime sent no complete state"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the runtime sent no complete state",
+            ));
         }
         stream.set_read_timeout(Some(left))?;
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
@@ -420,6 +451,14 @@ fn refuse_calls(notify: NotifyFd, container: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_runtime() {
+        assert_eq!(runtime_name("runc\n"), "runc");
+        assert_eq!(runtime_name("memfd:crun_clon\n"), "crun");
+        assert_eq!(runtime_name("runc:[2:INIT]"), "runc");
+        assert_eq!(runtime_name(""), "unknown");
+    }
 
     #[test]
     fn parses_runc_and_crun_states() {

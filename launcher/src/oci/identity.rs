@@ -53,7 +53,11 @@ pub fn spec(
         }
     }
     let mut spec = AppSpec {
-        command: vec![container.runtime.clone(), "container".into(), container.id.clone()],
+        command: vec![
+            container.runtime.clone(),
+            "container".into(),
+            container.id.clone(),
+        ],
         container: Some(container),
         ..AppSpec::default()
     };
@@ -172,7 +176,10 @@ mod tests {
             c(),
         )
         .unwrap();
-        assert_eq!(s.requested_ips, vec!["10.233.0.8".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            s.requested_ips,
+            vec!["10.233.0.8".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(s.names, vec!["api"]);
         let none = spec(&HashMap::new(), "", c()).unwrap();
         assert!(none.requested_ips.is_empty() && none.names.is_empty());

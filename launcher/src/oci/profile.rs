@@ -288,7 +288,10 @@ mod tests {
             .iter()
             .filter(|e| {
                 e["action"] == "SCMP_ACT_ALLOW"
-                    && e["names"].as_array().unwrap().contains(&json!("setsockopt"))
+                    && e["names"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&json!("setsockopt"))
             })
             .collect();
         assert_eq!(sockopt.len(), 1);
