@@ -587,6 +587,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             daemon.registry.clone(),
             daemon.broker.clone(),
             daemon.uid,
+            paths::beside(&path, ".containers"),
             Box::new(move || {
                 if let Some(d) = d.upgrade() {
                     d.save_state();
@@ -594,6 +595,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             }),
         ))
     };
+    containers.take_over(ax_broker::keeper::take_salvaged_files());
     containers
         .listen(runtime_listener)
         .context("cannot serve the runtime socket")?;
@@ -690,7 +692,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     daemon.reap_sessions();
     daemon.save_state();
-    let running = daemon.sessions().len();
+    let running = daemon.sessions().len() + daemon.containers.get().map_or(0, |c| c.len());
     if running > 0 {
         tracing::warn!(
             apps = running,

@@ -352,7 +352,10 @@ fn runc_container_server_is_reached_by_vip_and_name_and_leaves_nothing() {
         );
     }
     let app = container_app(&d, "web1").expect("the container is an app");
-    assert_eq!(app["container"]["runtime"], "runc");
+    // The runtime is named from its process, read as it connects: runc run
+    // -d may be gone by then on a loaded machine.
+    let runtime = app["container"]["runtime"].as_str().unwrap_or_default();
+    assert!(runtime == "runc" || runtime == "unknown", "{app}");
     assert_eq!(app["vips"], json!(["10.233.0.20"]));
     assert_eq!(app["pid"], json!(c.pid()));
     let table = d.get("apps", &[]).stdout;
@@ -555,4 +558,56 @@ fn exec_without_hosts_mount_shows_the_real_hosts_file() {
     );
     d.wait_for_service(&mut server, "10.233.0.50:7000");
     let _ = App::kill(&mut server);
+}
+
+#[test]
+fn daemon_killed_and_restarted_keeps_serving_a_running_container() {
+    require!("runc", "curl", "busybox");
+    let mut d = Daemon::start();
+    let rt = Runtime::runc();
+    let bundle = Bundle::new(
+        &d,
+        &Spec {
+            args: &["busybox", "httpd", "-f", "-p", "8000", "-h", "/www"],
+            annotations: &[("io.ax.ip", "10.233.0.60"), ("io.ax.name", "kept")],
+            netns: true,
+            hosts: false,
+        },
+    );
+    let mut c = rt.start(&bundle, "kept1");
+    wait_for_listing(&d, "10.233.0.60:8000", &c);
+    let before = curl_under_ax(&d, "http://kept:8000/");
+    assert!(
+        before.stdout.contains("hello from the container"),
+        "{before}"
+    );
+    let pid = c.pid();
+
+    d.kill_hard();
+    d.restart();
+    poll(SHORT, Duration::from_millis(20), || {
+        d.log()
+            .contains("container served again after a daemon restart")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", d.log()));
+    // The same container, unaware: its listener is found again, its
+    // accepts are answered, by VIP and by name.
+    assert_eq!(c.pid(), pid);
+    for url in ["http://10.233.0.60:8000/", "http://kept:8000/"] {
+        let out = curl_under_ax(&d, url);
+        assert!(
+            out.stdout.contains("hello from the container"),
+            "{url} after the restart: {out}\n{}",
+            d.log()
+        );
+    }
+    let app = container_app(&d, "kept1").expect("still an app");
+    assert_eq!(app["vips"], json!(["10.233.0.60"]));
+
+    c.stop();
+    poll(SHORT, Duration::from_millis(50), || {
+        (d.apps().is_empty() && d.services().is_empty()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the container left something behind:\n{}", d.log()));
 }

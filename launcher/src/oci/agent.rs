@@ -10,19 +10,27 @@
 //! keyed by its id, and every `exec` into it joins that app.
 //!
 //! Nothing is registered before the whole message and its fd arrived: a
-//! runtime that dies mid-handshake leaves nothing behind. A container whose
+//! runtime that dies mid-handshake leaves nothing behind.
+//!
+//! A container has no launcher to hand its notify fd to a restarted
+//! daemon: the daemon's fd keeper keeps it (see `ax_sys::keeper`), and the
+//! daemon records which fd number is which container's in a file beside
+//! its socket (`.containers`), so that its successor serves it again. A container whose
 //! identity is refused (a bad `io.ax.*` value, a VIP in use) has every
 //! trapped call answered `EPERM` until it exits, and the reason logged.
 
 use super::identity;
 use ax_broker::{Broker, NotifyFd, Session};
 use ax_registry::{AppId, ContainerRef, Directory, LocalRegistry};
-use serde::Deserialize;
+use ax_sys::journal::Journal;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,13 +88,33 @@ pub struct Containers {
     registry: Arc<LocalRegistry>,
     broker: Broker,
     uid: u32,
-    /// Sessions of container processes (a container, each `exec`).
-    sessions: Mutex<Vec<Session>>,
+    /// Container processes served (a container, each `exec`).
+    served: Mutex<Vec<Served>>,
+    /// Where the fd numbers of their notify fds are recorded.
+    record: PathBuf,
     /// Held from "is this container known?" to "it is registered".
     adopting: Mutex<()>,
     /// Called when the registry changed (the daemon saves its state).
     changed: Box<dyn Fn() + Send + Sync>,
     open: AtomicUsize,
+}
+
+/// One notify fd being served.
+struct Served {
+    session: Session,
+    record: Record,
+}
+
+/// Which container a notify fd (by its number in this daemon) belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    app: AppId,
+    /// The notify fd's number.
+    fd: i32,
+    /// The call journal's number, if it has one.
+    #[serde(default)]
+    journal: Option<i32>,
+    container: String,
 }
 
 impl std::fmt::Debug for Containers {
@@ -99,45 +127,171 @@ impl std::fmt::Debug for Containers {
 
 impl Containers {
     /// Containers of the daemon of `uid`, served by `broker` from `registry`.
+    /// `record` is the file that tells a successor which kept notify fd is
+    /// which container's.
     pub fn new(
         registry: Arc<LocalRegistry>,
         broker: Broker,
         uid: u32,
+        record: PathBuf,
         changed: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         Self {
             registry,
             broker,
             uid,
-            sessions: Mutex::default(),
+            served: Mutex::default(),
+            record,
             adopting: Mutex::default(),
             changed,
             open: AtomicUsize::new(0),
         }
     }
 
+    /// How many container processes are served.
+    pub fn len(&self) -> usize {
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// True when no container process is served.
     pub fn is_empty(&self) -> bool {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        self.len() == 0
     }
 
     /// Forgets container processes that exited (their app is released by
     /// the broker when its last one does).
     pub fn reap(&self) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let (done, live): (Vec<Session>, Vec<Session>) =
-            sessions.drain(..).partition(|s| s.is_finished());
-        *sessions = live;
-        drop(sessions);
-        for s in done {
-            if self.registry.app(s.app()).is_none() {
-                tracing::info!(app = s.app(), "container exited; app released");
-            }
-            s.join();
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, live): (Vec<Served>, Vec<Served>) =
+            served.drain(..).partition(|s| s.session.is_finished());
+        *served = live;
+        if !done.is_empty() {
+            self.save(&served);
         }
+        drop(served);
+        for s in done {
+            let app = s.session.app();
+            if self.registry.app(app).is_none() {
+                tracing::info!(
+                    app,
+                    container = s.record.container,
+                    "container exited; app released"
+                );
+            }
+            s.session.join();
+        }
+    }
+
+    /// Writes the record of served notify fds (mode 0600, atomically).
+    fn save(&self, served: &[Served]) {
+        let records: Vec<&Record> = served.iter().map(|s| &s.record).collect();
+        let write = || -> io::Result<()> {
+            let mut tmp = self.record.as_os_str().to_owned();
+            tmp.push(".tmp");
+            let tmp = PathBuf::from(tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&serde_json::to_vec(&records)?)?;
+            std::fs::rename(&tmp, &self.record)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(file = %self.record.display(), error = %e, "cannot record the containers' notify fds; a restarted daemon would not serve them");
+        }
+    }
+
+    fn push(&self, session: Session, record: Record) {
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.push(Served { session, record });
+        self.save(&served);
+    }
+
+    /// Serves `notify` for `app` (container `container`), recording its
+    /// calls in `journal` (a new one when `None`), and records both fds for
+    /// a successor.
+    fn serve(
+        &self,
+        app: AppId,
+        notify: NotifyFd,
+        journal: Option<OwnedFd>,
+        container: String,
+    ) -> io::Result<()> {
+        let journal = match journal {
+            Some(j) => Some(j),
+            None => ax_sys::journal::create()
+                .inspect_err(|e| tracing::warn!(app, error = %e, "cannot create a call journal; a call in flight when the daemon dies would be lost"))
+                .ok(),
+        };
+        let journal_fd = journal.as_ref().map(AsRawFd::as_raw_fd);
+        let journal = journal.and_then(|j| {
+            Journal::map(j)
+                .inspect_err(|e| tracing::warn!(app, error = %e, "cannot map the call journal"))
+                .ok()
+        });
+        let record = Record {
+            app,
+            fd: notify.as_raw_fd(),
+            journal: journal.as_ref().and(journal_fd),
+            container,
+        };
+        // The app's first process: where lost calls are looked for.
+        let root = self.registry.app(app).map(|a| a.pid).filter(|&p| p != 0);
+        let session = self
+            .broker
+            .serve_with_journal(app, notify, journal, None, root)?;
+        self.push(session, record);
+        Ok(())
+    }
+
+    /// Serves again the containers a predecessor served: `files` are the
+    /// notify fds and journals its fd keeper held, by the predecessor's fd
+    /// number (see [`ax_broker::keeper::take_salvaged_files`]); the record
+    /// file says whose each is. Call it after the registry took the
+    /// predecessor's apps over, before listening.
+    pub fn take_over(&self, files: Vec<(i32, OwnedFd)>) {
+        let records: Vec<Record> = std::fs::read(&self.record)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut files: HashMap<i32, OwnedFd> = files.into_iter().collect();
+        for r in records {
+            let Some(fd) = files.remove(&r.fd).filter(is_notify_fd) else {
+                continue;
+            };
+            let journal = r.journal.and_then(|j| files.remove(&j));
+            let known = self
+                .registry
+                .app(r.app)
+                .is_some_and(|a| a.container.as_ref().is_some_and(|c| c.id == r.container));
+            if !known {
+                tracing::warn!(
+                    app = r.app,
+                    container = r.container,
+                    "a kept notify fd of a container the state does not know; dropped"
+                );
+                continue;
+            }
+            // What its processes did to themselves meanwhile is not known.
+            self.broker.assume_self_restricted(r.app);
+            match self.serve(r.app, NotifyFd::from(fd), journal, r.container.clone()) {
+                Ok(()) => {
+                    tracing::info!(
+                        app = r.app,
+                        container = r.container,
+                        "container served again after a daemon restart"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(app = r.app, container = r.container, error = %e, "cannot serve a container again")
+                }
+            }
+        }
+        // Nobody's: `ax exec` apps' launchers hand theirs over themselves.
+        drop(files);
+        self.save(&self.served.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Accepts runtime connections on `listener` on a thread of its own,
@@ -185,6 +339,8 @@ impl Containers {
         let me = self.clone();
         let peer_pid = cred.pid.as_raw_nonzero().get();
         // Now, before the runtime sends, closes and exits.
+        // Best effort: a runtime that already sent, closed and exited
+        // (runc run -d does within milliseconds) is "unknown".
         let runtime = runtime_name(
             &std::fs::read_to_string(format!("/proc/{peer_pid}/comm")).unwrap_or_default(),
         );
@@ -318,12 +474,8 @@ impl Containers {
                 }
             },
         };
-        match self.broker.serve(app, notify) {
-            Ok(session) => {
-                self.sessions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(session);
+        match self.serve(app, notify, None, id.clone()) {
+            Ok(()) => {
                 drop(guard);
                 if joined {
                     tracing::info!(app, container = id, "process joined its container's app");
