@@ -18,6 +18,10 @@ use serde_json::{json, Value};
 struct Runtime {
     bin: &'static str,
     state: TempDir,
+    /// crun on a host with cgroup v1: run it, as root, in a mount
+    /// namespace that sees cgroup v2 (crun refuses v1 controllers), with
+    /// its cgroup manager disabled.
+    cgroup2_view: bool,
 }
 
 impl Runtime {
@@ -25,11 +29,38 @@ impl Runtime {
         Runtime {
             bin: "runc",
             state: TempDir::new("runc-state"),
+            cgroup2_view: false,
         }
     }
 
+    /// crun, or why it cannot run containers here.
+    fn crun() -> Result<Runtime, &'static str> {
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        if !v2 && !is_root() {
+            return Err(
+                "crun refuses this host's cgroup v1 layout, and only root can show it cgroup v2",
+            );
+        }
+        Ok(Runtime {
+            bin: "crun",
+            state: TempDir::new("crun-state"),
+            cgroup2_view: !v2,
+        })
+    }
+
     fn command(&self) -> Command {
-        let mut cmd = Command::new(self.bin);
+        let mut cmd = if self.cgroup2_view {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--", "sh", "-c"])
+                .arg(
+                    "mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && \
+                     exec crun --cgroup-manager=disabled \"$@\"",
+                )
+                .arg("crun");
+            c
+        } else {
+            Command::new(self.bin)
+        };
         cmd.arg("--root").arg(self.state.path());
         cmd
     }
@@ -543,7 +574,7 @@ fn exec_into_a_container_joins_its_app() {
 
 #[test]
 fn exec_without_hosts_mount_shows_the_real_hosts_file() {
-    require!("cat");
+    require!("cat", "busybox");
     let d = Daemon::start();
     let ax_view = d.run(&[], &["cat", "/etc/hosts"]);
     assert!(ax_view.stdout.contains(".ax"), "{ax_view}");
@@ -605,6 +636,66 @@ fn daemon_killed_and_restarted_keeps_serving_a_running_container() {
     let app = container_app(&d, "kept1").expect("still an app");
     assert_eq!(app["vips"], json!(["10.233.0.60"]));
 
+    c.stop();
+    poll(SHORT, Duration::from_millis(50), || {
+        (d.apps().is_empty() && d.services().is_empty()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the container left something behind:\n{}", d.log()));
+}
+
+#[test]
+fn crun_exec_with_pid_zero_joins_the_container_app() {
+    require!("crun", "runc", "curl", "busybox", "unshare");
+    let rt = match Runtime::crun() {
+        Ok(rt) => rt,
+        Err(why) => {
+            note(&format!(
+                "SKIP: crun_exec_with_pid_zero_joins_the_container_app: {why}"
+            ));
+            return;
+        }
+    };
+    let d = Daemon::start();
+    let bundle = Bundle::new(
+        &d,
+        &Spec {
+            args: &["busybox", "httpd", "-f", "-p", "8000", "-h", "/www"],
+            annotations: &[("io.ax.ip", "10.233.0.80"), ("io.ax.name", "cweb")],
+            netns: true,
+            hosts: true,
+        },
+    );
+    let mut c = rt.start(&bundle, "cweb1");
+    wait_for_listing(&d, "10.233.0.80:8000", &c);
+    let app = container_app(&d, "cweb1").expect("the container is an app");
+    let runtime = app["container"]["runtime"].as_str().unwrap_or_default();
+    assert!(runtime == "crun" || runtime == "unknown", "{app}");
+    // crun sends "pid": 0 for an exec: the exec joins by container id.
+    let out = run(
+        rt.command().args([
+            "exec",
+            "cweb1",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "http://cweb:8000/",
+        ]),
+        SHORT,
+    );
+    assert!(
+        out.stdout.contains("hello from the container"),
+        "{out}\n{}",
+        d.log()
+    );
+    assert_eq!(d.apps().len(), 1, "{:?}", d.apps());
+    assert!(
+        d.log().contains("process joined its container's app"),
+        "{}",
+        d.log()
+    );
+    let out = curl_under_ax(&d, "http://10.233.0.80:8000/");
+    assert!(out.stdout.contains("hello from the container"), "{out}");
     c.stop();
     poll(SHORT, Duration::from_millis(50), || {
         (d.apps().is_empty() && d.services().is_empty()).then_some(())

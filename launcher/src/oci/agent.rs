@@ -168,15 +168,19 @@ impl Containers {
         if !done.is_empty() {
             self.save(&served);
         }
+        let live: Vec<AppId> = served.iter().map(|s| s.session.app()).collect();
         drop(served);
+        let mut logged = Vec::new();
         for s in done {
             let app = s.session.app();
-            if self.registry.app(app).is_none() {
+            // Once per app, when its last process is gone.
+            if !live.contains(&app) && !logged.contains(&app) && self.registry.app(app).is_none() {
                 tracing::info!(
                     app,
                     container = s.record.container,
                     "container exited; app released"
                 );
+                logged.push(app);
             }
             s.session.join();
         }
