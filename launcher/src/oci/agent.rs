@@ -19,69 +19,24 @@
 //! identity is refused (a bad `io.ax.*` value, a VIP in use) has every
 //! trapped call answered `EPERM` until it exits, and the reason logged.
 
+use super::handshake::{is_notify_fd, read_message, runtime_name, ProcessState};
 use super::identity;
 use ax_broker::{Broker, NotifyFd, Session};
 use ax_registry::{AppId, ContainerRef, Directory, LocalRegistry};
 use ax_sys::journal::Journal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut, Write};
-use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long a runtime may take to send its message.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest state message read (annotations included).
-const MAX_MESSAGE: usize = 1 << 20;
 /// Runtime connections handled at once.
 const MAX_CONNECTIONS: usize = 64;
-/// What `readlink /proc/self/fd/N` shows for a seccomp listener.
-const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
-
-/// The message a runtime sends (the OCI `ContainerProcessState`).
-#[derive(Debug, Deserialize)]
-pub struct ProcessState {
-    /// The OCI runtime-spec version.
-    #[serde(rename = "ociVersion", default)]
-    pub oci_version: String,
-    /// What each fd sent with the message is (`"seccompFd"`).
-    #[serde(default)]
-    pub fds: Vec<String>,
-    /// The container process's pid (0 when the runtime does not say, as
-    /// crun for an `exec`).
-    #[serde(default)]
-    pub pid: i64,
-    /// The profile's `listenerMetadata`.
-    #[serde(default)]
-    pub metadata: String,
-    /// The container's state.
-    pub state: ContainerState,
-}
-
-/// The OCI state of the container.
-#[derive(Debug, Deserialize)]
-pub struct ContainerState {
-    /// Its id.
-    pub id: String,
-    /// `creating`, `created`, `running`, …
-    #[serde(default)]
-    pub status: String,
-    /// Its init process.
-    #[serde(default)]
-    pub pid: i64,
-    /// Its bundle directory.
-    #[serde(default)]
-    pub bundle: String,
-    /// Its annotations.
-    #[serde(default)]
-    pub annotations: HashMap<String, String>,
-}
 
 /// The containers a daemon serves.
 pub struct Containers {
@@ -497,77 +452,6 @@ impl Containers {
     }
 }
 
-/// The runtime's name from its `comm`: crun runs from a sealed memfd copy
-/// of itself (`memfd:crun_clon`), runc's helpers are `runc:[…]`.
-fn runtime_name(comm: &str) -> String {
-    let comm = comm.trim();
-    let comm = comm.strip_prefix("memfd:").unwrap_or(comm);
-    let name = comm
-        .split(['_', ':', '['])
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("unknown");
-    name.to_string()
-}
-
-/// True for a seccomp notify fd.
-fn is_notify_fd(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|l| l.as_os_str() == NOTIFY_FD_LINK)
-}
-
-/// Reads the runtime's message until it closes its end (or a whole JSON
-/// object arrived), with the fds that came with it.
-fn read_message(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let mut bytes = Vec::new();
-    let mut fds = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the runtime sent no complete state",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
-        let mut anc = RecvAncillaryBuffer::new(&mut space);
-        let got = rustix::net::recvmsg(
-            stream.as_fd(),
-            &mut [IoSliceMut::new(&mut chunk)],
-            &mut anc,
-            RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
-        for m in anc.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = m {
-                fds.extend(received);
-            }
-        }
-        if got.bytes == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&chunk[..got.bytes]);
-        if bytes.len() > MAX_MESSAGE {
-            return Err(io::Error::other("the runtime's state is larger than 1 MiB"));
-        }
-        // runc and crun close after one message; others may wait.
-        if serde_json::from_slice::<serde_json::Value>(&bytes).is_ok() {
-            break;
-        }
-    }
-    if bytes.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the runtime closed the connection before sending the container state",
-        ));
-    }
-    Ok((bytes, fds))
-}
-
 /// Answers every trapped call on `notify` with `EPERM` until its processes
 /// exit, on a thread of its own: a refused container fails its socket
 /// calls at once rather than hang.
@@ -601,36 +485,5 @@ fn refuse_calls(notify: NotifyFd, container: String) {
         // Without a thread the fd closes here: the kernel then fails the
         // container's trapped calls with ENOSYS, which is no hang either.
         tracing::warn!(container, error = %e, "cannot start answering a refused container");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_the_runtime() {
-        assert_eq!(runtime_name("runc\n"), "runc");
-        assert_eq!(runtime_name("memfd:crun_clon\n"), "crun");
-        assert_eq!(runtime_name("runc:[2:INIT]"), "runc");
-        assert_eq!(runtime_name(""), "unknown");
-    }
-
-    #[test]
-    fn parses_runc_and_crun_states() {
-        let runc = r#"{"ociVersion":"1.0.2","fds":["seccompFd"],"pid":4242,
-            "metadata":"io.ax.ip=10.233.0.9",
-            "state":{"ociVersion":"1.0.2","id":"web","status":"creating","pid":4242,
-            "bundle":"/b","annotations":{"io.ax.name":"web"}}}"#;
-        let s: ProcessState = serde_json::from_str(runc).unwrap();
-        assert_eq!((s.pid, s.state.id.as_str()), (4242, "web"));
-        assert_eq!(s.fds, vec!["seccompFd"]);
-        assert_eq!(s.state.annotations["io.ax.name"], "web");
-        // crun, for an exec: pid 0, no annotations.
-        let crun = r#"{"ociVersion":"1.0.0","fds":["seccompFd"],"pid":0,
-            "state":{"id":"web","status":"running","pid":0,"bundle":"/b"}}"#;
-        let s: ProcessState = serde_json::from_str(crun).unwrap();
-        assert_eq!(s.pid, 0);
-        assert!(s.metadata.is_empty() && s.state.annotations.is_empty());
     }
 }

@@ -2,6 +2,7 @@
 //! podman on top of them), and the profile that sends containers to it.
 
 pub mod agent;
+pub mod handshake;
 pub mod identity;
 pub mod profile;
 
