@@ -581,25 +581,44 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         containers: std::sync::OnceLock::new(),
     });
     daemon.take_over_predecessor();
+    // Exposures live on the async runtime, started below.
+    let runtime_handle: Arc<std::sync::OnceLock<tokio::runtime::Handle>> = Arc::default();
     let containers = {
         let d = Arc::downgrade(&daemon);
+        let handle = runtime_handle.clone();
         Arc::new(crate::oci::agent::Containers::new(
             daemon.registry.clone(),
             daemon.broker.clone(),
             daemon.uid,
             paths::beside(&path, ".containers"),
-            Box::new(move || {
-                if let Some(d) = d.upgrade() {
-                    d.save_state();
-                }
-            }),
+            crate::oci::agent::Hooks {
+                changed: Box::new({
+                    let d = d.clone();
+                    move || {
+                        if let Some(d) = d.upgrade() {
+                            d.save_state();
+                        }
+                    }
+                }),
+                expose: Box::new(move |app, port, host| {
+                    let d = d.upgrade().ok_or("the daemon is stopping")?;
+                    let _entered = handle.get().ok_or("the daemon is starting")?.enter();
+                    let vip = app.vips.first().ok_or("the container has no VIP")?;
+                    let peer = Peer {
+                        uid: app.uid,
+                        pid: 0,
+                    };
+                    match d.expose(&vip.to_string(), port, host, Some(app.id), peer) {
+                        Response::Exposed(_) => Ok(()),
+                        Response::Error(e) => Err(e),
+                        other => Err(format!("{other:?}")),
+                    }
+                }),
+            },
         ))
     };
     containers.take_over(ax_broker::keeper::take_salvaged_files());
-    containers
-        .listen(runtime_listener)
-        .context("cannot serve the runtime socket")?;
-    let _ = daemon.containers.set(containers);
+    let _ = daemon.containers.set(containers.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -607,6 +626,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let _ = runtime_handle.set(rt.handle().clone());
+    containers
+        .listen(runtime_listener)
+        .context("cannot serve the runtime socket")?;
     let result = rt.block_on(async {
         let listener =
             tokio::net::UnixListener::from_std(listener).context("cannot watch the socket")?;

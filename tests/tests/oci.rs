@@ -110,7 +110,11 @@ fn runc_container_server_is_reached_by_vip_and_name_and_leaves_nothing() {
         &d,
         &Spec {
             args: &["busybox", "httpd", "-f", "-p", "8000", "-h", "/www"],
-            annotations: &[("io.ax.ip", "10.233.0.20"), ("io.ax.name", "web")],
+            annotations: &[
+                ("io.ax.ip", "10.233.0.20"),
+                ("io.ax.name", "web"),
+                ("io.ax.expose", "8000:127.0.0.1:18081"),
+            ],
             netns: true,
             hosts: false,
         },
@@ -146,8 +150,21 @@ fn runc_container_server_is_reached_by_vip_and_name_and_leaves_nothing() {
         );
     }
 
-    // From the host, outside ax: `ax expose`; the connection goes to the
-    // container's httpd itself.
+    // From the host, outside ax: `io.ax.expose` and `ax expose`; the
+    // connection goes to the container's httpd itself.
+    let out = run(
+        std::process::Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            "http://127.0.0.1:18081/",
+        ]),
+        SHORT,
+    );
+    assert!(
+        out.stdout.contains("hello from the container"),
+        "io.ax.expose: {out}"
+    );
     let mut expose = d.ax();
     expose
         .args(["expose", "web:8000", "127.0.0.1:18080", "--socket"])

@@ -22,11 +22,12 @@
 use super::handshake::{is_notify_fd, read_message, runtime_name, ProcessState};
 use super::identity;
 use ax_broker::{Broker, NotifyFd, Session};
-use ax_registry::{AppId, ContainerRef, Directory, LocalRegistry};
+use ax_registry::{AppId, AppInfo, ContainerRef, Directory, LocalRegistry};
 use ax_sys::journal::Journal;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -49,8 +50,8 @@ pub struct Containers {
     record: PathBuf,
     /// Held from "is this container known?" to "it is registered".
     adopting: Mutex<()>,
-    /// Called when the registry changed (the daemon saves its state).
-    changed: Box<dyn Fn() + Send + Sync>,
+    /// What the daemon does for containers.
+    hooks: Hooks,
     open: AtomicUsize,
 }
 
@@ -80,6 +81,16 @@ impl std::fmt::Debug for Containers {
     }
 }
 
+/// What the daemon does for its containers.
+pub struct Hooks {
+    /// Called when the registry changed (the daemon saves its state).
+    pub changed: Box<dyn Fn() + Send + Sync>,
+    /// Exposes `app`'s PORT at a host address (`io.ax.expose`), as
+    /// `ax exec --expose` asks the daemon to.
+    #[allow(clippy::type_complexity)]
+    pub expose: Box<dyn Fn(&AppInfo, u16, SocketAddr) -> Result<(), String> + Send + Sync>,
+}
+
 impl Containers {
     /// Containers of the daemon of `uid`, served by `broker` from `registry`.
     /// `record` is the file that tells a successor which kept notify fd is
@@ -89,7 +100,7 @@ impl Containers {
         broker: Broker,
         uid: u32,
         record: PathBuf,
-        changed: Box<dyn Fn() + Send + Sync>,
+        hooks: Hooks,
     ) -> Self {
         Self {
             registry,
@@ -98,7 +109,7 @@ impl Containers {
             served: Mutex::default(),
             record,
             adopting: Mutex::default(),
-            changed,
+            hooks,
             open: AtomicUsize::new(0),
         }
     }
@@ -226,10 +237,10 @@ impl Containers {
                 .app(r.app)
                 .is_some_and(|a| a.container.as_ref().is_some_and(|c| c.id == r.container));
             if !known {
-                tracing::warn!(
+                tracing::info!(
                     app = r.app,
                     container = r.container,
-                    "a kept notify fd of a container the state does not know; dropped"
+                    "container exited while no daemon served it"
                 );
                 continue;
             }
@@ -306,8 +317,15 @@ impl Containers {
         let spawned = std::thread::Builder::new()
             .name("ax-oci-conn".into())
             .spawn(move || {
+                // Counted out however the handshake ends.
+                struct Slot<'a>(&'a AtomicUsize);
+                impl Drop for Slot<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                let _slot = Slot(&me.open);
                 me.handshake(stream, uid, peer_pid, runtime);
-                me.open.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -390,21 +408,22 @@ impl Containers {
             refuse_calls(notify, id);
             return Err("refusing a container without an id: its calls are answered EPERM".into());
         }
-        let spec = match identity::spec(&state.state.annotations, &state.metadata, container) {
-            Ok(s) => s,
-            Err(why) => {
-                refuse_calls(notify, id.clone());
-                return Err(format!(
-                    "refusing container {id}: {why}; its calls are answered EPERM"
-                ));
-            }
-        };
+        let identity::Identity { spec, exposes } =
+            match identity::spec(&state.state.annotations, &state.metadata, container) {
+                Ok(s) => s,
+                Err(why) => {
+                    refuse_calls(notify, id.clone());
+                    return Err(format!(
+                        "refusing container {id}: {why}; its calls are answered EPERM"
+                    ));
+                }
+            };
         let guard = self.adopting.lock().unwrap_or_else(|e| e.into_inner());
         let existing = self.registry.apps().into_iter().find(|a| {
             a.container.as_ref().is_some_and(|c| c.id == id) && (uid == 0 || a.uid == uid)
         });
-        let (app, joined): (AppId, bool) = match existing {
-            Some(info) => (info.id, true),
+        let (app, joined): (AppInfo, bool) = match existing {
+            Some(info) => (info, true),
             None => match self.registry.register_app(&spec, uid) {
                 Ok(info) => {
                     let pid = [state.pid, state.state.pid]
@@ -422,7 +441,7 @@ impl Containers {
                         names = ?info.names,
                         "container registered"
                     );
-                    (info.id, false)
+                    (info, false)
                 }
                 Err(e) => {
                     drop(guard);
@@ -433,18 +452,33 @@ impl Containers {
                 }
             },
         };
-        match self.serve(app, notify, None, id.clone()) {
+        match self.serve(app.id, notify, None, id.clone()) {
             Ok(()) => {
                 drop(guard);
                 if joined {
-                    tracing::info!(app, container = id, "process joined its container's app");
+                    tracing::info!(
+                        app = app.id,
+                        container = id,
+                        "process joined its container's app"
+                    );
+                } else {
+                    for (port, host) in exposes {
+                        match (self.hooks.expose)(&app, port, host) {
+                            Ok(()) => {
+                                tracing::info!(app = app.id, container = id, port, %host, "container port exposed")
+                            }
+                            Err(e) => {
+                                tracing::error!(app = app.id, container = id, port, %host, error = %e, "cannot expose the container's port (io.ax.expose)")
+                            }
+                        }
+                    }
                 }
-                (self.changed)();
+                (self.hooks.changed)();
                 Ok(())
             }
             Err(e) => {
                 if !joined {
-                    self.registry.app_exited(app);
+                    self.registry.app_exited(app.id);
                 }
                 Err(format!("cannot serve container {id}: {e}"))
             }

@@ -1,11 +1,22 @@
 //! A container's identity under ax, from its OCI annotations (`io.ax.ip`,
-//! `io.ax.name`, `io.ax.labels`, `io.ax.lb`, `io.ax.connect-wait`) and
-//! from the profile's `listenerMetadata` (`io.ax.ip=…;io.ax.name=…`).
+//! `io.ax.name`, `io.ax.labels`, `io.ax.lb`, `io.ax.connect-wait`,
+//! `io.ax.expose`) and from the profile's `listenerMetadata`
+//! (`io.ax.ip=…;io.ax.name=…`).
 
-use crate::cli::{parse_duration, parse_label, parse_lb, parse_name, parse_vip};
+use crate::cli::{parse_duration, parse_expose, parse_label, parse_lb, parse_name, parse_vip};
 use ax_registry::{AppSpec, ContainerRef};
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+
+/// What a container asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The app to register.
+    pub spec: AppSpec,
+    /// `io.ax.expose`: its ports reachable at host addresses, as with
+    /// `ax exec --expose PORT:HOSTADDR:HOSTPORT`.
+    pub exposes: Vec<(u16, SocketAddr)>,
+}
 
 /// The keys ax reads.
 pub const KEYS: &[&str] = &[
@@ -14,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "io.ax.labels",
     "io.ax.lb",
     "io.ax.connect-wait",
+    "io.ax.expose",
 ];
 
 /// Builds the app spec of container `container` from its `annotations`
@@ -25,7 +37,7 @@ pub fn spec(
     annotations: &HashMap<String, String>,
     metadata: &str,
     container: ContainerRef,
-) -> Result<AppSpec, String> {
+) -> Result<Identity, String> {
     let mut keys: BTreeMap<String, String> = BTreeMap::new();
     for pair in metadata.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = pair.split_once('=') else {
@@ -52,6 +64,7 @@ pub fn spec(
             ));
         }
     }
+    let mut exposes = Vec::new();
     let mut spec = AppSpec {
         command: vec![
             container.runtime.clone(),
@@ -114,10 +127,15 @@ pub fn spec(
                 }
                 spec.connect_wait = Some(d);
             }
+            "io.ax.expose" => {
+                for s in items(value) {
+                    exposes.push(parse_expose(&s).map_err(bad)?);
+                }
+            }
             _ => {}
         }
     }
-    Ok(spec)
+    Ok(Identity { spec, exposes })
 }
 
 #[cfg(test)]
@@ -140,8 +158,9 @@ mod tests {
 
     #[test]
     fn annotations_give_the_identity() {
-        let s = spec(
+        let id = spec(
             &ann(&[
+                ("io.ax.expose", "8000:127.0.0.1:18000,9000:19000"),
                 ("io.ax.ip", "fd00:a8::7, 10.233.0.7"),
                 ("io.ax.name", "web,www.ax"),
                 ("io.ax.labels", "tier=front,team=a"),
@@ -153,6 +172,14 @@ mod tests {
             c(),
         )
         .unwrap();
+        assert_eq!(
+            id.exposes,
+            vec![
+                (8000, "127.0.0.1:18000".parse().unwrap()),
+                (9000, "127.0.0.1:19000".parse().unwrap())
+            ]
+        );
+        let s = id.spec;
         assert_eq!(
             s.requested_ips,
             vec![
@@ -175,13 +202,14 @@ mod tests {
             "io.ax.ip=10.233.0.8; io.ax.name=web",
             c(),
         )
-        .unwrap();
+        .unwrap()
+        .spec;
         assert_eq!(
             s.requested_ips,
             vec!["10.233.0.8".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(s.names, vec!["api"]);
-        let none = spec(&HashMap::new(), "", c()).unwrap();
+        let none = spec(&HashMap::new(), "", c()).unwrap().spec;
         assert!(none.requested_ips.is_empty() && none.names.is_empty());
     }
 
@@ -197,6 +225,7 @@ mod tests {
             ("io.ax.connect-wait", "soon"),
             ("io.ax.connect-wait", "100000h"),
             ("io.ax.typo", "x"),
+            ("io.ax.expose", "8000"),
         ] {
             let e = spec(&ann(&[(k, v)]), "", c()).unwrap_err();
             assert!(e.contains(k), "{k}={v}: {e}");

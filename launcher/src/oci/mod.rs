@@ -26,7 +26,7 @@ the same socket calls 'ax exec' does and sends each container's notify fd to
 the daemon's runtime socket (the control socket's path + '.oci').
 Annotations give the container its identity: io.ax.ip (one VIP per family,
 comma-separated), io.ax.name, io.ax.labels (KEY=VALUE,...), io.ax.lb,
-io.ax.connect-wait; a profile's listenerMetadata may carry the same keys
+io.ax.connect-wait, io.ax.expose (PORT:HOSTADDR:HOSTPORT,...); a profile's listenerMetadata may carry the same keys
 ('io.ax.ip=10.233.0.20;io.ax.name=web') for runtimes that drop annotations.
 
 Examples:
