@@ -17,6 +17,7 @@ PKGS=(
     openssh-server openssh-client  # sshd and ssh under ax (tests/tests/fidelity.rs)
     nginx            # nginx with `listen … reuseport` under ax (tests/tests/reuseport.rs)
     erlang-base      # erl/epmd: Erlang distribution under ax (tests/tests/localhost.rs)
+    runc crun podman uidmap  # containers served by ax as their OCI seccomp agent (tests/tests/oci*.rs)
 )
 
 installed() {

@@ -169,6 +169,15 @@ for u in "$E2E_USER" axtest2; do
         "${SUDO[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin "$u"
     fi
 done
+# Rootless containers (tests/tests/oci*.rs) map subordinate ids: give the
+# unprivileged user a range when it has none.
+for f in /etc/subuid /etc/subgid; do
+    if ! grep -q "^$E2E_USER:" "$f" 2>/dev/null; then
+        echo "giving $E2E_USER subordinate ids in $f"
+        "${SUDO[@]}" usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$E2E_USER" || true
+        break
+    fi
+done
 # The unprivileged user must be able to reach and run every binary; when a
 # parent directory (e.g. /root) is not traversable, run copies instead.
 if ! "${SUDO[@]}" setpriv --reuid="$E2E_USER" --regid="$E2E_USER" --init-groups \

@@ -82,6 +82,27 @@ pub(crate) fn take_salvaged_anchor(instance: u32) -> Option<OwnedFd> {
     }
 }
 
+/// Seccomp notify fds and call journals the predecessor's keeper held, by
+/// their fd number in the predecessor (which shared its fd table with the
+/// keeper), found by [`salvage`] until taken with [`take_salvaged_files`].
+static SALVAGED_FILES: std::sync::Mutex<Vec<(i32, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// The seccomp notify fds and call journals [`salvage`] collected (OCI
+/// containers have no launcher to hand theirs back), each with the fd
+/// number the dead daemon had for it.
+pub fn take_salvaged_files() -> Vec<(i32, OwnedFd)> {
+    std::mem::take(&mut *SALVAGED_FILES.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// True for a seccomp notify fd or a call journal.
+fn is_kept_file(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
+        let l = l.as_os_str().as_encoded_bytes();
+        l == ax_sys::keeper::NOTIFY_FD_LINK || l.starts_with(ax_sys::keeper::JOURNAL_LINK_PREFIX)
+    })
+}
+
 /// True for a socket bound to the anchor name of `instance`.
 pub(crate) fn is_anchor(fd: &OwnedFd, instance: u32) -> bool {
     rustix::net::getsockname(fd)
@@ -142,6 +163,13 @@ pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppI
         if is_anchor(&conn, config.instance) {
             *SALVAGED_ANCHOR.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some((config.instance, conn));
+            continue;
+        }
+        if is_kept_file(&conn) {
+            SALVAGED_FILES
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((fd, conn));
             continue;
         }
         let own = crate::handlers::own_name(&conn);

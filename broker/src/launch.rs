@@ -7,12 +7,12 @@
 //! Until a broker receives on that fd, the program's trapped calls simply
 //! wait in the kernel.
 //!
-//! What is trapped: the calls in [`TRAPPED_SYSCALLS`]; `setsockopt`/
-//! `getsockopt` at the TCP, IP and IPv6 levels and for `SO_DOMAIN`/
-//! `SO_PROTOCOL`; `sendto` with a non-NULL address or `MSG_FASTOPEN`, and
-//! `sendmsg`/`sendmmsg` with `MSG_FASTOPEN` (TCP Fast Open connects
-//! without `connect`). Argument comparisons keep every other send, and all
-//! other calls, out of the broker.
+//! What is trapped is defined once, in [`crate::rules`]: the calls in
+//! [`TRAPPED_SYSCALLS`]; `setsockopt`/`getsockopt` at the TCP, IP and IPv6
+//! levels and for `SO_DOMAIN`/`SO_PROTOCOL`; `sendto` with a non-NULL
+//! address or `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` with `MSG_FASTOPEN`
+//! (TCP Fast Open connects without `connect`). Argument comparisons keep
+//! every other send, and all other calls, out of the broker.
 
 use ax_sys::prexec::{arrange_filter_before_exec, FileOverlay, FilterProgram};
 use ax_sys::NotifyFd;
@@ -34,62 +34,14 @@ pub enum FilterError {
     Export(#[from] io::Error),
 }
 
-/// The system calls ax traps unconditionally.
-pub const TRAPPED_SYSCALLS: &[&str] = &[
-    "bind",
-    "connect",
-    "accept",
-    "accept4",
-    "getsockname",
-    "getpeername",
-];
+pub use crate::rules::TRAPPED_SYSCALLS;
 
-const SOL_SOCKET: u64 = libc::SOL_SOCKET as u64;
-const SOCKOPT_LEVELS: &[u64] = &[
-    libc::IPPROTO_TCP as u64,
-    libc::IPPROTO_IP as u64,
-    libc::IPPROTO_IPV6 as u64,
-];
-/// `SO_DOMAIN`/`SO_PROTOCOL`, and the socket-level options TCP and UNIX
-/// sockets answer differently (`SO_PASSCRED`, `SO_PASSSEC`, `SO_PASSPIDFD`
-/// are UNIX-only, `SO_TXREHASH` and `SO_REUSEPORT` IP-only).
-const SOCKOPT_SOCKET_NAMES: &[u64] = &[
-    libc::SO_DOMAIN as u64,
-    libc::SO_PROTOCOL as u64,
-    libc::SO_PASSCRED as u64,
-    libc::SO_PASSSEC as u64,
-    SO_TXREHASH,
-    SO_PASSPIDFD,
-    libc::SO_REUSEPORT as u64,
-];
-/// `SO_TXREHASH` (Linux 5.18), not in the libc crate.
-const SO_TXREHASH: u64 = 74;
-/// `SO_PASSPIDFD` (Linux 6.5).
-const SO_PASSPIDFD: u64 = 76;
-/// `MSG_FASTOPEN`: a send that connects (TCP Fast Open).
-const MSG_FASTOPEN: u64 = libc::MSG_FASTOPEN as u64;
-/// The send calls trapped with `MSG_FASTOPEN`, and their flags argument.
-const FASTOPEN_CALLS: &[(&str, u32)] = &[("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)];
-
-/// Compiles ax's filter for the native architecture.
-///
-/// * the calls in [`TRAPPED_SYSCALLS`] are trapped (`SECCOMP_RET_USER_NOTIF`);
-/// * `setsockopt`/`getsockopt` are trapped only at the TCP, IP and IPv6
-///   levels and for the socket-level names in [`SOCKOPT_SOCKET_NAMES`] —
-///   the cases a swapped socket must answer as TCP would; every other
-///   option runs untouched (a UNIX socket answers it as TCP does);
-/// * `sendto` is trapped when it names a destination (its address argument
-///   is not NULL) or has `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` when they
-///   have `MSG_FASTOPEN` (a masked comparison of the flags argument): a
-///   Fast Open send connects without `connect`. `send`, `sendto` with a
-///   NULL address, `sendmsg` without the flag and `write` stay untrapped;
-/// * `io_uring_setup` fails with `ENOSYS`: io_uring's connect and accept
-///   would not be seen by seccomp, and programs fall back to plain calls;
-/// * a program restricting itself (Landlock, seccomp) is trapped, and
-///   answered `CONTINUE` once the broker took note;
-/// * calls from another ABI (32-bit `int 0x80`, x32) fail with `ENOSYS`
-///   rather than slip past the trap.
+/// Compiles ax's filter for the native architecture from
+/// [`crate::rules::rules`] (see there for what is trapped); calls from
+/// another ABI (32-bit `int 0x80`, x32) fail with `ENOSYS` rather than slip
+/// past the trap.
 pub fn compile_filter() -> Result<FilterProgram, FilterError> {
+    use crate::rules::{Action, Compare};
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
     ctx.set_act_badarch(ScmpAction::Errno(libc::ENOSYS))?;
     // The launcher sets PR_SET_NO_NEW_PRIVS itself when it must.
@@ -97,38 +49,33 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
     // A binary tree of syscall numbers (libseccomp 2.5+): the calls ax does
     // not trap, nearly all of them, pass in a handful of instructions.
     let _ = ctx.set_filter_attr(ScmpFilterAttr::CtlOptimize, 2);
-    for name in TRAPPED_SYSCALLS {
-        ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
-    }
-    // int arguments: compare the low 32 bits only, as the kernel reads them.
-    let int =
-        |arg: u32, v: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
-    for name in ["setsockopt", "getsockopt"] {
-        let sys = ScmpSyscall::from_name(name)?;
-        for &level in SOCKOPT_LEVELS {
-            ctx.add_rule_conditional(ScmpAction::Notify, sys, &[int(1, level)])?;
+    for rule in crate::rules::rules() {
+        let sys = match (ScmpSyscall::from_name(rule.syscall), rule.number) {
+            (Ok(sys), _) => sys,
+            // By number where libseccomp's table is older than the call.
+            (Err(_), Some(nr)) => ScmpSyscall::from(nr),
+            (Err(e), None) => return Err(e.into()),
+        };
+        let action = match rule.action {
+            Action::Notify => ScmpAction::Notify,
+            Action::Errno(e) => ScmpAction::Errno(e),
+        };
+        let args: Vec<ScmpArgCompare> = rule
+            .args
+            .iter()
+            .map(|a| match a.compare {
+                Compare::MaskedEqual { mask, value } => {
+                    ScmpArgCompare::new(a.index, ScmpCompareOp::MaskedEqual(mask), value)
+                }
+                Compare::NotEqual(v) => ScmpArgCompare::new(a.index, ScmpCompareOp::NotEqual, v),
+            })
+            .collect();
+        if args.is_empty() {
+            ctx.add_rule(action, sys)?;
+        } else {
+            ctx.add_rule_conditional(action, sys, &args)?;
         }
-        for &opt in SOCKOPT_SOCKET_NAMES {
-            ctx.add_rule_conditional(ScmpAction::Notify, sys, &[int(1, SOL_SOCKET), int(2, opt)])?;
-        }
     }
-    // TCP Fast Open: the flag bit alone decides, whatever else is set.
-    let flag = |arg: u32, bit: u64| ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(bit), bit);
-    for &(name, flags) in FASTOPEN_CALLS {
-        let sys = ScmpSyscall::from_name(name)?;
-        ctx.add_rule_conditional(ScmpAction::Notify, sys, &[flag(flags, MSG_FASTOPEN)])?;
-    }
-    // sendto with a destination (a pointer: all 64 bits).
-    ctx.add_rule_conditional(
-        ScmpAction::Notify,
-        ScmpSyscall::from_name("sendto")?,
-        &[ScmpArgCompare::new(4, ScmpCompareOp::NotEqual, 0)],
-    )?;
-    ctx.add_rule(
-        ScmpAction::Errno(libc::ENOSYS),
-        ScmpSyscall::from_name("io_uring_setup")?,
-    )?;
-    add_self_restriction_rules(&mut ctx)?;
     let (mut reader, writer) = std::io::pipe()?;
     // The program is a few hundred bytes: far below the pipe's capacity, so
     // exporting cannot block before we read.
@@ -137,30 +84,6 @@ pub fn compile_filter() -> Result<FilterProgram, FilterError> {
     let mut bytes = Vec::new();
     reader.read_to_end(&mut bytes)?;
     Ok(FilterProgram::from_bpf_bytes(&bytes)?)
-}
-
-/// `landlock_restrict_self`, `seccomp(SECCOMP_SET_MODE_FILTER)` and
-/// `prctl(PR_SET_SECCOMP)` are trapped, so that the broker knows the
-/// program restricted itself (see `handlers::restrict`); it answers them
-/// `CONTINUE`.
-fn add_self_restriction_rules(ctx: &mut ScmpFilterContext) -> Result<(), FilterError> {
-    let first = |v: u64| ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(0xffff_ffff), v);
-    // By number where libseccomp's table is older than the call (Linux
-    // 5.13 gave it 446 on every architecture).
-    let landlock =
-        ScmpSyscall::from_name("landlock_restrict_self").unwrap_or_else(|_| ScmpSyscall::from(446));
-    ctx.add_rule(ScmpAction::Notify, landlock)?;
-    ctx.add_rule_conditional(
-        ScmpAction::Notify,
-        ScmpSyscall::from_name("seccomp")?,
-        &[first(u64::from(libc::SECCOMP_SET_MODE_FILTER))],
-    )?;
-    ctx.add_rule_conditional(
-        ScmpAction::Notify,
-        ScmpSyscall::from_name("prctl")?,
-        &[first(u64::from(libc::PR_SET_SECCOMP.unsigned_abs()))],
-    )?;
-    Ok(())
 }
 
 /// A child running under the filter, and its notify fd.

@@ -59,6 +59,7 @@ mod names;
 mod orphans;
 mod pool;
 mod probe;
+pub mod rules;
 mod serve;
 mod sockets;
 mod stash;

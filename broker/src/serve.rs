@@ -63,6 +63,9 @@ pub(crate) struct Shared {
     /// Every UNIX socket the broker creates comes from here, in its private
     /// network namespace.
     pub(crate) sockets: Arc<crate::sockets::Sockets>,
+    /// Notify fds being served, by app: an app (a container with `exec`s
+    /// into it) may have several; it exits with the last.
+    pub(crate) listeners: Mutex<std::collections::HashMap<AppId, usize>>,
 }
 
 impl Shared {
@@ -124,6 +127,7 @@ impl Broker {
                 doors: crate::doors::Doors::default(),
                 self_restricted: Default::default(),
                 sockets: crate::sockets::Sockets::new(config.instance),
+                listeners: Mutex::default(),
                 config,
             }),
         }
@@ -223,7 +227,9 @@ impl Broker {
 
     /// Serves the trapped calls of `app`, whose processes share `listener`,
     /// on a new thread. When the app's last process exits, its services are
-    /// released ([`Directory::app_exited`]) and the thread ends.
+    /// released ([`Directory::app_exited`]) and the thread ends. An app may
+    /// be served on several listeners at once (an OCI container and each
+    /// `exec` into it): it exits when the processes of all of them have.
     pub fn serve(&self, app: AppId, listener: NotifyFd) -> io::Result<Session> {
         self.serve_with_journal(app, listener, None, None, None)
     }
@@ -251,6 +257,13 @@ impl Broker {
         let journal = journal.map(Arc::new);
         let stash = stash.map(Arc::new);
         let state = AppState::new(app);
+        *self
+            .shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(app)
+            .or_default() += 1;
         // Same-CPU wake-ups halve the round trip where the kernel has them.
         let sync = listener.set_sync_wake_up();
         tracing::debug!(app, sync_wake_up = sync, "serving app");
@@ -351,9 +364,23 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             }
         }
     }
+    link.state.app_exited();
+    let last = {
+        let mut live = shared.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let n = live.entry(app).or_default();
+        *n = n.saturating_sub(1);
+        let last = *n == 0;
+        if last {
+            live.remove(&app);
+        }
+        last
+    };
+    if !last {
+        tracing::debug!(app, "one of the app's listeners closed; others remain");
+        return;
+    }
     shared.directory.app_exited(app);
     shared.forget_app_options(app);
-    link.state.app_exited();
     tracing::debug!(app, "app exited; services released");
 }
 

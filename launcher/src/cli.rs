@@ -136,6 +136,10 @@ pub enum Command {
     /// Declare a service by name before its apps start, or delete one
     #[command(after_help = SERVICE_AFTER_HELP)]
     Service(ServiceArgs),
+    /// Containers: the seccomp profile that makes runc, crun or podman hand
+    /// containers to ax
+    #[command(after_help = crate::oci::OCI_AFTER_HELP)]
+    Oci(crate::oci::OciArgs),
     /// Print a shell completion script (bash, zsh or fish)
     #[command(after_help = COMPLETIONS_AFTER_HELP)]
     Completions(CompletionsArgs),
@@ -345,6 +349,16 @@ pub struct ExecArgs {
     /// Fail instead of starting a daemon when none is running
     #[arg(long)]
     pub no_autostart: bool,
+
+    /// Run the program in ax's filter only, without the user and mount
+    /// namespaces ax makes to show it ax's /etc/hosts and hide the daemon's
+    /// directory: for wrapping a container runtime ('runc exec', subuid
+    /// mappings, podman) that must make namespaces of its own. The program
+    /// then resolves no ax names through /etc/hosts and can reach the
+    /// daemon's socket. For containers, prefer 'ax oci profile' (see 'ax oci
+    /// --help')
+    #[arg(long)]
+    pub no_hosts_mount: bool,
 
     /// The program to run and its arguments
     #[arg(

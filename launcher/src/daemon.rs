@@ -81,6 +81,8 @@ struct Daemon {
     conns: Arc<Mutex<ConnTable>>,
     /// The daemon's own counters, for `--metrics`.
     counters: Arc<crate::metrics::DaemonCounters>,
+    /// OCI containers, handed over on the runtime socket.
+    containers: std::sync::OnceLock<Arc<crate::oci::agent::Containers>>,
 }
 
 /// Open control connections (see the module docs).
@@ -351,6 +353,7 @@ impl Daemon {
             .len();
         connections == 0
             && self.sessions().is_empty()
+            && self.containers.get().is_none_or(|c| c.is_empty())
             && self.registry.apps().is_empty()
             && self.registry.declared().is_empty()
     }
@@ -390,6 +393,9 @@ impl Daemon {
             }
         }
         self.exposures.reap(&self.registry);
+        if let Some(c) = self.containers.get() {
+            c.reap();
+        }
         let mut sessions = self.sessions();
         let (done, live): (Vec<Session>, Vec<Session>) =
             sessions.drain(..).partition(|s| s.is_finished());
@@ -494,6 +500,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let keeper_path = paths::beside(&path, ".keeper");
     let salvaged = salvage_keeper(&keeper_path, &config);
     let listener = bind(&path)?;
+    // Container runtimes hand over notify fds here (same access rules).
+    let runtime_path = crate::oci::runtime_socket(&path);
+    let runtime_listener = bind(&runtime_path)?;
+    runtime_listener.set_nonblocking(false)?;
     let socket_id = std::fs::metadata(&path)
         .map(|m| (m.dev(), m.ino()))
         .with_context(|| format!("cannot inspect {}", path.display()))?;
@@ -568,8 +578,47 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
         counters,
+        containers: std::sync::OnceLock::new(),
     });
     daemon.take_over_predecessor();
+    // Exposures live on the async runtime, started below.
+    let runtime_handle: Arc<std::sync::OnceLock<tokio::runtime::Handle>> = Arc::default();
+    let containers = {
+        let d = Arc::downgrade(&daemon);
+        let handle = runtime_handle.clone();
+        Arc::new(crate::oci::agent::Containers::new(
+            daemon.registry.clone(),
+            daemon.broker.clone(),
+            daemon.uid,
+            paths::beside(&path, ".containers"),
+            crate::oci::agent::Hooks {
+                changed: Box::new({
+                    let d = d.clone();
+                    move || {
+                        if let Some(d) = d.upgrade() {
+                            d.save_state();
+                        }
+                    }
+                }),
+                expose: Box::new(move |app, port, host| {
+                    let d = d.upgrade().ok_or("the daemon is stopping")?;
+                    let _entered = handle.get().ok_or("the daemon is starting")?.enter();
+                    let vip = app.vips.first().ok_or("the container has no VIP")?;
+                    let peer = Peer {
+                        uid: app.uid,
+                        pid: 0,
+                    };
+                    match d.expose(&vip.to_string(), port, host, Some(app.id), peer) {
+                        Response::Exposed(_) => Ok(()),
+                        Response::Error(e) => Err(e),
+                        other => Err(format!("{other:?}")),
+                    }
+                }),
+            },
+        ))
+    };
+    containers.take_over(ax_broker::keeper::take_salvaged_files());
+    let _ = daemon.containers.set(containers.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -577,6 +626,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let _ = runtime_handle.set(rt.handle().clone());
+    containers
+        .listen(runtime_listener)
+        .context("cannot serve the runtime socket")?;
     let result = rt.block_on(async {
         let listener =
             tokio::net::UnixListener::from_std(listener).context("cannot watch the socket")?;
@@ -654,6 +707,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // running programs have it mounted, and a successor rewrites it.
     if std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == socket_id) {
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&runtime_path);
     }
     stop_hosts.store(true, Ordering::Relaxed);
     if let Some(t) = hosts_thread {
@@ -661,7 +715,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     daemon.reap_sessions();
     daemon.save_state();
-    let running = daemon.sessions().len();
+    let running = daemon.sessions().len() + daemon.containers.get().map_or(0, |c| c.len());
     if running > 0 {
         tracing::warn!(
             apps = running,
@@ -1343,7 +1397,11 @@ impl Daemon {
         if sessions.iter().any(|s| s.app() == app && !s.is_finished()) {
             return Response::Error(format!("app {app} is already being served"));
         }
-        if let Err(e) = self.namespaces.record(app, pid) {
+        // `--no-hosts-mount`: the program shares the launcher's namespaces
+        // by the user's choice, and is told from clients by nothing.
+        if info.no_hosts_mount {
+            tracing::info!(app, "app without namespaces of its own (--no-hosts-mount)");
+        } else if let Err(e) = self.namespaces.record(app, pid) {
             return Response::Error(format!(
                 "cannot tell the program's processes from clients: {e}"
             ));

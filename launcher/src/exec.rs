@@ -113,7 +113,7 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
     // source) is hidden from the program.
     let hosts = paths::hosts_path(&path);
     let hide = paths::socket_dir(&path);
-    if Path::new("/etc/hosts").starts_with(hide) {
+    if !args.no_hosts_mount && Path::new("/etc/hosts").starts_with(hide) {
         return Err(Failure::new(
             EXIT_AX_FAILED,
             format!(
@@ -124,9 +124,13 @@ pub fn run(args: ExecArgs) -> anyhow::Result<i32> {
         )
         .into());
     }
-    let options = ax_broker::launch::SpawnOptions {
-        hosts_file: (hosts.is_file() && Path::new("/etc/hosts").is_file()).then_some(hosts),
-        hide_dir: Some(hide.to_path_buf()),
+    let options = if args.no_hosts_mount {
+        ax_broker::launch::SpawnOptions::default()
+    } else {
+        ax_broker::launch::SpawnOptions {
+            hosts_file: (hosts.is_file() && Path::new("/etc/hosts").is_file()).then_some(hosts),
+            hide_dir: Some(hide.to_path_buf()),
+        }
     };
     let mut guard = lock(&state);
     let sandboxed = match ax_broker::launch::spawn_with(&mut cmd, &filter, &options) {
@@ -331,6 +335,8 @@ fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
             .collect(),
         lb: args.lb,
         connect_wait: args.connect_wait,
+        container: None,
+        no_hosts_mount: args.no_hosts_mount,
     })
 }
 

@@ -18,6 +18,7 @@ mod hosts;
 mod instance;
 mod localhost;
 mod metrics;
+mod oci;
 mod paths;
 mod peer;
 mod sdnotify;
@@ -78,6 +79,7 @@ fn main() {
         cli::Command::Get(a) => (get::run(a), 1),
         cli::Command::Expose(a) => (expose::run(a), 1),
         cli::Command::Service(a) => (service::run(a), 1),
+        cli::Command::Oci(a) => (oci::run(a), 1),
         cli::Command::Completions(a) => (completions::run(a), 1),
         cli::Command::Man => (completions::man(), 1),
     };

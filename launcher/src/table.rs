@@ -143,7 +143,15 @@ pub fn apps_table(apps: &[AppInfo], now: u64) -> String {
                         .join(","),
                 ),
                 format_age(now.saturating_sub(a.started_unix)),
-                format_command(&a.command, COMMAND_WIDTH),
+                match &a.container {
+                    // Whole: a container id (podman's are 64 characters)
+                    // is what `podman`/`runc` commands take.
+                    Some(c) => format!("{} container {}", c.runtime, c.id)
+                        .chars()
+                        .map(|ch| if ch.is_control() { '?' } else { ch })
+                        .collect(),
+                    None => format_command(&a.command, COMMAND_WIDTH),
+                },
             ]
         })
         .collect();
@@ -293,6 +301,8 @@ mod tests {
             started_unix: 1000,
             lb: None,
             connect_wait: None,
+            container: None,
+            no_hosts_mount: false,
         };
         let bare = AppInfo {
             id: 12,
@@ -311,6 +321,30 @@ ID  PID   VIPS                   NAMES    LABELS   AGE  COMMAND
 12  -     10.233.0.3             <none>   <none>   5s   true
 ";
         assert_eq!(t, want);
+    }
+
+    #[test]
+    fn container_rows_show_the_whole_id() {
+        let id = "600f230c8177badb6b302450587e4530aba1f50691568d7d36a4b81ee694c27a";
+        let app = AppInfo {
+            id: 1,
+            pid: 77,
+            uid: 1000,
+            vips: vec!["10.233.0.70".parse().unwrap()],
+            names: vec!["pweb".into()],
+            labels: BTreeMap::new(),
+            command: vec!["runc".into(), "container".into(), id.into()],
+            started_unix: 1000,
+            lb: None,
+            connect_wait: None,
+            container: Some(ax_registry::ContainerRef {
+                id: id.into(),
+                runtime: "runc".into(),
+            }),
+            no_hosts_mount: false,
+        };
+        let t = apps_table(&[app], 1001);
+        assert!(t.contains(&format!("runc container {id}\n")), "{t}");
     }
 
     #[test]

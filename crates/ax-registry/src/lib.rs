@@ -99,6 +99,25 @@ pub struct AppSpec {
     /// `--connect-wait`: how long a blocking connect to a service that is
     /// not up yet waits for it (`None`: the daemon's default).
     pub connect_wait: Option<Duration>,
+    /// The OCI container this app is (registered by the daemon's runtime
+    /// socket rather than by `ax exec`).
+    #[serde(default)]
+    pub container: Option<ContainerRef>,
+    /// `ax exec --no-hosts-mount`: the program runs in the launcher's own
+    /// user and mount namespaces (no hosts file shown, the daemon's
+    /// directory not hidden).
+    #[serde(default)]
+    pub no_hosts_mount: bool,
+}
+
+/// An OCI container served as an app: its id and the runtime that sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    /// The container's id (the OCI state's `id`).
+    pub id: String,
+    /// The runtime that handed it over (`runc`, `crun`, …, as far as the
+    /// daemon can tell from its process name).
+    pub runtime: String,
 }
 
 /// An app as the registry knows it.
@@ -124,6 +143,12 @@ pub struct AppInfo {
     pub lb: Option<LbMode>,
     /// `--connect-wait`, if given.
     pub connect_wait: Option<Duration>,
+    /// The OCI container this app is, if it is one.
+    #[serde(default)]
+    pub container: Option<ContainerRef>,
+    /// Started with `ax exec --no-hosts-mount` (see [`AppSpec`]).
+    #[serde(default)]
+    pub no_hosts_mount: bool,
 }
 
 /// One app listening on a service.

@@ -470,6 +470,8 @@ impl LocalRegistry {
                 .unwrap_or(0),
             lb: spec.lb.or(declared.and_then(|d| d.lb)),
             connect_wait: spec.connect_wait,
+            container: spec.container.clone(),
+            no_hosts_mount: spec.no_hosts_mount,
         };
         st.apps.insert(id, info.clone());
         self.notify(st);

@@ -8,8 +8,9 @@
 //! keeper learns it from `PR_SET_PDEATHSIG`), the table is the keeper's
 //! alone: it closes everything except accepted server-side connections of
 //! this daemon (a UNIX stream socket named `<prefix>l…` whose peer is named
-//! `<prefix>c…`) and its anchor in its private network namespace (named
-//! `<prefix>p`, see [`crate::netns`]) — so that the daemon's control socket, its clients'
+//! `<prefix>c…`), its anchor in its private network namespace (named
+//! `<prefix>p`, see [`crate::netns`]), seccomp notify fds and call journals
+//! (an OCI container has no launcher to hand them to a successor) — so that the daemon's control socket, its clients'
 //! connections and its lock close as they would have — and lingers until a
 //! successor has taken those connections (`pidfd_getfd`) and kills it, or
 //! for [`LINGER_SECS`].
@@ -141,6 +142,7 @@ unsafe fn close_all_but_accepted(prefix: &[u8]) {
                 && fd != dir
                 && !is_accepted_connection(fd, prefix)
                 && !is_anchor(fd, prefix)
+                && !is_kept_file(fd)
             {
                 // SAFETY: closing an fd of this (private) table.
                 unsafe { libc::close(fd) };
@@ -150,6 +152,52 @@ unsafe fn close_all_but_accepted(prefix: &[u8]) {
     }
     // SAFETY: closing the directory fd opened above.
     unsafe { libc::close(dir) };
+}
+
+/// What `readlink /proc/self/fd/N` shows for a seccomp notify fd.
+pub const NOTIFY_FD_LINK: &[u8] = b"anon_inode:seccomp notify";
+/// How `readlink /proc/self/fd/N` begins for a call journal
+/// ([`crate::journal`]).
+pub const JOURNAL_LINK_PREFIX: &[u8] = b"/memfd:ax-journal";
+
+/// True when `fd` is a seccomp notify fd (`/proc/self/fd/N` links to
+/// [`NOTIFY_FD_LINK`]) or a call journal. Async-signal-safe: stack buffers
+/// and one `readlink`.
+fn is_kept_file(fd: i32) -> bool {
+    const DIR: &[u8] = b"/proc/self/fd/";
+    let Ok(mut n) = u32::try_from(fd) else {
+        return false;
+    };
+    // "/proc/self/fd/" + at most 10 digits + NUL.
+    let mut path = [0u8; 32];
+    path[..DIR.len()].copy_from_slice(DIR);
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + u8::try_from(n % 10).unwrap_or(0);
+        n /= 10;
+        len += 1;
+        if n == 0 || len == digits.len() {
+            break;
+        }
+    }
+    for i in 0..len {
+        path[DIR.len() + i] = digits[len - 1 - i];
+    }
+    let mut link = [0u8; 64];
+    // SAFETY: `path` is NUL-terminated (zeroed past the digits) and `link`
+    // is writable for its length; readlink writes at most that much.
+    let n = unsafe {
+        libc::readlink(
+            path.as_ptr().cast::<libc::c_char>(),
+            link.as_mut_ptr().cast::<libc::c_char>(),
+            link.len(),
+        )
+    };
+    usize::try_from(n).is_ok_and(|n| {
+        let link = &link[..n.min(link.len())];
+        link == NOTIFY_FD_LINK || link.starts_with(JOURNAL_LINK_PREFIX)
+    })
 }
 
 /// True for a UNIX socket named `\0<prefix>l…` whose peer is `\0<prefix>c…`.
@@ -226,6 +274,16 @@ mod tests {
         assert!(is_anchor(anchor.as_raw_fd(), tag.as_bytes()));
         assert!(!is_anchor(listener.as_raw_fd(), tag.as_bytes()));
         assert!(!is_anchor(a.as_raw_fd(), tag.as_bytes()));
+    }
+
+    #[test]
+    fn keeps_journals_and_notify_fds_only() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!is_kept_file(a.as_raw_fd()));
+        assert!(!is_kept_file(-1));
+        assert!(!is_kept_file(i32::MAX));
+        let journal = crate::journal::create().unwrap();
+        assert!(is_kept_file(journal.as_raw_fd()));
     }
 
     /// A UNIX stream socket bound to abstract `name`, connected to abstract

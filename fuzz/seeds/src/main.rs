@@ -30,6 +30,8 @@ fn frames(dir: &Path) {
         command: vec!["python3".into(), "-m".into(), "http.server".into()],
         lb: Some(LbMode::Random),
         connect_wait: Some(std::time::Duration::from_millis(1500)),
+        container: None,
+        no_hosts_mount: false,
     };
     let info = AppInfo {
         id: 3,
@@ -42,6 +44,8 @@ fn frames(dir: &Path) {
         started_unix: 1_760_000_000,
         lb: spec.lb,
         connect_wait: spec.connect_wait,
+        container: None,
+        no_hosts_mount: false,
     };
     let services = vec![
         ServiceInfo {
