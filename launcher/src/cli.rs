@@ -393,6 +393,26 @@ pub struct DaemonArgs {
     /// 10m for a daemon 'ax exec' starts]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "AX_IDLE_EXIT")]
     pub idle_exit: Option<Duration>,
+
+    /// Make this host a node of a cluster: gossip (UDP) and connections
+    /// from other nodes (TCP) on this address of this host, same port
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Cluster")]
+    pub cluster: Option<SocketAddr>,
+
+    /// This node's name in the cluster [default: the host name]
+    #[arg(long, value_name = "NAME", requires = "cluster", help_heading = "Cluster")]
+    pub node: Option<String>,
+
+    /// A member to join the cluster through (repeatable); a node that joins
+    /// nobody starts a cluster
+    #[arg(long, value_name = "ADDR:PORT", requires = "cluster", help_heading = "Cluster")]
+    pub join: Vec<SocketAddr>,
+
+    /// A file holding the cluster's shared secret (at least 16 bytes), which
+    /// authenticates connections between nodes; without it cluster traffic
+    /// is unauthenticated
+    #[arg(long, value_name = "FILE", requires = "cluster", help_heading = "Cluster")]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// `ax get`.
@@ -423,6 +443,10 @@ pub enum Resource {
     /// Services reachable at host addresses ('ax expose', 'ax exec --expose')
     #[value(alias = "exposure")]
     Exposures,
+    /// Hosts of the cluster ('ax daemon --cluster'): address, state, apps
+    /// and services
+    #[value(alias = "node")]
+    Nodes,
 }
 
 /// Output formats of `ax get`.

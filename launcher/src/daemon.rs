@@ -81,6 +81,8 @@ struct Daemon {
     conns: Arc<Mutex<ConnTable>>,
     /// The daemon's own counters, for `--metrics`.
     counters: Arc<crate::metrics::DaemonCounters>,
+    /// This host's cluster (`--cluster`), if any.
+    cluster: Option<ax_cluster::Cluster>,
 }
 
 /// Open control connections (see the module docs).
@@ -508,7 +510,11 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         tracing::info!(file = %policy_path.display(), rules = policy.rule_count(), "policy loaded");
         registry.set_policy(policy);
     }
-    let directory: Arc<dyn Directory> = registry.clone();
+    let cluster = crate::cluster::prepare(&args, &registry)?;
+    let directory: Arc<dyn Directory> = match &cluster {
+        Some((c, _)) => Arc::new(ax_cluster::ClusterDirectory::new(registry.clone(), c.clone())),
+        None => registry.clone(),
+    };
     let broker = Broker::new(directory, config.clone());
     // Every UNIX socket of the broker lives in a private network namespace
     // (the predecessor's, when its fd keeper kept it): without one, ax's
@@ -539,6 +545,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let hosts_thread = match HostsFile::open(&hosts_path) {
         Ok(hosts) => {
             let (registry, stop) = (registry.clone(), stop_hosts.clone());
+            let hosts = hosts.with_cluster(cluster.as_ref().map(|(c, _)| c.clone()));
             std::thread::Builder::new()
                 .name("ax-hosts".into())
                 .spawn(move || hosts.keep_current(registry, stop))
@@ -568,6 +575,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         namespaces: crate::peer::AppNamespaces::new(),
         conns: Arc::new(Mutex::new(ConnTable::default())),
         counters,
+        cluster: cluster.as_ref().map(|(c, _)| c.clone()),
     });
     daemon.take_over_predecessor();
 
@@ -615,6 +623,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 .clone()
                 .watch(daemon.registry.clone(), daemon.broker.clone()),
         );
+        let cluster_task = match cluster {
+            Some((c, l)) => Some(
+                crate::cluster::start(c, l, daemon.registry.clone(), daemon.broker.clone()).await?,
+            ),
+            None => None,
+        };
         let mut reap = tokio::time::interval(Duration::from_secs(1));
         let idle_exit = args.idle_exit.filter(|d| !d.is_zero());
         let mut idle_since = tokio::time::Instant::now();
@@ -648,6 +662,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         }
         let _ = crate::sdnotify::notify("STOPPING=1");
         loopback.abort();
+        if let Some(t) = cluster_task {
+            t.abort();
+        }
+        if let Some(c) = &daemon.cluster {
+            c.stop();
+        }
         anyhow::Ok(())
     });
     // Remove the socket only if it is still ours. The hosts file stays:
@@ -1199,6 +1219,12 @@ impl Daemon {
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::ListExposures => Response::Exposures(self.exposures.list()),
+            Request::ListNodes => Response::Nodes(
+                self.cluster
+                    .as_ref()
+                    .map(|c| c.nodes())
+                    .unwrap_or_default(),
+            ),
             Request::CreateService { name, ips, lb } => {
                 crate::service::create(&self.registry, &name, &ips, lb, peer.uid, || {
                     self.save_state()

@@ -9,6 +9,7 @@
 
 mod cli;
 mod client;
+mod cluster;
 mod completions;
 mod daemon;
 mod exec;
@@ -18,6 +19,7 @@ mod hosts;
 mod instance;
 mod localhost;
 mod metrics;
+mod nodes;
 mod paths;
 mod peer;
 mod sdnotify;

@@ -31,6 +31,7 @@ mod bind;
 mod connect;
 mod localhost;
 pub(crate) mod restrict;
+mod remote;
 mod send;
 mod sockname;
 mod sockopt;

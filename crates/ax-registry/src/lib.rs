@@ -358,6 +358,19 @@ pub enum ResolveError {
 ///
 /// Implementations must be cheap and must never block on the network: the
 /// broker calls them while a program's thread waits in a trapped syscall.
+/// A service on another host of a cluster, as [`Directory::remote`]
+/// finds it: where to connect, and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRoute {
+    /// The name of the host (node) that serves it.
+    pub node: String,
+    /// That node's cluster address: a TCP connection there carries the
+    /// connection after a short header.
+    pub cluster: SocketAddr,
+    /// The client app's VIP the server sees.
+    pub client_vip: IpAddr,
+}
+
 pub trait Directory: Send + Sync {
     /// True when `ip` is virtual: connects to it are answered by ax, never
     /// routed.
@@ -419,6 +432,28 @@ pub trait Directory: Send + Sync {
     /// listener's address from the chosen port; `is_alive` tells whether a
     /// conflicting registration still has a live listener (stale ones are
     /// replaced). Returns the port.
+    /// A service at `dst` that no app on this host serves but another
+    /// host of a cluster does, with the policy applied as for a local one
+    /// (`Err(Denied)`); `Ok(None)` when there is none (the default: no
+    /// cluster). Answered from a local copy of the cluster's table, never
+    /// waiting on the network.
+    fn remote(&self, _client: AppId, _dst: SocketAddr) -> Result<Option<RemoteRoute>, ResolveError> {
+        Ok(None)
+    }
+
+    /// The header a connection to `route` starts with: `dst`, the client's
+    /// VIP:port `from`, the client's labels and, with a cluster key, their
+    /// authentication.
+    fn remote_header(
+        &self,
+        _client: AppId,
+        _route: &RemoteRoute,
+        _dst: SocketAddr,
+        _from: SocketAddr,
+    ) -> Vec<u8> {
+        Vec::new()
+    }
+
     fn bind(
         &self,
         req: &BindRequest,

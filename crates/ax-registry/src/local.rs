@@ -675,6 +675,52 @@ impl LocalRegistry {
             .collect())
     }
 
+    /// The backends of `dst` for a client on another host of a cluster
+    /// with `client_labels` (app `client` there), with the policy applied
+    /// as to a local client.
+    pub fn resolve_from_remote(
+        &self,
+        client: AppId,
+        client_labels: &BTreeMap<String, String>,
+        dst: SocketAddr,
+    ) -> Result<Vec<UnixEndpoint>, ResolveError> {
+        let mut st = self.lock();
+        let ordered = pick(&mut st, dst)?;
+        let no_labels = BTreeMap::new();
+        let server = ordered[0].app;
+        let server_labels = st
+            .apps
+            .get(&server)
+            .map(|a| &a.labels)
+            .unwrap_or(&no_labels);
+        let decision = self.decide(client_labels, server_labels, dst.port());
+        if !decision.allowed {
+            return Err(ResolveError::Denied {
+                dst,
+                client,
+                client_labels: effective_labels(client_labels).into_owned(),
+                server,
+                server_labels: effective_labels(server_labels).into_owned(),
+                rule: decision.rule,
+            });
+        }
+        Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+    }
+
+    /// The policy's decision on a connect from `client` labels to `server`
+    /// labels on `port` (for a server on another host of a cluster).
+    pub fn decide(
+        &self,
+        client: &BTreeMap<String, String>,
+        server: &BTreeMap<String, String>,
+        port: u16,
+    ) -> crate::Decision {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(client, server, port)
+    }
+
     /// All services, by address, each with its backends; then each VIP of
     /// a declared service that has none yet, at port 0 with no backend.
     pub fn services(&self) -> Vec<ServiceInfo> {
