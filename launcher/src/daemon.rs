@@ -729,6 +729,14 @@ fn raise_fd_limit() {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The gossip library logs every heartbeat at debug: only its warnings,
+    // unless RUST_LOG names it.
+    let names_chitchat = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("chitchat"));
+    let filter = if names_chitchat {
+        filter
+    } else {
+        filter.add_directive("chitchat=warn".parse().expect("a valid directive"))
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

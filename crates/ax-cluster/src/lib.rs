@@ -98,6 +98,9 @@ struct Inner {
     generation: AtomicU64,
     next: AtomicUsize,
     replay: Mutex<Replay>,
+    /// The block of each VIP pool this node allocates from (see
+    /// [`table::BLOCKS`]).
+    block: AtomicUsize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -113,7 +116,8 @@ impl Cluster {
     /// A node of the cluster `config` describes, not gossiping yet (see
     /// [`Cluster::start`]).
     pub fn new(config: ClusterConfig, registry: Arc<LocalRegistry>) -> Cluster {
-        Cluster {
+        let config_node = config.node.clone();
+        let cluster = Cluster {
             inner: Arc::new(Inner {
                 config,
                 registry,
@@ -122,8 +126,14 @@ impl Cluster {
                 generation: AtomicU64::new(1),
                 next: AtomicUsize::new(0),
                 replay: Mutex::new(Replay::default()),
+                block: AtomicUsize::new(table::first_block(&config_node)),
             }),
-        }
+        };
+        cluster
+            .inner
+            .registry
+            .set_claims(Arc::new(Claims(cluster.clone())));
+        cluster
     }
 
     /// Starts gossip on `--cluster` and keeps this node's apps and services
@@ -255,7 +265,11 @@ impl Cluster {
             else {
                 return;
             };
-            let wanted = table::local_keys(&self.inner.registry);
+            let mut wanted = table::local_keys(&self.inner.registry);
+            wanted.insert(
+                table::BLOCK_KEY.to_string(),
+                self.inner.block.load(Ordering::Relaxed).to_string(),
+            );
             let fresh = {
                 let mut cc = chitchat.lock().await;
                 let me = cc.self_node_state();
@@ -272,6 +286,13 @@ impl Cluster {
                 table::read(&cc, &mut beats, Instant::now())
             };
             published = wanted;
+            // Two nodes on one block: the one with the greater name moves.
+            let mine = self.inner.block.load(Ordering::Relaxed);
+            if let Some(other) = fresh.block_conflict(self.node(), mine) {
+                let next = fresh.free_block(mine);
+                tracing::info!(block = mine, node = %other, next, "VIP block also claimed by another node: moving");
+                self.inner.block.store(next, Ordering::Relaxed);
+            }
             let changed = {
                 let mut t = self.inner.table.write().unwrap_or_else(|e| e.into_inner());
                 let changed = **t != fresh;
@@ -468,5 +489,55 @@ impl Directory for ClusterDirectory {
 
     fn app_exited(&self, app: AppId) {
         self.local.app_exited(app)
+    }
+}
+
+/// The cluster's side of VIP allocation (see [`ax_registry::VipClaims`]).
+#[derive(Debug)]
+struct Claims(Cluster);
+
+impl ax_registry::VipClaims for Claims {
+    fn range(&self, pool: &ax_registry::VipPool) -> Option<(u128, u128)> {
+        // Blocks aligned on the pool's own size (a power of two), so that a
+        // node's VIPs read as a sub-network: 10.233.<block>.x in a /16.
+        let cap = pool.capacity();
+        let nominal = cap.checked_add(2)?.checked_next_power_of_two()?;
+        let size = nominal / table::BLOCKS;
+        if size < 4 {
+            return None;
+        }
+        let block = u128::try_from(self.0.inner.block.load(Ordering::Relaxed)).ok()?;
+        let low = block.checked_mul(size)?;
+        (low < cap).then(|| (low, size.min(cap - low)))
+    }
+
+    fn held_elsewhere(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<String> {
+        if replica {
+            return None;
+        }
+        let table = self.0.table();
+        let node = table
+            .live()
+            .find(|n| {
+                n.apps.iter().any(|a| {
+                    a.vips.contains(&ip) && !a.names.iter().any(|name| names.contains(name))
+                })
+            })
+            .map(|n| n.name.clone());
+        node
+    }
+
+    fn taken_elsewhere(&self, ip: IpAddr) -> bool {
+        self.0.is_remote_vip(ip)
+    }
+
+    fn vips_of_name(&self, names: &[String]) -> Option<Vec<IpAddr>> {
+        let table = self.0.table();
+        let vips = table
+            .live()
+            .flat_map(|n| n.apps.iter())
+            .find(|a| a.names.iter().any(|name| names.contains(name)))
+            .map(|a| a.vips.clone());
+        vips
     }
 }

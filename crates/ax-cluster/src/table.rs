@@ -17,11 +17,56 @@ const SVC: &str = "svc:";
 /// failure detector declares it dead later, by phi accrual).
 const SUSPECT_AFTER: Duration = Duration::from_millis(1500);
 
+/// Key of the VIP block a node allocates from.
+pub(crate) const BLOCK_KEY: &str = "vip-block";
+
+/// Each VIP pool is cut into this many blocks; each node allocates from
+/// one, so that two nodes never hand out the same VIP.
+pub(crate) const BLOCKS: u128 = 256;
+
+/// The block a node named `node` tries first (spread by a hash of its
+/// name, so that nodes starting at once rarely collide).
+pub(crate) fn first_block(node: &str) -> usize {
+    // FNV-1a.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    usize::try_from(h % 256).unwrap_or(0)
+}
+
 /// Every other node, as this node last read them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Table {
     /// The other nodes, by name.
     pub nodes: Vec<NodeInfo>,
+    /// The VIP block each other live node allocates from, by name.
+    pub blocks: BTreeMap<String, usize>,
+}
+
+impl Table {
+    /// The nodes not dead.
+    pub fn live(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.iter().filter(|n| n.state != NodeState::Dead)
+    }
+
+    /// A node with a smaller name than `me` that also claims `block`.
+    pub(crate) fn block_conflict(&self, me: &str, block: usize) -> Option<&str> {
+        self.blocks
+            .iter()
+            .find(|(name, b)| **b == block && name.as_str() < me)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// The first block after `from` that no other node claims.
+    pub(crate) fn free_block(&self, from: usize) -> usize {
+        let n = usize::try_from(BLOCKS).unwrap_or(256);
+        (1..n)
+            .map(|i| (from + i) % n)
+            .find(|b| !self.blocks.values().any(|x| x == b))
+            .unwrap_or(from)
+    }
 }
 
 /// This node's apps as published.
@@ -105,6 +150,7 @@ pub(crate) fn read(cc: &Chitchat, beats: &mut Heartbeats, now: Instant) -> Table
     }
     beats.last.retain(|id, _| cc.node_states().contains_key(id));
     let mut nodes = Vec::new();
+    let mut blocks = BTreeMap::new();
     for (name, id) in newest {
         let Some(ns) = cc.node_state(id) else {
             continue;
@@ -124,6 +170,11 @@ pub(crate) fn read(cc: &Chitchat, beats: &mut Heartbeats, now: Instant) -> Table
         } else {
             NodeState::Alive
         };
+        if state != NodeState::Dead {
+            if let Some(b) = ns.get(BLOCK_KEY).and_then(|v| v.parse().ok()) {
+                blocks.insert(name.to_string(), b);
+            }
+        }
         let (mut apps, mut services) = (Vec::new(), Vec::new());
         // A dead node's apps and services are withdrawn.
         if state != NodeState::Dead {
@@ -150,7 +201,7 @@ pub(crate) fn read(cc: &Chitchat, beats: &mut Heartbeats, now: Instant) -> Table
             services,
         });
     }
-    Table { nodes }
+    Table { nodes, blocks }
 }
 
 /// `node`'s service at `dst`, if it serves one there (a wildcard bind

@@ -189,6 +189,13 @@ pub enum RegisterError {
     /// The VIP is reserved for a declared service the app is not named
     /// after.
     #[error(
+        "virtual IP {ip} is held by an app on node '{node}' of the cluster (to add a replica behind it, give the same --name, or --lb)"
+    )]
+    HeldElsewhere {
+        ip: IpAddr,
+        node: String,
+    },
+    #[error(
         "virtual IP {ip} is reserved for the declared service '{name}' (give --name {name} to become its backend)"
     )]
     IpDeclared {
@@ -358,6 +365,23 @@ pub enum ResolveError {
 ///
 /// Implementations must be cheap and must never block on the network: the
 /// broker calls them while a program's thread waits in a trapped syscall.
+/// What other hosts of a cluster hold, for a host's allocation of VIPs
+/// (see [`LocalRegistry::set_claims`]): VIPs are unique cluster-wide.
+pub trait VipClaims: Send + Sync + std::fmt::Debug {
+    /// The part of `pool` (hosts `start..start+len`) this host allocates
+    /// from; `None`: all of it.
+    fn range(&self, pool: &VipPool) -> Option<(u128, u128)>;
+    /// The host whose app holds `ip`, unless that app is named one of
+    /// `names` or `replica` (`--lb`) is set: an explicit `--ip` there is
+    /// refused.
+    fn held_elsewhere(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<String>;
+    /// Whether an app on another host holds `ip` (never allocated here).
+    fn taken_elsewhere(&self, ip: IpAddr) -> bool;
+    /// The VIPs of an app on another host named one of `names`: a replica
+    /// here shares them.
+    fn vips_of_name(&self, names: &[String]) -> Option<Vec<IpAddr>>;
+}
+
 /// A service on another host of a cluster, as [`Directory::remote`]
 /// finds it: where to connect, and as whom.
 #[derive(Debug, Clone, PartialEq, Eq)]

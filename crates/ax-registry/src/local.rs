@@ -197,6 +197,8 @@ pub struct LocalRegistry {
     policy: Mutex<Policy>,
     /// Host loopback address → the service the daemon serves there.
     host_loopback: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// With a cluster: what the other hosts hold.
+    claims: std::sync::RwLock<Option<std::sync::Arc<dyn crate::VipClaims>>>,
 }
 
 impl Default for LocalRegistry {
@@ -357,6 +359,7 @@ impl LocalRegistry {
             }),
             changes: Condvar::new(),
             policy: Mutex::new(Policy::default()),
+            claims: std::sync::RwLock::new(None),
             host_loopback: Mutex::default(),
         }
     }
@@ -422,9 +425,16 @@ impl LocalRegistry {
                 });
             }
         }
+        let claims = self.claims();
         let mut vips = Vec::new();
         for &ip in &spec.requested_ips {
             validate_vip(ip)?;
+            if let Some(node) = claims
+                .as_ref()
+                .and_then(|c| c.held_elsewhere(ip, &spec.names, spec.lb.is_some()))
+            {
+                return Err(RegisterError::HeldElsewhere { ip, node });
+            }
             if let Some(holder) = st.declared_holder(ip) {
                 if !spec.names.contains(&holder.name) {
                     return Err(RegisterError::IpDeclared {
@@ -444,6 +454,9 @@ impl LocalRegistry {
             if let Some(d) = &declared {
                 vips = d.vips.clone();
             } else if let Some(shared) = st.vips_of_name(&spec.names) {
+                vips = shared;
+            } else if let Some(shared) = claims.as_ref().and_then(|c| c.vips_of_name(&spec.names)) {
+                // A replica of an app on another host of the cluster.
                 vips = shared;
             }
         }
@@ -493,12 +506,21 @@ impl LocalRegistry {
                 continue;
             };
             let cap = pool.capacity();
-            let start = st.next_pool_host.get(&index).copied().unwrap_or(0);
+            // With a cluster: this host's part of the pool only.
+            let claims = self.claims();
+            let (low, len) = claims
+                .as_ref()
+                .and_then(|c| c.range(pool))
+                .filter(|(low, len)| *len > 0 && low.saturating_add(*len) <= cap)
+                .unwrap_or((0, cap));
+            let next = st.next_pool_host.get(&index).copied().unwrap_or(low);
+            let start = if next >= low { next - low } else { 0 };
             let mut found = None;
-            for i in 0..cap.min(1 << 24) {
-                let n = (start + i) % cap;
+            for i in 0..len.min(1 << 24) {
+                let n = low + (start + i) % len;
                 let Some(ip) = pool.host(n) else { continue };
-                if !st.vip_taken(ip) {
+                let elsewhere = claims.as_ref().is_some_and(|c| c.taken_elsewhere(ip));
+                if !st.vip_taken(ip) && !elsewhere {
                     found = Some((ip, n));
                     break;
                 }
@@ -673,6 +695,17 @@ impl LocalRegistry {
             .into_iter()
             .map(|b| b.endpoint)
             .collect())
+    }
+
+    /// Makes VIPs unique across a cluster: allocation keeps to this host's
+    /// part of each pool and skips VIPs held elsewhere; an explicit `--ip`
+    /// held elsewhere is refused unless it names a replica.
+    pub fn set_claims(&self, claims: std::sync::Arc<dyn crate::VipClaims>) {
+        *self.claims.write().unwrap_or_else(|e| e.into_inner()) = Some(claims);
+    }
+
+    fn claims(&self) -> Option<std::sync::Arc<dyn crate::VipClaims>> {
+        self.claims.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The backends of `dst` for a client on another host of a cluster
