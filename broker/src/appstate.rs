@@ -181,6 +181,9 @@ fn live_socket_inodes() -> HashSet<u64> {
         .collect()
 }
 
+/// A connection's kernel addresses: (local, peer).
+type KernelNames = (SocketAddr, SocketAddr);
+
 /// (inode, level, name) of a remembered option.
 pub(crate) type OptionKey = (u64, i32, i32);
 
@@ -195,7 +198,7 @@ pub(crate) struct AppState {
     held: Mutex<SocketTable<u64, (SocketAddr, SocketAddr)>>,
     /// TCP connections to or from another host of a cluster: by inode,
     /// their kernel (local, peer) addresses and the VIPs they stand for.
-    remote: Mutex<SocketTable<u64, ((SocketAddr, SocketAddr), VirtualNames)>>,
+    remote: Mutex<SocketTable<u64, (KernelNames, VirtualNames)>>,
     /// False once the app's last process has exited.
     alive: AtomicBool,
     /// Set once a UDP datagram to a VIP was refused (and logged).

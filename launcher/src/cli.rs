@@ -400,18 +400,33 @@ pub struct DaemonArgs {
     pub cluster: Option<SocketAddr>,
 
     /// This node's name in the cluster [default: the host name]
-    #[arg(long, value_name = "NAME", requires = "cluster", help_heading = "Cluster")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
     pub node: Option<String>,
 
     /// A member to join the cluster through (repeatable); a node that joins
     /// nobody starts a cluster
-    #[arg(long, value_name = "ADDR:PORT", requires = "cluster", help_heading = "Cluster")]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
     pub join: Vec<SocketAddr>,
 
     /// A file holding the cluster's shared secret (at least 16 bytes), which
     /// authenticates connections between nodes; without it cluster traffic
     /// is unauthenticated
-    #[arg(long, value_name = "FILE", requires = "cluster", help_heading = "Cluster")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
     pub cluster_key_file: Option<PathBuf>,
 }
 

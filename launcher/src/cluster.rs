@@ -70,8 +70,8 @@ pub async fn start(
     broker: Broker,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     cluster.start().await?;
-    let listener = tokio::net::TcpListener::from_std(listener)
-        .context("cannot watch the --cluster socket")?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("cannot watch the --cluster socket")?;
     tracing::info!(
         node = cluster.node(),
         addr = %cluster.addr(),

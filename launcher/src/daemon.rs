@@ -512,7 +512,10 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     let cluster = crate::cluster::prepare(&args, &registry)?;
     let directory: Arc<dyn Directory> = match &cluster {
-        Some((c, _)) => Arc::new(ax_cluster::ClusterDirectory::new(registry.clone(), c.clone())),
+        Some((c, _)) => Arc::new(ax_cluster::ClusterDirectory::new(
+            registry.clone(),
+            c.clone(),
+        )),
         None => registry.clone(),
     };
     let broker = Broker::new(directory, config.clone());
@@ -1227,12 +1230,9 @@ impl Daemon {
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::ListExposures => Response::Exposures(self.exposures.list()),
-            Request::ListNodes => Response::Nodes(
-                self.cluster
-                    .as_ref()
-                    .map(|c| c.nodes())
-                    .unwrap_or_default(),
-            ),
+            Request::ListNodes => {
+                Response::Nodes(self.cluster.as_ref().map(|c| c.nodes()).unwrap_or_default())
+            }
             Request::CreateService { name, ips, lb } => {
                 crate::service::create(&self.registry, &name, &ips, lb, peer.uid, || {
                     self.save_state()

@@ -12,9 +12,9 @@
 
 use ax_registry::{Directory, LocalRegistry};
 use std::fmt::Write as _;
-use std::net::IpAddr;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -129,7 +129,11 @@ impl Host {
             seen.is_some(),
             "{}: service {addr} on node {node} {} within {CONVERGE:?}; services: {:?}\nlog:\n{}",
             self.name,
-            if present { "did not appear" } else { "was not withdrawn" },
+            if present {
+                "did not appear"
+            } else {
+                "was not withdrawn"
+            },
             self.daemon.services(),
             tail(&self.daemon.log())
         );
@@ -296,7 +300,11 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 fn vip_of(h: &Host, name: &str) -> String {
     let apps = h.daemon.apps();
     apps.iter()
-        .find(|a| a["names"].as_array().is_some_and(|n| n.iter().any(|n| n == name)))
+        .find(|a| {
+            a["names"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n == name))
+        })
         .and_then(|a| a["vips"][0].as_str().map(str::to_string))
         .unwrap_or_else(|| panic!("{}: no app named {name}: {apps:?}", h.name))
 }
@@ -334,10 +342,21 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
     a.wait_for_backend(&service, "b", true);
 
     // By name (the hosts file of a covers b's names) and by VIP.
-    for url in ["http://web:8000/".to_string(), format!("http://{web}:8000/")] {
+    for url in [
+        "http://web:8000/".to_string(),
+        format!("http://{web}:8000/"),
+    ] {
         let out = a.run(
             &["--name", "client"],
-            &["curl", "-sS", "-m", "10", "-w", "\nLOCAL %{local_ip}\n", &url],
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-w",
+                "\nLOCAL %{local_ip}\n",
+                &url,
+            ],
         );
         assert!(
             out.status.success() && out.stdout.contains("hello-from-b"),
@@ -359,12 +378,16 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
         out.contains(&format!("SELF {web} GETPEER 10.233.")),
         "the server's getsockname/getpeername are not VIPs: {out}"
     );
-    assert!(!out.contains("10.99.0."), "the server saw a host address: {out}");
+    assert!(
+        !out.contains("10.99.0."),
+        "the server saw a host address: {out}"
+    );
 
     // b's apps and services are listed on a, with their node.
     let apps = a.daemon.apps();
     assert!(
-        apps.iter().any(|x| x["node"] == "b" && x["names"][0] == "web"),
+        apps.iter()
+            .any(|x| x["node"] == "b" && x["names"][0] == "web"),
         "ax get apps on a: {apps:?}"
     );
     let table = a.daemon.get("nodes", &[]);
@@ -457,7 +480,11 @@ fn policy_refuses_across_hosts() {
             .contains("connect denied by policy")
             .then_some(())
     });
-    assert!(logged.is_some(), "a did not log the refusal:\n{}", tail(&a.daemon.log()));
+    assert!(
+        logged.is_some(),
+        "a did not log the refusal:\n{}",
+        tail(&a.daemon.log())
+    );
 
     let allowed = a.run(
         &["--label", "tier=db"],

@@ -667,10 +667,13 @@ impl HeldConnect {
         // connection closed).
         let mut endpoints = endpoints;
         loop {
-            match shared
-                .doors
-                .ring(shared.config.instance, &shared.sockets, conn, &endpoints, None)
-            {
+            match shared.doors.ring(
+                shared.config.instance,
+                &shared.sockets,
+                conn,
+                &endpoints,
+                None,
+            ) {
                 Ok(()) => {
                     tracing::debug!(app, %dst, "held connect handed to the service");
                     return;

@@ -229,7 +229,13 @@ mod tests {
             Ok(h)
         );
         assert_eq!(
-            Header::decode(&p, &b, &m, Some(b"other-key-other-key"), &mut Replay::default()),
+            Header::decode(
+                &p,
+                &b,
+                &m,
+                Some(b"other-key-other-key"),
+                &mut Replay::default()
+            ),
             Err(HeaderError::BadMac)
         );
         // The same header again: a replay.

@@ -225,11 +225,7 @@ impl Cluster {
         body: &[u8],
         mac: &[u8; header::MAC_LEN],
     ) -> Result<Header, HeaderError> {
-        let mut replay = self
-            .inner
-            .replay
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut replay = self.inner.replay.lock().unwrap_or_else(|e| e.into_inner());
         Header::decode(prefix, body, mac, self.key(), &mut replay)
     }
 

@@ -191,10 +191,7 @@ pub enum RegisterError {
     #[error(
         "virtual IP {ip} is held by an app on node '{node}' of the cluster (to add a replica behind it, give the same --name, or --lb)"
     )]
-    HeldElsewhere {
-        ip: IpAddr,
-        node: String,
-    },
+    HeldElsewhere { ip: IpAddr, node: String },
     #[error(
         "virtual IP {ip} is reserved for the declared service '{name}' (give --name {name} to become its backend)"
     )]
@@ -461,7 +458,11 @@ pub trait Directory: Send + Sync {
     /// (`Err(Denied)`); `Ok(None)` when there is none (the default: no
     /// cluster). Answered from a local copy of the cluster's table, never
     /// waiting on the network.
-    fn remote(&self, _client: AppId, _dst: SocketAddr) -> Result<Option<RemoteRoute>, ResolveError> {
+    fn remote(
+        &self,
+        _client: AppId,
+        _dst: SocketAddr,
+    ) -> Result<Option<RemoteRoute>, ResolveError> {
         Ok(None)
     }
 

@@ -514,7 +514,7 @@ impl LocalRegistry {
                 .filter(|(low, len)| *len > 0 && low.saturating_add(*len) <= cap)
                 .unwrap_or((0, cap));
             let next = st.next_pool_host.get(&index).copied().unwrap_or(low);
-            let start = if next >= low { next - low } else { 0 };
+            let start = next.saturating_sub(low);
             let mut found = None;
             for i in 0..len.min(1 << 24) {
                 let n = low + (start + i) % len;
@@ -705,7 +705,10 @@ impl LocalRegistry {
     }
 
     fn claims(&self) -> Option<std::sync::Arc<dyn crate::VipClaims>> {
-        self.claims.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.claims
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The backends of `dst` for a client on another host of a cluster
