@@ -3,8 +3,9 @@
 //! pairs, each running its own daemon; real programs (curl, python3) on
 //! different hosts reach each other by VIP and by name, host to host.
 //!
-//! Creating network namespaces and veth pairs needs root: as another user
-//! these tests skip, saying so.
+//! As root the namespaces are plain network namespaces; as another user
+//! they live in a user namespace the test creates (where the test is root),
+//! and the tests skip, saying so, where user namespaces are not allowed.
 
 use std::fs;
 use std::process::{Child, Command, Stdio};
@@ -19,20 +20,66 @@ const PORT: u16 = 7946;
 /// How long a change may take to reach every host (gossip every 250 ms).
 const CONVERGE: Duration = Duration::from_secs(20);
 
-/// A network namespace, held by a `sleep` that `unshare` started in it.
+/// A network namespace, held by a `sleep` that `unshare` started in it;
+/// as a user other than root, inside a user namespace of the test's (that
+/// of `within`, or a new one).
 struct Netns {
     holder: Child,
+    /// Enter its user namespace too.
+    user: bool,
 }
 
 impl Netns {
-    fn new() -> Netns {
+    /// The switch: a namespace of its own with a bridge `br0`; as root a
+    /// network namespace, otherwise also a new user namespace (`None` if
+    /// that is not allowed here).
+    fn switch() -> Option<Netns> {
+        let root = euid() == 0;
+        let mut cmd = Command::new("unshare");
+        if !root {
+            cmd.args(["--user", "--map-root-user"]);
+        }
+        let ns = Netns::start(cmd, !root);
+        let made = run(
+            &mut ns.command(&["ip", "link", "add", "br0", "type", "bridge"]),
+            SHORT,
+        );
+        // As a user, root of the user namespace may make links there, or
+        // user namespaces are not for us here.
+        assert!(
+            made.status.success() || !root,
+            "cannot make a bridge: {made}"
+        );
+        made.status.success().then_some(ns)
+    }
+
+    /// A network namespace in the user namespace of `within`.
+    fn within(within: &Netns) -> Netns {
+        if !within.user {
+            return Netns::start(Command::new("unshare"), false);
+        }
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "-t",
+            &within.pid().to_string(),
+            "-U",
+            "--preserve-credentials",
+            "--",
+            "unshare",
+        ]);
+        Netns::start(cmd, true)
+    }
+
+    /// `unshare_cmd --net -- sleep 3600`, ready once it is in its own
+    /// network namespace.
+    fn start(mut unshare_cmd: Command, user: bool) -> Netns {
         let ours = fs::read_link("/proc/self/ns/net").expect("read our network namespace");
-        let holder = Command::new("unshare")
+        let holder = unshare_cmd
             .args(["--net", "--", "sleep", "3600"])
             .stdin(Stdio::null())
             .spawn()
             .expect("start unshare --net");
-        let ns = Netns { holder };
+        let ns = Netns { holder, user };
         let path = format!("/proc/{}/ns/net", ns.pid());
         // Ready once the holder has entered its new namespace.
         let entered = poll(SHORT, Duration::from_millis(5), || {
@@ -46,11 +93,27 @@ impl Netns {
         self.holder.id()
     }
 
-    /// `nsenter -t PID -n ARGV…`: runs in this namespace.
+    /// `nsenter -t PID [-U] -n --`: what runs a command in this namespace.
+    fn prefix(&self) -> Vec<String> {
+        let mut p = vec![
+            "nsenter".to_string(),
+            "-t".to_string(),
+            self.pid().to_string(),
+        ];
+        if self.user {
+            // Joining the user namespace gives its capabilities; the ids
+            // stay (setgroups is denied there).
+            p.extend(["-U".to_string(), "--preserve-credentials".to_string()]);
+        }
+        p.extend(["-n".to_string(), "--".to_string()]);
+        p
+    }
+
+    /// `nsenter … ARGV…`: runs in this namespace.
     fn command(&self, argv: &[&str]) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.pid().to_string(), "-n", "--"])
-            .args(argv);
+        let prefix = self.prefix();
+        let mut cmd = Command::new(&prefix[0]);
+        cmd.args(&prefix[1..]).args(argv);
         cmd
     }
 
@@ -162,30 +225,28 @@ struct Cluster {
     _dir: TempDir,
 }
 
-/// Why these tests cannot run here, if they cannot.
-fn cannot_run() -> Option<String> {
-    if euid() != 0 {
-        return Some(
-            "creating network namespaces and veth pairs for the hosts needs root".to_string(),
-        );
-    }
-    None
+/// The switch's namespace, or why these tests cannot run here.
+fn switch() -> Result<Netns, String> {
+    Netns::switch().ok_or_else(|| {
+        "not root, and no user namespace in which to create network namespaces and veth pairs \
+         for the hosts"
+            .to_string()
+    })
 }
 
-/// Starts `n` hosts named a, b, c…; every host but the first joins the
-/// first. `daemon_args`: extra arguments for every daemon.
-fn cluster(n: usize, daemon_args: &[&str]) -> Cluster {
+/// Starts `n` hosts named a, b, c…, joined through `switch`; every host
+/// but the first joins the first. `daemon_args`: extra arguments for every
+/// daemon.
+fn cluster(switch: Netns, n: usize, daemon_args: &[&str]) -> Cluster {
     let dir = TempDir::new("cluster");
-    let switch = Netns::new();
-    switch.sh(&["ip", "link", "add", "br0", "type", "bridge"]);
     switch.sh(&["ip", "link", "set", "br0", "up"]);
     let mut hosts: Vec<Host> = Vec::new();
     for i in 0..n {
         let name = ((b'a' + u8::try_from(i).expect("few hosts")) as char).to_string();
-        let ns = Netns::new();
+        let ns = Netns::within(&switch);
         let addr = format!("10.99.0.{}", i + 1);
         let created = run(
-            Command::new("ip").args([
+            switch.command(&["ip"]).args([
                 "link",
                 "add",
                 "eth0",
@@ -196,8 +257,6 @@ fn cluster(n: usize, daemon_args: &[&str]) -> Cluster {
                 "peer",
                 "name",
                 &format!("p{name}"),
-                "netns",
-                &switch.pid().to_string(),
             ]),
             SHORT,
         );
@@ -214,8 +273,9 @@ fn cluster(n: usize, daemon_args: &[&str]) -> Cluster {
             args.extend(["--join", &first]);
         }
         args.extend(daemon_args);
-        let pid = ns.pid().to_string();
-        let daemon = Daemon::start_wrapped(&["nsenter", "-t", &pid, "-n", "--"], &[], &args);
+        let prefix = ns.prefix();
+        let wrap: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        let daemon = Daemon::start_wrapped(&wrap, &[], &args);
         hosts.push(Host {
             name,
             addr,
@@ -323,11 +383,14 @@ fn field(out: &str, key: &str) -> Option<String> {
 #[test]
 fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
     require!("curl", "python3", "ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let c = cluster(3, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 3, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let nodes = a.nodes();
     let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
@@ -404,11 +467,14 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
 #[test]
 fn the_connection_runs_between_the_programs_own_sockets() {
     require!("python3", "ip", "nsenter", "unshare", "ss");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let c = cluster(2, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let argv = py(TAGGED_HTTP_SERVER, &["8100", "x"]);
     let mut server = b.spawn(&["--name", "db"], &as_strs(&argv));
@@ -456,11 +522,14 @@ fn the_connection_runs_between_the_programs_own_sockets() {
 #[test]
 fn policy_refuses_across_hosts() {
     require!("curl", "python3", "ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let c = cluster(2, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let argv = py(TAGGED_HTTP_SERVER, &["8200", "secret"]);
     let mut server = b.spawn(&["--name", "vault", "--label", "tier=db"], &as_strs(&argv));
@@ -502,11 +571,14 @@ fn policy_refuses_across_hosts() {
 #[test]
 fn a_dead_host_is_withdrawn_and_rejoins() {
     require!("python3", "ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let mut c = cluster(2, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let mut c = cluster(switch, 2, &[]);
     let argv = py(TAGGED_HTTP_SERVER, &["8300", "x"]);
     // The launcher waits for the daemon the test restarts (rather than
     // starting one without --cluster).
@@ -539,11 +611,14 @@ fn a_dead_host_is_withdrawn_and_rejoins() {
 #[test]
 fn a_host_cut_off_is_withdrawn_and_comes_back() {
     require!("python3", "ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let c = cluster(2, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let argv = py(TAGGED_HTTP_SERVER, &["8400", "x"]);
     let mut server = b.spawn(&["--name", "cut"], &as_strs(&argv));
@@ -583,15 +658,18 @@ print(data.decode(errors="replace") if data else "REFUSED", flush=True)
 #[test]
 fn a_header_with_a_wrong_key_is_refused() {
     require!("python3", "ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
     let keys = TempDir::new("key");
     let key = "0123456789abcdef-cluster-secret";
     let key_file = keys.write("cluster.key", key);
     let key_arg = key_file.to_str().expect("a UTF-8 path");
-    let c = cluster(2, &["--cluster-key-file", key_arg]);
+    let c = cluster(switch, 2, &["--cluster-key-file", key_arg]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     assert!(
         !b.daemon.log().contains("unauthenticated"),
@@ -637,11 +715,14 @@ fn a_header_with_a_wrong_key_is_refused() {
 #[test]
 fn warns_without_a_key_and_refuses_a_short_one() {
     require!("ip", "nsenter", "unshare");
-    if let Some(why) = cannot_run() {
-        note(&format!("SKIP: {why}"));
-        return;
-    }
-    let c = cluster(1, &[]);
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 1, &[]);
     assert!(c.hosts[0]
         .daemon
         .log()
