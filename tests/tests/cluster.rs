@@ -238,6 +238,26 @@ fn switch() -> Result<Netns, String> {
 /// but the first joins the first. `daemon_args`: extra arguments for every
 /// daemon.
 fn cluster(switch: Netns, n: usize, daemon_args: &[&str]) -> Cluster {
+    let c = hosts(switch, n, &|_| daemon_args.to_vec());
+    for h in &c.hosts {
+        let all_alive = poll(CONVERGE, Duration::from_millis(50), || {
+            let nodes = h.nodes();
+            (nodes.len() == n && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
+        });
+        assert!(
+            all_alive.is_some(),
+            "{}: not all {n} nodes alive within {CONVERGE:?}: {:?}\nlog:\n{}",
+            h.name,
+            h.nodes(),
+            tail(&h.daemon.log())
+        );
+    }
+    c
+}
+
+/// Starts `n` hosts as [`cluster`] does, host `i`'s daemon with the extra
+/// arguments `args(i)`, without waiting for them to see each other.
+fn hosts<'a>(switch: Netns, n: usize, args_of: &dyn Fn(usize) -> Vec<&'a str>) -> Cluster {
     let dir = TempDir::new("cluster");
     switch.sh(&["ip", "link", "set", "br0", "up"]);
     let mut hosts: Vec<Host> = Vec::new();
@@ -272,7 +292,7 @@ fn cluster(switch: Netns, n: usize, daemon_args: &[&str]) -> Cluster {
         if i > 0 {
             args.extend(["--join", &first]);
         }
-        args.extend(daemon_args);
+        args.extend(args_of(i));
         let prefix = ns.prefix();
         let wrap: Vec<&str> = prefix.iter().map(String::as_str).collect();
         let daemon = Daemon::start_wrapped(&wrap, &[], &args);
@@ -283,25 +303,11 @@ fn cluster(switch: Netns, n: usize, daemon_args: &[&str]) -> Cluster {
             ns,
         });
     }
-    let c = Cluster {
+    Cluster {
         hosts,
         _switch: switch,
         _dir: dir,
-    };
-    for h in &c.hosts {
-        let all_alive = poll(CONVERGE, Duration::from_millis(50), || {
-            let nodes = h.nodes();
-            (nodes.len() == n && nodes.iter().all(|n| n["state"] == "alive")).then_some(())
-        });
-        assert!(
-            all_alive.is_some(),
-            "{}: not all {n} nodes alive within {CONVERGE:?}: {:?}\nlog:\n{}",
-            h.name,
-            h.nodes(),
-            tail(&h.daemon.log())
-        );
     }
-    c
 }
 
 /// An HTTP server on 0.0.0.0:PORT answering every GET with BODY; prints
@@ -718,6 +724,56 @@ fn a_header_with_a_wrong_key_is_refused() {
         tail(&log)
     );
     server.kill();
+}
+
+/// With a cluster key, gossip is sealed with it: a node with another key
+/// (or none) never joins, and its apps never show on the others.
+#[test]
+fn a_node_with_another_key_does_not_join() {
+    require!("ip", "nsenter", "unshare");
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let keys = TempDir::new("keys");
+    let right = keys.write("right.key", "the-right-cluster-key-0123456789");
+    let wrong = keys.write("wrong.key", "some-other-cluster-key-987654321");
+    let (right, wrong) = (
+        right.to_str().expect("utf-8"),
+        wrong.to_str().expect("utf-8"),
+    );
+    let c = hosts(switch, 4, &|i| match i {
+        2 => vec!["--cluster-key-file", wrong],
+        3 => vec![],
+        _ => vec!["--cluster-key-file", right],
+    });
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let both = poll(CONVERGE, Duration::from_millis(50), || {
+        (b.state_of("a").as_deref() == Some("alive")).then_some(())
+    });
+    assert!(both.is_some(), "b did not join a: {:?}", b.nodes());
+    // The foreign gossip reached a, and was dropped.
+    let dropped = poll(CONVERGE, Duration::from_millis(50), || {
+        a.daemon
+            .log()
+            .contains("gossip datagram not authenticated")
+            .then_some(())
+    });
+    assert!(
+        dropped.is_some(),
+        "a did not log the foreign gossip:\n{}",
+        tail(&a.daemon.log())
+    );
+    let names: Vec<String> = a
+        .nodes()
+        .iter()
+        .filter_map(|n| n["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(names, ["a", "b"], "a let in a node without its key");
+    assert_eq!(c.hosts[2].nodes().len(), 1, "c joined with another key");
 }
 
 /// Without a key the daemon warns that cluster traffic is

@@ -12,6 +12,7 @@
 
 pub mod header;
 mod table;
+mod transport;
 
 pub use header::{Header, HeaderError, Replay};
 pub use table::Table;
@@ -163,12 +164,19 @@ impl Cluster {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let handle = spawn_chitchat(chitchat_config, Vec::new(), &UdpTransport)
-            .await
-            .map_err(|e| ClusterError::Gossip {
-                addr: config.addr,
-                reason: format!("{e:#}"),
-            })?;
+        let spawned = match &config.key {
+            Some(key) => {
+                let transport = transport::SealedTransport {
+                    key: Arc::new(key.clone()),
+                };
+                spawn_chitchat(chitchat_config, Vec::new(), &transport).await
+            }
+            None => spawn_chitchat(chitchat_config, Vec::new(), &UdpTransport).await,
+        };
+        let handle = spawned.map_err(|e| ClusterError::Gossip {
+            addr: config.addr,
+            reason: format!("{e:#}"),
+        })?;
         *self.inner.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         let c = self.clone();
         tokio::spawn(async move { c.keep_current().await });
