@@ -467,6 +467,47 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
     server.kill();
 }
 
+/// Replicas of one name on two hosts share its VIP, and a client on a
+/// third host gets both, round-robin.
+#[test]
+fn replicas_on_two_hosts_share_connections() {
+    require!("curl", "python3", "ip", "nsenter", "unshare");
+    let switch = match switch() {
+        Ok(s) => s,
+        Err(why) => {
+            note(&format!("SKIP: {why}"));
+            return;
+        }
+    };
+    let c = cluster(switch, 3, &[]);
+    let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let argv = py(TAGGED_HTTP_SERVER, &["8600", "from-a"]);
+    let mut on_a = a.spawn(&["--name", "rep"], &as_strs(&argv));
+    on_a.wait_for_stdout("READY", SHORT);
+    let vip = vip_of(a, "rep");
+    let service = format!("{vip}:8600");
+    b.wait_for_backend(&service, "a", true);
+    let argv = py(TAGGED_HTTP_SERVER, &["8600", "from-b"]);
+    let mut on_b = b.spawn(&["--name", "rep"], &as_strs(&argv));
+    on_b.wait_for_stdout("READY", SHORT);
+    assert_eq!(vip_of(b, "rep"), vip, "the replica on b did not take the name's VIP");
+    cc.wait_for_backend(&service, "a", true);
+    cc.wait_for_backend(&service, "b", true);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let out = cc.run(&[], &["curl", "-sS", "-m", "10", "http://rep:8600/"]);
+        assert!(out.status.success(), "{out}");
+        seen.insert(out.stdout.trim().to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["from-a", "from-b"],
+        "connections from c did not reach both replicas"
+    );
+    on_a.kill();
+    on_b.kill();
+}
+
 /// The connection between the two programs is a TCP connection between
 /// the hosts, held by the programs themselves (not by a daemon), and both
 /// ends see VIPs.
