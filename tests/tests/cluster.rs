@@ -352,6 +352,24 @@ print("CONNECTED", flush=True)
 sys.stdin.read()
 "#;
 
+/// An IPv6 client: connects to [HOST]:PORT, prints `LOCAL ip port`,
+/// `REMOTE ip port`, then sends a GET and prints the answer.
+const V6_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print("LOCAL", *s.getsockname()[:2])
+print("REMOTE", *s.getpeername()[:2])
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode(errors="replace"), flush=True)
+"#;
+
 fn py(script: &str, args: &[&str]) -> Vec<String> {
     let mut v = vec!["python3".to_string(), "-c".to_string(), script.to_string()];
     v.extend(args.iter().map(|a| a.to_string()));
@@ -442,6 +460,19 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
         server.wait_for_stdout(&format!("PEER {local} "), SHORT);
         assert_ne!(local, web, "client and server share a VIP");
     }
+    // An IPv6 socket to the v4-mapped VIP (as Java and Go make): the same,
+    // in its family.
+    let v6 = a.run(
+        &[],
+        &["python3", "-c", V6_CLIENT, &format!("::ffff:{web}"), "8000"],
+    );
+    assert!(
+        v6.status.success()
+            && v6.stdout.contains("hello-from-b")
+            && v6.stdout.contains(&format!("REMOTE ::ffff:{web} 8000"))
+            && v6.stdout.contains("LOCAL ::ffff:10.233."),
+        "IPv6 client: {v6}"
+    );
     let out = server.stdout();
     assert!(
         out.contains(&format!("SELF {web} GETPEER 10.233.")),
@@ -490,7 +521,11 @@ fn replicas_on_two_hosts_share_connections() {
     let argv = py(TAGGED_HTTP_SERVER, &["8600", "from-b"]);
     let mut on_b = b.spawn(&["--name", "rep"], &as_strs(&argv));
     on_b.wait_for_stdout("READY", SHORT);
-    assert_eq!(vip_of(b, "rep"), vip, "the replica on b did not take the name's VIP");
+    assert_eq!(
+        vip_of(b, "rep"),
+        vip,
+        "the replica on b did not take the name's VIP"
+    );
     cc.wait_for_backend(&service, "a", true);
     cc.wait_for_backend(&service, "b", true);
     let mut seen = std::collections::BTreeSet::new();

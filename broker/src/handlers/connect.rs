@@ -372,7 +372,7 @@ fn connect_virtual(
             // Served on another host of a cluster: host to host.
             match dir.remote(call.app, dst) {
                 Ok(Some(route)) => {
-                    return Ok(super::remote::connect(call, copy, dst, route, rebind))
+                    return Ok(super::remote::connect(call, copy, v6, dst, route, rebind))
                 }
                 Ok(None) => {}
                 Err(e) => {

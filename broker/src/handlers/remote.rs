@@ -33,13 +33,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) fn connect(
     call: &Call<'_>,
     copy: &OwnedFd,
+    v6: bool,
     dst: SocketAddr,
     route: RemoteRoute,
     rebind: Option<SocketName>,
 ) -> Outcome {
     let nonblocking = is_nonblocking(copy);
     super::defer(call, move |call| {
-        let (fresh, names) = match open(call, &route, dst) {
+        let (fresh, names) = match open(call, &route, dst, v6) {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(app = call.app, %dst, node = %route.node, cluster = %route.cluster, errno = e, "connect to another node failed");
@@ -80,16 +81,24 @@ pub(super) fn connect(
 }
 
 /// A TCP connection to `route`'s node that has carried the header, and the
-/// virtual addresses it stands for.
+/// virtual addresses it stands for; of the program's family (`v6`), so
+/// that the socket behaves as the one it replaces (an IPv4 node is then
+/// reached at its v4-mapped address).
 fn open(
     call: &Call<'_>,
     route: &RemoteRoute,
     dst: SocketAddr,
+    v6: bool,
 ) -> Result<(OwnedFd, VirtualNames), Errno> {
-    let family = if route.cluster.is_ipv6() {
-        AddressFamily::INET6
-    } else {
-        AddressFamily::INET
+    let (family, node) = match (v6, route.cluster) {
+        (true, SocketAddr::V4(a)) => (
+            AddressFamily::INET6,
+            SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+        ),
+        (true, a) => (AddressFamily::INET6, a),
+        (false, SocketAddr::V4(a)) => (AddressFamily::INET, SocketAddr::V4(a)),
+        // An IPv4 socket cannot reach an IPv6 node.
+        (false, SocketAddr::V6(_)) => return Err(libc::ENETUNREACH),
     };
     let sock = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
         .map_err(|e| e.raw_os_error())?;
@@ -97,7 +106,7 @@ fn open(
     sockopt::set_socket_timeout(&sock, Timeout::Send, Some(CONNECT_TIMEOUT))
         .map_err(|e| e.raw_os_error())?;
     sockopt::set_tcp_nodelay(&sock, true).map_err(|e| e.raw_os_error())?;
-    rustix::net::connect(&sock, &route.cluster).map_err(|e| match e {
+    rustix::net::connect(&sock, &node).map_err(|e| match e {
         // A node that does not answer in time: as an unanswered SYN would.
         rustix::io::Errno::INPROGRESS | rustix::io::Errno::AGAIN => libc::ETIMEDOUT,
         e => e.raw_os_error(),
