@@ -297,17 +297,18 @@ impl Cluster {
                 tracing::info!(block = mine, node = %other, next, "VIP block also claimed by another node: moving");
                 self.inner.block.store(next, Ordering::Relaxed);
             }
-            let changed = {
+            let old = {
                 let mut t = self.inner.table.write().unwrap_or_else(|e| e.into_inner());
-                let changed = **t != fresh;
-                if changed {
-                    *t = Arc::new(fresh);
+                if **t == fresh {
+                    None
+                } else {
+                    let old = std::mem::replace(&mut *t, Arc::new(fresh));
+                    Some((old, t.clone()))
                 }
-                changed
             };
-            if changed {
+            if let Some((old, new)) = old {
                 self.inner.generation.fetch_add(1, Ordering::AcqRel);
-                tracing::debug!("cluster table changed");
+                table::log_changes(&old, &new);
             }
         }
     }

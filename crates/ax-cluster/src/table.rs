@@ -204,6 +204,35 @@ pub(crate) fn read(cc: &Chitchat, beats: &mut Heartbeats, now: Instant) -> Table
     Table { nodes, blocks }
 }
 
+/// Logs what changed between two readings of the table: nodes joining or
+/// changing state, services appearing or withdrawn on other nodes.
+pub(crate) fn log_changes(old: &Table, new: &Table) {
+    for n in &new.nodes {
+        let before = old.nodes.iter().find(|o| o.name == n.name);
+        match before {
+            None => {
+                tracing::info!(node = %n.name, address = %n.address, state = n.state.as_str(), "node joined the cluster")
+            }
+            Some(o) if o.state != n.state => {
+                tracing::info!(node = %n.name, from = o.state.as_str(), to = n.state.as_str(), "node state changed")
+            }
+            _ => {}
+        }
+        for s in &n.services {
+            if !before.is_some_and(|o| o.services.iter().any(|x| x.addr == s.addr)) {
+                tracing::info!(node = %n.name, service = %s.addr, "service on another node added");
+            }
+        }
+        if let Some(o) = before {
+            for s in &o.services {
+                if !n.services.iter().any(|x| x.addr == s.addr) {
+                    tracing::info!(node = %n.name, service = %s.addr, "service on another node withdrawn");
+                }
+            }
+        }
+    }
+}
+
 /// `node`'s service at `dst`, if it serves one there (a wildcard bind
 /// serves every VIP of its apps).
 pub(crate) fn service_at(node: &NodeInfo, dst: SocketAddr) -> Option<&NodeService> {
