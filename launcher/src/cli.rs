@@ -80,6 +80,8 @@ Examples:
   ax daemon --socket /tmp/ax-test/ax.sock --vip-pool 10.99.0.0/16
   ax daemon --policy /etc/ax/policy.toml --connect-wait 10s
   ax daemon --metrics 127.0.0.1:9464   # Prometheus text at /metrics
+  ax daemon --node h2 --cluster 192.0.2.2:7946 --join 192.0.2.1:7946 \\
+            --cluster-key-file /etc/ax/cluster.key   # a node of a cluster
   RUST_LOG=debug ax daemon
 
 A daemon that 'ax exec' starts by itself exits once it has had no apps for
@@ -127,7 +129,7 @@ pub enum Command {
     /// Serve programs started with 'ax exec' (foreground)
     #[command(after_help = DAEMON_AFTER_HELP)]
     Daemon(DaemonArgs),
-    /// List running apps, listening services or exposures
+    /// List running apps, listening services, exposures or cluster nodes
     #[command(after_help = GET_AFTER_HELP)]
     Get(GetArgs),
     /// Make a running service reachable from programs not under ax
@@ -418,9 +420,9 @@ pub struct DaemonArgs {
     )]
     pub join: Vec<SocketAddr>,
 
-    /// A file holding the cluster's shared secret (at least 16 bytes), which
-    /// authenticates connections between nodes; without it cluster traffic
-    /// is unauthenticated
+    /// A file holding the cluster's shared secret (at least 16 bytes, the
+    /// same on every node), which authenticates gossip and connections
+    /// between nodes; without it cluster traffic is unauthenticated
     #[arg(
         long,
         value_name = "FILE",
