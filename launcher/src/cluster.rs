@@ -18,6 +18,10 @@ use tokio::io::AsyncReadExt;
 /// How long a connection from another node may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// At most this many connections from other nodes may be reading their
+/// header at once; more are closed at once.
+const MAX_READING: usize = 1024;
+
 /// The node `args` describe, if `--cluster` is given, and the TCP listener
 /// for connections from other nodes (bound now, so that a taken port fails
 /// the start).
@@ -89,6 +93,7 @@ async fn accept_loop(
     registry: Arc<LocalRegistry>,
     broker: Broker,
 ) {
+    let reading = Arc::new(tokio::sync::Semaphore::new(MAX_READING));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(a) => a,
@@ -98,8 +103,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Ok(permit) = reading.clone().try_acquire_owned() else {
+            tracing::warn!(%from, limit = MAX_READING, "too many connections from other nodes reading their header: closed");
+            continue;
+        };
         let (cluster, registry, broker) = (cluster.clone(), registry.clone(), broker.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let read = tokio::time::timeout(HEADER_TIMEOUT, read_header(stream, &cluster)).await;
             let (stream, header) = match read {
                 Ok(Ok(r)) => r,
