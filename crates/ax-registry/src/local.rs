@@ -1560,3 +1560,70 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Another host holds 10.233.5.2 (app "web") and this host allocates
+    /// from 10.233.5.x.
+    #[derive(Debug)]
+    struct Elsewhere;
+
+    impl crate::VipClaims for Elsewhere {
+        fn range(&self, pool: &VipPool) -> Option<(u128, u128)> {
+            pool.is_ipv4().then_some((5 * 256, 256))
+        }
+        fn held_elsewhere(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<String> {
+            let web = names.iter().any(|n| n == "web");
+            (ip == "10.233.5.2".parse::<IpAddr>().unwrap() && !web && !replica)
+                .then(|| "b".to_string())
+        }
+        fn taken_elsewhere(&self, ip: IpAddr) -> bool {
+            ip == "10.233.5.2".parse::<IpAddr>().unwrap()
+        }
+        fn vips_of_name(&self, names: &[String]) -> Option<Vec<IpAddr>> {
+            names
+                .iter()
+                .any(|n| n == "web")
+                .then(|| vec!["10.233.5.2".parse().unwrap()])
+        }
+    }
+
+    fn spec(names: &[&str], ips: &[&str]) -> AppSpec {
+        AppSpec {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            requested_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            ..AppSpec::default()
+        }
+    }
+
+    #[test]
+    fn allocation_keeps_to_this_hosts_block_and_skips_vips_held_elsewhere() {
+        let r = LocalRegistry::new(vec![VipPool::default_v4()]);
+        r.set_claims(Arc::new(Elsewhere));
+        let a = r.register_app(&spec(&[], &[]), 0).unwrap();
+        assert_eq!(a.vips, vec!["10.233.5.3".parse::<IpAddr>().unwrap()]);
+        let b = r.register_app(&spec(&[], &[]), 0).unwrap();
+        assert_eq!(b.vips, vec!["10.233.5.4".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn an_explicit_ip_held_elsewhere_is_refused_unless_a_replica() {
+        let r = LocalRegistry::new(vec![VipPool::default_v4()]);
+        r.set_claims(Arc::new(Elsewhere));
+        assert_eq!(
+            r.register_app(&spec(&["db"], &["10.233.5.2"]), 0),
+            Err(RegisterError::HeldElsewhere {
+                ip: "10.233.5.2".parse().unwrap(),
+                node: "b".into()
+            })
+        );
+        let replica = r.register_app(&spec(&["web"], &["10.233.5.2"]), 0).unwrap();
+        assert_eq!(replica.vips, vec!["10.233.5.2".parse::<IpAddr>().unwrap()]);
+        // Named like the app elsewhere: its VIPs, without --ip.
+        let named = r.register_app(&spec(&["web"], &[]), 0).unwrap();
+        assert_eq!(named.vips, vec!["10.233.5.2".parse::<IpAddr>().unwrap()]);
+    }
+}
