@@ -29,6 +29,7 @@
 //! warning when it is hit, and again only after use has fallen back below
 //! three quarters of it.
 
+use crate::doors::VirtualNames;
 use ax_registry::AppId;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -180,6 +181,9 @@ fn live_socket_inodes() -> HashSet<u64> {
         .collect()
 }
 
+/// A connection's kernel addresses: (local, peer).
+type KernelNames = (SocketAddr, SocketAddr);
+
 /// (inode, level, name) of a remembered option.
 pub(crate) type OptionKey = (u64, i32, i32);
 
@@ -192,6 +196,9 @@ pub(crate) struct AppState {
     /// TCP sockets whose connect is held on a loopback port: by inode,
     /// that port and the VIP:port the program asked for.
     held: Mutex<SocketTable<u64, (SocketAddr, SocketAddr)>>,
+    /// TCP connections to or from another host of a cluster: by inode,
+    /// their kernel (local, peer) addresses and the VIPs they stand for.
+    remote: Mutex<SocketTable<u64, (KernelNames, VirtualNames)>>,
     /// False once the app's last process has exited.
     alive: AtomicBool,
     /// Set once a UDP datagram to a VIP was refused (and logged).
@@ -215,6 +222,7 @@ impl AppState {
             app,
             options: Mutex::new(SocketTable::new()),
             held: Mutex::new(SocketTable::new()),
+            remote: Mutex::new(SocketTable::new()),
             alive: AtomicBool::new(true),
             udp_to_vip: AtomicBool::new(false),
             parked: Quota::new("parked blocking accepts", app, MAX_PARKED_ACCEPTS),
@@ -239,6 +247,7 @@ impl AppState {
         self.alive.store(false, Ordering::Release);
         lock(&self.options).map.clear();
         lock(&self.held).map.clear();
+        lock(&self.remote).map.clear();
     }
 
     pub(crate) fn remember_option(&self, key: OptionKey, value: Vec<u8>) -> Result<(), TableFull> {
@@ -276,6 +285,39 @@ impl AppState {
     /// answers `getpeername` without looking further).
     pub(crate) fn any_held_connects(&self) -> bool {
         !lock(&self.held).map.is_empty()
+    }
+
+    /// Remembers that the TCP connection with `inode`, whose kernel
+    /// addresses are `real` (local, peer), stands for `names`: a
+    /// connection between hosts of a cluster.
+    pub(crate) fn note_remote(
+        &self,
+        inode: u64,
+        real: (SocketAddr, SocketAddr),
+        names: VirtualNames,
+    ) -> Result<(), TableFull> {
+        lock(&self.remote).insert(inode, (real, names), |k| *k)
+    }
+
+    /// True when some connection of this app goes to or comes from
+    /// another host.
+    pub(crate) fn any_remote(&self) -> bool {
+        !lock(&self.remote).map.is_empty()
+    }
+
+    /// The virtual addresses of the connection with `inode`, if it was
+    /// noted with these kernel addresses (a check that rules out a reused
+    /// inode).
+    pub(crate) fn remote_names(
+        &self,
+        inode: u64,
+        real: (SocketAddr, SocketAddr),
+    ) -> Option<VirtualNames> {
+        lock(&self.remote)
+            .map
+            .get(&inode)
+            .filter(|(r, _)| *r == real)
+            .map(|(_, n)| *n)
     }
 
     /// The VIP:port a held socket stands for, if `inode` was held at

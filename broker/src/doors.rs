@@ -29,9 +29,23 @@ const MAX_WAITING: usize = 4096;
 
 struct Waiting {
     conn: OwnedFd,
+    /// The virtual addresses the connection stands for (its own VIP:port
+    /// and its peer's), when they are not its kernel addresses: a
+    /// connection from another host of a cluster.
+    names: Option<VirtualNames>,
     /// The ringing UNIX socket, kept open until the server accepts.
     _bell: OwnedFd,
     since: Instant,
+}
+
+/// The VIP:port a connection answers for itself (`local`) and for its
+/// peer (`peer`), in place of its kernel addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VirtualNames {
+    /// What `getsockname` answers.
+    pub(crate) local: SocketAddr,
+    /// What `accept` and `getpeername` answer.
+    pub(crate) peer: SocketAddr,
 }
 
 /// Connections waiting for a server's `accept`, by token.
@@ -69,6 +83,7 @@ impl Doors {
         sockets: &Arc<crate::sockets::Sockets>,
         conn: OwnedFd,
         endpoints: &[UnixEndpoint],
+        names: Option<VirtualNames>,
     ) -> Result<(), (io::Error, OwnedFd)> {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bell = (|| {
@@ -102,6 +117,7 @@ impl Doors {
                         token,
                         Waiting {
                             conn,
+                            names,
                             _bell: bell,
                             since: Instant::now(),
                         },
@@ -114,13 +130,14 @@ impl Doors {
         Err((last, conn))
     }
 
-    /// The connection behind doorbell `token`, once.
-    pub(crate) fn answer(&self, token: u64) -> Option<OwnedFd> {
+    /// The connection behind doorbell `token`, once, with the virtual
+    /// addresses it stands for, if any.
+    pub(crate) fn answer(&self, token: u64) -> Option<(OwnedFd, Option<VirtualNames>)> {
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&token)
-            .map(|w| w.conn)
+            .map(|w| (w.conn, w.names))
     }
 }
 

@@ -151,6 +151,31 @@ impl Broker {
                 &self.shared.sockets,
                 conn,
                 endpoints,
+                None,
+            )
+            .map_err(|(e, _conn)| e)
+    }
+
+    /// As [`Broker::deliver_connection`], for a connection that stands for
+    /// a client under ax on another host: the server's `accept` and
+    /// `getpeername` answer `peer` (the client's VIP:port) and its
+    /// `getsockname` answers `local` (the VIP:port the client dialled), not
+    /// the hosts' addresses.
+    pub fn deliver_remote_connection(
+        &self,
+        conn: std::os::fd::OwnedFd,
+        endpoints: &[ax_registry::UnixEndpoint],
+        local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+    ) -> io::Result<()> {
+        self.shared
+            .doors
+            .ring(
+                self.shared.config.instance,
+                &self.shared.sockets,
+                conn,
+                endpoints,
+                Some(crate::doors::VirtualNames { local, peer }),
             )
             .map_err(|(e, _conn)| e)
     }

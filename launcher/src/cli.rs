@@ -80,6 +80,8 @@ Examples:
   ax daemon --socket /tmp/ax-test/ax.sock --vip-pool 10.99.0.0/16
   ax daemon --policy /etc/ax/policy.toml --connect-wait 10s
   ax daemon --metrics 127.0.0.1:9464   # Prometheus text at /metrics
+  ax daemon --node h2 --cluster 192.0.2.2:7946 --join 192.0.2.1:7946 \\
+            --cluster-key-file /etc/ax/cluster.key   # a node of a cluster
   RUST_LOG=debug ax daemon
 
 A daemon that 'ax exec' starts by itself exits once it has had no apps for
@@ -127,7 +129,7 @@ pub enum Command {
     /// Serve programs started with 'ax exec' (foreground)
     #[command(after_help = DAEMON_AFTER_HELP)]
     Daemon(DaemonArgs),
-    /// List running apps, listening services or exposures
+    /// List running apps, listening services, exposures or cluster nodes
     #[command(after_help = GET_AFTER_HELP)]
     Get(GetArgs),
     /// Make a running service reachable from programs not under ax
@@ -407,6 +409,41 @@ pub struct DaemonArgs {
     /// 10m for a daemon 'ax exec' starts]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, env = "AX_IDLE_EXIT")]
     pub idle_exit: Option<Duration>,
+
+    /// Make this host a node of a cluster: gossip (UDP) and connections
+    /// from other nodes (TCP) on this address of this host, same port
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Cluster")]
+    pub cluster: Option<SocketAddr>,
+
+    /// This node's name in the cluster [default: the host name]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
+    pub node: Option<String>,
+
+    /// A member to join the cluster through (repeatable); a node that joins
+    /// nobody starts a cluster
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
+    pub join: Vec<SocketAddr>,
+
+    /// A file holding the cluster's shared secret (at least 16 bytes, the
+    /// same on every node), which authenticates gossip and connections
+    /// between nodes; without it cluster traffic is unauthenticated
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cluster",
+        help_heading = "Cluster"
+    )]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// `ax get`.
@@ -437,6 +474,10 @@ pub enum Resource {
     /// Services reachable at host addresses ('ax expose', 'ax exec --expose')
     #[value(alias = "exposure")]
     Exposures,
+    /// Hosts of the cluster ('ax daemon --cluster'): address, state, apps
+    /// and services
+    #[value(alias = "node")]
+    Nodes,
 }
 
 /// Output formats of `ax get`.

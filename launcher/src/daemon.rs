@@ -83,6 +83,8 @@ struct Daemon {
     counters: Arc<crate::metrics::DaemonCounters>,
     /// OCI containers, handed over on the runtime socket.
     containers: std::sync::OnceLock<Arc<crate::oci::agent::Containers>>,
+    /// This host's cluster (`--cluster`), if any.
+    cluster: Option<ax_cluster::Cluster>,
 }
 
 /// Open control connections (see the module docs).
@@ -518,7 +520,14 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         tracing::info!(file = %policy_path.display(), rules = policy.rule_count(), "policy loaded");
         registry.set_policy(policy);
     }
-    let directory: Arc<dyn Directory> = registry.clone();
+    let cluster = crate::cluster::prepare(&args, &registry)?;
+    let directory: Arc<dyn Directory> = match &cluster {
+        Some((c, _)) => Arc::new(ax_cluster::ClusterDirectory::new(
+            registry.clone(),
+            c.clone(),
+        )),
+        None => registry.clone(),
+    };
     let broker = Broker::new(directory, config.clone());
     // Every UNIX socket of the broker lives in a private network namespace
     // (the predecessor's, when its fd keeper kept it): without one, ax's
@@ -549,6 +558,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let hosts_thread = match HostsFile::open(&hosts_path) {
         Ok(hosts) => {
             let (registry, stop) = (registry.clone(), stop_hosts.clone());
+            let hosts = hosts.with_cluster(cluster.as_ref().map(|(c, _)| c.clone()));
             std::thread::Builder::new()
                 .name("ax-hosts".into())
                 .spawn(move || hosts.keep_current(registry, stop))
@@ -579,6 +589,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         conns: Arc::new(Mutex::new(ConnTable::default())),
         counters,
         containers: std::sync::OnceLock::new(),
+        cluster: cluster.as_ref().map(|(c, _)| c.clone()),
     });
     daemon.take_over_predecessor();
     // Exposures live on the async runtime, started below.
@@ -668,6 +679,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 .clone()
                 .watch(daemon.registry.clone(), daemon.broker.clone()),
         );
+        let cluster_task = match cluster {
+            Some((c, l)) => Some(
+                crate::cluster::start(c, l, daemon.registry.clone(), daemon.broker.clone()).await?,
+            ),
+            None => None,
+        };
         let mut reap = tokio::time::interval(Duration::from_secs(1));
         let idle_exit = args.idle_exit.filter(|d| !d.is_zero());
         let mut idle_since = tokio::time::Instant::now();
@@ -701,6 +718,12 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         }
         let _ = crate::sdnotify::notify("STOPPING=1");
         loopback.abort();
+        if let Some(t) = cluster_task {
+            t.abort();
+        }
+        if let Some(c) = &daemon.cluster {
+            c.stop();
+        }
         anyhow::Ok(())
     });
     // Remove the socket only if it is still ours. The hosts file stays:
@@ -763,6 +786,14 @@ fn raise_fd_limit() {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The gossip library logs every heartbeat at debug: only its warnings,
+    // unless RUST_LOG names it.
+    let names_chitchat = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("chitchat"));
+    let filter = if names_chitchat {
+        filter
+    } else {
+        filter.add_directive("chitchat=warn".parse().expect("a valid directive"))
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -1253,6 +1284,9 @@ impl Daemon {
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::ListExposures => Response::Exposures(self.exposures.list()),
+            Request::ListNodes => {
+                Response::Nodes(self.cluster.as_ref().map(|c| c.nodes()).unwrap_or_default())
+            }
             Request::CreateService { name, ips, lb } => {
                 crate::service::create(&self.registry, &name, &ips, lb, peer.uid, || {
                     self.save_state()

@@ -36,11 +36,30 @@ pub fn run(args: GetArgs) -> anyhow::Result<i32> {
         Resource::Apps => Request::ListApps,
         Resource::Services => Request::ListServices,
         Resource::Exposures => Request::ListExposures,
+        Resource::Nodes => Request::ListNodes,
     };
-    let out = match (client.call(&request)?, args.output) {
+    let answer = client.call(&request)?;
+    // With --cluster, apps and services of every node, each with its node.
+    let nodes = match args.resource {
+        Resource::Apps | Resource::Services => match client.call(&Request::ListNodes) {
+            Ok(Response::Nodes(nodes)) => nodes,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    let out = match (answer, args.output) {
+        (Response::Nodes(n), Output::Json) => crate::nodes::nodes_json(&n)?,
+        (Response::Nodes(n), Output::Table) if n.is_empty() => {
+            eprintln!("This daemon is not part of a cluster (start it with --cluster).");
+            String::new()
+        }
+        (Response::Nodes(n), Output::Table) => crate::nodes::nodes_table(&n),
+        (Response::Apps(apps), Output::Json) if !nodes.is_empty() => {
+            crate::nodes::apps_json(&apps, &nodes)?
+        }
         (Response::Apps(apps), Output::Json) => serde_json::to_string_pretty(&apps)? + "\n",
         (Response::Services(s), Output::Json) => {
-            let view: Vec<ServiceView> = s.iter().map(ServiceView::from).collect();
+            let view = ServiceView::cluster(&s, &nodes);
             serde_json::to_string_pretty(&view)? + "\n"
         }
         (Response::Exposures(e), Output::Json) => serde_json::to_string_pretty(&e)? + "\n",
@@ -49,9 +68,19 @@ pub fn run(args: GetArgs) -> anyhow::Result<i32> {
             String::new()
         }
         (Response::Exposures(e), Output::Table) => table::exposures_table(&e),
+        (Response::Apps(apps), Output::Table) if !nodes.is_empty() => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            crate::nodes::apps_table(&apps, &nodes, now)
+        }
         (Response::Apps(apps), Output::Table) if apps.is_empty() => {
             eprintln!("No apps are running.");
             String::new()
+        }
+        (Response::Services(s), Output::Table) if !nodes.is_empty() => {
+            table::services_table(&remote_services(s, &nodes))
         }
         (Response::Services(s), Output::Table) if s.is_empty() => {
             eprintln!("No services are listening.");
@@ -96,6 +125,69 @@ struct ServiceView {
 struct BackendView {
     app: AppId,
     listener: String,
+    /// With `--cluster`: the node the backend runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+}
+
+impl ServiceView {
+    /// The services of every node: this one's with `"node"` set on each
+    /// backend when there is a cluster, then the other nodes'.
+    fn cluster(local: &[ServiceInfo], nodes: &[ax_proto::NodeInfo]) -> Vec<ServiceView> {
+        let here = nodes.iter().find(|n| n.local).map(|n| n.name.clone());
+        let mut views: Vec<ServiceView> = local.iter().map(ServiceView::from).collect();
+        for v in &mut views {
+            for b in &mut v.backends {
+                b.node.clone_from(&here);
+            }
+        }
+        for n in nodes.iter().filter(|n| !n.local) {
+            for s in &n.services {
+                let backends = s.apps.iter().map(|app| BackendView {
+                    app: *app,
+                    listener: format!("{}:{}", n.name, n.address),
+                    node: Some(n.name.clone()),
+                });
+                match views.iter_mut().find(|v| v.addr == s.addr) {
+                    Some(v) => v.backends.extend(backends),
+                    None => views.push(ServiceView {
+                        addr: s.addr,
+                        names: s.names.clone(),
+                        lb: s.lb.to_string(),
+                        backends: backends.collect(),
+                        host_loopback: None,
+                    }),
+                }
+            }
+        }
+        views
+    }
+}
+
+/// This node's services and the other nodes' (a remote backend's listener
+/// is shown as its node and address), for the table.
+fn remote_services(mut local: Vec<ServiceInfo>, nodes: &[ax_proto::NodeInfo]) -> Vec<ServiceInfo> {
+    for n in nodes.iter().filter(|n| !n.local) {
+        for s in &n.services {
+            let backends = s.apps.iter().map(|app| ax_registry::Backend {
+                app: *app,
+                endpoint: ax_registry::UnixEndpoint::Path(
+                    format!("node {} ({})", n.name, n.address).into(),
+                ),
+            });
+            match local.iter_mut().find(|v| v.addr == s.addr) {
+                Some(v) => v.backends.extend(backends),
+                None => local.push(ServiceInfo {
+                    addr: s.addr,
+                    names: s.names.clone(),
+                    lb: s.lb,
+                    backends: backends.collect(),
+                    host_loopback: None,
+                }),
+            }
+        }
+    }
+    local
 }
 
 impl From<&ServiceInfo> for ServiceView {
@@ -110,6 +202,7 @@ impl From<&ServiceInfo> for ServiceView {
                 .map(|b| BackendView {
                     app: b.app,
                     listener: b.endpoint.to_string(),
+                    node: None,
                 })
                 .collect(),
             host_loopback: s.host_loopback,

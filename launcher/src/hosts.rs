@@ -14,6 +14,7 @@ use ax_registry::{Directory, LocalRegistry};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,8 @@ pub struct HostsFile {
     file: File,
     written: String,
     size: usize,
+    /// With `--cluster`: the names of apps on the other nodes too.
+    cluster: Option<ax_cluster::Cluster>,
 }
 
 impl HostsFile {
@@ -52,13 +55,17 @@ impl HostsFile {
             file,
             written: String::new(),
             size,
+            cluster: None,
         })
     }
 
     /// Rewrites the file if the names changed.
     pub fn refresh(&mut self, registry: &LocalRegistry) -> io::Result<()> {
         let host = std::fs::read_to_string(HOST_HOSTS).unwrap_or_default();
-        let text = render(&host, registry);
+        let mut text = render(&host, registry);
+        if let Some(cluster) = &self.cluster {
+            render_remote(&mut text, registry, &cluster.remote_names());
+        }
         if text == self.written {
             return Ok(());
         }
@@ -75,23 +82,55 @@ impl HostsFile {
         Ok(())
     }
 
+    /// Also writes the names of apps on the other nodes of `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<ax_cluster::Cluster>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
     /// Refreshes on every registry change until `stop` is set.
     pub fn keep_current(mut self, registry: Arc<LocalRegistry>, stop: Arc<AtomicBool>) {
         let mut seen = None;
         while !stop.load(Ordering::Relaxed) {
-            let generation = registry.generation();
+            let generation = registry.generation().wrapping_add(
+                self.cluster
+                    .as_ref()
+                    .map_or(0, |c| c.generation().wrapping_shl(32)),
+            );
             if seen != Some(generation) {
                 if let Err(e) = self.refresh(&registry) {
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot update the hosts file");
                 }
                 seen = Some(generation);
             }
-            registry.wait_for_change(generation, Instant::now() + Duration::from_millis(500));
+            // The cluster's table changes by gossip: looked at more often.
+            let wait = if self.cluster.is_some() { 100 } else { 500 };
+            let local = registry.generation();
+            registry.wait_for_change(local, Instant::now() + Duration::from_millis(wait));
         }
     }
 }
 
 /// The file's text: the host's hosts file, then ax's names.
+/// Appends the names of apps on other nodes of the cluster that no app
+/// here holds.
+fn render_remote(out: &mut String, registry: &LocalRegistry, remote: &[(String, Vec<IpAddr>)]) {
+    let local: Vec<String> = registry.names().into_iter().map(|e| e.name).collect();
+    let mut first = true;
+    for (name, vips) in remote {
+        if local.contains(name) {
+            continue;
+        }
+        if first {
+            out.push_str("# Names of apps on other hosts of the cluster.\n");
+            first = false;
+        }
+        for ip in vips {
+            let _ = writeln!(out, "{ip}\t{name} {name}.ax");
+        }
+    }
+}
+
 pub fn render(host: &str, registry: &LocalRegistry) -> String {
     let mut out = String::with_capacity(host.len() + 256);
     out.push_str(host);

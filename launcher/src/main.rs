@@ -9,6 +9,7 @@
 
 mod cli;
 mod client;
+mod cluster;
 mod completions;
 mod daemon;
 mod exec;
@@ -19,6 +20,7 @@ mod instance;
 mod localhost;
 mod metrics;
 mod oci;
+mod nodes;
 mod paths;
 mod peer;
 mod sdnotify;

@@ -655,6 +655,9 @@ pub struct Daemon {
     child: Child,
     /// Extra `ax daemon` arguments, kept for restarts.
     args: Vec<String>,
+    /// A command the daemon runs under (e.g. `nsenter -t PID -n`), kept
+    /// for restarts.
+    wrap: Vec<String>,
     /// `child` was killed and reaped by [`Daemon::kill_hard`].
     reaped: bool,
     /// A daemon that is not our child (autostarted by a launcher) now serves
@@ -681,15 +684,24 @@ impl Daemon {
     /// [`Daemon::start`] with extra environment variables and extra
     /// `ax daemon` arguments (e.g. `--policy FILE`).
     pub fn start_with(env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Daemon::start_wrapped(&[], env, args)
+    }
+
+    /// [`Daemon::start_with`], the daemon run by the command `wrap` (e.g.
+    /// `nsenter -t PID -n`, for a daemon in another network namespace;
+    /// the command must exec the daemon, so that its pid is the daemon's).
+    pub fn start_wrapped(wrap: &[&str], env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let wrap: Vec<String> = wrap.iter().map(|a| a.to_string()).collect();
         let dir = TempDir::new("daemon");
         let sock = dir.join("ax.sock");
         let log = dir.join("daemon.log");
         File::create(&log).expect("create daemon log");
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let child = spawn_daemon(&sock, &log, dir.path(), env, &args);
+        let child = spawn_daemon(&wrap, &sock, &log, dir.path(), env, &args);
         let mut d = Daemon {
             child,
             args,
+            wrap,
             reaped: false,
             adopted: None,
             sock,
@@ -765,7 +777,14 @@ impl Daemon {
             "==== ax-e2e: daemon restarted on the same socket ===="
         );
         let stale = socket_file_id(&self.sock);
-        self.child = spawn_daemon(&self.sock, &self.log, self.dir.path(), &[], &self.args);
+        self.child = spawn_daemon(
+            &self.wrap,
+            &self.sock,
+            &self.log,
+            self.dir.path(),
+            &[],
+            &self.args,
+        );
         self.reaped = false;
         self.wait_ready(stale);
     }
@@ -1062,6 +1081,7 @@ fn socket_file_id(path: &Path) -> Option<(u64, i64, i64)> {
 }
 
 fn spawn_daemon(
+    wrap: &[String],
     sock: &Path,
     log: &Path,
     dir: &Path,
@@ -1072,7 +1092,14 @@ fn spawn_daemon(
         .append(true)
         .open(log)
         .expect("open daemon log");
-    let mut cmd = Command::new(ax_bin());
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(ax_bin());
+            c
+        }
+        None => Command::new(ax_bin()),
+    };
     cmd.arg("daemon")
         .arg("--socket")
         .arg(sock)

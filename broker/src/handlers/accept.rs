@@ -297,12 +297,28 @@ fn complete(
             return Err(libc::ECONNABORTED);
         }
         Caller::Door(token) => {
-            let Some(real) = call.shared.doors.answer(token) else {
+            let Some((real, names)) = call.shared.doors.answer(token) else {
                 // Nobody keeps a connection for it: servers retry this.
                 return Err(libc::ECONNABORTED);
             };
             super::set_nonblock(&real, is_nonblocking(&conn))?;
-            let peer = crate::doors::inet_peer(&real).unwrap_or_else(|| addr::unspecified(false));
+            let kernel_peer = crate::doors::inet_peer(&real);
+            // From another host of a cluster: the client's VIP:port, kept
+            // for getpeername/getsockname too.
+            if let Some(names) = names {
+                let local = super::connect::inet_name(&real);
+                if let (Some(inode), Some(local), Some(peer)) =
+                    (super::inode(&real), local, kernel_peer)
+                {
+                    if call.state.note_remote(inode, (local, peer), names).is_err() {
+                        return Err(libc::ENOMEM);
+                    }
+                }
+            }
+            let peer = names
+                .map(|n| n.peer)
+                .or(kernel_peer)
+                .unwrap_or_else(|| addr::unspecified(false));
             (real, in_family(peer, v6))
         }
     };

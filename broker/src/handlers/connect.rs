@@ -381,6 +381,17 @@ fn connect_virtual(
     let endpoints = match dir.resolve(call.app, dst) {
         Ok(eps) => eps,
         Err(ResolveError::NoService(_)) => {
+            // Served on another host of a cluster: host to host.
+            match dir.remote(call.app, dst) {
+                Ok(Some(route)) => {
+                    return Ok(super::remote::connect(call, copy, v6, dst, route, rebind))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log_denied(&e);
+                    return refused(call, target, copy, v6, rebind.is_some());
+                }
+            }
             // Capped: a wait from the wire is validated, an embedder's
             // configuration may not be.
             let wait = dir
@@ -668,10 +679,13 @@ impl HeldConnect {
         // connection closed).
         let mut endpoints = endpoints;
         loop {
-            match shared
-                .doors
-                .ring(shared.config.instance, &shared.sockets, conn, &endpoints)
-            {
+            match shared.doors.ring(
+                shared.config.instance,
+                &shared.sockets,
+                conn,
+                &endpoints,
+                None,
+            ) {
                 Ok(()) => {
                     tracing::debug!(app, %dst, "held connect handed to the service");
                     return;
@@ -900,7 +914,7 @@ pub(super) fn finish(
 
 /// Withdraws the service a bound socket registered, once the socket has
 /// been replaced by a connection.
-fn release_listener(call: &Call<'_>, name: SocketName) {
+pub(super) fn release_listener(call: &Call<'_>, name: SocketName) {
     if let SocketName::Listener { .. } = name {
         call.shared
             .directory

@@ -31,6 +31,7 @@ mod bind;
 mod connect;
 mod egress;
 mod localhost;
+mod remote;
 pub(crate) mod restrict;
 mod send;
 mod sockname;

@@ -18,6 +18,15 @@ use std::net::SocketAddr;
 pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
+        Ok(Sock::Inet { v6, fd }) if call.state.any_remote() => {
+            if let Some(outcome) = remote(call, target, &fd, v6, peer) {
+                return outcome;
+            }
+            if peer {
+                return held_peer(call, target, &fd, v6);
+            }
+            return Outcome::Continue;
+        }
         Ok(Sock::Inet { v6, fd }) if peer => return held_peer(call, target, &fd, v6),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
@@ -82,4 +91,27 @@ fn held_peer(call: &Call<'_>, target: &Target, fd: &std::os::fd::OwnedFd, v6: bo
         },
         None => Outcome::Continue,
     }
+}
+
+/// A TCP connection between hosts of a cluster answers the VIPs it stands
+/// for (see `crate::doors::VirtualNames`); `None` for any other socket.
+fn remote(
+    call: &Call<'_>,
+    target: &Target,
+    fd: &std::os::fd::OwnedFd,
+    v6: bool,
+    peer: bool,
+) -> Option<Outcome> {
+    let local = super::connect::inet_name(fd)?;
+    let real_peer = crate::doors::inet_peer(fd)?;
+    let names = call
+        .state
+        .remote_names(super::inode(fd)?, (local, real_peer))?;
+    let answer = if peer { names.peer } else { names.local };
+    Some(
+        match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(answer, v6)) {
+            Ok(()) => Outcome::Value(0),
+            Err(e) => Outcome::Errno(e),
+        },
+    )
 }

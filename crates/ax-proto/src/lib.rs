@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::net::SocketAddr;
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest accepted frame body, in bytes.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
@@ -93,6 +93,80 @@ pub enum Request {
         /// Delete even while apps named after it run.
         force: bool,
     },
+    /// Lists the hosts of the cluster (`ax get nodes`); empty without
+    /// `--cluster`.
+    ListNodes,
+}
+
+/// Whether a host of a cluster answers, as its failure detector sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Heard from within the last gossip rounds.
+    Alive,
+    /// Still counted alive, but silent for longer than usual.
+    Suspect,
+    /// Silent long enough to be declared dead: its apps and services are
+    /// withdrawn.
+    Dead,
+}
+
+impl NodeState {
+    /// `alive`, `suspect` or `dead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Alive => "alive",
+            NodeState::Suspect => "suspect",
+            NodeState::Dead => "dead",
+        }
+    }
+}
+
+/// An app as a host of a cluster publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeApp {
+    /// Its id on that host.
+    pub id: AppId,
+    /// Its VIPs.
+    pub vips: Vec<IpAddr>,
+    /// Its names.
+    pub names: Vec<String>,
+    /// Its labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// `--lb`, if given.
+    pub lb: Option<LbMode>,
+    /// Its command line.
+    pub command: Vec<String>,
+}
+
+/// A service as a host of a cluster publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeService {
+    /// Its VIP:port.
+    pub addr: SocketAddr,
+    /// The names it is reached by.
+    pub names: Vec<String>,
+    /// Its load-balancing mode.
+    pub lb: LbMode,
+    /// The apps (on that host) serving it.
+    pub apps: Vec<AppId>,
+}
+
+/// A host of a cluster (`ax get nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// `--node`.
+    pub name: String,
+    /// `--cluster`: its gossip (UDP) and connection (TCP) address.
+    pub address: SocketAddr,
+    /// Alive, suspect or dead.
+    pub state: NodeState,
+    /// True for the host that answered.
+    pub local: bool,
+    /// Its apps.
+    pub apps: Vec<NodeApp>,
+    /// Its services.
+    pub services: Vec<NodeService>,
 }
 
 /// A service reachable at a host address.
@@ -140,6 +214,8 @@ pub enum Response {
     ServiceCreated(DeclaredService),
     /// Answer to `DeleteService`.
     ServiceDeleted(DeclaredService),
+    /// The hosts of the cluster.
+    Nodes(Vec<NodeInfo>),
 }
 
 /// Why a frame could not be decoded.

@@ -214,6 +214,10 @@ pub enum RegisterError {
     /// The VIP is reserved for a declared service the app is not named
     /// after.
     #[error(
+        "virtual IP {ip} is held by an app on node '{node}' of the cluster (to add a replica behind it, give the same --name, or --lb)"
+    )]
+    HeldElsewhere { ip: IpAddr, node: String },
+    #[error(
         "virtual IP {ip} is reserved for the declared service '{name}' (give --name {name} to become its backend)"
     )]
     IpDeclared {
@@ -383,6 +387,36 @@ pub enum ResolveError {
 ///
 /// Implementations must be cheap and must never block on the network: the
 /// broker calls them while a program's thread waits in a trapped syscall.
+/// What other hosts of a cluster hold, for a host's allocation of VIPs
+/// (see [`LocalRegistry::set_claims`]): VIPs are unique cluster-wide.
+pub trait VipClaims: Send + Sync + std::fmt::Debug {
+    /// The part of `pool` (hosts `start..start+len`) this host allocates
+    /// from; `None`: all of it.
+    fn range(&self, pool: &VipPool) -> Option<(u128, u128)>;
+    /// The host whose app holds `ip`, unless that app is named one of
+    /// `names` or `replica` (`--lb`) is set: an explicit `--ip` there is
+    /// refused.
+    fn held_elsewhere(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<String>;
+    /// Whether an app on another host holds `ip` (never allocated here).
+    fn taken_elsewhere(&self, ip: IpAddr) -> bool;
+    /// The VIPs of an app on another host named one of `names`: a replica
+    /// here shares them.
+    fn vips_of_name(&self, names: &[String]) -> Option<Vec<IpAddr>>;
+}
+
+/// A service on another host of a cluster, as [`Directory::remote`]
+/// finds it: where to connect, and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRoute {
+    /// The name of the host (node) that serves it.
+    pub node: String,
+    /// That node's cluster address: a TCP connection there carries the
+    /// connection after a short header.
+    pub cluster: SocketAddr,
+    /// The client app's VIP the server sees.
+    pub client_vip: IpAddr,
+}
+
 pub trait Directory: Send + Sync {
     /// True when `ip` is virtual: connects to it are answered by ax, never
     /// routed.
@@ -444,6 +478,32 @@ pub trait Directory: Send + Sync {
     /// listener's address from the chosen port; `is_alive` tells whether a
     /// conflicting registration still has a live listener (stale ones are
     /// replaced). Returns the port.
+    /// A service at `dst` that no app on this host serves but another
+    /// host of a cluster does, with the policy applied as for a local one
+    /// (`Err(Denied)`); `Ok(None)` when there is none (the default: no
+    /// cluster). Answered from a local copy of the cluster's table, never
+    /// waiting on the network.
+    fn remote(
+        &self,
+        _client: AppId,
+        _dst: SocketAddr,
+    ) -> Result<Option<RemoteRoute>, ResolveError> {
+        Ok(None)
+    }
+
+    /// The header a connection to `route` starts with: `dst`, the client's
+    /// VIP:port `from`, the client's labels and, with a cluster key, their
+    /// authentication.
+    fn remote_header(
+        &self,
+        _client: AppId,
+        _route: &RemoteRoute,
+        _dst: SocketAddr,
+        _from: SocketAddr,
+    ) -> Vec<u8> {
+        Vec::new()
+    }
+
     fn bind(
         &self,
         req: &BindRequest,

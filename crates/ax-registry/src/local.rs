@@ -197,6 +197,8 @@ pub struct LocalRegistry {
     policy: Mutex<Policy>,
     /// Host loopback address → the service the daemon serves there.
     host_loopback: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// With a cluster: what the other hosts hold.
+    claims: std::sync::RwLock<Option<std::sync::Arc<dyn crate::VipClaims>>>,
 }
 
 impl Default for LocalRegistry {
@@ -357,6 +359,7 @@ impl LocalRegistry {
             }),
             changes: Condvar::new(),
             policy: Mutex::new(Policy::default()),
+            claims: std::sync::RwLock::new(None),
             host_loopback: Mutex::default(),
         }
     }
@@ -422,9 +425,16 @@ impl LocalRegistry {
                 });
             }
         }
+        let claims = self.claims();
         let mut vips = Vec::new();
         for &ip in &spec.requested_ips {
             validate_vip(ip)?;
+            if let Some(node) = claims
+                .as_ref()
+                .and_then(|c| c.held_elsewhere(ip, &spec.names, spec.lb.is_some()))
+            {
+                return Err(RegisterError::HeldElsewhere { ip, node });
+            }
             if let Some(holder) = st.declared_holder(ip) {
                 if !spec.names.contains(&holder.name) {
                     return Err(RegisterError::IpDeclared {
@@ -444,6 +454,9 @@ impl LocalRegistry {
             if let Some(d) = &declared {
                 vips = d.vips.clone();
             } else if let Some(shared) = st.vips_of_name(&spec.names) {
+                vips = shared;
+            } else if let Some(shared) = claims.as_ref().and_then(|c| c.vips_of_name(&spec.names)) {
+                // A replica of an app on another host of the cluster.
                 vips = shared;
             }
         }
@@ -495,12 +508,21 @@ impl LocalRegistry {
                 continue;
             };
             let cap = pool.capacity();
-            let start = st.next_pool_host.get(&index).copied().unwrap_or(0);
+            // With a cluster: this host's part of the pool only.
+            let claims = self.claims();
+            let (low, len) = claims
+                .as_ref()
+                .and_then(|c| c.range(pool))
+                .filter(|(low, len)| *len > 0 && low.saturating_add(*len) <= cap)
+                .unwrap_or((0, cap));
+            let next = st.next_pool_host.get(&index).copied().unwrap_or(low);
+            let start = next.saturating_sub(low);
             let mut found = None;
-            for i in 0..cap.min(1 << 24) {
-                let n = (start + i) % cap;
+            for i in 0..len.min(1 << 24) {
+                let n = low + (start + i) % len;
                 let Some(ip) = pool.host(n) else { continue };
-                if !st.vip_taken(ip) {
+                let elsewhere = claims.as_ref().is_some_and(|c| c.taken_elsewhere(ip));
+                if !st.vip_taken(ip) && !elsewhere {
                     found = Some((ip, n));
                     break;
                 }
@@ -675,6 +697,66 @@ impl LocalRegistry {
             .into_iter()
             .map(|b| b.endpoint)
             .collect())
+    }
+
+    /// Makes VIPs unique across a cluster: allocation keeps to this host's
+    /// part of each pool and skips VIPs held elsewhere; an explicit `--ip`
+    /// held elsewhere is refused unless it names a replica.
+    pub fn set_claims(&self, claims: std::sync::Arc<dyn crate::VipClaims>) {
+        *self.claims.write().unwrap_or_else(|e| e.into_inner()) = Some(claims);
+    }
+
+    fn claims(&self) -> Option<std::sync::Arc<dyn crate::VipClaims>> {
+        self.claims
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The backends of `dst` for a client on another host of a cluster
+    /// with `client_labels` (app `client` there), with the policy applied
+    /// as to a local client.
+    pub fn resolve_from_remote(
+        &self,
+        client: AppId,
+        client_labels: &BTreeMap<String, String>,
+        dst: SocketAddr,
+    ) -> Result<Vec<UnixEndpoint>, ResolveError> {
+        let mut st = self.lock();
+        let ordered = pick(&mut st, dst)?;
+        let no_labels = BTreeMap::new();
+        let server = ordered[0].app;
+        let server_labels = st
+            .apps
+            .get(&server)
+            .map(|a| &a.labels)
+            .unwrap_or(&no_labels);
+        let decision = self.decide(client_labels, server_labels, dst.port());
+        if !decision.allowed {
+            return Err(ResolveError::Denied {
+                dst,
+                client,
+                client_labels: effective_labels(client_labels).into_owned(),
+                server,
+                server_labels: effective_labels(server_labels).into_owned(),
+                rule: decision.rule,
+            });
+        }
+        Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+    }
+
+    /// The policy's decision on a connect from `client` labels to `server`
+    /// labels on `port` (for a server on another host of a cluster).
+    pub fn decide(
+        &self,
+        client: &BTreeMap<String, String>,
+        server: &BTreeMap<String, String>,
+        port: u16,
+    ) -> crate::Decision {
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(client, server, port)
     }
 
     /// All services, by address, each with its backends; then each VIP of
@@ -1478,5 +1560,72 @@ mod tests {
             r.wait_for_change(now, Instant::now() + Duration::from_millis(20)),
             now
         );
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Another host holds 10.233.5.2 (app "web") and this host allocates
+    /// from 10.233.5.x.
+    #[derive(Debug)]
+    struct Elsewhere;
+
+    impl crate::VipClaims for Elsewhere {
+        fn range(&self, pool: &VipPool) -> Option<(u128, u128)> {
+            pool.is_ipv4().then_some((5 * 256, 256))
+        }
+        fn held_elsewhere(&self, ip: IpAddr, names: &[String], replica: bool) -> Option<String> {
+            let web = names.iter().any(|n| n == "web");
+            (ip == "10.233.5.2".parse::<IpAddr>().unwrap() && !web && !replica)
+                .then(|| "b".to_string())
+        }
+        fn taken_elsewhere(&self, ip: IpAddr) -> bool {
+            ip == "10.233.5.2".parse::<IpAddr>().unwrap()
+        }
+        fn vips_of_name(&self, names: &[String]) -> Option<Vec<IpAddr>> {
+            names
+                .iter()
+                .any(|n| n == "web")
+                .then(|| vec!["10.233.5.2".parse().unwrap()])
+        }
+    }
+
+    fn spec(names: &[&str], ips: &[&str]) -> AppSpec {
+        AppSpec {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            requested_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            ..AppSpec::default()
+        }
+    }
+
+    #[test]
+    fn allocation_keeps_to_this_hosts_block_and_skips_vips_held_elsewhere() {
+        let r = LocalRegistry::new(vec![VipPool::default_v4()]);
+        r.set_claims(Arc::new(Elsewhere));
+        let a = r.register_app(&spec(&[], &[]), 0).unwrap();
+        assert_eq!(a.vips, vec!["10.233.5.3".parse::<IpAddr>().unwrap()]);
+        let b = r.register_app(&spec(&[], &[]), 0).unwrap();
+        assert_eq!(b.vips, vec!["10.233.5.4".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn an_explicit_ip_held_elsewhere_is_refused_unless_a_replica() {
+        let r = LocalRegistry::new(vec![VipPool::default_v4()]);
+        r.set_claims(Arc::new(Elsewhere));
+        assert_eq!(
+            r.register_app(&spec(&["db"], &["10.233.5.2"]), 0),
+            Err(RegisterError::HeldElsewhere {
+                ip: "10.233.5.2".parse().unwrap(),
+                node: "b".into()
+            })
+        );
+        let replica = r.register_app(&spec(&["web"], &["10.233.5.2"]), 0).unwrap();
+        assert_eq!(replica.vips, vec!["10.233.5.2".parse::<IpAddr>().unwrap()]);
+        // Named like the app elsewhere: its VIPs, without --ip.
+        let named = r.register_app(&spec(&["web"], &[]), 0).unwrap();
+        assert_eq!(named.vips, vec!["10.233.5.2".parse::<IpAddr>().unwrap()]);
     }
 }
