@@ -226,12 +226,17 @@ struct Cluster {
 }
 
 /// The switch's namespace, or why these tests cannot run here.
-fn switch() -> Result<Netns, String> {
-    Netns::switch().ok_or_else(|| {
-        "not root, and no user namespace in which to create network namespaces and veth pairs \
-         for the hosts"
-            .to_string()
-    })
+/// The switch the hosts hang off, or `None` (and a SKIP note) where no
+/// network namespaces can be made.
+fn switch() -> Option<Netns> {
+    let switch = Netns::switch();
+    if switch.is_none() {
+        note(
+            "SKIP: not root, and no user namespace in which to create network namespaces and \
+             veth pairs for the hosts",
+        );
+    }
+    switch
 }
 
 /// Starts `n` hosts named a, b, c…, joined through `switch`; every host
@@ -407,12 +412,8 @@ fn field(out: &str, key: &str) -> Option<String> {
 #[test]
 fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
     require!("curl", "python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 3, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -503,12 +504,8 @@ fn curl_reaches_a_server_on_another_host_by_vip_and_name() {
 #[test]
 fn replicas_on_two_hosts_share_connections() {
     require!("curl", "python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 3, &[]);
     let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
@@ -549,12 +546,8 @@ fn replicas_on_two_hosts_share_connections() {
 #[test]
 fn the_connection_runs_between_the_programs_own_sockets() {
     require!("python3", "ip", "nsenter", "unshare", "ss");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -604,12 +597,8 @@ fn the_connection_runs_between_the_programs_own_sockets() {
 #[test]
 fn policy_refuses_across_hosts() {
     require!("curl", "python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -653,12 +642,8 @@ fn policy_refuses_across_hosts() {
 #[test]
 fn a_dead_host_is_withdrawn_and_rejoins() {
     require!("python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let mut c = cluster(switch, 2, &[]);
     let argv = py(TAGGED_HTTP_SERVER, &["8300", "x"]);
@@ -693,12 +678,8 @@ fn a_dead_host_is_withdrawn_and_rejoins() {
 #[test]
 fn a_host_cut_off_is_withdrawn_and_comes_back() {
     require!("python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 2, &[]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
@@ -745,12 +726,8 @@ print(data.decode(errors="replace") if data else "REFUSED", flush=True)
 #[test]
 fn a_header_with_a_wrong_key_is_refused() {
     require!("python3", "ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let keys = TempDir::new("key");
     let key = "0123456789abcdef-cluster-secret";
@@ -807,12 +784,8 @@ fn a_header_with_a_wrong_key_is_refused() {
 #[test]
 fn a_node_with_another_key_does_not_join() {
     require!("ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let keys = TempDir::new("keys");
     let right = keys.write("right.key", "the-right-cluster-key-0123456789");
@@ -857,12 +830,8 @@ fn a_node_with_another_key_does_not_join() {
 #[test]
 fn warns_without_a_key_and_refuses_a_short_one() {
     require!("ip", "nsenter", "unshare");
-    let switch = match switch() {
-        Ok(s) => s,
-        Err(why) => {
-            note(&format!("SKIP: {why}"));
-            return;
-        }
+    let Some(switch) = switch() else {
+        return;
     };
     let c = cluster(switch, 1, &[]);
     assert!(c.hosts[0]
