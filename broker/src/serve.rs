@@ -28,6 +28,9 @@ pub struct BrokerConfig {
     /// ([`ax_registry::Directory::connect_wait`]). Zero: refuse at once,
     /// as TCP does.
     pub connect_wait: std::time::Duration,
+    /// Where the identities of connections are kept for a successor daemon
+    /// (see `crate::idents`); `None`: in memory only.
+    pub identities: Option<std::path::PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -41,6 +44,7 @@ impl Default for BrokerConfig {
         Self {
             instance: std::process::id().rotate_left(16) ^ nanos,
             connect_wait: std::time::Duration::ZERO,
+            identities: None,
         }
     }
 }
@@ -63,6 +67,8 @@ pub(crate) struct Shared {
     /// Every UNIX socket the broker creates comes from here, in its private
     /// network namespace.
     pub(crate) sockets: Arc<crate::sockets::Sockets>,
+    /// Who each end of a swapped connection stands for.
+    pub(crate) idents: crate::idents::Idents,
 }
 
 impl Shared {
@@ -124,6 +130,7 @@ impl Broker {
                 doors: crate::doors::Doors::default(),
                 self_restricted: Default::default(),
                 sockets: crate::sockets::Sockets::new(config.instance),
+                idents: crate::idents::Idents::open(config.instance, config.identities.as_deref()),
                 config,
             }),
         }

@@ -20,7 +20,7 @@
 //! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
 //! `ENOBUFS`.
 
-use super::{classify, defer, is_nonblocking, peer_name, write_sockaddr, Call, Outcome, Sock};
+use super::{classify, defer, is_nonblocking, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// How often a waiting accept checks that its caller still waits.
 const WAIT_TICK: Duration = Duration::from_millis(50);
+/// How long an accepted connection's hello may take to arrive.
+const HELLO_WAIT: Duration = Duration::from_secs(1);
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
     let (name, listener) = match classify(call, target, call.arg(0)) {
@@ -330,9 +332,11 @@ enum Caller {
     Unknown,
 }
 
-/// Who connected: only a peer in the broker's private namespace bound to
-/// a client or doorbell name — names only the broker binds there — is
-/// believed.
+/// Who connected: only a connection in the broker's private namespace is
+/// believed, and there only what the broker says: a peer bound to a
+/// doorbell name (only the broker binds names there), an identity the
+/// broker kept for this connection, or the hello the broker's client
+/// socket sent ahead of any data (see `crate::idents`).
 fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
     if !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
@@ -341,16 +345,67 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
         .ok()
         .flatten()
         .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok());
-    let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) else {
+    if let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) {
+        if let Some(token) = crate::doors::token_of(call.instance(), name) {
+            return Caller::Door(token);
+        }
+    }
+    // Accepted by an earlier daemon, which read its hello; or made by an
+    // earlier version of ax, which bound its client sockets.
+    if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
+        return Caller::Client(local);
+    }
+    let Some(client) = read_hello(call, conn) else {
         return Caller::Unknown;
     };
-    if let Some(token) = crate::doors::token_of(call.instance(), name) {
-        return Caller::Door(token);
+    let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
+        return Caller::Unknown;
+    };
+    let kept = call
+        .shared
+        .idents
+        .insert(cookie, inode, crate::idents::Kind::Peer, client);
+    match (kept, client) {
+        (Ok(()), SocketName::Client { local, .. }) => Caller::Client(local),
+        _ => {
+            tracing::warn!(
+                app = call.app,
+                "connection dropped: the identity table is full"
+            );
+            Caller::Unknown
+        }
     }
-    match SocketName::parse(name) {
-        Some(SocketName::Client { local, .. }) => Caller::Client(local),
-        _ => Caller::Unknown,
+}
+
+/// Reads the hello at the head of an accepted connection: written by the
+/// broker right after it connected, so already there but for a thread of
+/// the broker preempted in between; waited for a little.
+fn read_hello(call: &Call<'_>, conn: &OwnedFd) -> Option<SocketName> {
+    use crate::idents::HELLO_LEN;
+    let mut hello = [0u8; HELLO_LEN];
+    let mut got = 0;
+    let deadline = Instant::now() + HELLO_WAIT;
+    while got < HELLO_LEN {
+        match rustix::net::recv(conn, &mut hello[got..], rustix::net::RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return None,
+            Ok((n, _)) => got += n,
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
+                let left = deadline.checked_duration_since(Instant::now())?;
+                let mut fds = [PollFd::new(conn, PollFlags::IN)];
+                let wait = Timespec::try_from(left).ok()?;
+                let _ = poll(&mut fds, Some(&wait));
+            }
+            Err(_) => return None,
+        }
     }
+    let name = call.shared.idents.read_hello(&hello);
+    if name.is_none() {
+        tracing::warn!(
+            app = call.app,
+            "dropped a connection that did not start with the broker's hello"
+        );
+    }
+    name
 }
 
 fn install(
@@ -445,7 +500,7 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 .shared
                 .sockets
                 .is_private(&conn)
-                .then(|| peer_name(&conn))
+                .then(|| super::peer_ident(call.shared, &conn))
                 .flatten();
             let peer = match (crate::doors::inet_peer(&conn), named) {
                 (Some(real), _) => in_family(real, v6),

@@ -821,8 +821,11 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
     }
 }
 
-/// Binds the client socket to its self-describing name, choosing a free
-/// client port unless the program bound one.
+/// Gives the client socket its identity: the client's VIP:port (a free
+/// client port unless the program bound one) and the destination. The
+/// socket stays unbound, so that its peer's `recvfrom` reports no address,
+/// as over TCP: the broker keeps the identity (see `crate::idents`), and
+/// [`finish`] sends it to the listener ahead of the program's data.
 pub(super) fn bind_client_name(
     call: &Call<'_>,
     sock: &OwnedFd,
@@ -831,27 +834,45 @@ pub(super) fn bind_client_name(
     bound_port: u16,
     dst: SocketAddr,
 ) -> Result<(), Errno> {
-    let attempts = if bound_port != 0 { 1 } else { 64 };
-    for _ in 0..attempts {
-        let port = if bound_port != 0 {
-            bound_port
-        } else {
-            next_client_port(call.shared)
-        };
-        let name = SocketName::Client {
-            instance: call.instance(),
-            v6,
-            local: SocketAddr::new(local_ip, port),
-            peer: dst,
-        };
-        let addr = endpoint_addr(&UnixEndpoint::Abstract(name.encode()))?;
-        match rustix::net::bind(sock, &addr) {
-            Ok(()) => return Ok(()),
-            Err(e) if e == rustix::io::Errno::ADDRINUSE => continue,
-            Err(e) => return Err(e.raw_os_error()),
-        }
+    let port = if bound_port != 0 {
+        bound_port
+    } else {
+        next_client_port(call.shared)
+    };
+    let name = SocketName::Client {
+        instance: call.instance(),
+        v6,
+        local: SocketAddr::new(local_ip, port),
+        peer: dst,
+    };
+    let cookie = sockopt::socket_cookie(sock).map_err(|e| e.raw_os_error())?;
+    let inode = super::inode(sock).ok_or(libc::ENOBUFS)?;
+    call.shared
+        .idents
+        .insert(cookie, inode, crate::idents::Kind::Own, name)
+        .map_err(|_| {
+            tracing::warn!(
+                app = call.app,
+                "connection refused: the identity table is full"
+            );
+            libc::ENOBUFS
+        })
+}
+
+/// Sends the client socket's hello (see `crate::idents`) to the listener it
+/// just connected to, before the program holds the socket.
+fn send_hello(call: &Call<'_>, sock: &OwnedFd) -> Result<(), Errno> {
+    let cookie = sockopt::socket_cookie(sock).map_err(|e| e.raw_os_error())?;
+    let Some((crate::idents::Kind::Own, name)) = call.shared.idents.get(cookie) else {
+        return Err(libc::ENOBUFS);
+    };
+    let hello = call.shared.idents.hello(&name);
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    match rustix::net::send(sock, &hello, flags) {
+        Ok(n) if n == hello.len() => Ok(()),
+        // An empty socket takes far more: the listener is gone.
+        _ => Err(libc::ECONNREFUSED),
     }
-    Err(libc::EADDRNOTAVAIL)
 }
 
 /// Installs the connected UNIX socket over the program's. A non-blocking
@@ -864,6 +885,7 @@ pub(super) fn finish(
     sock: OwnedFd,
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
+    send_hello(call, &sock)?;
     let nonblocking = copy_nonblock(copy, &sock)?;
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {

@@ -8,7 +8,7 @@
 //! * Effect: the address is written in the family of the socket the
 //!   program created (v4-mapped on `AF_INET6`), cut as the kernel does.
 
-use super::{classify, peer_name, write_sockaddr, Call, Outcome, Sock};
+use super::{classify, peer_ident, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
@@ -28,7 +28,11 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         } => Ok(if peer { dst } else { local }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
-            let client = if listening { None } else { peer_name(&fd) };
+            let client = if listening {
+                None
+            } else {
+                peer_ident(call.shared, &fd)
+            };
             match (client, peer) {
                 (
                     Some(SocketName::Client {
