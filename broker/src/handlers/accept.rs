@@ -33,6 +33,12 @@ use std::time::{Duration, Instant};
 const WAIT_TICK: Duration = Duration::from_millis(50);
 /// How long an accepted connection's hello may take to arrive.
 const HELLO_WAIT: Duration = Duration::from_secs(1);
+/// What [`complete`] fails with for a connection whose client closed it
+/// before its hello came (its connect was cut short by a daemon killed in
+/// between, and the program got another one): nothing is lost in dropping
+/// it, and the accept goes on with the next connection. Never an errno
+/// the kernel uses.
+const GONE: Errno = 0;
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
     let (name, listener) = match classify(call, target, call.arg(0)) {
@@ -57,16 +63,22 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     let probe = probe_addr(call, target, v6);
     if is_nonblocking(&listener) {
-        return match rustix::net::accept_with(&listener, accept_flags) {
-            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
-            Err(e) => Outcome::Errno(e.raw_os_error()),
-        };
+        loop {
+            return match rustix::net::accept_with(&listener, accept_flags) {
+                Ok(conn) => match complete(call, target, conn, v6, cloexec, probe) {
+                    Err(GONE) => continue,
+                    done => done.into(),
+                },
+                Err(e) => Outcome::Errno(e.raw_os_error()),
+            };
+        }
     }
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
-        return match conn {
-            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
-            Err(e) => Outcome::Errno(e),
-        };
+        match conn.and_then(|conn| complete(call, target, conn, v6, cloexec, probe)) {
+            // Nothing to accept after all: wait as below.
+            Err(GONE) => {}
+            done => return done.into(),
+        }
     }
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
         .ok()
@@ -103,10 +115,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             if !fds[0].revents().is_empty() {
                 let probe = probe_addr(call, &target, v6);
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    return match conn {
-                        Ok(conn) => complete(call, &target, conn, v6, cloexec, probe).into(),
-                        Err(e) => Outcome::Errno(e),
-                    };
+                    match conn.and_then(|conn| complete(call, &target, conn, v6, cloexec, probe)) {
+                        Err(GONE) => {}
+                        done => return done.into(),
+                    }
                 }
             }
             if !call.still_valid() {
@@ -157,10 +169,11 @@ impl Parked {
             };
             let probe = probe_addr(call, &target, self.v6);
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                return Some(match conn {
-                    Ok(conn) => complete(call, &target, conn, self.v6, self.cloexec, probe).into(),
-                    Err(e) => Outcome::Errno(e),
-                });
+                let done = conn
+                    .and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec, probe));
+                if done != Err(GONE) {
+                    return Some(done.into());
+                }
             }
         }
         if !housekeeping {
@@ -290,6 +303,7 @@ fn complete(
         // socket connected natively): never reported with a made-up
         // address. The program sees it as a connection reset before it
         // was accepted, and accepts again.
+        Caller::Gone => return Err(GONE),
         Caller::Unknown => {
             tracing::warn!(
                 app = call.app,
@@ -330,6 +344,9 @@ enum Caller {
     Door(u64),
     /// Anyone else.
     Unknown,
+    /// A client of the broker's that closed the connection before its
+    /// hello was written.
+    Gone,
 }
 
 /// Who connected: only a connection in the broker's private namespace is
@@ -350,23 +367,40 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
             return Caller::Door(token);
         }
     }
-    // Accepted by an earlier daemon, which read its hello; or made by an
-    // earlier version of ax, which bound its client sockets.
+    // Accepted by an earlier daemon, which read its hello (or died before
+    // taking it out of the connection); or made by an earlier version of
+    // ax, which bound its client sockets.
     if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
+        if let Hello::Valid(_) = peek_hello(call, conn, None) {
+            take_hello(conn);
+        }
         return Caller::Client(local);
     }
-    let Some(client) = read_hello(call, conn) else {
-        return Caller::Unknown;
+    let client = match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
+        Hello::Valid(client) => client,
+        Hello::Gone => return Caller::Gone,
+        Hello::Missing => {
+            tracing::warn!(
+                app = call.app,
+                "a connection did not start with the broker's hello"
+            );
+            return Caller::Unknown;
+        }
     };
     let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
         return Caller::Unknown;
     };
+    // Kept before the hello is taken out: a daemon killed in between
+    // leaves a successor either the hello or the identity, never neither.
     let kept = call
         .shared
         .idents
         .insert(cookie, inode, crate::idents::Kind::Peer, client);
     match (kept, client) {
-        (Ok(()), SocketName::Client { local, .. }) => Caller::Client(local),
+        (Ok(()), SocketName::Client { local, .. }) => {
+            take_hello(conn);
+            Caller::Client(local)
+        }
         _ => {
             tracing::warn!(
                 app = call.app,
@@ -377,35 +411,54 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
     }
 }
 
-/// Reads the hello at the head of an accepted connection: written by the
-/// broker right after it connected, so already there but for a thread of
-/// the broker preempted in between; waited for a little.
-fn read_hello(call: &Call<'_>, conn: &OwnedFd) -> Option<SocketName> {
+/// What an accepted connection starts with.
+enum Hello {
+    /// The broker's hello, naming the client.
+    Valid(SocketName),
+    /// Nothing, and its client is gone.
+    Gone,
+    /// Anything else, or nothing in time.
+    Missing,
+}
+
+/// Looks (without taking it) at the hello at the head of an accepted
+/// connection: written by the broker right after it connected, so already
+/// there but for a thread of the broker preempted in between; waited for
+/// until `deadline` (`None`: not at all). A hello is sent whole, in one
+/// write, so it is never seen in part.
+fn peek_hello(call: &Call<'_>, conn: &OwnedFd, deadline: Option<Instant>) -> Hello {
     use crate::idents::HELLO_LEN;
     let mut hello = [0u8; HELLO_LEN];
-    let mut got = 0;
-    let deadline = Instant::now() + HELLO_WAIT;
-    while got < HELLO_LEN {
-        match rustix::net::recv(conn, &mut hello[got..], rustix::net::RecvFlags::DONTWAIT) {
-            Ok((0, _)) => return None,
-            Ok((n, _)) => got += n,
+    let flags = rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK;
+    loop {
+        match rustix::net::recv(conn, &mut hello[..], flags) {
+            Ok((0, _)) => return Hello::Gone,
+            Ok((n, _)) if n == HELLO_LEN => break,
+            Ok(_) => return Hello::Missing,
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
-                let left = deadline.checked_duration_since(Instant::now())?;
+                let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now()))
+                else {
+                    return Hello::Missing;
+                };
                 let mut fds = [PollFd::new(conn, PollFlags::IN)];
-                let wait = Timespec::try_from(left).ok()?;
+                let Ok(wait) = Timespec::try_from(left) else {
+                    return Hello::Missing;
+                };
                 let _ = poll(&mut fds, Some(&wait));
             }
-            Err(_) => return None,
+            Err(_) => return Hello::Missing,
         }
     }
-    let name = call.shared.idents.read_hello(&hello);
-    if name.is_none() {
-        tracing::warn!(
-            app = call.app,
-            "dropped a connection that did not start with the broker's hello"
-        );
+    match call.shared.idents.read_hello(&hello) {
+        Some(name) => Hello::Valid(name),
+        None => Hello::Missing,
     }
-    name
+}
+
+/// Takes the hello [`peek_hello`] found out of the connection.
+fn take_hello(conn: &OwnedFd) {
+    let mut hello = [0u8; crate::idents::HELLO_LEN];
+    let _ = rustix::net::recv(conn, &mut hello[..], rustix::net::RecvFlags::DONTWAIT);
 }
 
 fn install(
@@ -478,7 +531,11 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     let probe = probe_addr(call, &target, v6);
-    complete(call, &target, conn, v6, cloexec, probe).into()
+    match complete(call, &target, conn, v6, cloexec, probe) {
+        // Its client left before saying who it was: accept the next one.
+        Err(GONE) => handle(call, &target, has_flags),
+        done => done.into(),
+    }
 }
 
 /// Answers an accept whose connection an earlier daemon installed as fd

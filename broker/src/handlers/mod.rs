@@ -366,6 +366,16 @@ pub(crate) fn peer_name(fd: &OwnedFd) -> Option<SocketName> {
     parse_unix(rustix::net::getpeername(fd).ok()??)
 }
 
+/// True for a connected UNIX socket whose peer is bound to no name (as the
+/// broker's client sockets are).
+pub(crate) fn peer_unnamed(fd: &OwnedFd) -> bool {
+    matches!(
+        rustix::net::getpeername(fd),
+        Ok(Some(a)) if a.address_family() == AddressFamily::UNIX
+            && usize::try_from(a.addr_len()).is_ok_and(|l| l <= std::mem::size_of::<u16>())
+    )
+}
+
 /// The client at the other end of a connection a swapped listener
 /// accepted: kept by the broker (see `crate::idents`), or, for one an
 /// earlier version of ax made, the name its client socket is bound to.
