@@ -25,10 +25,13 @@
 //!   restarts. The file belongs to one boot and one daemon instance; any
 //!   other content is discarded.
 //!
-//! The table is bounded ([`LIMIT`]); when full, entries of sockets no
-//! process holds any more are swept (not younger than [`GRACE`]: a socket
-//! in flight is in no fd table), and a table still full refuses the
-//! connection (`ENOBUFS`), never making up an address.
+//! Entries of sockets no process holds any more are swept by a thread of
+//! the table's own, at most once a [`SWEEP_EVERY`] and only after
+//! [`SWEEP_AFTER`] new entries (or when the table is nearly full): an
+//! entry goes once two sweeps in a row found its socket in no fd table (a
+//! socket passed between processes is in none for a moment). The table is
+//! bounded ([`LIMIT`]): one still full refuses the connection (`ENOBUFS`),
+//! never making up an address.
 
 use crate::names::SocketName;
 use std::collections::{HashMap, HashSet};
@@ -43,10 +46,10 @@ use std::time::{Duration, Instant};
 pub(crate) const HELLO_LEN: usize = 72;
 /// Entries the table holds at most (two per connection).
 pub(crate) const LIMIT: usize = 131_072;
-/// Entries younger than this are never swept.
-const GRACE: Duration = Duration::from_secs(5);
 /// Least time between two sweeps.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// New entries that make a sweep due.
+pub(crate) const SWEEP_AFTER: usize = 64;
 
 const HELLO_MAGIC: &[u8; 8] = b"axhello1";
 const FILE_MAGIC: &[u8; 8] = b"axident1";
@@ -62,24 +65,35 @@ pub(crate) enum Kind {
     Peer = 2,
 }
 
+/// What is kept in memory per socket: where its record is, and what the
+/// sweeps need (the identity itself is read from the record, so that a
+/// busy server's table stays small).
 struct Entry {
     slot: u32,
+    /// The sweep that first missed its socket (0: none).
+    missed: u32,
+    /// The sweep that was running when it was made.
+    born: u32,
     inode: u64,
-    kind: Kind,
-    name: SocketName,
-    born: Instant,
 }
 
 struct Inner {
     map: HashMap<u64, Entry>,
     free: Vec<u32>,
     next_slot: u32,
-    last_sweep: Option<Instant>,
+    /// Entries made since the last sweep.
+    fresh: usize,
+    /// Sweeps begun so far.
+    sweeps: u32,
+    /// Entries the last sweep missed once.
+    missed: usize,
 }
 
 /// The broker's table of connection identities (see the module docs).
 pub(crate) struct Idents {
     secret: [u8; 16],
+    /// The records: the file beside the daemon's socket, or a memfd (none:
+    /// nothing can be kept, and connections are refused).
     file: Option<File>,
     inner: Mutex<Inner>,
 }
@@ -97,12 +111,14 @@ pub(crate) struct Full;
 impl Idents {
     /// A table for the daemon `instance`, kept in the file at `path` (read
     /// back if a predecessor of this boot left one), or in memory only.
-    pub(crate) fn open(instance: u32, path: Option<&Path>) -> Self {
+    pub(crate) fn open(instance: u32, path: Option<&Path>) -> std::sync::Arc<Self> {
         let mut inner = Inner {
             map: HashMap::new(),
             free: Vec::new(),
             next_slot: 0,
-            last_sweep: None,
+            fresh: 0,
+            sweeps: 0,
+            missed: 0,
         };
         let boot = boot_id();
         let file = path.and_then(|p| {
@@ -120,6 +136,7 @@ impl Idents {
                 })
                 .ok()
         });
+        let kept = file.is_some();
         let mut secret = None;
         if let Some(f) = &file {
             let mut head = [0u8; RECORD as usize];
@@ -137,7 +154,7 @@ impl Idents {
         let secret = secret.unwrap_or_else(|| {
             let mut s = [0u8; 16];
             fill_random(&mut s);
-            if let Some(f) = &file {
+            if let Some(f) = file.as_ref().filter(|_| kept) {
                 let mut head = [0u8; RECORD as usize];
                 head[..8].copy_from_slice(FILE_MAGIC);
                 head[8..24].copy_from_slice(&boot);
@@ -150,17 +167,48 @@ impl Idents {
             }
             s
         });
-        Idents {
+        let file = file.or_else(|| {
+            rustix::fs::memfd_create("ax-idents", rustix::fs::MemfdFlags::CLOEXEC)
+                .ok()
+                .map(File::from)
+        });
+        let idents = std::sync::Arc::new(Idents {
             secret,
             file,
             inner: Mutex::new(inner),
+        });
+        let weak = std::sync::Arc::downgrade(&idents);
+        let spawned = std::thread::Builder::new()
+            .name("ax-idents".into())
+            .spawn(move || loop {
+                std::thread::sleep(SWEEP_EVERY);
+                let Some(idents) = weak.upgrade() else { return };
+                if idents.sweep_due() {
+                    idents.sweep();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to sweep connection identities; swept when full");
         }
+        idents
     }
 
     /// The identity kept for the socket with `cookie`.
     pub(crate) fn get(&self, cookie: u64) -> Option<(Kind, SocketName)> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.map.get(&cookie).map(|e| (e.kind, e.name))
+        let slot = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.map.get(&cookie)?.slot
+        };
+        let mut r = [0u8; RECORD as usize];
+        self.file
+            .as_ref()?
+            .read_exact_at(&mut r, (u64::from(slot) + 1) * RECORD)
+            .ok()?;
+        // The slot may have been reused meanwhile: the cookie tells.
+        match decode_record(&r)? {
+            (c, _, kind, name) if c == cookie => Some((kind, name)),
+            _ => None,
+        }
     }
 
     /// Keeps `name` for the socket with `cookie` and `inode`.
@@ -171,13 +219,11 @@ impl Idents {
         kind: Kind,
         name: SocketName,
     ) -> Result<(), Full> {
+        // Full: the sweeper thread makes room within a second or two.
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let slot = match inner.map.get(&cookie) {
             Some(e) => e.slot,
             None => {
-                if inner.map.len() >= LIMIT {
-                    self.sweep(&mut inner);
-                }
                 if inner.map.len() >= LIMIT {
                     return Err(Full);
                 }
@@ -191,46 +237,81 @@ impl Idents {
                 }
             }
         };
-        self.write_slot(slot, &encode_record(cookie, inode, kind, &name));
+        self.write_slot(slot, &encode_record(cookie, inode, kind, &name))
+            .map_err(|()| Full)?;
+        let born = inner.sweeps;
+        inner.fresh += 1;
         inner.map.insert(
             cookie,
             Entry {
                 slot,
+                missed: 0,
+                born,
                 inode,
-                kind,
-                name,
-                born: Instant::now(),
             },
         );
         Ok(())
     }
 
-    fn write_slot(&self, slot: u32, record: &[u8; RECORD as usize]) {
-        if let Some(f) = &self.file {
-            let at = (u64::from(slot) + 1) * RECORD;
-            if let Err(e) = f.write_all_at(record, at) {
-                tracing::debug!(error = %e, "connection identity not kept for a successor");
-            }
-        }
+    fn write_slot(&self, slot: u32, record: &[u8; RECORD as usize]) -> Result<(), ()> {
+        let at = (u64::from(slot) + 1) * RECORD;
+        let Some(file) = &self.file else {
+            return Err(());
+        };
+        file.write_all_at(record, at).map_err(|e| {
+            tracing::warn!(error = %e, "cannot keep a connection's identity");
+        })
     }
 
-    fn sweep(&self, inner: &mut Inner) {
-        if inner.last_sweep.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
-            return;
-        }
-        inner.last_sweep = Some(Instant::now());
+    fn sweep_due(&self) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.fresh >= SWEEP_AFTER || inner.missed > 0 || inner.map.len() >= LIMIT / 4 * 3
+    }
+
+    /// Forgets the entries of sockets that two sweeps in a row found in no
+    /// process's fd table. The fd tables are read without the lock held.
+    fn sweep(&self) {
+        let sweep = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.sweeps = inner.sweeps.wrapping_add(1).max(1);
+            inner.fresh = 0;
+            inner.sweeps
+        };
         let live = live_socket_inodes();
-        let dead: Vec<u64> = inner
-            .map
-            .iter()
-            .filter(|(_, e)| e.born.elapsed() >= GRACE && !live.contains(&e.inode))
-            .map(|(c, _)| *c)
-            .collect();
-        for cookie in dead {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        let mut missed = 0;
+        for (cookie, e) in inner.map.iter_mut() {
+            // Made while the fd tables were read: not judged yet.
+            if e.born >= sweep || live.contains(&e.inode) {
+                e.missed = 0;
+            } else if e.missed != 0 && e.missed < sweep {
+                gone.push(*cookie);
+            } else {
+                e.missed = sweep;
+                missed += 1;
+            }
+        }
+        for cookie in gone {
             if let Some(e) = inner.map.remove(&cookie) {
-                self.write_slot(e.slot, &[0u8; RECORD as usize]);
+                let _ = self.write_slot(e.slot, &[0u8; RECORD as usize]);
                 inner.free.push(e.slot);
             }
+        }
+        inner.missed = missed;
+        if inner.map.capacity() > 4 * inner.map.len() + 1024 {
+            inner.map.shrink_to_fit();
+        }
+        let slots = inner.next_slot as usize;
+        if inner.free.len() == slots {
+            // Empty: the file and the free list start over.
+            inner.free = Vec::new();
+            inner.next_slot = 0;
+            if let Some(f) = &self.file {
+                let _ = f.set_len(RECORD);
+            }
+        } else if inner.free.capacity() > 4 * inner.free.len() + 1024 {
+            inner.free.shrink_to_fit();
         }
     }
 
@@ -365,19 +446,17 @@ fn load(f: &File, inner: &mut Inner) {
     if f.read_exact_at(&mut buf, RECORD).is_err() {
         return;
     }
-    let now = Instant::now();
     for (i, r) in buf.chunks_exact(RECORD as usize).enumerate() {
         let Ok(slot) = u32::try_from(i) else { break };
         match decode_record(r) {
-            Some((cookie, inode, kind, name)) if inner.map.len() < LIMIT => {
+            Some((cookie, inode, _, _)) if inner.map.len() < LIMIT => {
                 inner.map.insert(
                     cookie,
                     Entry {
                         slot,
+                        missed: 0,
+                        born: 0,
                         inode,
-                        kind,
-                        name,
-                        born: now,
                     },
                 );
             }
@@ -464,6 +543,31 @@ mod tests {
             assert_eq!(ids.read_hello(&bad), None);
         }
         assert_eq!(ids.read_hello(&[0u8; HELLO_LEN]), None);
+    }
+
+    #[test]
+    fn sweeps_sockets_nobody_holds_after_two_misses() {
+        let ids = Idents::open(7, None);
+        let n = client("10.233.0.4:40000", "10.233.0.9:80");
+        let live = std::os::unix::net::UnixStream::pair().unwrap();
+        let live_inode = std::fs::metadata(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            live.0.as_raw_fd()
+        }))
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        })
+        .unwrap();
+        // An inode no socket has (sockfs inodes are small numbers).
+        ids.insert(1, u64::MAX - 1, Kind::Own, n).unwrap();
+        ids.insert(2, live_inode, Kind::Peer, n).unwrap();
+        ids.sweep();
+        assert!(ids.get(1).is_some(), "gone after one miss");
+        ids.sweep();
+        assert_eq!(ids.get(1), None);
+        assert_eq!(ids.get(2), Some((Kind::Peer, n)));
+        drop(live);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// network namespace.
     pub(crate) sockets: Arc<crate::sockets::Sockets>,
     /// Who each end of a swapped connection stands for.
-    pub(crate) idents: crate::idents::Idents,
+    pub(crate) idents: Arc<crate::idents::Idents>,
 }
 
 impl Shared {

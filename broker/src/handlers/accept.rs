@@ -367,31 +367,40 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
             return Caller::Door(token);
         }
     }
-    // Accepted by an earlier daemon, which read its hello (or died before
-    // taking it out of the connection); or made by an earlier version of
+    // The common case: a fresh connection, the broker's hello at its head.
+    let first = peek_hello(call, conn, None);
+    if let Hello::Valid(client) = first {
+        return keep(call, conn, client);
+    }
+    // Accepted by an earlier daemon, which took its hello out (its client
+    // may have said all and left since); or made by an earlier version of
     // ax, which bound its client sockets.
     if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
-        if let Hello::Valid(_) = peek_hello(call, conn, None) {
-            take_hello(conn);
-        }
         return Caller::Client(local);
     }
-    let client = match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
-        Hello::Valid(client) => client,
-        Hello::Gone => return Caller::Gone,
+    if let Hello::Gone = first {
+        return Caller::Gone;
+    }
+    match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
+        Hello::Valid(client) => keep(call, conn, client),
+        Hello::Gone => Caller::Gone,
         Hello::Missing => {
             tracing::warn!(
                 app = call.app,
                 "a connection did not start with the broker's hello"
             );
-            return Caller::Unknown;
+            Caller::Unknown
         }
-    };
+    }
+}
+
+/// Keeps the identity a hello gave for the accepted connection, then takes
+/// the hello out: a daemon killed in between leaves a successor the hello
+/// or the identity, never neither.
+fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName) -> Caller {
     let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
         return Caller::Unknown;
     };
-    // Kept before the hello is taken out: a daemon killed in between
-    // leaves a successor either the hello or the identity, never neither.
     let kept = call
         .shared
         .idents

@@ -707,20 +707,20 @@ pub(super) fn deliver(
     let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
     let sock = super::unix_socket(call.shared)?;
     set_nonblock(&sock, true)?;
-    bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
+    let hello = bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, rebind).map(Some),
+            Ok(()) => return finish(call, target, copy, sock, rebind, &hello).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // The listener's backlog is full: TCP would keep retrying
                 // its SYN; wait for room off the receive loop.
                 if waiting {
-                    return wait_for_room(call, copy, sock, target_addr, rebind).map(Some);
+                    return wait_for_room(call, copy, sock, target_addr, rebind, &hello).map(Some);
                 }
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
                 return Ok(Some(defer(call, move |call| {
-                    wait_for_room(call, &copy, sock, target_addr, rebind).into()
+                    wait_for_room(call, &copy, sock, target_addr, rebind, &hello).into()
                 })));
             }
             Err(e) => {
@@ -741,6 +741,7 @@ pub(super) fn wait_for_room(
     sock: OwnedFd,
     target_addr: rustix::net::SocketAddrUnix,
     rebind: Option<SocketName>,
+    hello: &Hello,
 ) -> Result<Outcome, Errno> {
     // Wait for room in short slices: a program killed meanwhile, or
     // interrupted by a signal, must not keep this thread (and what it
@@ -770,7 +771,7 @@ pub(super) fn wait_for_room(
         }
     }
     sockopt::set_socket_timeout(&sock, Timeout::Send, None).map_err(|e| e.raw_os_error())?;
-    finish(call, &target, copy, sock, rebind)
+    finish(call, &target, copy, sock, rebind, hello)
 }
 
 /// Nobody serves the destination. A blocking connect fails with
@@ -833,7 +834,7 @@ pub(super) fn bind_client_name(
     local_ip: IpAddr,
     bound_port: u16,
     dst: SocketAddr,
-) -> Result<(), Errno> {
+) -> Result<Hello, Errno> {
     let port = if bound_port != 0 {
         bound_port
     } else {
@@ -856,19 +857,18 @@ pub(super) fn bind_client_name(
                 "connection refused: the identity table is full"
             );
             libc::ENOBUFS
-        })
+        })?;
+    Ok(call.shared.idents.hello(&name))
 }
+
+/// The hello a client socket sends ahead of the program's data.
+pub(super) type Hello = [u8; crate::idents::HELLO_LEN];
 
 /// Sends the client socket's hello (see `crate::idents`) to the listener it
 /// just connected to, before the program holds the socket.
-fn send_hello(call: &Call<'_>, sock: &OwnedFd) -> Result<(), Errno> {
-    let cookie = sockopt::socket_cookie(sock).map_err(|e| e.raw_os_error())?;
-    let Some((crate::idents::Kind::Own, name)) = call.shared.idents.get(cookie) else {
-        return Err(libc::ENOBUFS);
-    };
-    let hello = call.shared.idents.hello(&name);
+fn send_hello(sock: &OwnedFd, hello: &Hello) -> Result<(), Errno> {
     let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
-    match rustix::net::send(sock, &hello, flags) {
+    match rustix::net::send(sock, hello, flags) {
         Ok(n) if n == hello.len() => Ok(()),
         // An empty socket takes far more: the listener is gone.
         _ => Err(libc::ECONNREFUSED),
@@ -884,8 +884,9 @@ pub(super) fn finish(
     copy: &OwnedFd,
     sock: OwnedFd,
     rebind: Option<SocketName>,
+    hello: &Hello,
 ) -> Result<Outcome, Errno> {
-    send_hello(call, &sock)?;
+    send_hello(&sock, hello)?;
     let nonblocking = copy_nonblock(copy, &sock)?;
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {
