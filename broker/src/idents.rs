@@ -50,6 +50,9 @@ pub(crate) const LIMIT: usize = 131_072;
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// New entries that make a sweep due.
 pub(crate) const SWEEP_AFTER: usize = 64;
+/// New entries that make a sweep due at once, without waiting for the
+/// next [`SWEEP_EVERY`]: a busy server's table stays small.
+const SWEEP_NOW: usize = 16_384;
 
 const HELLO_MAGIC: &[u8; 8] = b"axhello1";
 const FILE_MAGIC: &[u8; 8] = b"axident1";
@@ -74,7 +77,8 @@ struct Entry {
     missed: u32,
     /// The sweep that was running when it was made.
     born: u32,
-    inode: u64,
+    /// Its inode (sockfs numbers its inodes with 32 bits).
+    inode: u32,
 }
 
 struct Inner {
@@ -92,6 +96,8 @@ struct Inner {
 /// The broker's table of connection identities (see the module docs).
 pub(crate) struct Idents {
     secret: [u8; 16],
+    /// Wakes the sweeper early (see [`SWEEP_NOW`]).
+    wake: std::sync::Condvar,
     /// The records: the file beside the daemon's socket, or a memfd (none:
     /// nothing can be kept, and connections are refused).
     file: Option<File>,
@@ -174,6 +180,7 @@ impl Idents {
         });
         let idents = std::sync::Arc::new(Idents {
             secret,
+            wake: std::sync::Condvar::new(),
             file,
             inner: Mutex::new(inner),
         });
@@ -181,8 +188,15 @@ impl Idents {
         let spawned = std::thread::Builder::new()
             .name("ax-idents".into())
             .spawn(move || loop {
-                std::thread::sleep(SWEEP_EVERY);
                 let Some(idents) = weak.upgrade() else { return };
+                {
+                    let inner = idents.inner.lock().unwrap_or_else(|e| e.into_inner());
+                    // Sleeps holding a strong reference for one period at
+                    // most: the table goes a period after its broker.
+                    let _ = idents
+                        .wake
+                        .wait_timeout_while(inner, SWEEP_EVERY, |i| i.fresh < SWEEP_NOW);
+                }
                 if idents.sweep_due() {
                     idents.sweep();
                 }
@@ -241,13 +255,16 @@ impl Idents {
             .map_err(|()| Full)?;
         let born = inner.sweeps;
         inner.fresh += 1;
+        if inner.fresh == SWEEP_NOW {
+            self.wake.notify_one();
+        }
         inner.map.insert(
             cookie,
             Entry {
                 slot,
                 missed: 0,
                 born,
-                inode,
+                inode: short_inode(inode),
             },
         );
         Ok(())
@@ -283,7 +300,7 @@ impl Idents {
         let mut missed = 0;
         for (cookie, e) in inner.map.iter_mut() {
             // Made while the fd tables were read: not judged yet.
-            if e.born >= sweep || live.contains(&e.inode) {
+            if e.born >= sweep || live.contains(&u64::from(e.inode)) {
                 e.missed = 0;
             } else if e.missed != 0 && e.missed < sweep {
                 gone.push(*cookie);
@@ -456,7 +473,7 @@ fn load(f: &File, inner: &mut Inner) {
                         slot,
                         missed: 0,
                         born: 0,
-                        inode,
+                        inode: short_inode(inode),
                     },
                 );
             }
@@ -499,6 +516,12 @@ fn fill_random(buf: &mut [u8]) {
             }
         }
     }
+}
+
+/// A socket's inode in the 32 bits sockfs gives it (anything wider is
+/// never seen live, and its entry is swept).
+fn short_inode(inode: u64) -> u32 {
+    u32::try_from(inode).unwrap_or(u32::MAX)
 }
 
 /// Inodes of every socket some process this broker can see holds.
