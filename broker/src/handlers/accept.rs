@@ -296,8 +296,25 @@ fn complete(
     }
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
-    let (conn, peer) = match caller_of(call, &conn) {
+    let (conn, peer) = match caller_of(call, &conn, false) {
         Caller::Client(local) => (conn, local),
+        // Rather than keep the server waiting for it (and every connection
+        // behind it), the connection goes back behind a doorbell, and the
+        // accept goes on with the next one.
+        Caller::NotYet => match requeue(call, conn) {
+            Ok(()) => return Err(GONE),
+            Err(conn) => match caller_of(call, &conn, true) {
+                Caller::Client(local) => (conn, local),
+                Caller::Gone => return Err(GONE),
+                _ => {
+                    tracing::warn!(
+                        app = call.app,
+                        "dropped a connection whose hello did not come"
+                    );
+                    return Err(libc::ECONNABORTED);
+                }
+            },
+        },
         // Not a connection the broker made (in its private namespace only
         // the broker binds names, so this is e.g. a program's own swapped
         // socket connected natively): never reported with a made-up
@@ -314,12 +331,26 @@ fn complete(
         }
         Caller::Door(token) => {
             let Some(real) = call.shared.doors.answer(token) else {
-                // Nobody keeps a connection for it: servers retry this.
-                return Err(libc::ECONNABORTED);
+                // Nobody keeps a connection for it (an earlier daemon
+                // rang): nothing to hand over; the accept goes on.
+                return Err(GONE);
             };
             super::set_nonblock(&real, is_nonblocking(&conn))?;
-            let peer = crate::doors::inet_peer(&real).unwrap_or_else(|| addr::unspecified(false));
-            (real, in_family(peer, v6))
+            match crate::doors::inet_peer(&real) {
+                Some(peer) => (real, in_family(peer, v6)),
+                // One of the broker's own, put back by `requeue`.
+                None => match caller_of(call, &real, true) {
+                    Caller::Client(local) => (real, local),
+                    Caller::Gone => return Err(GONE),
+                    _ => {
+                        tracing::warn!(
+                            app = call.app,
+                            "dropped a connection whose hello did not come"
+                        );
+                        return Err(libc::ECONNABORTED);
+                    }
+                },
+            }
         }
     };
     // Park a duplicate where it outlives this daemon (see crate::Stash).
@@ -336,6 +367,21 @@ fn complete(
     installed
 }
 
+/// Puts an accepted connection whose hello is not there yet back in its
+/// listener's queue, behind a doorbell (see `crate::doors`); gives it
+/// back when it cannot.
+fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
+    // An accepted socket bears its listener's name.
+    let Some(listener @ SocketName::Listener { .. }) = super::own_name(&conn) else {
+        return Err(conn);
+    };
+    let endpoint = ax_registry::UnixEndpoint::Abstract(listener.encode());
+    call.shared
+        .doors
+        .ring(call.instance(), &call.shared.sockets, conn, &[endpoint])
+        .map_err(|(_, conn)| conn)
+}
+
 /// Who is behind an accepted connection.
 enum Caller {
     /// A client under ax, at this VIP:port.
@@ -347,6 +393,9 @@ enum Caller {
     /// A client of the broker's that closed the connection before its
     /// hello was written.
     Gone,
+    /// A client of the broker's whose hello is on its way: the thread that
+    /// connected it was preempted between its `connect` and its hello.
+    NotYet,
 }
 
 /// Who connected: only a connection in the broker's private namespace is
@@ -354,7 +403,7 @@ enum Caller {
 /// doorbell name (only the broker binds names there), an identity the
 /// broker kept for this connection, or the hello the broker's client
 /// socket sent ahead of any data (see `crate::idents`).
-fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
+fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
     if !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
     }
@@ -378,13 +427,15 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
     if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
         return Caller::Client(local);
     }
-    if let Hello::Gone = first {
-        return Caller::Gone;
+    match first {
+        Hello::Gone => return Caller::Gone,
+        Hello::NotYet if !may_wait => return Caller::NotYet,
+        _ => {}
     }
     match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
         Hello::Valid(client) => keep(call, conn, client),
         Hello::Gone => Caller::Gone,
-        Hello::Missing => {
+        Hello::Missing | Hello::NotYet => {
             tracing::warn!(
                 app = call.app,
                 "a connection did not start with the broker's hello"
@@ -426,6 +477,8 @@ enum Hello {
     Valid(SocketName),
     /// Nothing, and its client is gone.
     Gone,
+    /// Nothing yet (when not waiting).
+    NotYet,
     /// Anything else, or nothing in time.
     Missing,
 }
@@ -445,8 +498,10 @@ fn peek_hello(call: &Call<'_>, conn: &OwnedFd, deadline: Option<Instant>) -> Hel
             Ok((n, _)) if n == HELLO_LEN => break,
             Ok(_) => return Hello::Missing,
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
-                let Some(left) = deadline.and_then(|d| d.checked_duration_since(Instant::now()))
-                else {
+                let Some(deadline) = deadline else {
+                    return Hello::NotYet;
+                };
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     return Hello::Missing;
                 };
                 let mut fds = [PollFd::new(conn, PollFlags::IN)];
