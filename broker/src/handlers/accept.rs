@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 const WAIT_TICK: Duration = Duration::from_millis(50);
 /// How long an accepted connection's hello may take to arrive.
 const HELLO_WAIT: Duration = Duration::from_secs(1);
+/// How long an accept waits for a hello before it puts the connection
+/// back behind a doorbell (its connecting thread was preempted).
+const HELLO_BRIEF: Duration = Duration::from_millis(2);
 /// What [`complete`] fails with for a connection whose client closed it
 /// before its hello came (its connect was cut short by a daemon killed in
 /// between, and the program got another one): nothing is lost in dropping
@@ -429,7 +432,14 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
     }
     match first {
         Hello::Gone => return Caller::Gone,
-        Hello::NotYet if !may_wait => return Caller::NotYet,
+        // Its connect has just returned on another thread of the broker,
+        // which writes the hello next: a moment's wait is the common case.
+        Hello::NotYet => match peek_hello(call, conn, Some(Instant::now() + HELLO_BRIEF)) {
+            Hello::Valid(client) => return keep(call, conn, client),
+            Hello::Gone => return Caller::Gone,
+            _ if !may_wait => return Caller::NotYet,
+            _ => {}
+        },
         _ => {}
     }
     match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
