@@ -50,6 +50,8 @@ pub(crate) const LIMIT: usize = 131_072;
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// New entries that make a sweep due.
 pub(crate) const SWEEP_AFTER: usize = 64;
+/// Entries the table has room for from the start (and keeps room for).
+const RESERVED: usize = 32_768;
 /// New entries that make a sweep due at once, without waiting for the
 /// next [`SWEEP_EVERY`]: a busy server's table stays small.
 const SWEEP_NOW: usize = 16_384;
@@ -119,8 +121,8 @@ impl Idents {
     /// back if a predecessor of this boot left one), or in memory only.
     pub(crate) fn open(instance: u32, path: Option<&Path>) -> std::sync::Arc<Self> {
         let mut inner = Inner {
-            map: HashMap::new(),
-            free: Vec::new(),
+            map: HashMap::with_capacity(RESERVED),
+            free: Vec::with_capacity(RESERVED),
             next_slot: 0,
             fresh: 0,
             sweeps: 0,
@@ -316,19 +318,20 @@ impl Idents {
             }
         }
         inner.missed = missed;
-        if inner.map.capacity() > 4 * inner.map.len() + 1024 {
-            inner.map.shrink_to_fit();
+        // Given back only after a burst far above the usual size: a table
+        // that shrinks and grows again at every sweep scatters its memory.
+        if inner.map.capacity() > 8 * inner.map.len().max(RESERVED) {
+            let to = 2 * inner.map.len().max(RESERVED);
+            inner.map.shrink_to(to);
         }
         let slots = inner.next_slot as usize;
-        if inner.free.len() == slots {
-            // Empty: the file and the free list start over.
-            inner.free = Vec::new();
+        if inner.free.len() == slots && slots > RESERVED {
+            // Empty after a burst: the file and the free list start over.
+            inner.free = Vec::with_capacity(RESERVED);
             inner.next_slot = 0;
             if let Some(f) = &self.file {
                 let _ = f.set_len(RECORD);
             }
-        } else if inner.free.capacity() > 4 * inner.free.len() + 1024 {
-            inner.free.shrink_to_fit();
         }
     }
 
