@@ -312,8 +312,9 @@ impl Idents {
             }
         }
         for cookie in gone {
+            // Its record stays until the slot is reused: a successor that
+            // reads it back sweeps it again (cookies are never reused).
             if let Some(e) = inner.map.remove(&cookie) {
-                let _ = self.write_slot(e.slot, &[0u8; RECORD as usize]);
                 inner.free.push(e.slot);
             }
         }
