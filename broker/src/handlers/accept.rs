@@ -7,9 +7,13 @@
 //!   `*addrlen` as the kernel does, with the full length stored back), and
 //!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
 //!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
-//!   A connection the broker did not make (its peer is not a client or
-//!   doorbell socket the broker bound in its private namespace) is closed
-//!   and the call fails with `ECONNABORTED`.
+//!   Who connected is what the broker says: the hello its client socket
+//!   wrote ahead of any data (taken out here), an identity it kept for the
+//!   connection, or a doorbell it bound (see `crate::idents`,
+//!   `crate::doors`). A connection the broker did not make is closed and
+//!   the call fails with `ECONNABORTED`; one whose client left before its
+//!   hello is skipped, and one whose hello is still on its way goes back
+//!   behind a doorbell, while the accept goes on with the next.
 //!
 //! A blocking accept with nothing to accept yet is parked: the app's receive
 //! loop polls the listener beside the notify fd and finishes the call when a

@@ -8,9 +8,10 @@
 //!   and only then the family and the rest of the address.
 //! * Decision: a virtual destination is looked up in the directory (nothing
 //!   there: `ECONNREFUSED`); any other destination is egress.
-//! * Effect, virtual: a UNIX socket named after the client's VIP:port and
-//!   the destination is connected to the service's listener and replaces
-//!   the program's socket at the same fd number; `connect` returns 0 — or
+//! * Effect, virtual: an unbound UNIX socket is connected to the service's
+//!   listener, sends it a hello naming the client's VIP:port and the
+//!   destination (see `crate::idents`), and replaces the program's socket
+//!   at the same fd number; `connect` returns 0 — or
 //!   `EINPROGRESS` on a non-blocking socket, as TCP always does, and then
 //!   0 once more to the next `connect`, before `EISCONN`.
 //! * Effect, loopback (`127.0.0.1:P`, `[::1]:P`): the app's own wildcard
@@ -680,8 +681,8 @@ impl HeldConnect {
     }
 }
 
-/// Connects a new UNIX socket, named after the client's VIP:port and the
-/// destination, to the first of `endpoints` that takes it (a backend that
+/// Connects a new UNIX socket, whose identity is the client's VIP:port and
+/// the destination, to the first of `endpoints` that takes it (a backend that
 /// refuses is skipped and forgotten), and installs it over the program's
 /// socket. `waiting`: already off the receive loop, so a full backlog is
 /// waited for here. `None`: no backend took the connection.

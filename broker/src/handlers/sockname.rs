@@ -1,8 +1,8 @@
 //! `getsockname(fd, addr, addrlen)` and `getpeername(fd, addr, addrlen)`.
 //!
 //! * Inputs: a socket this broker installed (anything else runs natively).
-//! * Decision: the answer is derived from the socket's own name and its
-//!   peer's: a listener answers the address it was bound to; an accepted
+//! * Decision: the answer is derived from the socket's own name and the
+//!   identities the broker keeps (`crate::idents`): a listener answers the address it was bound to; an accepted
 //!   connection answers the VIP:port the client dialled and the client's
 //!   VIP:port; a client answers its own VIP:port and the destination.
 //! * Effect: the address is written in the family of the socket the
