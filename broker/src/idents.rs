@@ -19,11 +19,13 @@
 //! * **A table** from socket cookie (`SO_COOKIE`: assigned by the kernel,
 //!   never reused while the machine runs, not settable by anyone) to the
 //!   identity: the client socket's own, and the client an accepted socket
-//!   is connected to. `getsockname`/`getpeername` read it. Each entry is
-//!   also written to a file beside the daemon's socket (slot by slot, no
-//!   rewrite), which a successor daemon reads back: answers survive
-//!   restarts. The file belongs to one boot and one daemon instance; any
-//!   other content is discarded.
+//!   is connected to. `getsockname`/`getpeername` read it. The identities
+//!   are records in a file beside the daemon's socket (one 64-byte slot
+//!   each, written once; in memory only the slot, so that a busy server's
+//!   table stays small), which a successor daemon reads back: answers
+//!   survive restarts. The file belongs to one boot and one daemon
+//!   instance; any other content is discarded. Without a path (an
+//!   embedder), a memfd holds the records.
 //!
 //! Entries of sockets no process holds any more are swept by a thread of
 //! the table's own, at most once a [`SWEEP_EVERY`] and only after
