@@ -173,10 +173,14 @@ pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppI
             continue;
         }
         let own = crate::handlers::own_name(&conn);
-        let peer = crate::handlers::peer_name(&conn);
-        if let (Some(SocketName::Listener { instance, app, .. }), Some(SocketName::Client { .. })) =
-            (own, peer)
-        {
+        // A client socket of the broker is unbound (its identity is kept
+        // apart, see `crate::idents`); one an earlier version made is named.
+        let client = crate::handlers::peer_unnamed(&conn)
+            || matches!(
+                crate::handlers::peer_name(&conn),
+                Some(SocketName::Client { .. })
+            );
+        if let (Some(SocketName::Listener { instance, app, .. }), true) = (own, client) {
             if instance == config.instance {
                 out.entry(app).or_default().push(conn);
             }

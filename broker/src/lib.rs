@@ -52,6 +52,7 @@ mod addr;
 mod appstate;
 mod doors;
 mod handlers;
+mod idents;
 pub mod keeper;
 pub mod launch;
 pub mod metrics;

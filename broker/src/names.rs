@@ -1,9 +1,13 @@
 //! The names ax gives the UNIX sockets it installs.
 //!
-//! Every swapped socket carries its own meaning in its abstract-namespace
-//! name, so the broker keeps no per-socket table: `dup`, `fork`, fd passing
-//! and a broker restart lose nothing. An accepted socket shares its
-//! listener's name, and its peer's name tells who connected to what.
+//! Every swapped listener carries its own meaning in its abstract-namespace
+//! name, so that `dup`, `fork`, fd passing and a broker restart lose
+//! nothing; an accepted socket shares its listener's name. A client's
+//! identity ([`SocketName::Client`]) is no longer bound on its socket (its
+//! peer's `recvfrom` would report it, where TCP reports no address): the
+//! broker keeps it apart, and the server learns it from a hello (see
+//! `crate::idents`). Client names bound by an earlier version are still
+//! understood.
 //!
 //! The names live in the broker's private network namespace (see
 //! `crate::sockets`), not the host's: only the broker binds names there,
@@ -13,7 +17,7 @@
 //! ```text
 //! ax/<instance>/l4/<app>/<bound ip>/<port>                 listener (bind)
 //! ax/<instance>/l4/<app>/<bound ip>/<port>/<uid>/<id>       SO_REUSEPORT listener
-//! ax/<instance>/c6/<local ip>/<port>/<peer ip>/<port>      client (connect)
+//! ax/<instance>/c6/<local ip>/<port>/<peer ip>/<port>      client (earlier versions)
 //! ```
 //!
 //! `4`/`6` is the family of the socket the program created, so addresses
@@ -44,7 +48,8 @@ pub enum SocketName {
         /// several listeners of the app on the same address and port.
         reuseport: Option<Reuseport>,
     },
-    /// A client socket installed by `connect` to a virtual address.
+    /// A client socket installed by `connect` to a virtual address (kept by
+    /// `crate::idents`; bound as a name by earlier versions).
     Client {
         /// The broker instance that made it.
         instance: u32,

@@ -28,6 +28,9 @@ pub struct BrokerConfig {
     /// ([`ax_registry::Directory::connect_wait`]). Zero: refuse at once,
     /// as TCP does.
     pub connect_wait: std::time::Duration,
+    /// Where the identities of connections are kept for a successor daemon
+    /// (see `crate::idents`); `None`: in memory only.
+    pub identities: Option<std::path::PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -41,6 +44,7 @@ impl Default for BrokerConfig {
         Self {
             instance: std::process::id().rotate_left(16) ^ nanos,
             connect_wait: std::time::Duration::ZERO,
+            identities: None,
         }
     }
 }
@@ -66,6 +70,8 @@ pub(crate) struct Shared {
     /// Notify fds being served, by app: an app (a container with `exec`s
     /// into it) may have several; it exits with the last.
     pub(crate) listeners: Mutex<std::collections::HashMap<AppId, usize>>,
+    /// Who each end of a swapped connection stands for.
+    pub(crate) idents: Arc<crate::idents::Idents>,
 }
 
 impl Shared {
@@ -128,6 +134,7 @@ impl Broker {
                 self_restricted: Default::default(),
                 sockets: crate::sockets::Sockets::new(config.instance),
                 listeners: Mutex::default(),
+                idents: crate::idents::Idents::open(config.instance, config.identities.as_deref()),
                 config,
             }),
         }

@@ -494,6 +494,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let config = BrokerConfig {
         instance,
         connect_wait: args.connect_wait,
+        identities: Some(paths::beside(&path, ".idents")),
     };
     // A predecessor killed on this socket left its fd keeper holding the
     // connections it had accepted for servers: collect them. Holding the

@@ -7,9 +7,13 @@
 //!   `*addrlen` as the kernel does, with the full length stored back), and
 //!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
 //!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
-//!   A connection the broker did not make (its peer is not a client or
-//!   doorbell socket the broker bound in its private namespace) is closed
-//!   and the call fails with `ECONNABORTED`.
+//!   Who connected is what the broker says: the hello its client socket
+//!   wrote ahead of any data (taken out here), an identity it kept for the
+//!   connection, or a doorbell it bound (see `crate::idents`,
+//!   `crate::doors`). A connection the broker did not make is closed and
+//!   the call fails with `ECONNABORTED`; one whose client left before its
+//!   hello is skipped, and one whose hello is still on its way goes back
+//!   behind a doorbell, while the accept goes on with the next.
 //!
 //! A blocking accept with nothing to accept yet is parked: the app's receive
 //! loop polls the listener beside the notify fd and finishes the call when a
@@ -20,7 +24,7 @@
 //! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
 //! `ENOBUFS`.
 
-use super::{classify, defer, is_nonblocking, peer_name, write_sockaddr, Call, Outcome, Sock};
+use super::{classify, defer, is_nonblocking, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
@@ -31,6 +35,17 @@ use std::time::{Duration, Instant};
 
 /// How often a waiting accept checks that its caller still waits.
 const WAIT_TICK: Duration = Duration::from_millis(50);
+/// How long an accepted connection's hello may take to arrive.
+const HELLO_WAIT: Duration = Duration::from_secs(1);
+/// How long an accept waits for a hello before it puts the connection
+/// back behind a doorbell (its connecting thread was preempted).
+const HELLO_BRIEF: Duration = Duration::from_millis(2);
+/// What [`complete`] fails with for a connection whose client closed it
+/// before its hello came (its connect was cut short by a daemon killed in
+/// between, and the program got another one): nothing is lost in dropping
+/// it, and the accept goes on with the next connection. Never an errno
+/// the kernel uses.
+const GONE: Errno = 0;
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
     let (name, listener) = match classify(call, target, call.arg(0)) {
@@ -55,16 +70,22 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     let probe = probe_addr(call, target, v6);
     if is_nonblocking(&listener) {
-        return match rustix::net::accept_with(&listener, accept_flags) {
-            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
-            Err(e) => Outcome::Errno(e.raw_os_error()),
-        };
+        loop {
+            return match rustix::net::accept_with(&listener, accept_flags) {
+                Ok(conn) => match complete(call, target, conn, v6, cloexec, probe) {
+                    Err(GONE) => continue,
+                    done => done.into(),
+                },
+                Err(e) => Outcome::Errno(e.raw_os_error()),
+            };
+        }
     }
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
-        return match conn {
-            Ok(conn) => complete(call, target, conn, v6, cloexec, probe).into(),
-            Err(e) => Outcome::Errno(e),
-        };
+        match conn.and_then(|conn| complete(call, target, conn, v6, cloexec, probe)) {
+            // Nothing to accept after all: wait as below.
+            Err(GONE) => {}
+            done => return done.into(),
+        }
     }
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
         .ok()
@@ -101,10 +122,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             if !fds[0].revents().is_empty() {
                 let probe = probe_addr(call, &target, v6);
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    return match conn {
-                        Ok(conn) => complete(call, &target, conn, v6, cloexec, probe).into(),
-                        Err(e) => Outcome::Errno(e),
-                    };
+                    match conn.and_then(|conn| complete(call, &target, conn, v6, cloexec, probe)) {
+                        Err(GONE) => {}
+                        done => return done.into(),
+                    }
                 }
             }
             if !call.still_valid() {
@@ -155,10 +176,11 @@ impl Parked {
             };
             let probe = probe_addr(call, &target, self.v6);
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                return Some(match conn {
-                    Ok(conn) => complete(call, &target, conn, self.v6, self.cloexec, probe).into(),
-                    Err(e) => Outcome::Errno(e),
-                });
+                let done = conn
+                    .and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec, probe));
+                if done != Err(GONE) {
+                    return Some(done.into());
+                }
             }
         }
         if !housekeeping {
@@ -281,13 +303,31 @@ fn complete(
     }
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
-    let (conn, peer) = match caller_of(call, &conn) {
+    let (conn, peer) = match caller_of(call, &conn, false) {
         Caller::Client(local) => (conn, local),
+        // Rather than keep the server waiting for it (and every connection
+        // behind it), the connection goes back behind a doorbell, and the
+        // accept goes on with the next one.
+        Caller::NotYet => match requeue(call, conn) {
+            Ok(()) => return Err(GONE),
+            Err(conn) => match caller_of(call, &conn, true) {
+                Caller::Client(local) => (conn, local),
+                Caller::Gone => return Err(GONE),
+                _ => {
+                    tracing::warn!(
+                        app = call.app,
+                        "dropped a connection whose hello did not come"
+                    );
+                    return Err(libc::ECONNABORTED);
+                }
+            },
+        },
         // Not a connection the broker made (in its private namespace only
         // the broker binds names, so this is e.g. a program's own swapped
         // socket connected natively): never reported with a made-up
         // address. The program sees it as a connection reset before it
         // was accepted, and accepts again.
+        Caller::Gone => return Err(GONE),
         Caller::Unknown => {
             tracing::warn!(
                 app = call.app,
@@ -298,28 +338,45 @@ fn complete(
         }
         Caller::Door(token) => {
             let Some((real, names)) = call.shared.doors.answer(token) else {
-                // Nobody keeps a connection for it: servers retry this.
-                return Err(libc::ECONNABORTED);
+                // Nobody keeps a connection for it (an earlier daemon
+                // rang): nothing to hand over; the accept goes on.
+                return Err(GONE);
             };
             super::set_nonblock(&real, is_nonblocking(&conn))?;
             let kernel_peer = crate::doors::inet_peer(&real);
-            // From another host of a cluster: the client's VIP:port, kept
-            // for getpeername/getsockname too.
-            if let Some(names) = names {
-                let local = super::connect::inet_name(&real);
-                if let (Some(inode), Some(local), Some(peer)) =
-                    (super::inode(&real), local, kernel_peer)
-                {
-                    if call.state.note_remote(inode, (local, peer), names).is_err() {
-                        return Err(libc::ENOMEM);
+            match (names, kernel_peer) {
+                // From another host of a cluster: the client's VIP:port,
+                // kept for getpeername/getsockname too.
+                (Some(names), _) => {
+                    let peer = names.peer;
+                    let local = super::connect::inet_name(&real);
+                    if let (Some(inode), Some(local), Some(kernel_peer)) =
+                        (super::inode(&real), local, kernel_peer)
+                    {
+                        if call
+                            .state
+                            .note_remote(inode, (local, kernel_peer), names)
+                            .is_err()
+                        {
+                            return Err(libc::ENOMEM);
+                        }
                     }
+                    (real, in_family(peer, v6))
                 }
+                (None, Some(peer)) => (real, in_family(peer, v6)),
+                // One of the broker's own, put back by `requeue`.
+                (None, None) => match caller_of(call, &real, true) {
+                    Caller::Client(local) => (real, local),
+                    Caller::Gone => return Err(GONE),
+                    _ => {
+                        tracing::warn!(
+                            app = call.app,
+                            "dropped a connection whose hello did not come"
+                        );
+                        return Err(libc::ECONNABORTED);
+                    }
+                },
             }
-            let peer = names
-                .map(|n| n.peer)
-                .or(kernel_peer)
-                .unwrap_or_else(|| addr::unspecified(false));
-            (real, in_family(peer, v6))
         }
     };
     // Park a duplicate where it outlives this daemon (see crate::Stash).
@@ -336,6 +393,27 @@ fn complete(
     installed
 }
 
+/// Puts an accepted connection whose hello is not there yet back in its
+/// listener's queue, behind a doorbell (see `crate::doors`); gives it
+/// back when it cannot.
+fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
+    // An accepted socket bears its listener's name.
+    let Some(listener @ SocketName::Listener { .. }) = super::own_name(&conn) else {
+        return Err(conn);
+    };
+    let endpoint = ax_registry::UnixEndpoint::Abstract(listener.encode());
+    call.shared
+        .doors
+        .ring(
+            call.instance(),
+            &call.shared.sockets,
+            conn,
+            &[endpoint],
+            None,
+        )
+        .map_err(|(_, conn)| conn)
+}
+
 /// Who is behind an accepted connection.
 enum Caller {
     /// A client under ax, at this VIP:port.
@@ -344,12 +422,20 @@ enum Caller {
     Door(u64),
     /// Anyone else.
     Unknown,
+    /// A client of the broker's that closed the connection before its
+    /// hello was written.
+    Gone,
+    /// A client of the broker's whose hello is on its way: the thread that
+    /// connected it was preempted between its `connect` and its hello.
+    NotYet,
 }
 
-/// Who connected: only a peer in the broker's private namespace bound to
-/// a client or doorbell name — names only the broker binds there — is
-/// believed.
-fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
+/// Who connected: only a connection in the broker's private namespace is
+/// believed, and there only what the broker says: a peer bound to a
+/// doorbell name (only the broker binds names there), an identity the
+/// broker kept for this connection, or the hello the broker's client
+/// socket sent ahead of any data (see `crate::idents`).
+fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
     if !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
     }
@@ -357,16 +443,125 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd) -> Caller {
         .ok()
         .flatten()
         .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok());
-    let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) else {
+    if let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) {
+        if let Some(token) = crate::doors::token_of(call.instance(), name) {
+            return Caller::Door(token);
+        }
+    }
+    // The common case: a fresh connection, the broker's hello at its head.
+    let first = peek_hello(call, conn, None);
+    if let Hello::Valid(client) = first {
+        return keep(call, conn, client);
+    }
+    // Accepted by an earlier daemon, which took its hello out (its client
+    // may have said all and left since); or made by an earlier version of
+    // ax, which bound its client sockets.
+    if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
+        return Caller::Client(local);
+    }
+    match first {
+        Hello::Gone => return Caller::Gone,
+        // Its connect has just returned on another thread of the broker,
+        // which writes the hello next: a moment's wait is the common case.
+        Hello::NotYet => match peek_hello(call, conn, Some(Instant::now() + HELLO_BRIEF)) {
+            Hello::Valid(client) => return keep(call, conn, client),
+            Hello::Gone => return Caller::Gone,
+            _ if !may_wait => return Caller::NotYet,
+            _ => {}
+        },
+        _ => {}
+    }
+    match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
+        Hello::Valid(client) => keep(call, conn, client),
+        Hello::Gone => Caller::Gone,
+        Hello::Missing | Hello::NotYet => {
+            tracing::warn!(
+                app = call.app,
+                "a connection did not start with the broker's hello"
+            );
+            Caller::Unknown
+        }
+    }
+}
+
+/// Keeps the identity a hello gave for the accepted connection, then takes
+/// the hello out: a daemon killed in between leaves a successor the hello
+/// or the identity, never neither.
+fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName) -> Caller {
+    let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
         return Caller::Unknown;
     };
-    if let Some(token) = crate::doors::token_of(call.instance(), name) {
-        return Caller::Door(token);
+    let kept = call
+        .shared
+        .idents
+        .insert(cookie, inode, crate::idents::Kind::Peer, client);
+    match (kept, client) {
+        (Ok(()), SocketName::Client { local, .. }) => {
+            take_hello(conn);
+            Caller::Client(local)
+        }
+        _ => {
+            tracing::warn!(
+                app = call.app,
+                "connection dropped: the identity table is full"
+            );
+            Caller::Unknown
+        }
     }
-    match SocketName::parse(name) {
-        Some(SocketName::Client { local, .. }) => Caller::Client(local),
-        _ => Caller::Unknown,
+}
+
+/// What an accepted connection starts with.
+enum Hello {
+    /// The broker's hello, naming the client.
+    Valid(SocketName),
+    /// Nothing, and its client is gone.
+    Gone,
+    /// Nothing yet (when not waiting).
+    NotYet,
+    /// Anything else, or nothing in time.
+    Missing,
+}
+
+/// Looks (without taking it) at the hello at the head of an accepted
+/// connection: written by the broker right after it connected, so already
+/// there but for a thread of the broker preempted in between; waited for
+/// until `deadline` (`None`: not at all). A hello is sent whole, in one
+/// write, so it is never seen in part.
+fn peek_hello(call: &Call<'_>, conn: &OwnedFd, deadline: Option<Instant>) -> Hello {
+    use crate::idents::HELLO_LEN;
+    let mut hello = [0u8; HELLO_LEN];
+    let flags = rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK;
+    loop {
+        match rustix::net::recv(conn, &mut hello[..], flags) {
+            Ok((0, _)) => return Hello::Gone,
+            Ok((n, _)) if n == HELLO_LEN => break,
+            Ok(_) => return Hello::Missing,
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
+                let Some(deadline) = deadline else {
+                    return Hello::NotYet;
+                };
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    return Hello::Missing;
+                };
+                let mut fds = [PollFd::new(conn, PollFlags::IN)];
+                let Ok(wait) = Timespec::try_from(left) else {
+                    return Hello::Missing;
+                };
+                let _ = poll(&mut fds, Some(&wait));
+            }
+            Err(_) => return Hello::Missing,
+        }
     }
+    match call.shared.idents.read_hello(&hello) {
+        Some(name) => Hello::Valid(name),
+        None => Hello::Missing,
+    }
+}
+
+/// Takes the hello [`peek_hello`] found out of the connection.
+fn take_hello(conn: &OwnedFd) {
+    let mut hello = [0u8; crate::idents::HELLO_LEN];
+    let _ = rustix::net::recv(conn, &mut hello[..], rustix::net::RecvFlags::DONTWAIT);
 }
 
 fn install(
@@ -439,7 +634,11 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     let probe = probe_addr(call, &target, v6);
-    complete(call, &target, conn, v6, cloexec, probe).into()
+    match complete(call, &target, conn, v6, cloexec, probe) {
+        // Its client left before saying who it was: accept the next one.
+        Err(GONE) => handle(call, &target, has_flags),
+        done => done.into(),
+    }
 }
 
 /// Answers an accept whose connection an earlier daemon installed as fd
@@ -461,7 +660,7 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 .shared
                 .sockets
                 .is_private(&conn)
-                .then(|| peer_name(&conn))
+                .then(|| super::peer_ident(call.shared, &conn))
                 .flatten();
             let peer = match (crate::doors::inet_peer(&conn), named) {
                 (Some(real), _) => in_family(real, v6),

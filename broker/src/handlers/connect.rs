@@ -8,9 +8,10 @@
 //!   and only then the family and the rest of the address.
 //! * Decision: a virtual destination is looked up in the directory (nothing
 //!   there: `ECONNREFUSED`); any other destination is egress.
-//! * Effect, virtual: a UNIX socket named after the client's VIP:port and
-//!   the destination is connected to the service's listener and replaces
-//!   the program's socket at the same fd number; `connect` returns 0 — or
+//! * Effect, virtual: an unbound UNIX socket is connected to the service's
+//!   listener, sends it a hello naming the client's VIP:port and the
+//!   destination (see `crate::idents`), and replaces the program's socket
+//!   at the same fd number; `connect` returns 0 — or
 //!   `EINPROGRESS` on a non-blocking socket, as TCP always does, and then
 //!   0 once more to the next `connect`, before `EISCONN`.
 //! * Effect, loopback (`127.0.0.1:P`, `[::1]:P`): the app's own wildcard
@@ -706,8 +707,8 @@ impl HeldConnect {
     }
 }
 
-/// Connects a new UNIX socket, named after the client's VIP:port and the
-/// destination, to the first of `endpoints` that takes it (a backend that
+/// Connects a new UNIX socket, whose identity is the client's VIP:port and
+/// the destination, to the first of `endpoints` that takes it (a backend that
 /// refuses is skipped and forgotten), and installs it over the program's
 /// socket. `waiting`: already off the receive loop, so a full backlog is
 /// waited for here. `None`: no backend took the connection.
@@ -733,20 +734,20 @@ pub(super) fn deliver(
     let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
     let sock = super::unix_socket(call.shared)?;
     set_nonblock(&sock, true)?;
-    bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
+    let hello = bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, rebind).map(Some),
+            Ok(()) => return finish(call, target, copy, sock, rebind, &hello).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // The listener's backlog is full: TCP would keep retrying
                 // its SYN; wait for room off the receive loop.
                 if waiting {
-                    return wait_for_room(call, copy, sock, target_addr, rebind).map(Some);
+                    return wait_for_room(call, copy, sock, target_addr, rebind, &hello).map(Some);
                 }
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
                 return Ok(Some(defer(call, move |call| {
-                    wait_for_room(call, &copy, sock, target_addr, rebind).into()
+                    wait_for_room(call, &copy, sock, target_addr, rebind, &hello).into()
                 })));
             }
             Err(e) => {
@@ -767,6 +768,7 @@ pub(super) fn wait_for_room(
     sock: OwnedFd,
     target_addr: rustix::net::SocketAddrUnix,
     rebind: Option<SocketName>,
+    hello: &Hello,
 ) -> Result<Outcome, Errno> {
     // Wait for room in short slices: a program killed meanwhile, or
     // interrupted by a signal, must not keep this thread (and what it
@@ -796,7 +798,7 @@ pub(super) fn wait_for_room(
         }
     }
     sockopt::set_socket_timeout(&sock, Timeout::Send, None).map_err(|e| e.raw_os_error())?;
-    finish(call, &target, copy, sock, rebind)
+    finish(call, &target, copy, sock, rebind, hello)
 }
 
 /// Nobody serves the destination. A blocking connect fails with
@@ -847,8 +849,11 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
     }
 }
 
-/// Binds the client socket to its self-describing name, choosing a free
-/// client port unless the program bound one.
+/// Gives the client socket its identity: the client's VIP:port (a free
+/// client port unless the program bound one) and the destination. The
+/// socket stays unbound, so that its peer's `recvfrom` reports no address,
+/// as over TCP: the broker keeps the identity (see `crate::idents`), and
+/// [`finish`] sends it to the listener ahead of the program's data.
 pub(super) fn bind_client_name(
     call: &Call<'_>,
     sock: &OwnedFd,
@@ -856,28 +861,45 @@ pub(super) fn bind_client_name(
     local_ip: IpAddr,
     bound_port: u16,
     dst: SocketAddr,
-) -> Result<(), Errno> {
-    let attempts = if bound_port != 0 { 1 } else { 64 };
-    for _ in 0..attempts {
-        let port = if bound_port != 0 {
-            bound_port
-        } else {
-            next_client_port(call.shared)
-        };
-        let name = SocketName::Client {
-            instance: call.instance(),
-            v6,
-            local: SocketAddr::new(local_ip, port),
-            peer: dst,
-        };
-        let addr = endpoint_addr(&UnixEndpoint::Abstract(name.encode()))?;
-        match rustix::net::bind(sock, &addr) {
-            Ok(()) => return Ok(()),
-            Err(e) if e == rustix::io::Errno::ADDRINUSE => continue,
-            Err(e) => return Err(e.raw_os_error()),
-        }
+) -> Result<Hello, Errno> {
+    let port = if bound_port != 0 {
+        bound_port
+    } else {
+        next_client_port(call.shared)
+    };
+    let name = SocketName::Client {
+        instance: call.instance(),
+        v6,
+        local: SocketAddr::new(local_ip, port),
+        peer: dst,
+    };
+    let cookie = sockopt::socket_cookie(sock).map_err(|e| e.raw_os_error())?;
+    let inode = super::inode(sock).ok_or(libc::ENOBUFS)?;
+    call.shared
+        .idents
+        .insert(cookie, inode, crate::idents::Kind::Own, name)
+        .map_err(|_| {
+            tracing::warn!(
+                app = call.app,
+                "connection refused: the identity table is full"
+            );
+            libc::ENOBUFS
+        })?;
+    Ok(call.shared.idents.hello(&name))
+}
+
+/// The hello a client socket sends ahead of the program's data.
+pub(super) type Hello = [u8; crate::idents::HELLO_LEN];
+
+/// Sends the client socket's hello (see `crate::idents`) to the listener it
+/// just connected to, before the program holds the socket.
+fn send_hello(sock: &OwnedFd, hello: &Hello) -> Result<(), Errno> {
+    let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+    match rustix::net::send(sock, hello, flags) {
+        Ok(n) if n == hello.len() => Ok(()),
+        // An empty socket takes far more: the listener is gone.
+        _ => Err(libc::ECONNREFUSED),
     }
-    Err(libc::EADDRNOTAVAIL)
 }
 
 /// Installs the connected UNIX socket over the program's. A non-blocking
@@ -889,7 +911,9 @@ pub(super) fn finish(
     copy: &OwnedFd,
     sock: OwnedFd,
     rebind: Option<SocketName>,
+    hello: &Hello,
 ) -> Result<Outcome, Errno> {
+    send_hello(&sock, hello)?;
     let nonblocking = copy_nonblock(copy, &sock)?;
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {

@@ -80,17 +80,17 @@ pub(super) fn connect(
     let peer = SocketAddr::new(lo, dst.port());
     let sock = super::unix_socket(call.shared)?;
     set_nonblock(&sock, true)?;
-    bind_client_name(call, &sock, v6, lo, 0, peer)?;
+    let hello = bind_client_name(call, &sock, v6, lo, 0, peer)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, None).map(Some),
+            Ok(()) => return finish(call, target, copy, sock, None, &hello).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // A full backlog: TCP retries its SYN; wait for room off
                 // the receive loop.
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
                 return Ok(Some(defer(call, move |call| {
-                    wait_for_room(call, &copy, sock, target_addr, None).into()
+                    wait_for_room(call, &copy, sock, target_addr, None, &hello).into()
                 })));
             }
             Err(e) => {

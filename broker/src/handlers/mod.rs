@@ -298,6 +298,16 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
         });
     }
     if domain == AddressFamily::UNIX {
+        // A client socket is unbound: its identity is the broker's to keep
+        // (see `crate::idents`), by a cookie nobody else can choose.
+        if let Some((crate::idents::Kind::Own, name)) =
+            cookie.and_then(|c| call.shared.idents.get(c))
+        {
+            if let Some(c) = cookie {
+                call.shared.sockets.remember_name(c, name);
+            }
+            return Ok(Sock::Swapped { name, fd });
+        }
         if let Some(name) = own_name(&fd) {
             let ours = match name {
                 SocketName::Listener { instance, .. } | SocketName::Client { instance, .. } => {
@@ -356,6 +366,30 @@ pub(crate) fn own_name(fd: &OwnedFd) -> Option<SocketName> {
 /// The ax name of a UNIX socket's peer, if any.
 pub(crate) fn peer_name(fd: &OwnedFd) -> Option<SocketName> {
     parse_unix(rustix::net::getpeername(fd).ok()??)
+}
+
+/// True for a connected UNIX socket whose peer is bound to no name (as the
+/// broker's client sockets are).
+pub(crate) fn peer_unnamed(fd: &OwnedFd) -> bool {
+    matches!(
+        rustix::net::getpeername(fd),
+        Ok(Some(a)) if a.address_family() == AddressFamily::UNIX
+            && usize::try_from(a.addr_len()).is_ok_and(|l| l <= std::mem::size_of::<u16>())
+    )
+}
+
+/// The client at the other end of a connection a swapped listener
+/// accepted: kept by the broker (see `crate::idents`), or, for one an
+/// earlier version of ax made, the name its client socket is bound to.
+pub(crate) fn peer_ident(shared: &Shared, fd: &OwnedFd) -> Option<SocketName> {
+    let kept = rustix::net::sockopt::socket_cookie(fd)
+        .ok()
+        .and_then(|c| shared.idents.get(c));
+    match kept {
+        Some((crate::idents::Kind::Peer, name)) => Some(name),
+        Some(_) => None,
+        None => peer_name(fd),
+    }
 }
 
 /// A new `AF_UNIX` stream socket for the broker, in its private network

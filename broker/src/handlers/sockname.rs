@@ -1,14 +1,14 @@
 //! `getsockname(fd, addr, addrlen)` and `getpeername(fd, addr, addrlen)`.
 //!
 //! * Inputs: a socket this broker installed (anything else runs natively).
-//! * Decision: the answer is derived from the socket's own name and its
-//!   peer's: a listener answers the address it was bound to; an accepted
+//! * Decision: the answer is derived from the socket's own name and the
+//!   identities the broker keeps (`crate::idents`): a listener answers the address it was bound to; an accepted
 //!   connection answers the VIP:port the client dialled and the client's
 //!   VIP:port; a client answers its own VIP:port and the destination.
 //! * Effect: the address is written in the family of the socket the
 //!   program created (v4-mapped on `AF_INET6`), cut as the kernel does.
 
-use super::{classify, peer_name, write_sockaddr, Call, Outcome, Sock};
+use super::{classify, peer_ident, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
 use crate::target::{Errno, Target};
@@ -37,7 +37,11 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         } => Ok(if peer { dst } else { local }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
-            let client = if listening { None } else { peer_name(&fd) };
+            let client = if listening {
+                None
+            } else {
+                peer_ident(call.shared, &fd)
+            };
             match (client, peer) {
                 (
                     Some(SocketName::Client {

@@ -151,10 +151,10 @@ pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
 
 /// The peer a connected swapped socket stands for: the service it reached,
 /// or (accepted) the client's VIP:port.
-fn peer_of(name: &SocketName, fd: &OwnedFd) -> Option<SocketAddr> {
+fn peer_of(call: &Call<'_>, name: &SocketName, fd: &OwnedFd) -> Option<SocketAddr> {
     match name {
         SocketName::Client { peer, .. } => Some(*peer),
-        SocketName::Listener { .. } => match super::peer_name(fd)? {
+        SocketName::Listener { .. } => match super::peer_ident(call.shared, fd)? {
             SocketName::Client { local, .. } => Some(local),
             SocketName::Listener { .. } => None,
         },
@@ -196,7 +196,8 @@ fn get(
     }
     let mut buf = vec![0u8; len.min(MAX_OPTION_LEN)];
     let mut kind = kind_of(name, fd);
-    if v6 && kind == probe::Kind::Connected && peer_of(name, fd).is_some_and(|p| p.is_ipv4()) {
+    if v6 && kind == probe::Kind::Connected && peer_of(call, name, fd).is_some_and(|p| p.is_ipv4())
+    {
         kind = probe::Kind::ConnectedMapped;
     }
     let mut remembered = inode(fd).and_then(|ino| call.state.recall_option((ino, level, optname)));

@@ -7,10 +7,11 @@
 //! the daemon lives the keeper only waits. When the daemon dies (the
 //! keeper learns it from `PR_SET_PDEATHSIG`), the table is the keeper's
 //! alone: it closes everything except accepted server-side connections of
-//! this daemon (a UNIX stream socket named `<prefix>l…` whose peer is named
-//! `<prefix>c…`), its anchor in its private network namespace (named
-//! `<prefix>p`, see [`crate::netns`]), seccomp notify fds and call journals
-//! (an OCI container has no launcher to hand them to a successor) — so that the daemon's control socket, its clients'
+//! this daemon (a UNIX stream socket named `<prefix>l…` whose peer is
+//! unbound, or named `<prefix>c…`), its anchor in its private network
+//! namespace (named `<prefix>p`, see [`crate::netns`]), seccomp notify fds
+//! and call journals (an OCI container has no launcher to hand them to a
+//! successor) — so that the daemon's control socket, its clients'
 //! connections and its lock close as they would have — and lingers until a
 //! successor has taken those connections (`pidfd_getfd`) and kills it, or
 //! for [`LINGER_SECS`].
@@ -200,9 +201,24 @@ fn is_kept_file(fd: i32) -> bool {
     })
 }
 
-/// True for a UNIX socket named `\0<prefix>l…` whose peer is `\0<prefix>c…`.
+/// True for a UNIX socket named `\0<prefix>l…` whose peer is unbound (a
+/// client socket of the broker, which stays unbound) or `\0<prefix>c…`
+/// (one an earlier version bound).
 fn is_accepted_connection(fd: i32, prefix: &[u8]) -> bool {
-    named(fd, prefix, false, b'l') && named(fd, prefix, true, b'c')
+    named(fd, prefix, false, b'l') && (unbound_peer(fd) || named(fd, prefix, true, b'c'))
+}
+
+/// True when `fd` is a connected UNIX socket whose peer has no name.
+fn unbound_peer(fd: i32) -> bool {
+    // SAFETY: sockaddr_un is plain old data; zeroed is valid.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let ptr = (&mut sun as *mut libc::sockaddr_un).cast::<libc::sockaddr>();
+    // SAFETY: `sun` and `len` are valid for writing, sized as declared.
+    let rc = unsafe { libc::getpeername(fd, ptr, &mut len) };
+    rc == 0
+        && sun.sun_family == libc::AF_UNIX as libc::sa_family_t
+        && len as usize == std::mem::size_of::<libc::sa_family_t>()
 }
 
 /// True for the daemon's anchor in its private network namespace: a UNIX

@@ -1,0 +1,623 @@
+//! Who the two ends of a swapped connection stand for, kept by the broker
+//! rather than in names bound on the client's socket.
+//!
+//! A client socket the broker connects stays unbound: the kernel copies a
+//! stream sender's bound name into every `recvfrom`/`recvmsg` address of
+//! its peer, and TCP reports none there (length 0). So the identity of a
+//! connection (the client's VIP:port and the VIP:port it dialled) travels
+//! another way:
+//!
+//! * **In-band, once.** Right after connecting the client socket, and
+//!   before the program holds it, the broker writes a fixed [`HELLO_LEN`]
+//!   byte hello (magic, this daemon's secret, the addresses) into it. The
+//!   server's trapped `accept` reads exactly that from the accepted socket
+//!   before installing it. Only the broker reaches listeners in its private
+//!   namespace, and the secret is never in any program's hands, so a hello
+//!   cannot be forged; anything else is dropped (`ECONNABORTED`). A
+//!   connection waiting in a backlog keeps its hello in the kernel's socket
+//!   buffer across daemon restarts.
+//! * **A table** from socket cookie (`SO_COOKIE`: assigned by the kernel,
+//!   never reused while the machine runs, not settable by anyone) to the
+//!   identity: the client socket's own, and the client an accepted socket
+//!   is connected to. `getsockname`/`getpeername` read it. The identities
+//!   are records in a file beside the daemon's socket (one 64-byte slot
+//!   each, written once; in memory only the slot, so that a busy server's
+//!   table stays small), which a successor daemon reads back: answers
+//!   survive restarts. The file belongs to one boot and one daemon
+//!   instance; any other content is discarded. Without a path (an
+//!   embedder), a memfd holds the records.
+//!
+//! Entries of sockets no process holds any more are swept by a thread of
+//! the table's own, at most once a [`SWEEP_EVERY`] and only after
+//! [`SWEEP_AFTER`] new entries (or when the table is nearly full): an
+//! entry goes once two sweeps in a row found its socket in no fd table (a
+//! socket passed between processes is in none for a moment). The table is
+//! bounded ([`LIMIT`]): one still full refuses the connection (`ENOBUFS`),
+//! never making up an address.
+
+use crate::names::SocketName;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Bytes of the hello a client socket carries ahead of the program's data.
+pub(crate) const HELLO_LEN: usize = 72;
+/// Entries the table holds at most (two per connection).
+pub(crate) const LIMIT: usize = 131_072;
+/// Least time between two sweeps.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// New entries that make a sweep due.
+pub(crate) const SWEEP_AFTER: usize = 64;
+/// Entries the table has room for from the start (and keeps room for).
+const RESERVED: usize = 32_768;
+/// New entries that make a sweep due at once, without waiting for the
+/// next [`SWEEP_EVERY`]: a busy server's table stays small.
+const SWEEP_NOW: usize = 16_384;
+
+const HELLO_MAGIC: &[u8; 8] = b"axhello1";
+const FILE_MAGIC: &[u8; 8] = b"axident1";
+/// Bytes per record in the file; record 0 is the file's header.
+const RECORD: u64 = 64;
+
+/// Which end an entry describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The socket is the client: `name` is its own identity.
+    Own = 1,
+    /// The socket was accepted: `name` is the client at its other end.
+    Peer = 2,
+}
+
+/// What is kept in memory per socket: where its record is, and what the
+/// sweeps need (the identity itself is read from the record, so that a
+/// busy server's table stays small).
+struct Entry {
+    slot: u32,
+    /// The sweep that first missed its socket (0: none).
+    missed: u32,
+    /// The sweep that was running when it was made.
+    born: u32,
+    /// Its inode (sockfs numbers its inodes with 32 bits).
+    inode: u32,
+}
+
+struct Inner {
+    map: HashMap<u64, Entry>,
+    free: Vec<u32>,
+    next_slot: u32,
+    /// Entries made since the last sweep.
+    fresh: usize,
+    /// Sweeps begun so far.
+    sweeps: u32,
+    /// Entries the last sweep missed once.
+    missed: usize,
+}
+
+/// The broker's table of connection identities (see the module docs).
+pub(crate) struct Idents {
+    secret: [u8; 16],
+    /// Wakes the sweeper early (see [`SWEEP_NOW`]).
+    wake: std::sync::Condvar,
+    /// The records: the file beside the daemon's socket, or a memfd (none:
+    /// nothing can be kept, and connections are refused).
+    file: Option<File>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Idents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idents").finish_non_exhaustive()
+    }
+}
+
+/// The table is full even after a sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Full;
+
+impl Idents {
+    /// A table for the daemon `instance`, kept in the file at `path` (read
+    /// back if a predecessor of this boot left one), or in memory only.
+    pub(crate) fn open(instance: u32, path: Option<&Path>) -> std::sync::Arc<Self> {
+        let mut inner = Inner {
+            map: HashMap::with_capacity(RESERVED),
+            free: Vec::with_capacity(RESERVED),
+            next_slot: 0,
+            fresh: 0,
+            sweeps: 0,
+            missed: 0,
+        };
+        let boot = boot_id();
+        let file = path.and_then(|p| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| {
+                    tracing::warn!(path = %p.display(), error = %e,
+                        "cannot keep connection identities for a successor daemon");
+                })
+                .ok()
+        });
+        let kept = file.is_some();
+        let mut secret = None;
+        if let Some(f) = &file {
+            let mut head = [0u8; RECORD as usize];
+            let ok = f.read_exact_at(&mut head, 0).is_ok()
+                && &head[..8] == FILE_MAGIC
+                && head[8..24] == boot
+                && head[24..28] == instance.to_le_bytes();
+            if ok {
+                let mut s = [0u8; 16];
+                s.copy_from_slice(&head[28..44]);
+                secret = Some(s);
+                load(f, &mut inner);
+            }
+        }
+        let secret = secret.unwrap_or_else(|| {
+            let mut s = [0u8; 16];
+            fill_random(&mut s);
+            if let Some(f) = file.as_ref().filter(|_| kept) {
+                let mut head = [0u8; RECORD as usize];
+                head[..8].copy_from_slice(FILE_MAGIC);
+                head[8..24].copy_from_slice(&boot);
+                head[24..28].copy_from_slice(&instance.to_le_bytes());
+                head[28..44].copy_from_slice(&s);
+                let written = f.set_len(0).and_then(|()| f.write_all_at(&head, 0));
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "cannot keep connection identities for a successor daemon");
+                }
+            }
+            s
+        });
+        let file = file.or_else(|| {
+            rustix::fs::memfd_create("ax-idents", rustix::fs::MemfdFlags::CLOEXEC)
+                .ok()
+                .map(File::from)
+        });
+        let idents = std::sync::Arc::new(Idents {
+            secret,
+            wake: std::sync::Condvar::new(),
+            file,
+            inner: Mutex::new(inner),
+        });
+        let weak = std::sync::Arc::downgrade(&idents);
+        let spawned = std::thread::Builder::new()
+            .name("ax-idents".into())
+            .spawn(move || loop {
+                let Some(idents) = weak.upgrade() else { return };
+                {
+                    let inner = idents.inner.lock().unwrap_or_else(|e| e.into_inner());
+                    // Sleeps holding a strong reference for one period at
+                    // most: the table goes a period after its broker.
+                    let _ = idents
+                        .wake
+                        .wait_timeout_while(inner, SWEEP_EVERY, |i| i.fresh < SWEEP_NOW);
+                }
+                if idents.sweep_due() {
+                    idents.sweep();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to sweep connection identities; swept when full");
+        }
+        idents
+    }
+
+    /// The identity kept for the socket with `cookie`.
+    pub(crate) fn get(&self, cookie: u64) -> Option<(Kind, SocketName)> {
+        let slot = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.map.get(&cookie)?.slot
+        };
+        let mut r = [0u8; RECORD as usize];
+        self.file
+            .as_ref()?
+            .read_exact_at(&mut r, (u64::from(slot) + 1) * RECORD)
+            .ok()?;
+        // The slot may have been reused meanwhile: the cookie tells.
+        match decode_record(&r)? {
+            (c, _, kind, name) if c == cookie => Some((kind, name)),
+            _ => None,
+        }
+    }
+
+    /// Keeps `name` for the socket with `cookie` and `inode`.
+    pub(crate) fn insert(
+        &self,
+        cookie: u64,
+        inode: u64,
+        kind: Kind,
+        name: SocketName,
+    ) -> Result<(), Full> {
+        // Full: the sweeper thread makes room within a second or two.
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = match inner.map.get(&cookie) {
+            Some(e) => e.slot,
+            None => {
+                if inner.map.len() >= LIMIT {
+                    return Err(Full);
+                }
+                match inner.free.pop() {
+                    Some(s) => s,
+                    None => {
+                        let s = inner.next_slot;
+                        inner.next_slot += 1;
+                        s
+                    }
+                }
+            }
+        };
+        self.write_slot(slot, &encode_record(cookie, inode, kind, &name))
+            .map_err(|()| Full)?;
+        let born = inner.sweeps;
+        inner.fresh += 1;
+        if inner.fresh == SWEEP_NOW {
+            self.wake.notify_one();
+        }
+        inner.map.insert(
+            cookie,
+            Entry {
+                slot,
+                missed: 0,
+                born,
+                inode: short_inode(inode),
+            },
+        );
+        Ok(())
+    }
+
+    fn write_slot(&self, slot: u32, record: &[u8; RECORD as usize]) -> Result<(), ()> {
+        let at = (u64::from(slot) + 1) * RECORD;
+        let Some(file) = &self.file else {
+            return Err(());
+        };
+        file.write_all_at(record, at).map_err(|e| {
+            tracing::warn!(error = %e, "cannot keep a connection's identity");
+        })
+    }
+
+    fn sweep_due(&self) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.fresh >= SWEEP_AFTER || inner.missed > 0 || inner.map.len() >= LIMIT / 4 * 3
+    }
+
+    /// Forgets the entries of sockets that two sweeps in a row found in no
+    /// process's fd table. The fd tables are read without the lock held.
+    fn sweep(&self) {
+        let sweep = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.sweeps = inner.sweeps.wrapping_add(1).max(1);
+            inner.fresh = 0;
+            inner.sweeps
+        };
+        let live = live_socket_inodes();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        let mut missed = 0;
+        for (cookie, e) in inner.map.iter_mut() {
+            // Made while the fd tables were read: not judged yet.
+            if e.born >= sweep || live.contains(&u64::from(e.inode)) {
+                e.missed = 0;
+            } else if e.missed != 0 && e.missed < sweep {
+                gone.push(*cookie);
+            } else {
+                e.missed = sweep;
+                missed += 1;
+            }
+        }
+        for cookie in gone {
+            // Its record stays until the slot is reused: a successor that
+            // reads it back sweeps it again (cookies are never reused).
+            if let Some(e) = inner.map.remove(&cookie) {
+                inner.free.push(e.slot);
+            }
+        }
+        inner.missed = missed;
+        // Given back only after a burst far above the usual size: a table
+        // that shrinks and grows again at every sweep scatters its memory.
+        if inner.map.capacity() > 8 * inner.map.len().max(RESERVED) {
+            let to = 2 * inner.map.len().max(RESERVED);
+            inner.map.shrink_to(to);
+        }
+        let slots = inner.next_slot as usize;
+        if inner.free.len() == slots && slots > RESERVED {
+            // Empty after a burst: the file and the free list start over.
+            inner.free = Vec::with_capacity(RESERVED);
+            inner.next_slot = 0;
+            if let Some(f) = &self.file {
+                let _ = f.set_len(RECORD);
+            }
+        }
+    }
+
+    /// The hello a client socket named `name` carries to the listener.
+    pub(crate) fn hello(&self, name: &SocketName) -> [u8; HELLO_LEN] {
+        let mut h = [0u8; HELLO_LEN];
+        h[..8].copy_from_slice(HELLO_MAGIC);
+        h[8..24].copy_from_slice(&self.secret);
+        if let SocketName::Client {
+            instance,
+            v6,
+            local,
+            peer,
+        } = *name
+        {
+            h[24..28].copy_from_slice(&instance.to_le_bytes());
+            h[28] = u8::from(v6);
+            put_addr(&mut h[29..48], local);
+            put_addr(&mut h[48..67], peer);
+        }
+        h
+    }
+
+    /// The client a hello read from an accepted socket names; `None` for
+    /// anything this daemon's broker did not write.
+    pub(crate) fn read_hello(&self, h: &[u8; HELLO_LEN]) -> Option<SocketName> {
+        if &h[..8] != HELLO_MAGIC {
+            return None;
+        }
+        // No early exit on the first differing byte.
+        let diff = h[8..24]
+            .iter()
+            .zip(&self.secret)
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return None;
+        }
+        let instance = u32::from_le_bytes(h[24..28].try_into().ok()?);
+        let v6 = match h[28] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        Some(SocketName::Client {
+            instance,
+            v6,
+            local: get_addr(&h[29..48])?,
+            peer: get_addr(&h[48..67])?,
+        })
+    }
+}
+
+/// An address in 19 bytes: family (4 or 6), port, 16 address bytes (an
+/// IPv4 address v4-mapped).
+fn put_addr(out: &mut [u8], a: SocketAddr) {
+    let ip = match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    if let Some(out) = out.get_mut(..19) {
+        out[0] = if a.is_ipv4() { 4 } else { 6 };
+        out[1..3].copy_from_slice(&a.port().to_le_bytes());
+        out[3..19].copy_from_slice(&ip);
+    }
+}
+
+fn get_addr(b: &[u8]) -> Option<SocketAddr> {
+    let b = b.get(..19)?;
+    let port = u16::from_le_bytes([b[1], b[2]]);
+    let ip: [u8; 16] = b[3..19].try_into().ok()?;
+    let v6 = Ipv6Addr::from(ip);
+    match b[0] {
+        4 => Some(SocketAddr::new(IpAddr::V4(v6.to_ipv4_mapped()?), port)),
+        6 => Some(SocketAddr::new(IpAddr::V6(v6), port)),
+        _ => None,
+    }
+}
+
+fn encode_record(cookie: u64, inode: u64, kind: Kind, name: &SocketName) -> [u8; RECORD as usize] {
+    let mut r = [0u8; RECORD as usize];
+    if let SocketName::Client {
+        instance,
+        v6,
+        local,
+        peer,
+    } = *name
+    {
+        r[..8].copy_from_slice(&cookie.to_le_bytes());
+        r[8..16].copy_from_slice(&inode.to_le_bytes());
+        r[16] = kind as u8;
+        r[17] = u8::from(v6);
+        r[18..22].copy_from_slice(&instance.to_le_bytes());
+        put_addr(&mut r[22..41], local);
+        put_addr(&mut r[41..60], peer);
+    }
+    r
+}
+
+fn decode_record(r: &[u8]) -> Option<(u64, u64, Kind, SocketName)> {
+    let cookie = u64::from_le_bytes(r.get(..8)?.try_into().ok()?);
+    if cookie == 0 {
+        return None;
+    }
+    let inode = u64::from_le_bytes(r.get(8..16)?.try_into().ok()?);
+    let kind = match r.get(16)? {
+        1 => Kind::Own,
+        2 => Kind::Peer,
+        _ => return None,
+    };
+    let v6 = match r.get(17)? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let instance = u32::from_le_bytes(r.get(18..22)?.try_into().ok()?);
+    let name = SocketName::Client {
+        instance,
+        v6,
+        local: get_addr(r.get(22..41)?)?,
+        peer: get_addr(r.get(41..60)?)?,
+    };
+    Some((cookie, inode, kind, name))
+}
+
+/// Reads a predecessor's records; their slots are kept, the others freed.
+fn load(f: &File, inner: &mut Inner) {
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let slots = (len / RECORD).saturating_sub(1).min(LIMIT as u64 * 2);
+    let mut buf = vec![0u8; (slots * RECORD) as usize];
+    if f.read_exact_at(&mut buf, RECORD).is_err() {
+        return;
+    }
+    for (i, r) in buf.chunks_exact(RECORD as usize).enumerate() {
+        let Ok(slot) = u32::try_from(i) else { break };
+        match decode_record(r) {
+            Some((cookie, inode, _, _)) if inner.map.len() < LIMIT => {
+                inner.map.insert(
+                    cookie,
+                    Entry {
+                        slot,
+                        missed: 0,
+                        born: 0,
+                        inode: short_inode(inode),
+                    },
+                );
+            }
+            _ => inner.free.push(slot),
+        }
+    }
+    inner.next_slot = u32::try_from(slots).unwrap_or(u32::MAX);
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`) as 16 bytes.
+fn boot_id() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let hex: Vec<u8> = text
+        .bytes()
+        .filter(u8::is_ascii_hexdigit)
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter_map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect();
+    let n = hex.len().min(16);
+    out[..n].copy_from_slice(&hex[..n]);
+    out
+}
+
+fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => {
+                // Without the kernel's randomness, a secret nobody can
+                // guess in advance still: time and addresses.
+                let seed = format!("{:?}{:p}", Instant::now(), buf.as_ptr());
+                for (i, b) in seed.bytes().enumerate() {
+                    buf[i % 16] ^= b;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A socket's inode in the 32 bits sockfs gives it (anything wider is
+/// never seen live, and its entry is swept).
+fn short_inode(inode: u64) -> u32 {
+    u32::try_from(inode).unwrap_or(u32::MAX)
+}
+
+/// Inodes of every socket some process this broker can see holds.
+fn live_socket_inodes() -> HashSet<u64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return HashSet::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .flat_map(crate::orphans::socket_fds)
+        .map(|(_, inode)| inode)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(local: &str, peer: &str) -> SocketName {
+        SocketName::Client {
+            instance: 7,
+            v6: true,
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn hello_round_trips_and_needs_the_secret() {
+        let ids = Idents::open(7, None);
+        for n in [
+            client("10.233.0.4:40000", "10.233.0.9:80"),
+            client("[fd00:a8::4]:40000", "[fd00:a8::ffff:ffff]:65535"),
+        ] {
+            let h = ids.hello(&n);
+            assert_eq!(ids.read_hello(&h), Some(n));
+            let other = Idents::open(7, None);
+            assert_eq!(other.read_hello(&h), None);
+            let mut bad = h;
+            bad[0] ^= 1;
+            assert_eq!(ids.read_hello(&bad), None);
+        }
+        assert_eq!(ids.read_hello(&[0u8; HELLO_LEN]), None);
+    }
+
+    #[test]
+    fn sweeps_sockets_nobody_holds_after_two_misses() {
+        let ids = Idents::open(7, None);
+        let n = client("10.233.0.4:40000", "10.233.0.9:80");
+        let live = std::os::unix::net::UnixStream::pair().unwrap();
+        let live_inode = std::fs::metadata(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd;
+            live.0.as_raw_fd()
+        }))
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        })
+        .unwrap();
+        // An inode no socket has (sockfs inodes are small numbers).
+        ids.insert(1, u64::MAX - 1, Kind::Own, n).unwrap();
+        ids.insert(2, live_inode, Kind::Peer, n).unwrap();
+        ids.sweep();
+        assert!(ids.get(1).is_some(), "gone after one miss");
+        ids.sweep();
+        assert_eq!(ids.get(1), None);
+        assert_eq!(ids.get(2), Some((Kind::Peer, n)));
+        drop(live);
+    }
+
+    #[test]
+    fn survives_in_its_file() {
+        let dir = std::env::temp_dir().join(format!("ax-idents-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let n = client("10.233.0.4:40000", "[fd00:a8::9]:80");
+        let h = {
+            let ids = Idents::open(7, Some(&dir));
+            ids.insert(11, 12, Kind::Peer, n).unwrap();
+            ids.insert(13, 14, Kind::Own, n).unwrap();
+            ids.hello(&n)
+        };
+        let again = Idents::open(7, Some(&dir));
+        assert_eq!(again.get(11), Some((Kind::Peer, n)));
+        assert_eq!(again.get(13), Some((Kind::Own, n)));
+        assert_eq!(again.read_hello(&h), Some(n));
+        // Another daemon instance starts afresh.
+        let other = Idents::open(8, Some(&dir));
+        assert_eq!(other.get(11), None);
+        assert_eq!(other.read_hello(&h), None);
+        let _ = std::fs::remove_file(&dir);
+    }
+}
