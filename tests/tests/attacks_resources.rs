@@ -256,16 +256,18 @@ fn huge_connect_wait_is_refused() {
     require!();
     let d = Daemon::start();
     for secs in [u64::MAX, 10 * 86_400] {
-        // Frame { version 2, Request::RegisterApp(AppSpec { no ips, names,
-        // labels, command, lb: None, connect_wait: Some(secs) }) }.
-        let mut body = vec![0x02, 0x01, 0, 0, 0, 0, 0, 0x01];
+        // Frame { version 3, Request::RegisterApp(AppSpec { no ips, names,
+        // labels, command, lb: None, connect_wait: Some(secs), container:
+        // None, no_hosts_mount: false }) }.
+        let mut body = vec![0x03, 0x01, 0, 0, 0, 0, 0, 0x01];
         varint(secs, &mut body);
         varint(0, &mut body);
+        body.extend_from_slice(&[0, 0]);
         let answer = exchange(d.socket(), &body);
         // Response::RegisterFailed is variant 2 (AppRegistered is 1).
         assert_eq!(
             answer.get(..2),
-            Some(&[0x02, 0x02][..]),
+            Some(&[0x03, 0x02][..]),
             "connect_wait {secs} s was not refused: {answer:?}\ndaemon log:\n{}",
             d.log()
         );
