@@ -1,7 +1,8 @@
 //! End-to-end tests of clusters (`ax daemon --cluster`): hosts made of
 //! network namespaces the test creates, joined through a bridge by veth
-//! pairs, each running its own daemon; real programs (curl, python3) on
-//! different hosts reach each other by VIP and by name, host to host.
+//! pairs, each running its own daemon; real programs (curl, python3, redis) on
+//! different hosts reach each other by VIP and by name, host to host, both
+//! ways; redis-cli on one host talks to redis-server on another.
 //!
 //! As root the namespaces are plain network namespaces; as another user
 //! they live in a user namespace the test creates (where the test is root),
@@ -854,4 +855,168 @@ fn warns_without_a_key_and_refuses_a_short_one() {
     );
     assert!(!out.status.success(), "{out}");
     assert!(out.stderr.contains("shorter than 16 bytes"), "{out}");
+}
+
+/// Python that fetches each URL given with urllib and prints
+/// `GOT url body`, one line each.
+const URLLIB_CLIENT: &str = r#"
+import sys, urllib.request
+for url in sys.argv[1:]:
+    body = urllib.request.urlopen(url, timeout=10).read().decode().strip()
+    print("GOT", url, body, flush=True)
+"#;
+
+/// The other way round, and from a third host: a server on a (the host
+/// the others joined) is reached from b with curl and from c with
+/// python's urllib, by name and by VIP; the server sees each client's VIP.
+#[test]
+fn curl_and_python_on_other_hosts_reach_a_server_on_the_first() {
+    require!("curl", "python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 3, &[]);
+    let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let argv = py(TAGGED_HTTP_SERVER, &["8700", "hello-from-a"]);
+    let mut server = a.spawn(&["--name", "home"], &as_strs(&argv));
+    server.wait_for_stdout("READY", SHORT);
+    let home = vip_of(a, "home");
+    let service = format!("{home}:8700");
+    b.wait_for_backend(&service, "a", true);
+    cc.wait_for_backend(&service, "a", true);
+    let urls = [
+        "http://home:8700/".to_string(),
+        format!("http://{home}:8700/"),
+    ];
+
+    // b → a with curl.
+    for url in &urls {
+        let out = b.run(
+            &["--name", "curler"],
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-w",
+                "\nLOCAL %{local_ip}\n",
+                url,
+            ],
+        );
+        assert!(
+            out.status.success() && out.stdout.contains("hello-from-a"),
+            "curl {url} on b: {out}\nlog a:\n{}\nlog b:\n{}",
+            tail(&a.daemon.log()),
+            tail(&b.daemon.log())
+        );
+        let local = field(&out.stdout, "LOCAL").expect("curl printed its local address");
+        assert!(local.starts_with("10.233."), "curl on b: {local}");
+        assert_ne!(local, home, "client and server share a VIP");
+        server.wait_for_stdout(&format!("PEER {local} "), SHORT);
+    }
+    // c → a with python.
+    let mut argv = vec!["python3", "-c", URLLIB_CLIENT];
+    argv.extend(urls.iter().map(String::as_str));
+    let out = cc.run(&["--name", "fetcher"], &argv);
+    assert!(out.status.success(), "python on c: {out}");
+    for url in &urls {
+        assert!(
+            out.stdout.contains(&format!("GOT {url} hello-from-a")),
+            "python on c did not fetch {url}: {out}\nlog c:\n{}",
+            tail(&cc.daemon.log())
+        );
+    }
+    // Four connections, each from a client's VIP, never a host address.
+    let peers = poll(SHORT, Duration::from_millis(20), || {
+        let seen = server.stdout();
+        let peers: Vec<String> = seen
+            .lines()
+            .filter_map(|l| l.strip_prefix("PEER "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        (peers.len() >= 4).then_some(peers)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the server on a saw fewer than 4 connections: {}",
+            server.stdout()
+        )
+    });
+    assert!(
+        peers.iter().all(|p| p.starts_with("10.233.") && *p != home),
+        "the server on a saw other addresses than the clients' VIPs: {peers:?}"
+    );
+    server.kill();
+}
+
+/// Redis across hosts: redis-server under ax on b; redis-cli under ax on
+/// a writes a key by the server's name, redis-cli on c reads it back by
+/// VIP.
+#[test]
+fn redis_across_hosts() {
+    require!("redis-server", "redis-cli", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 3, &[]);
+    let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let mut server = b.spawn(
+        &["--name", "kv"],
+        &[
+            "redis-server",
+            "--port",
+            "6391",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    let kv = vip_of(b, "kv");
+    let service = format!("{kv}:6391");
+    a.wait_for_backend(&service, "b", true);
+    cc.wait_for_backend(&service, "b", true);
+
+    let set = a.run(
+        &[],
+        &[
+            "redis-cli",
+            "-h",
+            "kv",
+            "-p",
+            "6391",
+            "set",
+            "greeting",
+            "hello-across-hosts",
+        ],
+    );
+    assert!(
+        set.status.success() && set.stdout.trim() == "OK",
+        "redis-cli set on a: {set}\nlog a:\n{}\nserver: {}",
+        tail(&a.daemon.log()),
+        server.report()
+    );
+    let get = cc.run(
+        &[],
+        &["redis-cli", "-h", &kv, "-p", "6391", "get", "greeting"],
+    );
+    assert!(
+        get.status.success() && get.stdout.trim() == "hello-across-hosts",
+        "redis-cli get on c: {get}\nlog c:\n{}",
+        tail(&cc.daemon.log())
+    );
+    // The server saw clients by VIP, never by host address.
+    let clients = cc.run(
+        &[],
+        &["redis-cli", "-h", "kv", "-p", "6391", "client", "list"],
+    );
+    assert!(
+        clients.status.success()
+            && clients.stdout.contains("addr=10.233.")
+            && !clients.stdout.contains("10.99.0."),
+        "redis-server's client list: {clients}"
+    );
+    server.kill();
 }
