@@ -974,6 +974,7 @@ fn redis_across_hosts() {
             "no",
         ],
     );
+    server.wait_for_stdout("Ready to accept connections", SHORT);
     let kv = vip_of(b, "kv");
     let service = format!("{kv}:6391");
     a.wait_for_backend(&service, "b", true);
@@ -1017,6 +1018,78 @@ fn redis_across_hosts() {
             && clients.stdout.contains("addr=10.233.")
             && !clients.stdout.contains("10.99.0."),
         "redis-server's client list: {clients}"
+    );
+    server.kill();
+}
+
+/// A client that sets socket options before it connects to HOST:PORT,
+/// then prints them (`BEFORE …`, `AFTER …`) as read on its socket before
+/// and after connect.
+const OPTIONS_CLIENT: &str = r#"
+import socket, sys
+T = socket.IPPROTO_TCP
+OPTS = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 100000), (socket.SOL_SOCKET, socket.SO_SNDBUF, 50000),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (T, socket.TCP_NODELAY, 1),
+        (T, socket.TCP_KEEPIDLE, 77), (T, socket.TCP_KEEPCNT, 4), (T, socket.TCP_USER_TIMEOUT, 12345)]
+s = socket.socket()
+for level, name, value in OPTS:
+    s.setsockopt(level, name, value)
+read = lambda: " ".join(str(s.getsockopt(level, name)) for level, name, _ in OPTS)
+print("BEFORE", read(), flush=True)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print("AFTER", read(), flush=True)
+"#;
+
+/// A server on 0.0.0.0:PORT that sets TCP_NODELAY and TCP_KEEPIDLE=66 on
+/// its listener, and prints `ACCEPTED nodelay keepidle` as read on each
+/// connection it accepts.
+const OPTIONS_SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 66)
+print("READY", flush=True)
+while True:
+    c, _ = s.accept()
+    print("ACCEPTED", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+          c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), flush=True)
+    c.close()
+"#;
+
+/// The options a program sets on its socket before connecting to another
+/// host (buffer sizes, TCP_NODELAY, keepalive…) hold on the connection
+/// that replaces it, and a connection from another host accepted on a
+/// listener has the TCP options the server set there, as the kernel's
+/// accepted sockets inherit them.
+#[test]
+fn socket_options_hold_across_hosts() {
+    require!("python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let argv = py(OPTIONS_SERVER, &["8800"]);
+    let mut server = b.spawn(&["--name", "opts"], &as_strs(&argv));
+    server.wait_for_stdout("READY", SHORT);
+    let opts = vip_of(b, "opts");
+    a.wait_for_backend(&format!("{opts}:8800"), "b", true);
+
+    let out = a.run(&[], &["python3", "-c", OPTIONS_CLIENT, "opts", "8800"]);
+    assert!(out.status.success(), "{out}");
+    let before = out.stdout.lines().find_map(|l| l.strip_prefix("BEFORE "));
+    let after = out.stdout.lines().find_map(|l| l.strip_prefix("AFTER "));
+    assert!(
+        before.is_some() && before == after,
+        "the client's options changed across connect: {out}"
+    );
+    let accepted = server.wait_for_stdout("ACCEPTED", SHORT);
+    assert!(
+        accepted.contains("ACCEPTED True 66"),
+        "the accepted connection lacks the listener's options: {accepted}\nlog b:\n{}",
+        tail(&b.daemon.log())
     );
     server.kill();
 }
