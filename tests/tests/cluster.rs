@@ -1093,3 +1093,78 @@ fn socket_options_hold_across_hosts() {
     );
     server.kill();
 }
+
+/// A blocking client: connects to HOST:PORT, sends a GET and prints the
+/// answer.
+const BLOCKING_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode(errors="replace"), flush=True)
+"#;
+
+/// `--connect-wait` also waits for a service that comes up on another
+/// host: a blocking connect (python) made on a before the server on b
+/// exists is answered once it listens. A non-blocking one (curl), held on
+/// a loopback port, cannot be handed to another host: it is refused as
+/// soon as the service is up there, and the next connect reaches it.
+#[test]
+fn connect_wait_reaches_a_service_that_comes_up_on_another_host() {
+    require!("curl", "python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let waiting = |needle: &str| {
+        poll(SHORT, Duration::from_millis(20), || {
+            a.daemon.log().contains(needle).then_some(())
+        })
+        .unwrap_or_else(|| panic!("a: no {needle:?} in the log:\n{}", tail(&a.daemon.log())));
+    };
+
+    // Blocking: held in the trapped connect, then connected host to host.
+    let mut client = a.spawn(
+        &["--connect-wait", "60s"],
+        &["python3", "-c", BLOCKING_CLIENT, "10.233.77.7", "8900"],
+    );
+    waiting("connect waits for the service");
+    assert!(client.try_status().is_none(), "{}", client.report());
+    let argv = py(TAGGED_HTTP_SERVER, &["8900", "late-but-there"]);
+    let mut late = b.spawn(&["--ip", "10.233.77.7", "--name", "late"], &as_strs(&argv));
+    late.wait_for_stdout("READY", SHORT);
+    assert!(client.wait(SHORT).success(), "{}", client.report());
+    assert!(
+        client.stdout().contains("late-but-there"),
+        "{}\nlog a:\n{}",
+        client.report(),
+        tail(&a.daemon.log())
+    );
+
+    // Non-blocking: refused once the service is up on b, long before the
+    // wait ends; the next connect gets through.
+    let url = "http://10.233.77.8:8901/";
+    let mut curl = a.spawn(&["--connect-wait", "120s"], &["curl", "-sS", url]);
+    waiting("connect held until the service is up");
+    let argv = py(TAGGED_HTTP_SERVER, &["8901", "second"]);
+    let mut second = b.spawn(
+        &["--ip", "10.233.77.8", "--name", "second"],
+        &as_strs(&argv),
+    );
+    second.wait_for_stdout("READY", SHORT);
+    let status = curl.wait(SHORT);
+    assert_eq!(status.code(), Some(7), "curl: {}", curl.report());
+    let again = a.run(&[], &["curl", "-sS", "-m", "10", url]);
+    assert!(
+        again.status.success() && again.stdout.contains("second"),
+        "{again}"
+    );
+    late.kill();
+    second.kill();
+}

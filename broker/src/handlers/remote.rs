@@ -47,44 +47,80 @@ pub(super) fn connect(
     let nonblocking = is_nonblocking(copy);
     let carried = Carried::read(copy);
     super::defer(call, move |call| {
-        let (fresh, names) = match open(call, &route, dst, v6, &carried) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::info!(app = call.app, %dst, node = %route.node, cluster = %route.cluster, errno = e, "connect to another node failed");
-                return Outcome::Errno(e);
-            }
-        };
-        if let Err(e) = set_nonblock(&fresh, nonblocking) {
+        finish(call, nonblocking, v6, dst, &route, rebind, &carried)
+    })
+}
+
+/// [`connect`], for a call already on a helper thread: a blocking connect
+/// that `--connect-wait` held until the service appeared on another host.
+pub(super) fn connect_here(
+    call: &Call<'_>,
+    copy: &OwnedFd,
+    v6: bool,
+    dst: SocketAddr,
+    route: RemoteRoute,
+    rebind: Option<SocketName>,
+) -> Outcome {
+    let carried = Carried::read(copy);
+    finish(
+        call,
+        is_nonblocking(copy),
+        v6,
+        dst,
+        &route,
+        rebind,
+        &carried,
+    )
+}
+
+/// Connects to the node, and installs the connection over the program's
+/// socket.
+fn finish(
+    call: &Call<'_>,
+    nonblocking: bool,
+    v6: bool,
+    dst: SocketAddr,
+    route: &RemoteRoute,
+    rebind: Option<SocketName>,
+    carried: &Carried,
+) -> Outcome {
+    let (fresh, names) = match open(call, route, dst, v6, carried) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(app = call.app, %dst, node = %route.node, cluster = %route.cluster, errno = e, "connect to another node failed");
             return Outcome::Errno(e);
         }
-        let target = match super::reopen(call) {
-            Ok(t) => t,
-            Err(answer) => return answer,
-        };
-        if !call.still_valid() {
-            return Outcome::Answered;
+    };
+    if let Err(e) = set_nonblock(&fresh, nonblocking) {
+        return Outcome::Errno(e);
+    }
+    let target = match super::reopen(call) {
+        Ok(t) => t,
+        Err(answer) => return answer,
+    };
+    if !call.still_valid() {
+        return Outcome::Answered;
+    }
+    // Noted before the program can ask, and for the socket it will hold.
+    let real = (
+        super::connect::inet_name(&fresh),
+        crate::doors::inet_peer(&fresh),
+    );
+    if let (Some(inode), (Some(local), Some(peer))) = (super::inode(&fresh), real) {
+        if call.state.note_remote(inode, (local, peer), names).is_err() {
+            return Outcome::Errno(libc::ENOMEM);
         }
-        // Noted before the program can ask, and for the socket it will hold.
-        let real = (
-            super::connect::inet_name(&fresh),
-            crate::doors::inet_peer(&fresh),
-        );
-        if let (Some(inode), (Some(local), Some(peer))) = (super::inode(&fresh), real) {
-            if call.state.note_remote(inode, (local, peer), names).is_err() {
-                return Outcome::Errno(libc::ENOMEM);
+    }
+    match install_over(call, &target, call.arg(0), &fresh) {
+        Outcome::Value(_) => {
+            if let Some(name) = rebind {
+                super::connect::release_listener(call, name);
             }
+            tracing::debug!(app = call.app, %dst, node = %route.node, "connected to another node");
+            Outcome::Value(0)
         }
-        match install_over(call, &target, call.arg(0), &fresh) {
-            Outcome::Value(_) => {
-                if let Some(name) = rebind {
-                    super::connect::release_listener(call, name);
-                }
-                tracing::debug!(app = call.app, %dst, node = %route.node, "connected to another node");
-                Outcome::Value(0)
-            }
-            other => other,
-        }
-    })
+        other => other,
+    }
 }
 
 /// A TCP connection to `route`'s node that has carried the header, and the
