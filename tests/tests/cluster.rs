@@ -82,9 +82,16 @@ impl Netns {
             .expect("start unshare --net");
         let ns = Netns { holder, user };
         let path = format!("/proc/{}/ns/net", ns.pid());
-        // Ready once the holder has entered its new namespace.
+        let comm = format!("/proc/{}/comm", ns.pid());
+        // Ready once the holder has entered its new namespace and become
+        // `sleep`: by then `unshare` has also written the user namespace's
+        // id maps (without which nsenter -U gives no capabilities there).
         let entered = poll(SHORT, Duration::from_millis(5), || {
-            fs::read_link(&path).ok().filter(|l| *l != ours).map(|_| ())
+            let execed = fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep");
+            fs::read_link(&path)
+                .ok()
+                .filter(|l| *l != ours && execed)
+                .map(|_| ())
         });
         assert!(entered.is_some(), "unshare --net did not enter a namespace");
         ns
