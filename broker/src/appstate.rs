@@ -266,6 +266,11 @@ impl AppState {
         lock(&self.options).map.get(&key).cloned()
     }
 
+    /// Whether any socket of the app has an option remembered.
+    pub(crate) fn has_options(&self) -> bool {
+        !lock(&self.options).map.is_empty()
+    }
+
     /// Every option remembered for the socket with `inode`, as (level,
     /// name, value).
     pub(crate) fn options_of(&self, inode: u64) -> Vec<(i32, i32, Vec<u8>)> {

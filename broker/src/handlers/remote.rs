@@ -11,13 +11,15 @@
 //!   program's; then it takes the program's fd number, carrying the
 //!   options the program had set on its socket before `connect` (buffer
 //!   sizes, `TCP_NODELAY`, keepalive, timeouts…: see [`Carried`]). From
-//!   then on the data flows between the two programs' own sockets. On the
-//!   server's host, a connection from another node that a listener of the
-//!   program accepts gets the TCP/IP options the program set on that
-//!   listener ([`inherit_listener_options`]), as the kernel's accepted
-//!   sockets inherit their listener's. `getsockname` and
-//!   `getpeername` answer the client's VIP:port and the VIP:port dialled
-//!   (see `crate::doors::VirtualNames`).
+//!   then on the data flows between the two programs' own sockets.
+//!   `getsockname` and `getpeername` answer the client's VIP:port and the
+//!   VIP:port dialled (see `crate::doors::VirtualNames`).
+//! * A blocking connect that `--connect-wait` holds for a service that then
+//!   comes up on another host ends here too ([`connect_here`]).
+//! * On the server's host, a connection from another node that a listener
+//!   of the program accepts gets the TCP/IP options the program set on
+//!   that listener ([`inherit_listener_options`]), as the kernel's
+//!   accepted sockets inherit their listener's.
 
 use super::{install_over, is_nonblocking, set_nonblock, Call, Outcome};
 use crate::doors::VirtualNames;
@@ -346,6 +348,10 @@ pub(super) fn inherit_listener_options(
     fd_arg: u64,
     conn: &OwnedFd,
 ) {
+    // The common case (no options set) costs no look at the listener.
+    if !call.state.has_options() {
+        return;
+    }
     let Ok(super::Sock::Swapped { fd, .. }) = super::classify(call, target, fd_arg) else {
         return;
     };
