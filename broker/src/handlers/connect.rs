@@ -491,7 +491,10 @@ pub(super) fn wait_for_service(
                 }
                 slice = NOT_LISTENING_YET;
             }
-            // Up on another host of a cluster meanwhile: host to host.
+            // Up on another host of a cluster meanwhile: host to host (for
+            // `connect`; Fast Open's `sendto` goes on waiting for a local
+            // service, as it never reaches another host).
+            Err(ResolveError::NoService(_)) if !is_connect(call) => {}
             Err(ResolveError::NoService(_)) => match dir.remote(call.app, dst) {
                 Ok(Some(route)) => {
                     return Ok(super::remote::connect_here(
@@ -522,6 +525,11 @@ pub(super) fn wait_for_service(
         }
         dir.wait_for_change(seen, deadline.min(now + slice));
     }
+}
+
+/// Whether the call is `connect` (not Fast Open's `sendto`/`sendmsg`).
+fn is_connect(call: &Call<'_>) -> bool {
+    libc::c_long::from(call.notif.nr) == libc::SYS_connect
 }
 
 /// `wait` from now; a wait too long to add ends at the longest allowed.
