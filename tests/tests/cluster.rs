@@ -1,7 +1,8 @@
 //! End-to-end tests of clusters (`ax daemon --cluster`): hosts made of
 //! network namespaces the test creates, joined through a bridge by veth
-//! pairs, each running its own daemon; real programs (curl, python3) on
-//! different hosts reach each other by VIP and by name, host to host.
+//! pairs, each running its own daemon; real programs (curl, python3, redis) on
+//! different hosts reach each other by VIP and by name, host to host, both
+//! ways; redis-cli on one host talks to redis-server on another.
 //!
 //! As root the namespaces are plain network namespaces; as another user
 //! they live in a user namespace the test creates (where the test is root),
@@ -81,9 +82,16 @@ impl Netns {
             .expect("start unshare --net");
         let ns = Netns { holder, user };
         let path = format!("/proc/{}/ns/net", ns.pid());
-        // Ready once the holder has entered its new namespace.
+        let comm = format!("/proc/{}/comm", ns.pid());
+        // Ready once the holder has entered its new namespace and become
+        // `sleep`: by then `unshare` has also written the user namespace's
+        // id maps (without which nsenter -U gives no capabilities there).
         let entered = poll(SHORT, Duration::from_millis(5), || {
-            fs::read_link(&path).ok().filter(|l| *l != ours).map(|_| ())
+            let execed = fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "sleep");
+            fs::read_link(&path)
+                .ok()
+                .filter(|l| *l != ours && execed)
+                .map(|_| ())
         });
         assert!(entered.is_some(), "unshare --net did not enter a namespace");
         ns
@@ -854,4 +862,316 @@ fn warns_without_a_key_and_refuses_a_short_one() {
     );
     assert!(!out.status.success(), "{out}");
     assert!(out.stderr.contains("shorter than 16 bytes"), "{out}");
+}
+
+/// Python that fetches each URL given with urllib and prints
+/// `GOT url body`, one line each.
+const URLLIB_CLIENT: &str = r#"
+import sys, urllib.request
+for url in sys.argv[1:]:
+    body = urllib.request.urlopen(url, timeout=10).read().decode().strip()
+    print("GOT", url, body, flush=True)
+"#;
+
+/// The other way round, and from a third host: a server on a (the host
+/// the others joined) is reached from b with curl and from c with
+/// python's urllib, by name and by VIP; the server sees each client's VIP.
+#[test]
+fn curl_and_python_on_other_hosts_reach_a_server_on_the_first() {
+    require!("curl", "python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 3, &[]);
+    let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let argv = py(TAGGED_HTTP_SERVER, &["8700", "hello-from-a"]);
+    let mut server = a.spawn(&["--name", "home"], &as_strs(&argv));
+    server.wait_for_stdout("READY", SHORT);
+    let home = vip_of(a, "home");
+    let service = format!("{home}:8700");
+    b.wait_for_backend(&service, "a", true);
+    cc.wait_for_backend(&service, "a", true);
+    let urls = [
+        "http://home:8700/".to_string(),
+        format!("http://{home}:8700/"),
+    ];
+
+    // b → a with curl.
+    for url in &urls {
+        let out = b.run(
+            &["--name", "curler"],
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "-w",
+                "\nLOCAL %{local_ip}\n",
+                url,
+            ],
+        );
+        assert!(
+            out.status.success() && out.stdout.contains("hello-from-a"),
+            "curl {url} on b: {out}\nlog a:\n{}\nlog b:\n{}",
+            tail(&a.daemon.log()),
+            tail(&b.daemon.log())
+        );
+        let local = field(&out.stdout, "LOCAL").expect("curl printed its local address");
+        assert!(local.starts_with("10.233."), "curl on b: {local}");
+        assert_ne!(local, home, "client and server share a VIP");
+        server.wait_for_stdout(&format!("PEER {local} "), SHORT);
+    }
+    // c → a with python.
+    let mut argv = vec!["python3", "-c", URLLIB_CLIENT];
+    argv.extend(urls.iter().map(String::as_str));
+    let out = cc.run(&["--name", "fetcher"], &argv);
+    assert!(out.status.success(), "python on c: {out}");
+    for url in &urls {
+        assert!(
+            out.stdout.contains(&format!("GOT {url} hello-from-a")),
+            "python on c did not fetch {url}: {out}\nlog c:\n{}",
+            tail(&cc.daemon.log())
+        );
+    }
+    // Four connections, each from a client's VIP, never a host address.
+    let peers = poll(SHORT, Duration::from_millis(20), || {
+        let seen = server.stdout();
+        let peers: Vec<String> = seen
+            .lines()
+            .filter_map(|l| l.strip_prefix("PEER "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        (peers.len() >= 4).then_some(peers)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the server on a saw fewer than 4 connections: {}",
+            server.stdout()
+        )
+    });
+    assert!(
+        peers.iter().all(|p| p.starts_with("10.233.") && *p != home),
+        "the server on a saw other addresses than the clients' VIPs: {peers:?}"
+    );
+    server.kill();
+}
+
+/// Redis across hosts: redis-server under ax on b; redis-cli under ax on
+/// a writes a key by the server's name, redis-cli on c reads it back by
+/// VIP.
+#[test]
+fn redis_across_hosts() {
+    require!("redis-server", "redis-cli", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 3, &[]);
+    let (a, b, cc) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let mut server = b.spawn(
+        &["--name", "kv"],
+        &[
+            "redis-server",
+            "--port",
+            "6391",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    server.wait_for_stdout("Ready to accept connections", SHORT);
+    let kv = vip_of(b, "kv");
+    let service = format!("{kv}:6391");
+    a.wait_for_backend(&service, "b", true);
+    cc.wait_for_backend(&service, "b", true);
+
+    let set = a.run(
+        &[],
+        &[
+            "redis-cli",
+            "-h",
+            "kv",
+            "-p",
+            "6391",
+            "set",
+            "greeting",
+            "hello-across-hosts",
+        ],
+    );
+    assert!(
+        set.status.success() && set.stdout.trim() == "OK",
+        "redis-cli set on a: {set}\nlog a:\n{}\nserver: {}",
+        tail(&a.daemon.log()),
+        server.report()
+    );
+    let get = cc.run(
+        &[],
+        &["redis-cli", "-h", &kv, "-p", "6391", "get", "greeting"],
+    );
+    assert!(
+        get.status.success() && get.stdout.trim() == "hello-across-hosts",
+        "redis-cli get on c: {get}\nlog c:\n{}",
+        tail(&cc.daemon.log())
+    );
+    // The server saw clients by VIP, never by host address.
+    let clients = cc.run(
+        &[],
+        &["redis-cli", "-h", "kv", "-p", "6391", "client", "list"],
+    );
+    assert!(
+        clients.status.success()
+            && clients.stdout.contains("addr=10.233.")
+            && !clients.stdout.contains("10.99.0."),
+        "redis-server's client list: {clients}"
+    );
+    server.kill();
+}
+
+/// A client that sets socket options before it connects to HOST:PORT,
+/// then prints them (`BEFORE …`, `AFTER …`) as read on its socket before
+/// and after connect.
+const OPTIONS_CLIENT: &str = r#"
+import socket, sys
+T = socket.IPPROTO_TCP
+OPTS = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 100000), (socket.SOL_SOCKET, socket.SO_SNDBUF, 50000),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (T, socket.TCP_NODELAY, 1),
+        (T, socket.TCP_KEEPIDLE, 77), (T, socket.TCP_KEEPCNT, 4), (T, socket.TCP_USER_TIMEOUT, 12345)]
+s = socket.socket()
+for level, name, value in OPTS:
+    s.setsockopt(level, name, value)
+read = lambda: " ".join(str(s.getsockopt(level, name)) for level, name, _ in OPTS)
+print("BEFORE", read(), flush=True)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print("AFTER", read(), flush=True)
+"#;
+
+/// A server on 0.0.0.0:PORT that sets TCP_NODELAY and TCP_KEEPIDLE=66 on
+/// its listener, and prints `ACCEPTED nodelay keepidle` as read on each
+/// connection it accepts.
+const OPTIONS_SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 66)
+print("READY", flush=True)
+while True:
+    c, _ = s.accept()
+    print("ACCEPTED", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+          c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), flush=True)
+    c.close()
+"#;
+
+/// The options a program sets on its socket before connecting to another
+/// host (buffer sizes, TCP_NODELAY, keepalive…) hold on the connection
+/// that replaces it, and a connection from another host accepted on a
+/// listener has the TCP options the server set there, as the kernel's
+/// accepted sockets inherit them.
+#[test]
+fn socket_options_hold_across_hosts() {
+    require!("python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let argv = py(OPTIONS_SERVER, &["8800"]);
+    let mut server = b.spawn(&["--name", "opts"], &as_strs(&argv));
+    server.wait_for_stdout("READY", SHORT);
+    let opts = vip_of(b, "opts");
+    a.wait_for_backend(&format!("{opts}:8800"), "b", true);
+
+    let out = a.run(&[], &["python3", "-c", OPTIONS_CLIENT, "opts", "8800"]);
+    assert!(out.status.success(), "{out}");
+    let before = out.stdout.lines().find_map(|l| l.strip_prefix("BEFORE "));
+    let after = out.stdout.lines().find_map(|l| l.strip_prefix("AFTER "));
+    assert!(
+        before.is_some() && before == after,
+        "the client's options changed across connect: {out}"
+    );
+    let accepted = server.wait_for_stdout("ACCEPTED", SHORT);
+    assert!(
+        accepted.contains("ACCEPTED True 66"),
+        "the accepted connection lacks the listener's options: {accepted}\nlog b:\n{}",
+        tail(&b.daemon.log())
+    );
+    server.kill();
+}
+
+/// A blocking client: connects to HOST:PORT, sends a GET and prints the
+/// answer.
+const BLOCKING_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode(errors="replace"), flush=True)
+"#;
+
+/// `--connect-wait` also waits for a service that comes up on another
+/// host: a blocking connect (python) made on a before the server on b
+/// exists is answered once it listens. A non-blocking one (curl), held on
+/// a loopback port, cannot be handed to another host: it is refused as
+/// soon as the service is up there, and the next connect reaches it.
+#[test]
+fn connect_wait_reaches_a_service_that_comes_up_on_another_host() {
+    require!("curl", "python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let c = cluster(switch, 2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let waiting = |needle: &str| {
+        poll(SHORT, Duration::from_millis(20), || {
+            a.daemon.log().contains(needle).then_some(())
+        })
+        .unwrap_or_else(|| panic!("a: no {needle:?} in the log:\n{}", tail(&a.daemon.log())));
+    };
+
+    // Blocking: held in the trapped connect, then connected host to host.
+    let mut client = a.spawn(
+        &["--connect-wait", "60s"],
+        &["python3", "-c", BLOCKING_CLIENT, "10.233.77.7", "8900"],
+    );
+    waiting("connect waits for the service");
+    assert!(client.try_status().is_none(), "{}", client.report());
+    let argv = py(TAGGED_HTTP_SERVER, &["8900", "late-but-there"]);
+    let mut late = b.spawn(&["--ip", "10.233.77.7", "--name", "late"], &as_strs(&argv));
+    late.wait_for_stdout("READY", SHORT);
+    assert!(client.wait(SHORT).success(), "{}", client.report());
+    assert!(
+        client.stdout().contains("late-but-there"),
+        "{}\nlog a:\n{}",
+        client.report(),
+        tail(&a.daemon.log())
+    );
+
+    // Non-blocking: refused once the service is up on b, long before the
+    // wait ends; the next connect gets through.
+    let url = "http://10.233.77.8:8901/";
+    let mut curl = a.spawn(&["--connect-wait", "120s"], &["curl", "-sS", url]);
+    waiting("connect held until the service is up");
+    let argv = py(TAGGED_HTTP_SERVER, &["8901", "second"]);
+    let mut second = b.spawn(
+        &["--ip", "10.233.77.8", "--name", "second"],
+        &as_strs(&argv),
+    );
+    second.wait_for_stdout("READY", SHORT);
+    let status = curl.wait(SHORT);
+    assert_eq!(status.code(), Some(7), "curl: {}", curl.report());
+    let again = a.run(&[], &["curl", "-sS", "-m", "10", url]);
+    assert!(
+        again.status.success() && again.stdout.contains("second"),
+        "{again}"
+    );
+    late.kill();
+    second.kill();
 }

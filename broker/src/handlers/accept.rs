@@ -348,6 +348,7 @@ fn complete(
                 // From another host of a cluster: the client's VIP:port,
                 // kept for getpeername/getsockname too.
                 (Some(names), _) => {
+                    super::remote::inherit_listener_options(call, target, call.arg(0), &real);
                     let peer = names.peer;
                     let local = super::connect::inet_name(&real);
                     if let (Some(inode), Some(local), Some(kernel_peer)) =

@@ -491,7 +491,22 @@ pub(super) fn wait_for_service(
                 }
                 slice = NOT_LISTENING_YET;
             }
-            Err(ResolveError::NoService(_)) => {}
+            // Up on another host of a cluster meanwhile: host to host (for
+            // `connect`; Fast Open's `sendto` goes on waiting for a local
+            // service, as it never reaches another host).
+            Err(ResolveError::NoService(_)) if !is_connect(call) => {}
+            Err(ResolveError::NoService(_)) => match dir.remote(call.app, dst) {
+                Ok(Some(route)) => {
+                    return Ok(super::remote::connect_here(
+                        call, copy, v6, dst, route, rebind,
+                    ))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log_denied(&e);
+                    return Ok(Outcome::Errno(libc::ECONNREFUSED));
+                }
+            },
             Err(e) => {
                 log_denied(&e);
                 return Ok(Outcome::Errno(libc::ECONNREFUSED));
@@ -510,6 +525,11 @@ pub(super) fn wait_for_service(
         }
         dir.wait_for_change(seen, deadline.min(now + slice));
     }
+}
+
+/// Whether the call is `connect` (not Fast Open's `sendto`/`sendmsg`).
+fn is_connect(call: &Call<'_>) -> bool {
+    libc::c_long::from(call.notif.nr) == libc::SYS_connect
 }
 
 /// `wait` from now; a wait too long to add ends at the longest allowed.
@@ -638,6 +658,14 @@ impl HeldConnect {
             let seen = dir.generation();
             match dir.resolve(app, dst) {
                 Ok(endpoints) => break endpoints,
+                // Up on another host: the program's socket, held on a
+                // loopback port, cannot be handed there; it is refused now
+                // rather than at the end of the wait, and a new connect
+                // goes host to host.
+                Err(ResolveError::NoService(_)) if matches!(dir.remote(app, dst), Ok(Some(_))) => {
+                    tracing::info!(app, %dst, "connect-wait ended: the service is up on another host; a non-blocking connect held is refused, the next one reaches it");
+                    return;
+                }
                 Err(ResolveError::NoService(_)) => {}
                 Err(e) => {
                     log_denied(&e);
