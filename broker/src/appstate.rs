@@ -31,7 +31,7 @@
 
 use crate::doors::VirtualNames;
 use ax_registry::AppId;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -156,7 +156,7 @@ impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
             let due = self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
             if due {
                 self.last_sweep = Some(Instant::now());
-                let live = live_socket_inodes();
+                let live = crate::orphans::live_socket_inodes();
                 self.map.retain(|k, _| live.contains(&inode(k)));
             }
             if self.map.len() >= SOCKET_STATE_LIMIT {
@@ -166,19 +166,6 @@ impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
         self.map.insert(key, value);
         Ok(())
     }
-}
-
-/// Inodes of every socket some process this broker can see holds.
-fn live_socket_inodes() -> HashSet<u64> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return HashSet::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .flat_map(crate::orphans::socket_fds)
-        .map(|(_, inode)| inode)
-        .collect()
 }
 
 /// A connection's kernel addresses: (local, peer).

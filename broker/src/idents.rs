@@ -36,7 +36,7 @@
 //! never making up an address.
 
 use crate::names::SocketName;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::FileExt;
@@ -298,7 +298,7 @@ impl Idents {
             inner.fresh = 0;
             inner.sweeps
         };
-        let live = live_socket_inodes();
+        let live = crate::orphans::live_socket_inodes();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         let mut missed = 0;
@@ -528,19 +528,6 @@ fn fill_random(buf: &mut [u8]) {
 /// never seen live, and its entry is swept).
 fn short_inode(inode: u64) -> u32 {
     u32::try_from(inode).unwrap_or(u32::MAX)
-}
-
-/// Inodes of every socket some process this broker can see holds.
-fn live_socket_inodes() -> HashSet<u64> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return HashSet::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .flat_map(crate::orphans::socket_fds)
-        .map(|(_, inode)| inode)
-        .collect()
 }
 
 #[cfg(test)]

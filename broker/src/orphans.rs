@@ -246,6 +246,19 @@ pub(crate) fn socket_inodes(root: u32) -> HashSet<u64> {
         .collect()
 }
 
+/// Inodes of every socket some process this broker can see holds.
+pub(crate) fn live_socket_inodes() -> std::collections::HashSet<u64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return std::collections::HashSet::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .flat_map(socket_fds)
+        .map(|(_, inode)| inode)
+        .collect()
+}
+
 /// The socket fds of `pid` (any thread of a process sees its fd table),
 /// with their inodes.
 pub(crate) fn socket_fds(pid: u32) -> Vec<(i32, u64)> {

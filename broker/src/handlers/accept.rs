@@ -310,17 +310,10 @@ fn complete(
         // accept goes on with the next one.
         Caller::NotYet => match requeue(call, conn) {
             Ok(()) => return Err(GONE),
-            Err(conn) => match caller_of(call, &conn, true) {
-                Caller::Client(local) => (conn, local),
-                Caller::Gone => return Err(GONE),
-                _ => {
-                    tracing::warn!(
-                        app = call.app,
-                        "dropped a connection whose hello did not come"
-                    );
-                    return Err(libc::ECONNABORTED);
-                }
-            },
+            Err(conn) => {
+                let local = waited_hello(call, &conn)?;
+                (conn, local)
+            }
         },
         // Not a connection the broker made (in its private namespace only
         // the broker binds names, so this is e.g. a program's own swapped
@@ -366,17 +359,10 @@ fn complete(
                 }
                 (None, Some(peer)) => (real, in_family(peer, v6)),
                 // One of the broker's own, put back by `requeue`.
-                (None, None) => match caller_of(call, &real, true) {
-                    Caller::Client(local) => (real, local),
-                    Caller::Gone => return Err(GONE),
-                    _ => {
-                        tracing::warn!(
-                            app = call.app,
-                            "dropped a connection whose hello did not come"
-                        );
-                        return Err(libc::ECONNABORTED);
-                    }
-                },
+                (None, None) => {
+                    let local = waited_hello(call, &real)?;
+                    (real, local)
+                }
             }
         }
     };
@@ -413,6 +399,23 @@ fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
             None,
         )
         .map_err(|(_, conn)| conn)
+}
+
+/// The client's VIP:port from the hello of `conn`, a connection whose hello
+/// was late once already and is now waited for: `GONE` when its client
+/// left, `ECONNABORTED` (logged) when no hello comes.
+fn waited_hello(call: &Call<'_>, conn: &OwnedFd) -> Result<std::net::SocketAddr, Errno> {
+    match caller_of(call, conn, true) {
+        Caller::Client(local) => Ok(local),
+        Caller::Gone => Err(GONE),
+        _ => {
+            tracing::warn!(
+                app = call.app,
+                "dropped a connection whose hello did not come"
+            );
+            Err(libc::ECONNABORTED)
+        }
+    }
 }
 
 /// Who is behind an accepted connection.
