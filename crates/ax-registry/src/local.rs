@@ -713,18 +713,23 @@ impl LocalRegistry {
             .clone()
     }
 
-    /// The backends of `dst` for a client on another host of a cluster
-    /// with `client_labels` (app `client` there), with the policy applied
-    /// as to a local client.
-    pub fn resolve_from_remote(
+    /// The backends of `dst` in the order to try them, if the policy lets a
+    /// client (`client`, with `client_labels`, or the labels of local app
+    /// `client` when `None`) reach them. Judged against
+    /// the picked backend's labels: backends of one service share a name,
+    /// and normally their labels.
+    fn allowed_backends(
         &self,
+        st: &mut State,
         client: AppId,
-        client_labels: &BTreeMap<String, String>,
+        client_labels: Option<&BTreeMap<String, String>>,
         dst: SocketAddr,
     ) -> Result<Vec<UnixEndpoint>, ResolveError> {
-        let mut st = self.lock();
-        let ordered = pick(&mut st, dst)?;
+        let ordered = pick(st, dst)?;
         let no_labels = BTreeMap::new();
+        let client_labels = client_labels
+            .or_else(|| st.apps.get(&client).map(|a| &a.labels))
+            .unwrap_or(&no_labels);
         let server = ordered[0].app;
         let server_labels = st
             .apps
@@ -743,6 +748,18 @@ impl LocalRegistry {
             });
         }
         Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+    }
+
+    /// The backends of `dst` for a client on another host of a cluster
+    /// with `client_labels` (app `client` there), with the policy applied
+    /// as to a local client.
+    pub fn resolve_from_remote(
+        &self,
+        client: AppId,
+        client_labels: &BTreeMap<String, String>,
+        dst: SocketAddr,
+    ) -> Result<Vec<UnixEndpoint>, ResolveError> {
+        self.allowed_backends(&mut self.lock(), client, Some(client_labels), dst)
     }
 
     /// The policy's decision on a connect from `client` labels to `server`
@@ -908,35 +925,7 @@ impl Directory for LocalRegistry {
     }
 
     fn resolve(&self, client: AppId, dst: SocketAddr) -> Result<Vec<UnixEndpoint>, ResolveError> {
-        let mut st = self.lock();
-        let ordered = pick(&mut st, dst)?;
-        // Policy: judged against the picked backend's labels; backends of
-        // one service share a name, and normally their labels.
-        let no_labels = BTreeMap::new();
-        let client_labels = st
-            .apps
-            .get(&client)
-            .map(|a| &a.labels)
-            .unwrap_or(&no_labels);
-        let server = ordered[0].app;
-        let server_labels = st
-            .apps
-            .get(&server)
-            .map(|a| &a.labels)
-            .unwrap_or(&no_labels);
-        let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
-        let decision = policy.decide(client_labels, server_labels, dst.port());
-        if !decision.allowed {
-            return Err(ResolveError::Denied {
-                dst,
-                client,
-                client_labels: effective_labels(client_labels).into_owned(),
-                server,
-                server_labels: effective_labels(server_labels).into_owned(),
-                rule: decision.rule,
-            });
-        }
-        Ok(ordered.into_iter().map(|b| b.endpoint).collect())
+        self.allowed_backends(&mut self.lock(), client, None, dst)
     }
 
     fn own_backends(&self, app: AppId, dst: SocketAddr) -> Vec<UnixEndpoint> {
