@@ -787,6 +787,98 @@ fn a_header_with_a_wrong_key_is_refused() {
     server.kill();
 }
 
+/// Python that sends one header, authenticated with KEY, twice: on two
+/// connections to the cluster port HOST:PORT, each followed by an HTTP
+/// request (a recorded header replayed); prints `FIRST …` and `SECOND …`
+/// with the answer, or `REFUSED`. Then a header stamped an hour ago:
+/// `STALE …`.
+const REPLAYING_CLIENT: &str = r#"
+import hashlib, hmac, json, os, socket, struct, sys, time
+host, port, dst, frm, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+def header(ts):
+    body = json.dumps({"dst": dst, "from": frm, "app": 1, "labels": {}, "node": "x",
+                       "ts": ts, "nonce": int.from_bytes(os.urandom(8), "little")}).encode()
+    msg = b"AXC1" + struct.pack(">H", len(body)) + body
+    return msg + hmac.new(key.encode(), msg, hashlib.sha256).digest()
+def send(h):
+    s = socket.create_connection((host, port))
+    s.sendall(h + b"GET / HTTP/1.0\r\n\r\n")
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return "ANSWERED " + data.decode(errors="replace").replace("\n", " ") if data else "REFUSED"
+recorded = header(int(time.time() * 1000))
+print("FIRST", send(recorded), flush=True)
+print("SECOND", send(recorded), flush=True)
+print("STALE", send(header(int(time.time() * 1000) - 3600 * 1000)), flush=True)
+"#;
+
+/// With a cluster key, a recorded header sent again, or one stamped far
+/// in the past, is refused: whoever can watch the network between two
+/// hosts cannot reuse a client's header to reach a service as that
+/// client.
+#[test]
+fn a_replayed_or_stale_header_is_refused() {
+    require!("python3", "ip", "nsenter", "unshare");
+    let Some(switch) = switch() else {
+        return;
+    };
+    let keys = TempDir::new("key");
+    let key = "0123456789abcdef-cluster-secret";
+    let key_file = keys.write("cluster.key", key);
+    let key_arg = key_file.to_str().expect("a UTF-8 path");
+    let c = cluster(switch, 2, &["--cluster-key-file", key_arg]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let argv = py(TAGGED_HTTP_SERVER, &["8550", "replayed"]);
+    let mut server = b.spawn(&["--name", "rp"], &as_strs(&argv));
+    server.wait_for_stdout("READY", SHORT);
+    let rp = vip_of(b, "rp");
+    a.wait_for_backend(&format!("{rp}:8550"), "b", true);
+    let out = run(
+        &mut a.ns.command(&[
+            "python3",
+            "-c",
+            REPLAYING_CLIENT,
+            &b.addr,
+            &PORT.to_string(),
+            &format!("{rp}:8550"),
+            "10.233.250.9:4000",
+            key,
+        ]),
+        SHORT,
+    );
+    assert!(out.status.success(), "{out}");
+    let line = |tag: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(tag))
+            .unwrap_or_else(|| panic!("no {tag} line: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("FIRST").contains("replayed"),
+        "the first use of the header was refused: {out}\nlog b:\n{}",
+        tail(&b.daemon.log())
+    );
+    assert_eq!(
+        line("SECOND"),
+        "SECOND REFUSED",
+        "a replayed header got through: {out}"
+    );
+    assert_eq!(
+        line("STALE"),
+        "STALE REFUSED",
+        "a stale header got through: {out}"
+    );
+    server.kill();
+}
+
 /// With a cluster key, gossip is sealed with it: a node with another key
 /// (or none) never joins, and its apps never show on the others.
 #[test]
