@@ -23,7 +23,9 @@
 //!   are records in a file beside the daemon's socket (one 64-byte slot
 //!   each, written once; in memory only the slot, so that a busy server's
 //!   table stays small), which a successor daemon reads back: answers
-//!   survive restarts. The file belongs to one boot and one daemon
+//!   survive restarts. The table also finds an entry by its socket's inode
+//!   (see [`Idents::by_inode`]), which a program's fd tells without the
+//!   broker copying the fd. The file belongs to one boot and one daemon
 //!   instance; any other content is discarded. Without a path (an
 //!   embedder), a memfd holds the records.
 //!
@@ -87,6 +89,8 @@ struct Entry {
 
 struct Inner {
     map: HashMap<u64, Entry>,
+    /// Cookie by (32-bit) inode.
+    by_inode: HashMap<u32, u64>,
     free: Vec<u32>,
     next_slot: u32,
     /// Entries made since the last sweep.
@@ -114,6 +118,17 @@ impl std::fmt::Debug for Idents {
     }
 }
 
+/// An entry found by [`Idents::by_inode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ident {
+    pub(crate) cookie: u64,
+    pub(crate) kind: Kind,
+    /// The client's identity (its VIP:port and the VIP:port it dialled).
+    pub(crate) name: SocketName,
+    /// For an accepted socket: whether it is `AF_INET6`, when known.
+    pub(crate) local_v6: Option<bool>,
+}
+
 /// The table is full even after a sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Full;
@@ -124,6 +139,7 @@ impl Idents {
     pub(crate) fn open(instance: u32, path: Option<&Path>) -> std::sync::Arc<Self> {
         let mut inner = Inner {
             map: HashMap::with_capacity(RESERVED),
+            by_inode: HashMap::with_capacity(RESERVED),
             free: Vec::with_capacity(RESERVED),
             next_slot: 0,
             fresh: 0,
@@ -217,25 +233,52 @@ impl Idents {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.map.get(&cookie)?.slot
         };
+        self.record(slot, cookie).map(|r| (r.kind, r.name))
+    }
+
+    /// The record in `slot`, if it is still the one of `cookie` (a slot is
+    /// reused once its socket is gone).
+    fn record(&self, slot: u32, cookie: u64) -> Option<Ident> {
         let mut r = [0u8; RECORD as usize];
         self.file
             .as_ref()?
             .read_exact_at(&mut r, (u64::from(slot) + 1) * RECORD)
             .ok()?;
-        // The slot may have been reused meanwhile: the cookie tells.
         match decode_record(&r)? {
-            (c, _, kind, name) if c == cookie => Some((kind, name)),
+            (c, _, kind, name, local_v6) if c == cookie => Some(Ident {
+                cookie,
+                kind,
+                name,
+                local_v6,
+            }),
             _ => None,
         }
     }
 
-    /// Keeps `name` for the socket with `cookie` and `inode`.
+    /// The entry of the live socket with `inode`, if the broker keeps one.
+    /// An inode is unique among live sockets, and an entry goes within two
+    /// sweeps of its socket's end (long before sockfs could number another
+    /// socket the same), so the inode of an fd on sockfs's mount names the
+    /// socket as surely as its cookie.
+    pub(crate) fn by_inode(&self, inode: u64) -> Option<Ident> {
+        let short = u32::try_from(inode).ok()?;
+        let (cookie, slot) = {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let cookie = *inner.by_inode.get(&short)?;
+            (cookie, inner.map.get(&cookie)?.slot)
+        };
+        self.record(slot, cookie)
+    }
+
+    /// Keeps `name` for the socket with `cookie` and `inode` (for an
+    /// accepted one, `local_v6` is its own family).
     pub(crate) fn insert(
         &self,
         cookie: u64,
         inode: u64,
         kind: Kind,
         name: SocketName,
+        local_v6: Option<bool>,
     ) -> Result<(), Full> {
         // Full: the sweeper thread makes room within a second or two.
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -255,13 +298,14 @@ impl Idents {
                 }
             }
         };
-        self.write_slot(slot, &encode_record(cookie, inode, kind, &name))
+        self.write_slot(slot, &encode_record(cookie, inode, kind, &name, local_v6))
             .map_err(|()| Full)?;
         let born = inner.sweeps;
         inner.fresh += 1;
         if inner.fresh == SWEEP_NOW {
             self.wake.notify_one();
         }
+        inner.by_inode.insert(short_inode(inode), cookie);
         inner.map.insert(
             cookie,
             Entry {
@@ -318,6 +362,9 @@ impl Idents {
             // reads it back sweeps it again (cookies are never reused).
             if let Some(e) = inner.map.remove(&cookie) {
                 inner.free.push(e.slot);
+                if inner.by_inode.get(&e.inode) == Some(&cookie) {
+                    inner.by_inode.remove(&e.inode);
+                }
             }
         }
         inner.missed = missed;
@@ -326,6 +373,7 @@ impl Idents {
         if inner.map.capacity() > 8 * inner.map.len().max(RESERVED) {
             let to = 2 * inner.map.len().max(RESERVED);
             inner.map.shrink_to(to);
+            inner.by_inode.shrink_to(to);
         }
         let slots = inner.next_slot as usize;
         if inner.free.len() == slots && slots > RESERVED {
@@ -413,7 +461,13 @@ fn get_addr(b: &[u8]) -> Option<SocketAddr> {
     }
 }
 
-fn encode_record(cookie: u64, inode: u64, kind: Kind, name: &SocketName) -> [u8; RECORD as usize] {
+fn encode_record(
+    cookie: u64,
+    inode: u64,
+    kind: Kind,
+    name: &SocketName,
+    local_v6: Option<bool>,
+) -> [u8; RECORD as usize] {
     let mut r = [0u8; RECORD as usize];
     if let SocketName::Client {
         instance,
@@ -429,11 +483,19 @@ fn encode_record(cookie: u64, inode: u64, kind: Kind, name: &SocketName) -> [u8;
         r[18..22].copy_from_slice(&instance.to_le_bytes());
         put_addr(&mut r[22..41], local);
         put_addr(&mut r[41..60], peer);
+        r[60] = match local_v6 {
+            None => 0,
+            Some(false) => 4,
+            Some(true) => 6,
+        };
     }
     r
 }
 
-fn decode_record(r: &[u8]) -> Option<(u64, u64, Kind, SocketName)> {
+/// A record: cookie, inode, kind, identity, and (accepted sockets) family.
+type Record = (u64, u64, Kind, SocketName, Option<bool>);
+
+fn decode_record(r: &[u8]) -> Option<Record> {
     let cookie = u64::from_le_bytes(r.get(..8)?.try_into().ok()?);
     if cookie == 0 {
         return None;
@@ -456,7 +518,12 @@ fn decode_record(r: &[u8]) -> Option<(u64, u64, Kind, SocketName)> {
         local: get_addr(r.get(22..41)?)?,
         peer: get_addr(r.get(41..60)?)?,
     };
-    Some((cookie, inode, kind, name))
+    let local_v6 = match r.get(60)? {
+        4 => Some(false),
+        6 => Some(true),
+        _ => None,
+    };
+    Some((cookie, inode, kind, name, local_v6))
 }
 
 /// Reads a predecessor's records; their slots are kept, the others freed.
@@ -472,7 +539,8 @@ fn load(f: &File, inner: &mut Inner) {
     for (i, r) in buf.chunks_exact(RECORD as usize).enumerate() {
         let Ok(slot) = u32::try_from(i) else { break };
         match decode_record(r) {
-            Some((cookie, inode, _, _)) if inner.map.len() < LIMIT => {
+            Some((cookie, inode, ..)) if inner.map.len() < LIMIT => {
+                inner.by_inode.insert(short_inode(inode), cookie);
                 inner.map.insert(
                     cookie,
                     Entry {
@@ -576,13 +644,23 @@ mod tests {
         })
         .unwrap();
         // An inode no socket has (sockfs inodes are small numbers).
-        ids.insert(1, u64::MAX - 1, Kind::Own, n).unwrap();
-        ids.insert(2, live_inode, Kind::Peer, n).unwrap();
+        ids.insert(1, u64::MAX - 1, Kind::Own, n, None).unwrap();
+        ids.insert(2, live_inode, Kind::Peer, n, Some(true))
+            .unwrap();
         ids.sweep();
         assert!(ids.get(1).is_some(), "gone after one miss");
         ids.sweep();
         assert_eq!(ids.get(1), None);
         assert_eq!(ids.get(2), Some((Kind::Peer, n)));
+        assert_eq!(
+            ids.by_inode(live_inode),
+            Some(Ident {
+                cookie: 2,
+                kind: Kind::Peer,
+                name: n,
+                local_v6: Some(true)
+            })
+        );
         drop(live);
     }
 
@@ -593,13 +671,14 @@ mod tests {
         let n = client("10.233.0.4:40000", "[fd00:a8::9]:80");
         let h = {
             let ids = Idents::open(7, Some(&dir));
-            ids.insert(11, 12, Kind::Peer, n).unwrap();
-            ids.insert(13, 14, Kind::Own, n).unwrap();
+            ids.insert(11, 12, Kind::Peer, n, Some(false)).unwrap();
+            ids.insert(13, 14, Kind::Own, n, None).unwrap();
             ids.hello(&n)
         };
         let again = Idents::open(7, Some(&dir));
         assert_eq!(again.get(11), Some((Kind::Peer, n)));
         assert_eq!(again.get(13), Some((Kind::Own, n)));
+        assert_eq!(again.by_inode(12).map(|i| i.local_v6), Some(Some(false)));
         assert_eq!(again.read_hello(&h), Some(n));
         // Another daemon instance starts afresh.
         let other = Idents::open(8, Some(&dir));

@@ -384,6 +384,11 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 break;
             }
+            if housekeeping && ready.iter().all(|&r| !r) {
+                // Idle: the fds kept to look at the app's fds go, so that
+                // a quiet daemon holds what it held before the burst.
+                pidfds.forget_fdinfo();
+            }
             continue;
         }
         match listener.recv() {

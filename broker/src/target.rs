@@ -18,22 +18,23 @@ use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 /// The trapped thread.
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) tid: u32,
     pidfd: Arc<OwnedFd>,
+    /// The `/proc/PID/fdinfo/FD` files of the thread's fd table opened so
+    /// far (see [`Target::fd_info`]), shared with the [`PidfdCache`].
+    fdinfo: Arc<FdinfoFiles>,
     /// Set when the pidfd turned out to belong to an earlier thread that had
     /// the same tid: the cache must forget it.
     stale: Cell<bool>,
     /// The call this target is asked about (listener and notification id):
     /// its memory is reached only while that call is pending.
     call: OnceCell<(Arc<NotifyFd>, u64)>,
-    /// `/proc/TID/maps`, opened by the first [`Target::check_writable`] of
-    /// the call and reused by the next (an accept checks two buffers).
-    maps: OnceCell<std::fs::File>,
 }
 
 /// Pidfds of an app's threads, kept between calls: opening one is a system
@@ -42,7 +43,76 @@ pub(crate) struct Target {
 /// reused), never point at the wrong task; stale entries are replaced.
 #[derive(Debug, Default)]
 pub(crate) struct PidfdCache {
-    by_tid: HashMap<u32, Arc<OwnedFd>>,
+    by_tid: HashMap<u32, (Arc<OwnedFd>, Arc<FdinfoFiles>)>,
+    /// The fdinfo files of each fd table, by the pid whose `/proc`
+    /// directory shows it: the process's, for the threads that share its
+    /// table (all, but for one that unshared it), else the thread's own.
+    by_table: HashMap<u32, Arc<FdinfoFiles>>,
+    /// fdinfo files kept by all of them (see [`FDINFO_KEPT`]).
+    fdinfo_kept: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Open `/proc/PID/fdinfo/FD` files of one fd table. Such a file shows the
+/// fd *as it is when read*: reading it again (at offset 0) tells the fd's
+/// flags and inode now, for a fraction of an open's cost. A file opened
+/// for an earlier task of the same pid reads nothing (procfs ties it to
+/// that task's `struct pid`), so a stale one fails rather than lies.
+#[derive(Debug, Default)]
+pub(crate) struct FdinfoFiles {
+    /// The pid whose `/proc` directory holds them.
+    base: u32,
+    files: Mutex<HashMap<i32, std::fs::File>>,
+    /// The count of files kept by every thread of the cache (shared).
+    kept: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for FdinfoFiles {
+    fn drop(&mut self) {
+        let n = self.files.get_mut().map_or(0, |f| f.len());
+        self.kept.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// fdinfo files kept per fd table, and per app (fds beyond are opened per
+/// call): each is an fd of the daemon's.
+const FDINFO_PER_TABLE: usize = 256;
+const FDINFO_KEPT: usize = 512;
+
+/// What `/proc/TID/fdinfo/FD` says of an fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FdInfo {
+    /// The open flags (`O_*`; `O_CLOEXEC` for the fd's close-on-exec flag).
+    pub(crate) flags: u32,
+    /// The mount of the file (`mnt_id`): sockets are all on sockfs's.
+    pub(crate) mnt_id: u64,
+    /// The file's inode number.
+    pub(crate) ino: u64,
+}
+
+impl FdInfo {
+    /// Parses the text of an fdinfo file: `pos:`, `flags:` (octal),
+    /// `mnt_id:`, `ino:` lines, in any order. `None` if one is missing.
+    pub(crate) fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text).ok()?;
+        let (mut flags, mut mnt_id, mut ino) = (None, None, None);
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match key {
+                "flags" => flags = u32::from_str_radix(value, 8).ok(),
+                "mnt_id" => mnt_id = value.parse().ok(),
+                "ino" => ino = value.parse().ok(),
+                _ => {}
+            }
+        }
+        Some(FdInfo {
+            flags: flags?,
+            mnt_id: mnt_id?,
+            ino: ino?,
+        })
+    }
 }
 
 /// Entries kept before the cache starts over (threads come and go).
@@ -53,22 +123,41 @@ const PIDFD_SWEEP_EVERY: usize = 16;
 impl PidfdCache {
     /// The target `tid`, from the cache or freshly opened.
     pub(crate) fn target(&mut self, tid: u32) -> io::Result<Target> {
-        if let Some(pidfd) = self.by_tid.get(&tid) {
+        if let Some((pidfd, fdinfo)) = self.by_tid.get(&tid) {
             return Ok(Target {
                 tid,
                 pidfd: pidfd.clone(),
+                fdinfo: fdinfo.clone(),
                 stale: Cell::new(false),
                 call: OnceCell::new(),
-                maps: OnceCell::new(),
             });
         }
-        let target = Target::open(tid)?;
+        let mut target = Target::open(tid)?;
+        // The process's fd table, unless this thread has one of its own.
+        let base = match thread_group_leader(tid) {
+            Ok(tgid) if tgid == tid || process::same_fd_table(tid, tgid).unwrap_or(false) => tgid,
+            _ => tid,
+        };
+        let kept = &self.fdinfo_kept;
+        target.fdinfo = self
+            .by_table
+            .entry(base)
+            .or_insert_with(|| {
+                Arc::new(FdinfoFiles {
+                    base,
+                    files: Mutex::default(),
+                    kept: kept.clone(),
+                })
+            })
+            .clone();
         if self.by_tid.len() >= PIDFD_CACHE_LIMIT {
             self.by_tid.clear();
+            self.by_table.clear();
         } else if self.by_tid.len() % PIDFD_SWEEP_EVERY == PIDFD_SWEEP_EVERY - 1 {
             self.sweep();
         }
-        self.by_tid.insert(tid, target.pidfd.clone());
+        self.by_tid
+            .insert(tid, (target.pidfd.clone(), target.fdinfo.clone()));
         Ok(target)
     }
 
@@ -80,7 +169,7 @@ impl PidfdCache {
         let exited: Vec<u32> = {
             let mut fds: Vec<PollFd<'_>> = tids
                 .iter()
-                .map(|t| PollFd::new(self.by_tid[t].as_ref(), PollFlags::IN))
+                .map(|t| PollFd::new(self.by_tid[t].0.as_ref(), PollFlags::IN))
                 .collect();
             let zero = Timespec {
                 tv_sec: 0,
@@ -97,6 +186,19 @@ impl PidfdCache {
         };
         for t in exited {
             self.by_tid.remove(&t);
+        }
+        // Tables no thread of the cache uses any more.
+        self.by_table.retain(|_, f| Arc::strong_count(f) > 1);
+    }
+
+    /// Closes every fdinfo file kept (see [`FdinfoFiles`]); they are
+    /// opened again as calls come.
+    pub(crate) fn forget_fdinfo(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for table in self.by_table.values() {
+            let mut files = table.files.lock().unwrap_or_else(|e| e.into_inner());
+            self.fdinfo_kept.fetch_sub(files.len(), Relaxed);
+            files.clear();
         }
     }
 
@@ -134,9 +236,13 @@ impl Target {
         Ok(Self {
             tid,
             pidfd: Arc::new(pidfd),
+            fdinfo: Arc::new(FdinfoFiles {
+                base: tid,
+                files: Mutex::default(),
+                kept: Arc::default(),
+            }),
             stale: Cell::new(false),
             call: OnceCell::new(),
-            maps: OnceCell::new(),
         })
     }
 
@@ -164,51 +270,6 @@ impl Target {
         match self.call.get() {
             Some((listener, id)) if !listener.id_valid(*id) => Err(libc::ENOENT),
             _ => Ok(()),
-        }
-    }
-
-    /// Whether `len` bytes at `addr` are all in writable mappings of the
-    /// target (`/proc/TID/maps`), without writing: `EFAULT` if not, as the
-    /// kernel's copy to that buffer would fail.
-    pub(crate) fn check_writable(&self, addr: u64, len: usize) -> Result<(), Errno> {
-        if len == 0 {
-            return Ok(());
-        }
-        let end = u64::try_from(len)
-            .ok()
-            .and_then(|l| addr.checked_add(l))
-            .ok_or(libc::EFAULT)?;
-        // One open per call: the file stays tied to the address space it
-        // was opened on, which is the tid's while the call is pending
-        // (checked below, after every query).
-        let mut maps = match self.maps.get() {
-            Some(m) => m,
-            None => {
-                let m = std::fs::File::open(format!("/proc/{}/maps", self.tid))
-                    .map_err(|e| errno_of(&e))?;
-                self.maps.get_or_init(|| m)
-            }
-        };
-        let writable = match process::range_writable(maps.as_fd(), addr, end) {
-            Ok(Some(w)) => w,
-            // A kernel without PROCMAP_QUERY: the text, line by line, from
-            // the start.
-            Ok(None) => {
-                use std::io::Seek;
-                maps.seek(std::io::SeekFrom::Start(0))
-                    .map_err(|e| errno_of(&e))?;
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut maps, &mut text).map_err(|e| errno_of(&e))?;
-                writable_in(&text, addr, end)
-            }
-            Err(e) => return Err(errno_of(&e)),
-        };
-        // The mappings are the tid's only while the call is pending.
-        self.still_pending()?;
-        if writable {
-            Ok(())
-        } else {
-            Err(libc::EFAULT)
         }
     }
 
@@ -243,6 +304,20 @@ impl Target {
         Ok(buf)
     }
 
+    /// Reads a C `int` at `addr` without checking after that the call is
+    /// still pending: only for a value that decides what is written next,
+    /// whose own check ([`Target::write_parts`]) covers the read too (a call
+    /// pending then was pending all along, so the memory read was its
+    /// thread's). Nothing else may be decided on it.
+    pub(crate) fn read_int_unverified(&self, addr: u64) -> Result<i32, Errno> {
+        let mut b = [0u8; 4];
+        if addr == 0 {
+            return Err(libc::EFAULT);
+        }
+        process::read_memory(self.tid, addr, &mut b).map_err(|e| errno_of(&e))?;
+        Ok(i32::from_ne_bytes(b))
+    }
+
     /// Reads a C `int` at `addr`.
     pub(crate) fn read_int(&self, addr: u64) -> Result<i32, Errno> {
         let b = self.read(addr, 4)?;
@@ -275,23 +350,49 @@ impl Target {
         }
     }
 
-    /// Whether the target's fd `fd` has `FD_CLOEXEC`, from
-    /// `/proc/TID/fdinfo/FD` (a copy taken with pidfd_getfd always has it,
-    /// so the copy cannot tell).
+    /// What `/proc/TID/fdinfo/FD` says of the target's fd `fd` now:
+    /// `None` when it cannot be read (no such fd, the thread is gone). A
+    /// file kept from an earlier call is read again; the first call on an
+    /// fd opens it.
+    pub(crate) fn fd_info(&self, fd: u64) -> Option<FdInfo> {
+        let fd = fd_number(fd);
+        if fd < 0 {
+            return None;
+        }
+        let mut buf = [0u8; 128];
+        use std::sync::atomic::Ordering::Relaxed;
+        let kept = &self.fdinfo.kept;
+        let mut files = self.fdinfo.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(file) = files.get(&fd) {
+            // An error: closed since, or the thread is gone; opened afresh
+            // below.
+            if let Some(info) = file
+                .read_at(&mut buf, 0)
+                .ok()
+                .and_then(|n| buf.get(..n).and_then(FdInfo::parse))
+            {
+                return Some(info);
+            }
+            files.remove(&fd);
+            kept.fetch_sub(1, Relaxed);
+        }
+        let file = std::fs::File::open(format!("/proc/{}/fdinfo/{fd}", self.fdinfo.base)).ok()?;
+        let n = file.read_at(&mut buf, 0).ok()?;
+        let info = FdInfo::parse(buf.get(..n)?)?;
+        if files.len() < FDINFO_PER_TABLE && kept.fetch_add(1, Relaxed) < FDINFO_KEPT {
+            files.insert(fd, file);
+        } else if files.len() < FDINFO_PER_TABLE {
+            kept.fetch_sub(1, Relaxed);
+        }
+        Some(info)
+    }
+
+    /// Whether the target's fd `fd` has `FD_CLOEXEC` (a copy taken with
+    /// pidfd_getfd always has it, so the copy cannot tell); `true` when it
+    /// cannot be read.
     pub(crate) fn fd_cloexec(&self, fd: u64) -> bool {
-        use std::io::Read;
-        let path = format!("/proc/{}/fdinfo/{}", self.tid, fd_number(fd));
-        // "pos:\t0\nflags:\t02000002\n…": the flags come within 64 bytes.
-        let mut buf = [0u8; 64];
-        let Ok(n) = std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) else {
-            return true;
-        };
-        let text = String::from_utf8_lossy(&buf[..n]);
-        text.lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            .map(|flags| flags & libc::O_CLOEXEC as u32 != 0)
-            .unwrap_or(true)
+        self.fd_info(fd)
+            .is_none_or(|i| i.flags & libc::O_CLOEXEC as u32 != 0)
     }
 
     /// True when the thread has a signal pending that it does not block: a
@@ -314,36 +415,6 @@ impl Target {
     pub(crate) fn raise_sigpipe(&self) {
         let _ = process::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGPIPE);
     }
-}
-
-/// Whether `[start, end)` lies in mappings with write permission, as
-/// `/proc/PID/maps` lists them (sorted, one per line:
-/// `start-end perms offset dev inode path`).
-fn writable_in(maps: &str, start: u64, end: u64) -> bool {
-    let mut at = start;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        let Some((lo, hi)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
-            continue;
-        };
-        if hi <= at {
-            continue;
-        }
-        if lo > at || perms.as_bytes().get(1) != Some(&b'w') {
-            return false;
-        }
-        at = hi;
-        if at >= end {
-            return true;
-        }
-    }
-    false
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started.
@@ -373,19 +444,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writable_ranges() {
-        let maps = "1000-2000 rw-p 00000000 00:00 0\n\
-                    2000-3000 rw-p 00000000 00:00 0\n\
-                    3000-4000 r--p 00000000 00:00 0 /lib/x.so\n\
-                    5000-6000 rw-s 00000000 00:00 0\n";
-        assert!(writable_in(maps, 0x1000, 0x1010));
-        assert!(writable_in(maps, 0x1ff0, 0x2010), "across two mappings");
-        assert!(!writable_in(maps, 0x2ff0, 0x3010), "into a read-only one");
-        assert!(!writable_in(maps, 0x3000, 0x3001));
-        assert!(!writable_in(maps, 0x4ff0, 0x5010), "across a hole");
-        assert!(writable_in(maps, 0x5000, 0x6000));
-        assert!(!writable_in(maps, 0x6000, 0x6001), "past the end");
-        assert!(!writable_in(maps, 0x10, 0x20));
-        assert!(!writable_in("", 0x1000, 0x1001));
+    fn fdinfo_is_read_and_read_again() {
+        let text = b"pos:\t0\nflags:\t02000002\nmnt_id:\t10\nino:\t168649565\nscm_fds: 0\n";
+        assert_eq!(
+            FdInfo::parse(text),
+            Some(FdInfo {
+                flags: 0o2000002,
+                mnt_id: 10,
+                ino: 168649565
+            })
+        );
+        assert_eq!(FdInfo::parse(b"pos:\t0\nflags:\t02\n"), None);
+        let me = Target::open(std::process::id()).unwrap();
+        let sock = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&sock) as u64;
+        let ino = rustix::fs::fstat(&sock).unwrap().st_ino;
+        for _ in 0..2 {
+            let info = me.fd_info(raw).unwrap();
+            assert_eq!(info.ino, ino);
+            assert_eq!(info.flags & libc::O_CLOEXEC as u32, libc::O_CLOEXEC as u32);
+        }
+        // The same fd number, another socket: the kept file tells.
+        drop(sock);
+        assert_eq!(me.fd_info(raw), None);
     }
 }

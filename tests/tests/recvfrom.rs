@@ -55,8 +55,14 @@ def c_recvmsg(s):
         raise OSError(ctypes.get_errno(), "recvmsg returned %d" % r)
     return m.namelen
 
+OUT = threading.Lock()
+
 def out(line):
-    print(line, flush=True)
+    # One write per line, under a lock: print() writes the line and its
+    # newline apart, and threads' lines would interleave.
+    with OUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 def a(addr):
     return "%s %d" % (addr[0], addr[1])

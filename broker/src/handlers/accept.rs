@@ -68,11 +68,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         accept_flags |= SocketFlags::NONBLOCK;
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    let probe = probe_addr(call, target, v6);
     if is_nonblocking(&listener) {
         loop {
             return match rustix::net::accept_with(&listener, accept_flags) {
-                Ok(conn) => match complete(call, target, conn, v6, cloexec, probe) {
+                Ok(conn) => match complete(call, target, conn, v6, cloexec) {
                     Err(GONE) => continue,
                     done => done.into(),
                 },
@@ -81,7 +80,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         }
     }
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
-        match conn.and_then(|conn| complete(call, target, conn, v6, cloexec, probe)) {
+        match conn.and_then(|conn| complete(call, target, conn, v6, cloexec)) {
             // Nothing to accept after all: wait as below.
             Err(GONE) => {}
             done => return done.into(),
@@ -120,9 +119,8 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             });
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
-                let probe = probe_addr(call, &target, v6);
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    match conn.and_then(|conn| complete(call, &target, conn, v6, cloexec, probe)) {
+                    match conn.and_then(|conn| complete(call, &target, conn, v6, cloexec)) {
                         Err(GONE) => {}
                         done => return done.into(),
                     }
@@ -174,10 +172,9 @@ impl Parked {
                 Ok(t) => t,
                 Err(answer) => return Some(answer),
             };
-            let probe = probe_addr(call, &target, self.v6);
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                let done = conn
-                    .and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec, probe));
+                let done =
+                    conn.and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec));
                 if done != Err(GONE) {
                     return Some(done.into());
                 }
@@ -230,80 +227,16 @@ fn try_accept(
     }
 }
 
-/// Checks, without changing anything, that the client's address can be
-/// written where the program asked (`move_addr_to_user`'s checks: the
-/// length is readable and writable, not negative, and the address buffer
-/// writable). Done before accepting, so that the accepted connection can be
-/// installed at once: a daemon killed in between would lose it. Nothing is
-/// written before there is a connection (the kernel writes only then):
-/// writability is read from the target's mappings.
-fn probe_addr(call: &Call<'_>, target: &Target, v6: bool) -> Result<(), Probe> {
-    let addr_ptr = call.arg(1);
-    if addr_ptr == 0 {
-        return Ok(());
-    }
-    let len_ptr = call.arg(2);
-    let len = target.read_int(len_ptr).map_err(Probe::fail)?;
-    if len < 0 {
-        return Err(Probe::fail(libc::EINVAL));
-    }
-    target
-        .check_writable(len_ptr, std::mem::size_of::<i32>())
-        .map_err(Probe::fail)?;
-    let full = addr::encode(addr::unspecified(v6), v6).len();
-    let n = usize::try_from(len).unwrap_or(0).min(full);
-    if n > 0 {
-        if let Err(e) = target
-            .read(addr_ptr, n)
-            .and_then(|_| target.check_writable(addr_ptr, n))
-        {
-            // As the kernel: the full length is stored before the copy fails.
-            return Err(Probe {
-                errno: e,
-                store_len: i32::try_from(full).ok(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Why the client's address cannot be written, found by [`probe_addr`]:
-/// the call fails with `errno` once a connection is accepted, after
-/// storing `store_len` at `*addrlen` if set.
-#[derive(Debug, Clone, Copy)]
-struct Probe {
-    errno: Errno,
-    store_len: Option<i32>,
-}
-
-impl Probe {
-    fn fail(errno: Errno) -> Self {
-        Probe {
-            errno,
-            store_len: None,
-        }
-    }
-}
-
 fn complete(
     call: &Call<'_>,
     target: &Target,
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
-    probe: Result<(), Probe>,
 ) -> Result<Outcome, Errno> {
-    // As the kernel: a bad addr/addrlen after the accept loses the
-    // connection and fails the call.
-    if let Err(p) = probe {
-        if let Some(full) = p.store_len {
-            target.write(call.arg(2), &full.to_ne_bytes())?;
-        }
-        return Err(p.errno);
-    }
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
-    let (conn, peer) = match caller_of(call, &conn, false) {
+    let (conn, peer) = match caller_of(call, &conn, v6, false) {
         Caller::Client(local) => (conn, local),
         // Rather than keep the server waiting for it (and every connection
         // behind it), the connection goes back behind a doorbell, and the
@@ -311,7 +244,7 @@ fn complete(
         Caller::NotYet => match requeue(call, conn) {
             Ok(()) => return Err(GONE),
             Err(conn) => {
-                let local = waited_hello(call, &conn)?;
+                let local = waited_hello(call, &conn, v6)?;
                 (conn, local)
             }
         },
@@ -360,7 +293,7 @@ fn complete(
                 (None, Some(peer)) => (real, in_family(peer, v6)),
                 // One of the broker's own, put back by `requeue`.
                 (None, None) => {
-                    let local = waited_hello(call, &real)?;
+                    let local = waited_hello(call, &real, v6)?;
                     (real, local)
                 }
             }
@@ -371,7 +304,16 @@ fn complete(
         .stash
         .as_ref()
         .is_some_and(|s| s.put(conn.as_fd()).is_ok());
-    let installed = install(call, target, &conn, v6, cloexec, peer);
+    // The client's address first, as the kernel's accept copies it before
+    // the program has the connection: a bad addr/addrlen loses the
+    // connection and fails the call.
+    let addr_ptr = call.arg(1);
+    let written = if addr_ptr != 0 {
+        write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))
+    } else {
+        Ok(())
+    };
+    let installed = written.and_then(|()| install(call, &conn, cloexec));
     if stashed {
         if let Some(s) = call.stash {
             drop(s.take());
@@ -404,8 +346,8 @@ fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
 /// The client's VIP:port from the hello of `conn`, a connection whose hello
 /// was late once already and is now waited for: `GONE` when its client
 /// left, `ECONNABORTED` (logged) when no hello comes.
-fn waited_hello(call: &Call<'_>, conn: &OwnedFd) -> Result<std::net::SocketAddr, Errno> {
-    match caller_of(call, conn, true) {
+fn waited_hello(call: &Call<'_>, conn: &OwnedFd, v6: bool) -> Result<std::net::SocketAddr, Errno> {
+    match caller_of(call, conn, v6, true) {
         Caller::Client(local) => Ok(local),
         Caller::Gone => Err(GONE),
         _ => {
@@ -439,7 +381,7 @@ enum Caller {
 /// doorbell name (only the broker binds names there), an identity the
 /// broker kept for this connection, or the hello the broker's client
 /// socket sent ahead of any data (see `crate::idents`).
-fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
+fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Caller {
     if !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
     }
@@ -455,7 +397,7 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
     // The common case: a fresh connection, the broker's hello at its head.
     let first = peek_hello(call, conn, None);
     if let Hello::Valid(client) = first {
-        return keep(call, conn, client);
+        return keep(call, conn, client, v6);
     }
     // Accepted by an earlier daemon, which took its hello out (its client
     // may have said all and left since); or made by an earlier version of
@@ -468,7 +410,7 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
         // Its connect has just returned on another thread of the broker,
         // which writes the hello next: a moment's wait is the common case.
         Hello::NotYet => match peek_hello(call, conn, Some(Instant::now() + HELLO_BRIEF)) {
-            Hello::Valid(client) => return keep(call, conn, client),
+            Hello::Valid(client) => return keep(call, conn, client, v6),
             Hello::Gone => return Caller::Gone,
             _ if !may_wait => return Caller::NotYet,
             _ => {}
@@ -476,7 +418,7 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
         _ => {}
     }
     match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
-        Hello::Valid(client) => keep(call, conn, client),
+        Hello::Valid(client) => keep(call, conn, client, v6),
         Hello::Gone => Caller::Gone,
         Hello::Missing | Hello::NotYet => {
             tracing::warn!(
@@ -491,14 +433,14 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, may_wait: bool) -> Caller {
 /// Keeps the identity a hello gave for the accepted connection, then takes
 /// the hello out: a daemon killed in between leaves a successor the hello
 /// or the identity, never neither.
-fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName) -> Caller {
+fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName, v6: bool) -> Caller {
     let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
         return Caller::Unknown;
     };
-    let kept = call
-        .shared
-        .idents
-        .insert(cookie, inode, crate::idents::Kind::Peer, client);
+    let kept =
+        call.shared
+            .idents
+            .insert(cookie, inode, crate::idents::Kind::Peer, client, Some(v6));
     match (kept, client) {
         (Ok(()), SocketName::Client { local, .. }) => {
             take_hello(conn);
@@ -568,43 +510,39 @@ fn take_hello(conn: &OwnedFd) {
     let _ = rustix::net::recv(conn, &mut hello[..], rustix::net::RecvFlags::DONTWAIT);
 }
 
-fn install(
-    call: &Call<'_>,
-    target: &Target,
-    conn: &OwnedFd,
-    v6: bool,
-    cloexec: bool,
-    peer: std::net::SocketAddr,
-) -> Result<Outcome, Errno> {
-    // Install at once, note it, then write the address and answer: from
-    // the moment the program holds the connection, a daemon killed at any
-    // point loses nothing — its successor finds the fd in the journal (or,
-    // killed between the install and the note, the inode noted before it
-    // in the program's fds) and answers with it (see `finish_installed`).
+fn install(call: &Call<'_>, conn: &OwnedFd, cloexec: bool) -> Result<Outcome, Errno> {
+    // Install, note it, and answer: from the moment the program holds the
+    // connection, a daemon killed at any point loses nothing — its
+    // successor finds the fd in the journal (or, killed between the
+    // install and the note, the inode noted before it in the program's
+    // fds), writes the address again and answers with it (see
+    // `finish_installed`).
+    //
+    // Not `SECCOMP_ADDFD_FLAG_SEND`, though it would spare a wake-up: it
+    // marks the call answered before the thread has installed the fd, and
+    // a daemon killed while it waits for that withdraws the install but
+    // not the answer — the thread's accept returns 0, an fd it never got,
+    // and the connection is lost (the restart tests in `faults.rs` caught
+    // it).
     if let (Some(j), Ok(st)) = (call.journal, rustix::fs::fstat(conn)) {
         j.note_installing(call.notif.id, st.st_ino);
     }
-    let fd = match call
+    match call
         .listener
         .add_fd(call.notif.id, conn.as_fd(), None, cloexec, false)
     {
-        Ok(fd) => fd,
-        Err(e) => {
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Ok(Outcome::Answered),
-                Some(errno) => Err(errno),
-                None => Err(libc::EIO),
+        Ok(fd) => {
+            if let Some(j) = call.journal {
+                j.note_installed(call.notif.id, fd);
             }
+            Ok(Outcome::Value(fd as i64))
         }
-    };
-    if let Some(j) = call.journal {
-        j.note_installed(call.notif.id, fd);
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::EINPROGRESS) => Ok(Outcome::Answered),
+            Some(errno) => Err(errno),
+            None => Err(libc::EIO),
+        },
     }
-    let addr_ptr = call.arg(1);
-    if addr_ptr != 0 {
-        write_sockaddr(target, addr_ptr, call.arg(2), &addr::encode(peer, v6))?;
-    }
-    Ok(Outcome::Value(fd as i64))
 }
 
 /// A real peer address as a listener of the program's family reports it:
@@ -637,8 +575,7 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         let _ = super::set_nonblock(&conn, true);
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    let probe = probe_addr(call, &target, v6);
-    match complete(call, &target, conn, v6, cloexec, probe) {
+    match complete(call, &target, conn, v6, cloexec) {
         // Its client left before saying who it was: accept the next one.
         Err(GONE) => handle(call, &target, has_flags),
         done => done.into(),

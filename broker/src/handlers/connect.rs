@@ -98,8 +98,8 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
         return Ok(Outcome::Errno(libc::EINVAL));
     }
+    // (The read checks that the call is pending.)
     let bytes = target.read(call.arg(1), addrlen as usize)?;
-    call.check_valid()?;
     let Some(name) = swapped else {
         return kernel_socket(call, target, copy, v6, bytes);
     };
@@ -905,7 +905,7 @@ pub(super) fn bind_client_name(
     let inode = super::inode(sock).ok_or(libc::ENOBUFS)?;
     call.shared
         .idents
-        .insert(cookie, inode, crate::idents::Kind::Own, name)
+        .insert(cookie, inode, crate::idents::Kind::Own, name, None)
         .map_err(|_| {
             tracing::warn!(
                 app = call.app,

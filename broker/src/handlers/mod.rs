@@ -327,6 +327,72 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
     Ok(Sock::Other)
 }
 
+/// One of the broker's connected sockets (a client, or a connection a
+/// swapped listener accepted), known without a copy of the program's fd:
+/// its inode, which `/proc/TID/fdinfo/FD` shows, is that of a socket the
+/// broker keeps an identity for (see `crate::idents`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KnownConn {
+    pub(crate) inode: u64,
+    /// Whether the program's socket is `AF_INET6`.
+    pub(crate) v6: bool,
+    /// What `getsockname` answers: the client's VIP:port, or for an
+    /// accepted connection the VIP:port its client dialled.
+    pub(crate) local: std::net::SocketAddr,
+    /// What `getpeername` answers.
+    pub(crate) peer: std::net::SocketAddr,
+}
+
+/// The connection behind the target's fd `arg`, if it is one of the
+/// broker's (see [`KnownConn`]); `None` sends the caller to [`classify`],
+/// which copies the fd and asks the socket. Only an fd on sockfs's mount
+/// is looked up: a file elsewhere may have any inode number.
+pub(crate) fn known_conn(call: &Call<'_>, target: &Target, arg: u64) -> Option<KnownConn> {
+    let info = target.fd_info(arg)?;
+    if Some(info.mnt_id) != sockfs_mnt_id() {
+        return None;
+    }
+    let ident = call.shared.idents.by_inode(info.ino)?;
+    let SocketName::Client {
+        instance,
+        v6,
+        local,
+        peer,
+    } = ident.name
+    else {
+        return None;
+    };
+    if instance != call.instance() {
+        return None;
+    }
+    Some(match ident.kind {
+        crate::idents::Kind::Own => KnownConn {
+            inode: info.ino,
+            v6,
+            local,
+            peer,
+        },
+        crate::idents::Kind::Peer => KnownConn {
+            inode: info.ino,
+            v6: ident.local_v6?,
+            local: peer,
+            peer: local,
+        },
+    })
+}
+
+/// The mount id of sockfs, where every socket's file is (read once from
+/// the fdinfo of a socket of the daemon's own).
+fn sockfs_mnt_id() -> Option<u64> {
+    static ID: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let sock = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).ok()?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+        let text = std::fs::read(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        crate::target::FdInfo::parse(&text).map(|i| i.mnt_id)
+    })
+}
+
 /// True when fd `arg` of the target is no socket at all (a pipe, a file):
 /// `bind` and `connect` then fail with `ENOTSOCK`, as the kernel's would.
 pub(crate) fn not_a_socket(target: &Target, arg: u64) -> bool {
@@ -489,7 +555,8 @@ pub(crate) fn write_sockaddr(
     bytes: &[u8],
 ) -> Result<(), Errno> {
     let full = bytes.len() as i32;
-    let len = target.read_int(len_ptr)?.min(full);
+    // The write's own check that the call is pending covers this read.
+    let len = target.read_int_unverified(len_ptr)?.min(full);
     let n = usize::try_from(len).map_err(|_| libc::EINVAL)?;
     // The length, then the address, as the kernel copies them: one write.
     target.write_parts(&[(len_ptr, &full.to_ne_bytes()), (addr_ptr, &bytes[..n])])

@@ -16,6 +16,15 @@ use rustix::net::sockopt;
 use std::net::SocketAddr;
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
+    // The common case, a connection of the broker's: answered from what it
+    // keeps, without copying the fd.
+    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+        let a = if peer { conn.peer } else { conn.local };
+        return match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, conn.v6)) {
+            Ok(()) => Outcome::Value(0),
+            Err(e) => Outcome::Errno(e),
+        };
+    }
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(Sock::Inet { v6, fd }) if call.state.any_remote() => {

@@ -54,13 +54,65 @@ fn errno(e: &std::io::Error) -> Errno {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// What answering an option of a swapped socket needs to know of it.
+struct Subject {
+    /// The program's socket is `AF_INET6`.
+    v6: bool,
+    kind: probe::Kind,
+    /// The key of its remembered options.
+    inode: u64,
+    /// The address of its peer, when connected.
+    peer: Option<SocketAddr>,
+    /// A listener bound with `SO_REUSEPORT`, or a connection it accepted.
+    reuseport: bool,
+}
+
+impl Subject {
+    /// A connection of the broker's, known without a copy of the fd.
+    fn known(conn: &super::KnownConn) -> Self {
+        Subject {
+            v6: conn.v6,
+            kind: probe::Kind::Connected,
+            inode: conn.inode,
+            peer: Some(conn.peer),
+            reuseport: false,
+        }
+    }
+
+    /// Any swapped socket, from the broker's copy of it.
+    fn of(call: &Call<'_>, name: &SocketName, fd: &OwnedFd) -> Result<Self, Errno> {
+        let kind = kind_of(name, fd);
+        Ok(Subject {
+            v6: name.is_v6(),
+            kind,
+            inode: inode(fd).ok_or(libc::ENOMEM)?,
+            peer: match kind {
+                probe::Kind::Connected => peer_of(call, name, fd),
+                _ => None,
+            },
+            reuseport: matches!(
+                name,
+                SocketName::Listener {
+                    reuseport: Some(_),
+                    ..
+                }
+            ),
+        })
+    }
+}
+
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
+    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+        return set(call, target, &Subject::known(&conn)).into();
+    }
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    set(call, target, &name, &fd).into()
+    Subject::of(call, &name, &fd)
+        .and_then(|subject| set(call, target, &subject))
+        .into()
 }
 
 /// The state of a swapped socket, as [`probe::kind_of`] finds it; a
@@ -73,13 +125,8 @@ fn kind_of(name: &SocketName, fd: &OwnedFd) -> probe::Kind {
     }
 }
 
-fn set(
-    call: &Call<'_>,
-    target: &Target,
-    name: &SocketName,
-    fd: &OwnedFd,
-) -> Result<Outcome, Errno> {
-    let v6 = name.is_v6();
+fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, Errno> {
+    let v6 = subject.v6;
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let optval = call.arg(3);
@@ -118,7 +165,7 @@ fn set(
         }
         _ => target.read(optval, want)?,
     };
-    let kind = kind_of(name, fd);
+    let kind = subject.kind;
     // TCP_QUEUE_SEQ: the state first (repair mode is for closed sockets).
     if kind != probe::Kind::Fresh && (level, optname) == (libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ) {
         return Ok(Outcome::Errno(libc::EPERM));
@@ -130,23 +177,31 @@ fn set(
     if let Some(refused) = refused_in_state(kind, level, optname, &value) {
         return Ok(Outcome::Errno(refused));
     }
-    call.check_valid()?;
-    let ino = inode(fd).ok_or(libc::ENOMEM)?;
+    // (The read of the value checked that the call is pending.)
     // The app's table is full of live sockets' options: as the kernel
     // answers an option it cannot allocate for.
     call.state
-        .remember_option((ino, level, optname), value)
+        .remember_option((subject.inode, level, optname), value)
         .map_err(|_| libc::ENOMEM)?;
     Ok(Outcome::Value(0))
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
+    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+        // SO_REUSEPORT of an accepted connection follows its listener's
+        // name, which only the socket itself tells.
+        if call.int_arg(1) != libc::SOL_SOCKET {
+            return get(call, target, &Subject::known(&conn)).into();
+        }
+    }
     let (name, fd) = match classify(call, target, call.arg(0)) {
         Ok(Sock::Swapped { name, fd }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    get(call, target, &name, &fd).into()
+    Subject::of(call, &name, &fd)
+        .and_then(|subject| get(call, target, &subject))
+        .into()
 }
 
 /// The peer a connected swapped socket stands for: the service it reached,
@@ -161,13 +216,8 @@ fn peer_of(call: &Call<'_>, name: &SocketName, fd: &OwnedFd) -> Option<SocketAdd
     }
 }
 
-fn get(
-    call: &Call<'_>,
-    target: &Target,
-    name: &SocketName,
-    fd: &OwnedFd,
-) -> Result<Outcome, Errno> {
-    let v6 = name.is_v6();
+fn get(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, Errno> {
+    let v6 = subject.v6;
     let level = call.int_arg(1);
     let optname = call.int_arg(2);
     let (optval, len_ptr) = (call.arg(3), call.arg(4));
@@ -195,25 +245,15 @@ fn get(
         return Ok(Outcome::Value(0));
     }
     let mut buf = vec![0u8; len.min(MAX_OPTION_LEN)];
-    let mut kind = kind_of(name, fd);
-    if v6 && kind == probe::Kind::Connected && peer_of(call, name, fd).is_some_and(|p| p.is_ipv4())
-    {
+    let mut kind = subject.kind;
+    if v6 && kind == probe::Kind::Connected && subject.peer.is_some_and(|p| p.is_ipv4()) {
         kind = probe::Kind::ConnectedMapped;
     }
-    let mut remembered = inode(fd).and_then(|ino| call.state.recall_option((ino, level, optname)));
+    let mut remembered = call.state.recall_option((subject.inode, level, optname));
     match (level, optname) {
         // Bound with SO_REUSEPORT (its name says), unless set since: on,
         // and on for the connections it accepts, which inherit it.
-        (libc::SOL_SOCKET, libc::SO_REUSEPORT)
-            if remembered.is_none()
-                && matches!(
-                    name,
-                    SocketName::Listener {
-                        reuseport: Some(_),
-                        ..
-                    }
-                ) =>
-        {
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT) if remembered.is_none() && subject.reuseport => {
             remembered = Some(1i32.to_ne_bytes().to_vec());
         }
         // Binding a specific IPv6 address sets it (the probes are bound to

@@ -51,6 +51,35 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
     }
 }
 
+/// `KCMP_FILES` of `<linux/kcmp.h>`: compare two tasks' fd tables.
+const KCMP_FILES: libc::c_int = 2;
+
+/// Whether threads `a` and `b` share one fd table (`kcmp(2)` with
+/// `KCMP_FILES`): threads of a process do unless one unshared it.
+///
+/// # Errors
+/// What `kcmp` returns: `ESRCH` for a thread that is gone, `EPERM` without
+/// ptrace access to both.
+pub fn same_fd_table(a: u32, b: u32) -> io::Result<bool> {
+    // SAFETY: kcmp with KCMP_FILES takes two pids, a type and two unused
+    // integer arguments; it touches no memory of this process.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            a as libc::pid_t,
+            b as libc::pid_t,
+            KCMP_FILES,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc == 0)
+    }
+}
+
 /// Reads exactly `buf.len()` bytes at `addr` in the address space of `tid`.
 /// A short or failed read is `EFAULT`, as the kernel reports a bad pointer.
 pub fn read_memory(tid: u32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -161,71 +190,6 @@ pub fn write_memory_parts(tid: u32, parts: &[(u64, &[u8])]) -> io::Result<()> {
     }
 }
 
-/// `struct procmap_query` of `<linux/fs.h>` (Linux 6.11).
-#[repr(C)]
-#[derive(Default)]
-struct ProcmapQuery {
-    size: u64,
-    query_flags: u64,
-    query_addr: u64,
-    vma_start: u64,
-    vma_end: u64,
-    vma_flags: u64,
-    vma_page_size: u64,
-    vma_offset: u64,
-    inode: u64,
-    dev_major: u32,
-    dev_minor: u32,
-    vma_name_size: u32,
-    build_id_size: u32,
-    vma_name_addr: u64,
-    build_id_addr: u64,
-}
-
-/// `PROCMAP_QUERY`: `_IOWR('f', 17, struct procmap_query)`.
-const PROCMAP_QUERY: libc::c_ulong = (3 << 30)
-    | ((std::mem::size_of::<ProcmapQuery>() as libc::c_ulong) << 16)
-    | ((b'f' as libc::c_ulong) << 8)
-    | 17;
-/// `PROCMAP_QUERY_VMA_WRITABLE`.
-const PROCMAP_QUERY_VMA_WRITABLE: u64 = 0x02;
-
-/// Whether `[start, end)` lies entirely in writable mappings of the process
-/// whose `/proc/PID/maps` is open as `maps`, asked with the `PROCMAP_QUERY`
-/// ioctl (Linux 6.11+; see proc_pid_maps(5)) without generating the text.
-/// `Ok(None)` when the kernel lacks the ioctl: read the text instead.
-///
-/// # Errors
-/// What the ioctl returns other than `ENOENT` (no mapping at an address,
-/// which is `Ok(Some(false))`) and `ENOTTY`/`EINVAL` (no such ioctl).
-pub fn range_writable(maps: BorrowedFd<'_>, start: u64, end: u64) -> io::Result<Option<bool>> {
-    let mut at = start;
-    while at < end {
-        let mut q = ProcmapQuery {
-            size: std::mem::size_of::<ProcmapQuery>() as u64,
-            query_addr: at,
-            ..ProcmapQuery::default()
-        };
-        // SAFETY: `q` is a properly laid out, initialised procmap_query that
-        // lives across the call; its name and build-id buffers are null with
-        // size 0, so the kernel writes only into `q` itself.
-        let rc = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY as _, &mut q) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(Some(false)),
-                Some(libc::ENOTTY) | Some(libc::EINVAL) => Ok(None),
-                _ => Err(e),
-            };
-        }
-        if q.vma_flags & PROCMAP_QUERY_VMA_WRITABLE == 0 || q.vma_end <= at {
-            return Ok(Some(false));
-        }
-        at = q.vma_end;
-    }
-    Ok(Some(true))
-}
-
 /// True when the calling process is root in its user namespace (effective
 /// uid 0), which can load a seccomp filter without `PR_SET_NO_NEW_PRIVS`.
 pub fn is_effective_root() -> bool {
@@ -279,27 +243,24 @@ pub fn inherit_only_stdio_and(cmd: &mut std::process::Command, keep: Option<RawF
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     #[test]
-    fn writable_ranges_of_this_process() {
-        let maps = std::fs::File::open("/proc/self/maps").unwrap();
-        let mut on_stack = [0u8; 64];
-        let here = on_stack.as_mut_ptr() as u64;
-        static READ_ONLY: [u8; 16] = [1; 16];
-        let ro = READ_ONLY.as_ptr() as u64;
-        match range_writable(maps.as_fd(), here, here + 64).unwrap() {
-            None => {} // a kernel before 6.11
-            Some(w) => {
-                assert!(w, "the stack is writable");
-                assert_eq!(
-                    range_writable(maps.as_fd(), ro, ro + 16).unwrap(),
-                    Some(false)
-                );
-                assert_eq!(range_writable(maps.as_fd(), 16, 32).unwrap(), Some(false));
-            }
-        }
-        on_stack[0] = 1;
-        assert_eq!(on_stack[0], 1);
+    fn threads_share_an_fd_table_until_one_unshares_it() {
+        let me = std::process::id();
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let tid = || unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        let shared = std::thread::spawn(move || same_fd_table(tid(), me).unwrap())
+            .join()
+            .unwrap();
+        assert!(shared);
+        let own = std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_FILES) gives this thread a copy of the fd
+            // table; it touches no memory.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_FILES) }, 0);
+            same_fd_table(tid(), me).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(!own);
     }
 }
