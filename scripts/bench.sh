@@ -25,14 +25,18 @@
 # e.g. --rounds 3, --only ax,tcp,unix, --no-scale.
 #
 # Real programs (benches/programs/run.sh): Go net/http with and without
-# keep-alive and nginx with `ab` without keep-alive, under ax vs native in
-# the same run, with the daemon's CPU per connection and per trapped call.
-# They run after the rows above, into benches/results/programs.md; a row
-# whose program (go, nginx, ab) is missing is skipped.
+# keep-alive, nginx with `ab` without keep-alive, and PostgreSQL with
+# `pgbench -S` with and without a connection per transaction, under ax vs
+# native in the same run, with the daemon's CPU per connection and per
+# trapped call. They run after the rows above, into
+# benches/results/programs.md; a row whose program (go, nginx, ab, postgres,
+# pgbench) is missing is skipped, and so are the PostgreSQL rows without the
+# unprivileged user axtest (postgres refuses to run as root).
 #
 #   sudo bash scripts/bench.sh --programs      # only the real-program rows
 #   sudo bash scripts/bench.sh --no-programs   # everything else
 #   PROGRAMS_N=10000 PROGRAMS_ROUNDS=3          # requests per row and rounds
+#   PROGRAMS_PG_SECONDS=5                       # seconds per pgbench run
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,7 +70,9 @@ need=(slirp4netns:slirp4netns passt:pasta iproute2:ip python3:python3
     util-linux:unshare util-linux:taskset
     libseccomp-dev:dpkg pkg-config:pkg-config)
 if [ "$programs" = 1 ] || [ "$only_programs" = 1 ]; then
-    need+=(golang-go:go nginx-light:nginx apache2-utils:ab)
+    # pgbench comes with the server (postgresql-NN), not postgresql-client.
+    need+=(golang-go:go nginx-light:nginx apache2-utils:ab
+        postgresql:dpkg postgresql-contrib:dpkg)
 fi
 have() {
     if [ "$2" = dpkg ]; then

@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # Real-program rows of the ax benchmark: Go net/http with and without
-# keep-alive, nginx with `ab` without keep-alive, each under ax vs native in
-# the same run, plus the daemon's CPU per connection and per trapped call
+# keep-alive, nginx with `ab` without keep-alive, PostgreSQL with `pgbench -S`
+# with and without a connection per transaction (-C), each under ax vs native
+# in the same run, plus the daemon's CPU per connection and per trapped call
 # that needs no target memory. Run by scripts/bench.sh (alone with
 # `sudo bash scripts/bench.sh --programs`), inside a network namespace with
 # loopback only; it refuses to run anywhere else.
 #
 #   run.sh AX OUT_MD     (env: PROGRAMS_N requests per row, default 10000;
 #                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50;
+#                         PROGRAMS_PG_SECONDS seconds per pgbench run, default 5;
 #                         PROGRAMS_ONLY: a comma-separated subset of
-#                         go,nginx,percall,metrics, default all)
+#                         go,nginx,pg,percall,metrics, default all)
+#
+# The "pg" rows run postgres (initdb and the server, natively on
+# 127.0.0.1:5433 and under ax on 10.233.7.15:5432), pgbench and an ax daemon
+# of their own as the unprivileged user axtest (postgres refuses to run as
+# root; scripts/test.sh creates the user); the daemon CPU of those rows is
+# that daemon's. Without the user (when run as root) they are skipped.
 #
 # The "metrics" row is the cost of counting (`ax daemon --metrics`): the
 # connection rate of `ax-bench client --mode connrate` (next to AX) through
 # a daemon with --metrics and one without, alternately in each round.
-# A row whose program is missing (go, nginx, ab) says so and is skipped.
+# A row whose program is missing (go, nginx, ab, postgres, pgbench) says so
+# and is skipped.
 set -euo pipefail
 AX="$1"
 OUT="$2"
@@ -22,7 +31,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 N="${PROGRAMS_N:-10000}"
 ROUNDS="${PROGRAMS_ROUNDS:-3}"
 CONC="${PROGRAMS_CONC:-50}"
-ONLY="${PROGRAMS_ONLY:-go,nginx,percall,metrics}"
+PG_SECS="${PROGRAMS_PG_SECONDS:-5}"
+ONLY="${PROGRAMS_ONLY:-go,nginx,pg,percall,metrics}"
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if ip -o route show default 2>/dev/null | grep -q . || [ "$(ip -o link show | grep -vc ' lo:')" -ne 0 ]; then
@@ -32,7 +42,9 @@ fi
 
 TMP="$(mktemp -d /tmp/ax-bench-programs.XXXXXX)"
 PIDS=()
+PGPIDS=() # postgres servers: SIGINT first (fast shutdown), then as the others
 cleanup() {
+    for p in "${PGPIDS[@]:-}"; do [ -z "$p" ] || kill -INT "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
     rm -rf "$TMP"
@@ -61,7 +73,7 @@ wait_ready() {
         grep -q READY "$1" 2>/dev/null && return 0
         sleep 0.025
     done
-    echo "programs: server did not start: $(tail -3 "$1" "$1.err" 2>/dev/null)" >&2
+    echo "programs: server did not start: $(tail -n 3 "$1" "$1.err" 2>/dev/null)" >&2
     return 1
 }
 
@@ -188,6 +200,134 @@ else
     ROWS+=("nginx + ab (nginx or apache2-utils not installed)")
 fi
 
+# --- PostgreSQL + pgbench -----------------------------------------------------------
+# postgres refuses to run as root: initdb, both servers, pgbench and an ax
+# daemon of these rows' own (on a private socket) run as the unprivileged
+# user axtest, and the daemon CPU per connection is that daemon's.
+PGBIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1)
+PG_CONC=8
+VIP_PG=10.233.7.15
+PGAS=()
+if [ "$(id -u)" = 0 ]; then
+    if id axtest >/dev/null 2>&1; then
+        PGAS=(setpriv --reuid=axtest --regid=axtest --init-groups --)
+    else
+        PGAS=(none)
+    fi
+fi
+if ! want pg; then
+    :
+elif [ ! -x "$PGBIN/postgres" ] || [ ! -x "$PGBIN/initdb" ] || [ ! -x "$PGBIN/pgbench" ]; then
+    ROWS+=("PostgreSQL + pgbench (postgresql not installed)")
+elif [ "${PGAS[*]}" = none ] || ! "${PGAS[@]}" true 2>/dev/null; then
+    ROWS+=("PostgreSQL + pgbench (needs an unprivileged user: axtest; scripts/test.sh creates it)")
+else
+    PGD="$TMP/pg"
+    mkdir -p "$PGD/ctl" "$PGD/sock-native" "$PGD/sock-ax"
+    if [ ${#PGAS[@]} -gt 0 ]; then
+        chmod 711 "$TMP"
+        chown -R axtest: "$PGD"
+    fi
+    chmod 700 "$PGD"
+    # The user must be able to run ax; when a parent directory is not
+    # searchable (e.g. /root), it runs a copy.
+    PGAXBIN="$(readlink -f "$AX")"
+    if ! "${PGAS[@]}" test -x "$PGAXBIN"; then
+        install -m 755 "$PGAXBIN" "$PGD/ax"
+        PGAXBIN="$PGD/ax"
+    fi
+    PGU=("${PGAS[@]}" env -i -C "$PGD" HOME="$PGD" LC_ALL=C PATH="$PGBIN:/usr/local/bin:/usr/bin:/bin")
+    PGSOCK="$PGD/ctl/ax.sock"
+    "${PGU[@]}" "$PGAXBIN" daemon --socket "$PGSOCK" 2>"$TMP/pg-daemon.log" &
+    PGDAEMON=$!
+    PIDS+=("$PGDAEMON")
+    PGAXX=("${PGU[@]}" "$PGAXBIN" exec --socket "$PGSOCK" --no-autostart)
+    pg_poll() { # command…: until it succeeds, at most about 20 s
+        for _ in $(seq 800); do
+            "$@" >/dev/null 2>&1 && return 0
+            sleep 0.025
+        done
+        return 1
+    }
+    PGOPTS=(-c shared_buffers=16MB -c fsync=off -c max_connections=200)
+    pg_ok=1
+    if ! pg_poll "${PGU[@]}" "$PGAXBIN" get services --socket "$PGSOCK"; then
+        echo "programs: the ax daemon of the PostgreSQL rows did not start: $(tail -n 3 "$TMP/pg-daemon.log")" >&2
+        pg_ok=0
+    fi
+    for side in native ax; do
+        [ $pg_ok = 1 ] || break
+        if ! "${PGU[@]}" initdb -D "$PGD/data-$side" -U postgres -A trust --no-locale -E UTF8 --no-sync \
+            >"$TMP/pg-initdb-$side.log" 2>&1; then
+            echo "programs: initdb failed: $(tail -3 "$TMP/pg-initdb-$side.log")" >&2
+            pg_ok=0
+            break
+        fi
+        # Clients under ax come from their VIPs (the daemon's default pool).
+        [ $side = native ] || echo "host all all 10.233.0.0/16 trust" >>"$PGD/data-ax/pg_hba.conf"
+        if [ $side = ax ]; then
+            "${PGAXX[@]}" --ip "$VIP_PG" -- postgres -D "$PGD/data-ax" -p 5432 -c listen_addresses='*' \
+                -c unix_socket_directories="$PGD/sock-ax" "${PGOPTS[@]}" 2>"$TMP/pg-$side.log" &
+        else
+            "${PGU[@]}" postgres -D "$PGD/data-native" -p 5433 -c listen_addresses=127.0.0.1 \
+                -c unix_socket_directories="$PGD/sock-native" "${PGOPTS[@]}" 2>"$TMP/pg-$side.log" &
+        fi
+        PIDS+=($!)
+        PGPIDS+=($!)
+    done
+    # Ready once pg_isready gets an answer (the ax side through ax, at the VIP).
+    if [ $pg_ok = 1 ]; then
+        if ! pg_poll "${PGU[@]}" pg_isready -q -h 127.0.0.1 -p 5433 -U postgres ||
+            ! pg_poll "${PGAXX[@]}" -- pg_isready -q -h "$VIP_PG" -p 5432 -U postgres; then
+            echo "programs: postgres did not start: $(tail -n 3 "$TMP"/pg-*.log)" >&2
+            pg_ok=0
+        fi
+    fi
+    if [ $pg_ok = 1 ]; then
+        if ! "${PGU[@]}" pgbench -i -s 1 -q -h 127.0.0.1 -p 5433 -U postgres postgres >"$TMP/pg-init-native.log" 2>&1 ||
+            ! "${PGAXX[@]}" -- pgbench -i -s 1 -q -h "$VIP_PG" -p 5432 -U postgres postgres >"$TMP/pg-init-ax.log" 2>&1; then
+            echo "programs: pgbench -i failed: $(tail -n 3 "$TMP"/pg-init-*.log)" >&2
+            pg_ok=0
+        fi
+    fi
+    for connect in 1 0; do
+        if [ $connect = 1 ]; then
+            row="PostgreSQL + pgbench -C -c $PG_CONC -T $PG_SECS -S (new connection per transaction)"
+            flags=(-C)
+        else
+            row="PostgreSQL + pgbench -c $PG_CONC -T $PG_SECS -S (connections kept)"
+            flags=()
+        fi
+        ROWS+=("$row")
+        [ $pg_ok = 1 ] || continue
+        for r in $(seq "$ROUNDS"); do
+            for side in native ax; do
+                args=("${flags[@]}" -n -S -c "$PG_CONC" -T "$PG_SECS" -U postgres)
+                if [ $side = ax ]; then
+                    c0=$(awk '{print $14 + $15}' "/proc/$PGDAEMON/stat")
+                    out=$("${PGAXX[@]}" -- pgbench "${args[@]}" -h "$VIP_PG" -p 5432 postgres 2>&1) || true
+                    c1=$(awk '{print $14 + $15}' "/proc/$PGDAEMON/stat")
+                else
+                    out=$("${PGU[@]}" pgbench "${args[@]}" -h 127.0.0.1 -p 5433 postgres 2>&1) || true
+                fi
+                # "tps = 1234.5 (without initial connection time)", or with -C
+                # "(including reconnection times)", by version.
+                tps=$(awk '/^tps = / {printf "%.0f", $3; exit}' <<<"$out")
+                tx=$(awk -F': *' '/^number of transactions actually processed/ {split($2, a, "/"); print a[1]; exit}' <<<"$out")
+                failed=$(awk -F': *' '/^number of failed transactions/ {split($2, a, " "); print a[1]; exit}' <<<"$out")
+                if [ -z "$tps" ] || [ -z "$tx" ] || [ "${failed:-0}" != 0 ] || grep -q -i 'aborted\|error' <<<"$out"; then
+                    echo "programs: $row ($side): pgbench: $(grep -i -m 3 'error\|abort\|fail' <<<"$out" || tail -3 <<<"$out")" >&2
+                fi
+                RES["$row,$side"]+=" ${tps:-nan}"
+                if [ $side = ax ] && [ $connect = 1 ] && [ "${tx:-0}" -gt 0 ]; then
+                    # Each transaction makes one connection.
+                    CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$tx" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                fi
+            done
+        done
+    done
+fi
+
 # --- daemon CPU per trapped call that needs no target memory ---------------------
 # accept4(listener, NULL, NULL, SOCK_NONBLOCK) on a listener with nothing
 # pending: trapped, answered EAGAIN, no address to read or write.
@@ -301,6 +441,9 @@ fi
         echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
     fi
     echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
+    if [ "${pg_ok:-0}" = 1 ]; then
+        echo "PostgreSQL rows: transactions per second (pgbench's tps; each transaction one SELECT by primary key, scale 1), runs of $PG_SECS s, not $N requests; their daemon CPU is ÷ transactions, each one connection with -C."
+    fi
     if ((${#MROWS[@]} > 0)); then
         echo
         echo "| cost of counting ($((N * 2)) connections per side and round, alternating order) | rate | ratio (median of per-round ratios) | |"
