@@ -385,6 +385,12 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Calle
     if !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
     }
+    // The common case: a fresh connection, the broker's hello at its head
+    // (a doorbell carries no bytes, let alone the broker's secret).
+    let first = peek_hello(call, conn, None);
+    if let Hello::Valid(client) = first {
+        return keep(call, conn, client, v6);
+    }
     let name = rustix::net::getpeername(conn)
         .ok()
         .flatten()
@@ -393,11 +399,6 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Calle
         if let Some(token) = crate::doors::token_of(call.instance(), name) {
             return Caller::Door(token);
         }
-    }
-    // The common case: a fresh connection, the broker's hello at its head.
-    let first = peek_hello(call, conn, None);
-    if let Hello::Valid(client) = first {
-        return keep(call, conn, client, v6);
     }
     // Accepted by an earlier daemon, which took its hello out (its client
     // may have said all and left since); or made by an earlier version of

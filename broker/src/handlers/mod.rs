@@ -593,3 +593,24 @@ where
         Err(_) => Outcome::Errno(libc::ENOBUFS),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `known_conn` trusts an inode number on: only sockfs's mount,
+    /// never a file elsewhere, whose inode number anyone may come to hold.
+    #[test]
+    fn only_sockets_are_on_sockfs_mount() {
+        let me = Target::open(std::process::id()).unwrap();
+        let raw = |fd: &OwnedFd| std::os::fd::AsRawFd::as_raw_fd(fd) as u64;
+        let sockfs = sockfs_mnt_id().expect("sockfs's mount id");
+        let sock = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        assert_eq!(me.fd_info(raw(&sock)).unwrap().mnt_id, sockfs);
+        let memfd = rustix::fs::memfd_create("ax-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let (pipe, _w) = rustix::pipe::pipe().unwrap();
+        for other in [&memfd, &pipe] {
+            assert_ne!(me.fd_info(raw(other)).unwrap().mnt_id, sockfs);
+        }
+    }
+}
