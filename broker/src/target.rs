@@ -133,10 +133,17 @@ impl PidfdCache {
             });
         }
         let mut target = Target::open(tid)?;
-        // The process's fd table, unless this thread has one of its own.
-        let base = match thread_group_leader(tid) {
-            Ok(tgid) if tgid == tid || process::same_fd_table(tid, tgid).unwrap_or(false) => tgid,
-            _ => tid,
+        // The process's fd table, unless this thread has one of its own. A
+        // thread-group leader (every single-threaded process: a forking
+        // server's children) is told by a pidfd it alone can have, without
+        // reading `/proc`.
+        let base = if process::pidfd_open(tid, false).is_ok() {
+            tid
+        } else {
+            match thread_group_leader(tid) {
+                Ok(tgid) if process::same_fd_table(tid, tgid).unwrap_or(false) => tgid,
+                _ => tid,
+            }
         };
         let kept = &self.fdinfo_kept;
         target.fdinfo = self
