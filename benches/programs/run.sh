@@ -11,7 +11,7 @@
 #                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50;
 #                         PROGRAMS_PG_SECONDS seconds per pgbench run, default 5;
 #                         PROGRAMS_ONLY: a comma-separated subset of
-#                         go,nginx,pg,percall,metrics, default all)
+#                         go,nginx,pg,percall,floor,metrics, default all)
 #
 # The "pg" rows run postgres (initdb and the server, natively on
 # 127.0.0.1:5433 and under ax on 10.233.7.15:5432), pgbench and an ax daemon
@@ -32,7 +32,7 @@ N="${PROGRAMS_N:-10000}"
 ROUNDS="${PROGRAMS_ROUNDS:-3}"
 CONC="${PROGRAMS_CONC:-50}"
 PG_SECS="${PROGRAMS_PG_SECONDS:-5}"
-ONLY="${PROGRAMS_ONLY:-go,nginx,pg,percall,metrics}"
+ONLY="${PROGRAMS_ONLY:-go,nginx,pg,percall,floor,metrics}"
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if ip -o route show default 2>/dev/null | grep -q . || [ "$(ip -o link show | grep -vc ' lo:')" -ne 0 ]; then
@@ -355,6 +355,20 @@ PY
     done
 fi
 
+# --- the floor: a notification answered with nothing done -------------------------
+# benches/programs/notify_floor.c (compiled here): what any trapped call
+# costs a supervisor and its caller before ax does anything, on this kernel.
+floor=""
+if want floor && command -v cc >/dev/null 2>&1; then
+    if cc -O2 -o "$TMP/notify_floor" "$HERE/notify_floor.c" 2>"$TMP/floor.log"; then
+        for r in $(seq "$ROUNDS"); do
+            floor+="$("$TMP/notify_floor" "$((N * 10))" 1);"
+        done
+    else
+        echo "programs: notify_floor did not build: $(tail -3 "$TMP/floor.log")" >&2
+    fi
+fi
+
 # --- the cost of counting: a daemon with --metrics vs one without ---------------------
 # Each daemon serves its own copy of an ax-bench server; each round runs the
 # same connrate client through both, in alternating order.
@@ -439,6 +453,12 @@ fi
     if [ -n "$percall" ]; then
         pc=$(median <<<"$percall")
         echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."
+    fi
+    if [ -n "$floor" ]; then
+        fcpu=$(tr ';' '\n' <<<"$floor" | awk 'NF {print $1}' | median)
+        fwall=$(tr ';' '\n' <<<"$floor" | awk 'NF {print $2}' | median)
+        fsync=$(tr ';' '\n' <<<"$floor" | awk 'NF {print $3}' | tail -1)
+        echo "The floor under every trapped call (benches/programs/notify_floor.c: a notification answered with nothing done, SYNC_WAKE_UP $([ "$fsync" = 1 ] && echo on || echo unavailable)): $fcpu µs of supervisor CPU and $fwall µs of the caller's wall time per call (medians of $ROUNDS rounds)."
     fi
     echo "Daemon CPU is utime+stime of /proc/<daemon>/stat (tick $((1000000 / CLK)) µs) over the ax client's run, ÷ requests."
     if [ "${pg_ok:-0}" = 1 ]; then

@@ -4,9 +4,10 @@
 //! * Decision: none — every accept on a swapped listener goes through here.
 //! * Effect: the broker accepts on its copy of the listener, writes the
 //!   client's virtual address to `addr` (in the listener's family, cut to
-//!   `*addrlen` as the kernel does, with the full length stored back), and
-//!   installs the connection with `SECCOMP_ADDFD_FLAG_SEND`, which returns
-//!   its fd number atomically. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
+//!   `*addrlen` as the kernel does, with the full length stored back; a bad
+//!   buffer loses the connection and fails the call, as in the kernel),
+//!   then installs the connection (`SECCOMP_IOCTL_NOTIF_ADDFD`) and answers
+//!   its fd number. `SOCK_NONBLOCK`/`SOCK_CLOEXEC` are honoured.
 //!   Who connected is what the broker says: the hello its client socket
 //!   wrote ahead of any data (taken out here), an identity it kept for the
 //!   connection, or a doorbell it bound (see `crate::idents`,
