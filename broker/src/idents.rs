@@ -54,6 +54,11 @@ pub(crate) const LIMIT: usize = 131_072;
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// New entries that make a sweep due.
 pub(crate) const SWEEP_AFTER: usize = 64;
+/// Longest time between two sweeps of a table with entries, however few
+/// are new: an entry found by its inode ([`Idents::by_inode`]) must go long
+/// before sockfs could give its number to another socket (the kernel's
+/// inode counter is shared by all pseudo files and wraps after 2^32).
+const SWEEP_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 /// Entries the table has room for from the start (and keeps room for).
 const RESERVED: usize = 32_768;
 /// New entries that make a sweep due at once, without waiting for the
@@ -99,6 +104,8 @@ struct Inner {
     sweeps: u32,
     /// Entries the last sweep missed once.
     missed: usize,
+    /// When the last sweep began.
+    last_sweep: Instant,
 }
 
 /// The broker's table of connection identities (see the module docs).
@@ -145,6 +152,7 @@ impl Idents {
             fresh: 0,
             sweeps: 0,
             missed: 0,
+            last_sweep: Instant::now(),
         };
         let boot = boot_id();
         let file = path.and_then(|p| {
@@ -330,7 +338,10 @@ impl Idents {
 
     fn sweep_due(&self) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.fresh >= SWEEP_AFTER || inner.missed > 0 || inner.map.len() >= LIMIT / 4 * 3
+        inner.fresh >= SWEEP_AFTER
+            || inner.missed > 0
+            || inner.map.len() >= LIMIT / 4 * 3
+            || (!inner.map.is_empty() && inner.last_sweep.elapsed() >= SWEEP_AT_LEAST_EVERY)
     }
 
     /// Forgets the entries of sockets that two sweeps in a row found in no
@@ -340,6 +351,7 @@ impl Idents {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.sweeps = inner.sweeps.wrapping_add(1).max(1);
             inner.fresh = 0;
+            inner.last_sweep = Instant::now();
             inner.sweeps
         };
         let live = crate::orphans::live_socket_inodes();

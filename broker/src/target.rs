@@ -136,7 +136,10 @@ impl PidfdCache {
         // The process's fd table, unless this thread has one of its own. A
         // thread-group leader (every single-threaded process: a forking
         // server's children) is told by a pidfd it alone can have, without
-        // reading `/proc`.
+        // reading `/proc`. (A thread that unshares its fd table after its
+        // first trapped call is still read through the process's until the
+        // cache forgets it; what that could mislead is the program's own
+        // view of its own sockets, nothing of ax's decisions.)
         let base = if process::pidfd_open(tid, false).is_ok() {
             tid
         } else {
