@@ -365,8 +365,10 @@ if want floor && command -v cc >/dev/null 2>&1; then
             floor+="$("$TMP/notify_floor" "$((N * 10))" 1);"
         done
     else
-        echo "programs: notify_floor did not build: $(tail -3 "$TMP/floor.log")" >&2
+        echo "programs: notify_floor did not build: $(tail -n 3 "$TMP/floor.log")" >&2
     fi
+elif want floor; then
+    echo "programs: the floor row needs a C compiler (cc); skipped" >&2
 fi
 
 # --- the cost of counting: a daemon with --metrics vs one without ---------------------
