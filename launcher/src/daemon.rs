@@ -85,6 +85,9 @@ struct Daemon {
     containers: std::sync::OnceLock<Arc<crate::oci::agent::Containers>>,
     /// This host's cluster (`--cluster`), if any.
     cluster: Option<ax_cluster::Cluster>,
+    /// The hosts file the launchers show as /etc/hosts (also kept current
+    /// by its own thread).
+    hosts: Option<Arc<Mutex<HostsFile>>>,
 }
 
 /// Open control connections (see the module docs).
@@ -556,18 +559,22 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // Names: a hosts file the launchers show their programs as /etc/hosts.
     let hosts_path = paths::hosts_path(&path);
     let stop_hosts = Arc::new(AtomicBool::new(false));
-    let hosts_thread = match HostsFile::open(&hosts_path) {
+    let (hosts_file, hosts_thread) = match HostsFile::open(&hosts_path) {
         Ok(hosts) => {
             let (registry, stop) = (registry.clone(), stop_hosts.clone());
-            let hosts = hosts.with_cluster(cluster.as_ref().map(|(c, _)| c.clone()));
-            std::thread::Builder::new()
+            let hosts = Arc::new(Mutex::new(
+                hosts.with_cluster(cluster.as_ref().map(|(c, _)| c.clone())),
+            ));
+            let kept = hosts.clone();
+            let thread = std::thread::Builder::new()
                 .name("ax-hosts".into())
-                .spawn(move || hosts.keep_current(registry, stop))
-                .ok()
+                .spawn(move || HostsFile::keep_current(kept, registry, stop))
+                .ok();
+            (Some(hosts), thread)
         }
         Err(e) => {
             tracing::warn!(file = %hosts_path.display(), error = %e, "cannot create the hosts file; names will not resolve");
-            None
+            (None, None)
         }
     };
     let pools = registry
@@ -591,6 +598,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         counters,
         containers: std::sync::OnceLock::new(),
         cluster: cluster.as_ref().map(|(c, _)| c.clone()),
+        hosts: hosts_file,
     });
     daemon.take_over_predecessor();
     // Exposures live on the async runtime, started below.
@@ -1255,6 +1263,10 @@ impl Daemon {
                     );
                     pending.push(info.id);
                     self.save_state();
+                    // Its names are in the hosts file before it starts.
+                    if let Some(hosts) = &self.hosts {
+                        HostsFile::refresh_now(hosts, &self.registry);
+                    }
                     Response::AppRegistered(info)
                 }
                 Err(e) => {

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The host's hosts file, copied at the top of ax's.
@@ -89,26 +89,43 @@ impl HostsFile {
     }
 
     /// Refreshes on every registry change until `stop` is set.
-    pub fn keep_current(mut self, registry: Arc<LocalRegistry>, stop: Arc<AtomicBool>) {
+    pub fn keep_current(
+        hosts: Arc<Mutex<HostsFile>>,
+        registry: Arc<LocalRegistry>,
+        stop: Arc<AtomicBool>,
+    ) {
         let mut seen = None;
         while !stop.load(Ordering::Relaxed) {
+            let cluster = lock(&hosts).cluster.clone();
             let generation = registry.generation().wrapping_add(
-                self.cluster
+                cluster
                     .as_ref()
                     .map_or(0, |c| c.generation().wrapping_shl(32)),
             );
             if seen != Some(generation) {
-                if let Err(e) = self.refresh(&registry) {
-                    tracing::warn!(file = %self.path.display(), error = %e, "cannot update the hosts file");
-                }
+                Self::refresh_now(&hosts, &registry);
                 seen = Some(generation);
             }
             // The cluster's table changes by gossip: looked at more often.
-            let wait = if self.cluster.is_some() { 100 } else { 500 };
+            let wait = if cluster.is_some() { 100 } else { 500 };
             let local = registry.generation();
             registry.wait_for_change(local, Instant::now() + Duration::from_millis(wait));
         }
     }
+
+    /// Writes the file now (a registration does, so that a program finds
+    /// its own name from its first instruction, not once the thread of
+    /// [`HostsFile::keep_current`] has caught up).
+    pub fn refresh_now(hosts: &Mutex<HostsFile>, registry: &LocalRegistry) {
+        let mut hosts = lock(hosts);
+        if let Err(e) = hosts.refresh(registry) {
+            tracing::warn!(file = %hosts.path.display(), error = %e, "cannot update the hosts file");
+        }
+    }
+}
+
+fn lock(hosts: &Mutex<HostsFile>) -> std::sync::MutexGuard<'_, HostsFile> {
+    hosts.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The file's text: the host's hosts file, then ax's names.
