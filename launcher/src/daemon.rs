@@ -55,9 +55,6 @@ const READ_CHUNK: usize = 64 * 1024;
 /// connection waiting for a frame is closed.
 const MAX_BUFFERED_PER_UID: usize = 8 * ax_proto::MAX_FRAME_LEN;
 
-/// What `readlink /proc/self/fd/N` shows for a seccomp listener.
-const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
-
 /// The daemon's state, shared by every connection.
 struct Daemon {
     registry: Arc<LocalRegistry>,
@@ -616,7 +613,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                     let d = d.clone();
                     move || {
                         if let Some(d) = d.upgrade() {
-                            d.save_state();
+                            d.apps_changed();
                         }
                     }
                 }),
@@ -1239,6 +1236,16 @@ async fn serve_connection(daemon: Arc<Daemon>, mut stream: UnixStream) {
 }
 
 impl Daemon {
+    /// An app or container was registered: the state a successor reads,
+    /// and the hosts file, before the app's program starts (so that it
+    /// finds its own names from its first instruction).
+    fn apps_changed(&self) {
+        self.save_state();
+        if let Some(hosts) = &self.hosts {
+            HostsFile::refresh_now(hosts, &self.registry);
+        }
+    }
+
     fn handle(
         &self,
         req: Request,
@@ -1251,6 +1258,14 @@ impl Daemon {
                 daemon_version: env!("CARGO_PKG_VERSION").to_string(),
                 pid: std::process::id(),
             },
+            // A container's identity is the runtime's to give, on the
+            // runtime socket (see `crate::oci::agent`): a client here could
+            // otherwise claim a container's id and have its `exec`s join it.
+            Request::RegisterApp(spec) if spec.container.is_some() => Response::Error(
+                "an app is registered as a container only by its container runtime, on the \
+                 daemon's runtime socket"
+                    .to_string(),
+            ),
             Request::RegisterApp(spec) => match self.registry.register_app(&spec, peer.uid) {
                 Ok(info) => {
                     tracing::info!(
@@ -1262,11 +1277,7 @@ impl Daemon {
                         "app registered"
                     );
                     pending.push(info.id);
-                    self.save_state();
-                    // Its names are in the hosts file before it starts.
-                    if let Some(hosts) = &self.hosts {
-                        HostsFile::refresh_now(hosts, &self.registry);
-                    }
+                    self.apps_changed();
                     Response::AppRegistered(info)
                 }
                 Err(e) => {
@@ -1432,7 +1443,9 @@ impl Daemon {
             ));
         }
         if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
-            if link.as_os_str() != NOTIFY_FD_LINK {
+            if std::os::unix::ffi::OsStrExt::as_bytes(link.as_os_str())
+                != ax_sys::keeper::NOTIFY_FD_LINK
+            {
                 return Response::Error(format!(
                     "the fd sent is not a seccomp notify fd ({})",
                     link.display()

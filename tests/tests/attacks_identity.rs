@@ -8,6 +8,8 @@
 //!   `accept`/`getpeername` as that VIP.
 //! * After a daemon restart, a look-alike listener bound by a process
 //!   outside ax is adopted and receives part of a service's connections.
+//! * A client of the control socket registers an app claiming a
+//!   container's id, so that the container's `exec`s would join it.
 //!
 //! Each runs the real attack (small python3 programs) and expects it to
 //! fail; as root the outsider runs as user `nobody`.
@@ -364,4 +366,36 @@ fn a_successor_without_the_fd_keeper_finds_the_namespace() {
         "{}",
         d.log()
     );
+}
+
+/// A client of the control socket claims a container's identity in its
+/// registration: only the runtime socket may give one, so the daemon
+/// refuses, and no app of that container exists.
+#[test]
+fn a_control_client_cannot_register_as_a_container() {
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    let spec = ax_registry::AppSpec {
+        command: vec!["true".into()],
+        container: Some(ax_registry::ContainerRef {
+            id: "victim".into(),
+            runtime: "runc".into(),
+        }),
+        ..Default::default()
+    };
+    let frame = ax_proto::encode(&ax_proto::Request::RegisterApp(spec)).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).unwrap();
+    let mut body = vec![0u8; ax_proto::body_len(prefix).unwrap()];
+    s.read_exact(&mut body).unwrap();
+    let answer: ax_proto::Response = ax_proto::decode(&body).unwrap();
+    assert!(
+        matches!(&answer, ax_proto::Response::Error(e) if e.contains("container runtime")),
+        "{answer:?}"
+    );
+    let apps = d.apps();
+    assert!(apps.iter().all(|a| a["container"].is_null()), "{apps:?}");
 }
