@@ -14,6 +14,7 @@ PKGS=(
     procps
     golang-go        # a Go program under ax in the end-to-end tests (offline, stdlib only)
     gcc libc6-dev    # C test programs compiled at test time
+    g++              # libfuzzer-sys (the fuzz targets) builds C++
     openssh-server openssh-client  # sshd and ssh under ax (tests/tests/fidelity.rs)
     nginx            # nginx with `listen … reuseport` under ax (tests/tests/reuseport.rs)
     erlang-base      # erl/epmd: Erlang distribution under ax (tests/tests/localhost.rs)
