@@ -108,6 +108,32 @@ struct Inner {
     last_sweep: Instant,
 }
 
+impl Inner {
+    /// Enters the socket with `cookie` and `inode` (both indexes).
+    fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32) {
+        let inode = short_inode(inode);
+        self.by_inode.insert(inode, cookie);
+        self.map.insert(
+            cookie,
+            Entry {
+                slot,
+                missed: 0,
+                born,
+                inode,
+            },
+        );
+    }
+
+    /// Takes the socket with `cookie` out of both indexes; its slot.
+    fn remove(&mut self, cookie: u64) -> Option<u32> {
+        let e = self.map.remove(&cookie)?;
+        if self.by_inode.get(&e.inode) == Some(&cookie) {
+            self.by_inode.remove(&e.inode);
+        }
+        Some(e.slot)
+    }
+}
+
 /// The broker's table of connection identities (see the module docs).
 pub(crate) struct Idents {
     secret: [u8; 16],
@@ -313,16 +339,7 @@ impl Idents {
         if inner.fresh == SWEEP_NOW {
             self.wake.notify_one();
         }
-        inner.by_inode.insert(short_inode(inode), cookie);
-        inner.map.insert(
-            cookie,
-            Entry {
-                slot,
-                missed: 0,
-                born,
-                inode: short_inode(inode),
-            },
-        );
+        inner.add(cookie, inode, slot, born);
         Ok(())
     }
 
@@ -372,11 +389,8 @@ impl Idents {
         for cookie in gone {
             // Its record stays until the slot is reused: a successor that
             // reads it back sweeps it again (cookies are never reused).
-            if let Some(e) = inner.map.remove(&cookie) {
-                inner.free.push(e.slot);
-                if inner.by_inode.get(&e.inode) == Some(&cookie) {
-                    inner.by_inode.remove(&e.inode);
-                }
+            if let Some(slot) = inner.remove(cookie) {
+                inner.free.push(slot);
             }
         }
         inner.missed = missed;
@@ -552,16 +566,7 @@ fn load(f: &File, inner: &mut Inner) {
         let Ok(slot) = u32::try_from(i) else { break };
         match decode_record(r) {
             Some((cookie, inode, ..)) if inner.map.len() < LIMIT => {
-                inner.by_inode.insert(short_inode(inode), cookie);
-                inner.map.insert(
-                    cookie,
-                    Entry {
-                        slot,
-                        missed: 0,
-                        born: 0,
-                        inode: short_inode(inode),
-                    },
-                );
+                inner.add(cookie, inode, slot, 0);
             }
             _ => inner.free.push(slot),
         }

@@ -7,12 +7,9 @@
 //! Until a broker receives on that fd, the program's trapped calls simply
 //! wait in the kernel.
 //!
-//! What is trapped is defined once, in [`crate::rules`]: the calls in
-//! [`TRAPPED_SYSCALLS`]; `setsockopt`/`getsockopt` at the TCP, IP and IPv6
-//! levels and for `SO_DOMAIN`/`SO_PROTOCOL`; `sendto` with a non-NULL
-//! address or `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` with `MSG_FASTOPEN`
-//! (TCP Fast Open connects without `connect`). Argument comparisons keep
-//! every other send, and all other calls, out of the broker.
+//! What is trapped is defined once, in [`crate::rules`] (its module docs
+//! list the calls and the argument comparisons that keep every other call
+//! out of the broker).
 
 use ax_sys::prexec::{arrange_filter_before_exec, FileOverlay, FilterProgram};
 use ax_sys::NotifyFd;

@@ -384,7 +384,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 break;
             }
-            if housekeeping && ready.iter().all(|&r| !r) {
+            if housekeeping && ready.is_empty() && revents.is_empty() {
                 // Idle: the fds kept to look at the app's fds go, so that
                 // a quiet daemon holds what it held before the burst.
                 pidfds.forget_fdinfo();

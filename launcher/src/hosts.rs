@@ -95,8 +95,8 @@ impl HostsFile {
         stop: Arc<AtomicBool>,
     ) {
         let mut seen = None;
+        let cluster = lock(&hosts).cluster.clone();
         while !stop.load(Ordering::Relaxed) {
-            let cluster = lock(&hosts).cluster.clone();
             let generation = registry.generation().wrapping_add(
                 cluster
                     .as_ref()

@@ -233,7 +233,6 @@ struct Cluster {
     _dir: TempDir,
 }
 
-/// The switch's namespace, or why these tests cannot run here.
 /// The switch the hosts hang off, or `None` (and a SKIP note) where no
 /// network namespaces can be made.
 fn switch() -> Option<Netns> {

@@ -79,15 +79,23 @@ impl Subject {
         }
     }
 
-    /// Any swapped socket, from the broker's copy of it.
-    fn of(call: &Call<'_>, name: &SocketName, fd: &OwnedFd) -> Result<Self, Errno> {
+    /// Any swapped socket, from the broker's copy of it. Its peer is
+    /// looked up only where an answer depends on it (`getsockopt` of a
+    /// connected `AF_INET6` socket: IPv4's MTU and MSS for a v4 peer).
+    fn of(
+        call: &Call<'_>,
+        name: &SocketName,
+        fd: &OwnedFd,
+        needs_peer: bool,
+    ) -> Result<Self, Errno> {
         let kind = kind_of(name, fd);
+        let v6 = name.is_v6();
         Ok(Subject {
-            v6: name.is_v6(),
+            v6,
             kind,
             inode: inode(fd).ok_or(libc::ENOMEM)?,
             peer: match kind {
-                probe::Kind::Connected => peer_of(call, name, fd),
+                probe::Kind::Connected if needs_peer && v6 => peer_of(call, name, fd),
                 _ => None,
             },
             reuseport: matches!(
@@ -110,7 +118,7 @@ pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    Subject::of(call, &name, &fd)
+    Subject::of(call, &name, &fd, false)
         .and_then(|subject| set(call, target, &subject))
         .into()
 }
@@ -187,10 +195,10 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
-    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
-        // SO_REUSEPORT of an accepted connection follows its listener's
-        // name, which only the socket itself tells.
-        if call.int_arg(1) != libc::SOL_SOCKET {
+    // SO_REUSEPORT of an accepted connection follows its listener's name,
+    // which only the socket itself tells.
+    if (call.int_arg(1), call.int_arg(2)) != (libc::SOL_SOCKET, libc::SO_REUSEPORT) {
+        if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
             return get(call, target, &Subject::known(&conn)).into();
         }
     }
@@ -199,7 +207,7 @@ pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
-    Subject::of(call, &name, &fd)
+    Subject::of(call, &name, &fd, true)
         .and_then(|subject| get(call, target, &subject))
         .into()
 }

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest state message read (annotations included).
 const MAX_MESSAGE: usize = 1 << 20;
-/// What `readlink /proc/self/fd/N` shows for a seccomp listener.
-const NOTIFY_FD_LINK: &str = "anon_inode:seccomp notify";
 
 /// The message a runtime sends (the OCI `ContainerProcessState`).
 #[derive(Debug, Deserialize)]
@@ -72,8 +70,9 @@ pub fn runtime_name(comm: &str) -> String {
 
 /// True for a seccomp notify fd.
 pub fn is_notify_fd(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|l| l.as_os_str() == NOTIFY_FD_LINK)
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
+        std::os::unix::ffi::OsStrExt::as_bytes(l.as_os_str()) == ax_sys::keeper::NOTIFY_FD_LINK
+    })
 }
 
 /// Reads the runtime's message until it closes its end (or a whole JSON

@@ -166,9 +166,8 @@ pub fn merged(base: Value, listener: &str) -> Result<Value, String> {
         let mut left = Vec::with_capacity(names.len());
         for n in names {
             let name = n.as_str().unwrap_or_default();
-            if let Some(&ours) = unconditional.get(name) {
+            if unconditional.contains(name) {
                 // ax decides this call: the base's rule would shadow it.
-                let _ = ours;
                 continue;
             }
             if let Some(&ours) = conditional.get(name) {
