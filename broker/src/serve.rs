@@ -316,6 +316,10 @@ impl Broker {
     }
 }
 
+/// No call for this long: the app is idle, and the fdinfo files kept to
+/// look at its fds are closed (see `PidfdCache::forget_fdinfo`).
+const FDINFO_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
     let mut pidfds = PidfdCache::default();
@@ -332,6 +336,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     // notify fd, rather than on threads of their own.
     let parking = RefCell::new(Vec::<Parked>::new());
     let mut last_housekeeping = Instant::now();
+    let mut last_call = Instant::now();
     loop {
         let (revents, ready) = {
             let parked = parking.borrow();
@@ -384,7 +389,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 break;
             }
-            if housekeeping && ready.is_empty() && revents.is_empty() {
+            if housekeeping && last_call.elapsed() >= FDINFO_IDLE {
                 // Idle: the fds kept to look at the app's fds go, so that
                 // a quiet daemon holds what it held before the burst.
                 pidfds.forget_fdinfo();
@@ -392,7 +397,10 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             continue;
         }
         match listener.recv() {
-            Ok(n) => dispatch(link, n, false, Some(&parking), &mut pidfds),
+            Ok(n) => {
+                last_call = Instant::now();
+                dispatch(link, n, false, Some(&parking), &mut pidfds)
+            }
             // The target died or was interrupted between wake-up and read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => {
