@@ -87,11 +87,11 @@ impl Doors {
     ) -> Result<(), (io::Error, OwnedFd)> {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bell = (|| {
-            // In the broker's private namespace, with its listeners.
+            // In the broker's private namespace, with its listeners;
+            // non-blocking, as spare sockets come.
             let bell = sockets
                 .take()
                 .map_err(rustix::io::Errno::from_raw_os_error)?;
-            rustix::io::ioctl_fionbio(&bell, true)?;
             let name = rustix::net::SocketAddrUnix::new_abstract_name(&bell_name(instance, token))?;
             rustix::net::bind(&bell, &name)?;
             Ok::<_, rustix::io::Errno>(bell)

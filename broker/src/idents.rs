@@ -67,6 +67,8 @@ const SWEEP_NOW: usize = 16_384;
 
 const HELLO_MAGIC: &[u8; 8] = b"axhello1";
 const FILE_MAGIC: &[u8; 8] = b"axident1";
+/// Records whose copies are kept in memory ([`Inner::recent_record`]).
+const RECENT: usize = 1024;
 /// Bytes per record in the file; record 0 is the file's header.
 const RECORD: u64 = 64;
 
@@ -106,9 +108,25 @@ struct Inner {
     missed: usize,
     /// When the last sweep began.
     last_sweep: Instant,
+    /// Copies of the records written last, by slot modulo their number: a
+    /// connection's calls come soon after it is made, and find its record
+    /// here rather than in the file.
+    recent: Box<[[u8; RECORD as usize]]>,
 }
 
 impl Inner {
+    /// The record of `cookie` in `slot`, if a copy of it is at hand.
+    fn recent_record(&self, slot: u32, cookie: u64) -> Option<[u8; RECORD as usize]> {
+        let r = self.recent.get(slot as usize % RECENT)?;
+        (cookie != 0 && r[..8] == cookie.to_le_bytes()).then_some(*r)
+    }
+
+    fn keep_recent(&mut self, slot: u32, record: &[u8; RECORD as usize]) {
+        if let Some(r) = self.recent.get_mut(slot as usize % RECENT) {
+            *r = *record;
+        }
+    }
+
     /// Enters the socket with `cookie` and `inode` (both indexes).
     fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32) {
         let inode = short_inode(inode);
@@ -179,6 +197,7 @@ impl Idents {
             sweeps: 0,
             missed: 0,
             last_sweep: Instant::now(),
+            recent: vec![[0u8; RECORD as usize]; RECENT].into_boxed_slice(),
         };
         let boot = boot_id();
         let file = path.and_then(|p| {
@@ -263,21 +282,33 @@ impl Idents {
 
     /// The identity kept for the socket with `cookie`.
     pub(crate) fn get(&self, cookie: u64) -> Option<(Kind, SocketName)> {
-        let slot = {
+        let (slot, recent) = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.map.get(&cookie)?.slot
+            let slot = inner.map.get(&cookie)?.slot;
+            (slot, inner.recent_record(slot, cookie))
         };
-        self.record(slot, cookie).map(|r| (r.kind, r.name))
+        self.record(slot, cookie, recent).map(|r| (r.kind, r.name))
     }
 
-    /// The record in `slot`, if it is still the one of `cookie` (a slot is
-    /// reused once its socket is gone).
-    fn record(&self, slot: u32, cookie: u64) -> Option<Ident> {
-        let mut r = [0u8; RECORD as usize];
-        self.file
-            .as_ref()?
-            .read_exact_at(&mut r, (u64::from(slot) + 1) * RECORD)
-            .ok()?;
+    /// The record in `slot` (`recent`, or read from the file), if it is
+    /// still the one of `cookie` (a slot is reused once its socket is gone).
+    fn record(
+        &self,
+        slot: u32,
+        cookie: u64,
+        recent: Option<[u8; RECORD as usize]>,
+    ) -> Option<Ident> {
+        let r = match recent {
+            Some(r) => r,
+            None => {
+                let mut r = [0u8; RECORD as usize];
+                self.file
+                    .as_ref()?
+                    .read_exact_at(&mut r, (u64::from(slot) + 1) * RECORD)
+                    .ok()?;
+                r
+            }
+        };
         match decode_record(&r)? {
             (c, _, kind, name, local_v6) if c == cookie => Some(Ident {
                 cookie,
@@ -296,12 +327,13 @@ impl Idents {
     /// socket as surely as its cookie.
     pub(crate) fn by_inode(&self, inode: u64) -> Option<Ident> {
         let short = u32::try_from(inode).ok()?;
-        let (cookie, slot) = {
+        let (cookie, slot, recent) = {
             let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let cookie = *inner.by_inode.get(&short)?;
-            (cookie, inner.map.get(&cookie)?.slot)
+            let slot = inner.map.get(&cookie)?.slot;
+            (cookie, slot, inner.recent_record(slot, cookie))
         };
-        self.record(slot, cookie)
+        self.record(slot, cookie, recent)
     }
 
     /// Keeps `name` for the socket with `cookie` and `inode` (for an
@@ -332,8 +364,9 @@ impl Idents {
                 }
             }
         };
-        self.write_slot(slot, &encode_record(cookie, inode, kind, &name, local_v6))
-            .map_err(|()| Full)?;
+        let record = encode_record(cookie, inode, kind, &name, local_v6);
+        self.write_slot(slot, &record).map_err(|()| Full)?;
+        inner.keep_recent(slot, &record);
         let born = inner.sweeps;
         inner.fresh += 1;
         if inner.fresh == SWEEP_NOW {

@@ -112,7 +112,8 @@ impl Sockets {
         })
     }
 
-    /// A fresh, unbound `AF_UNIX` stream socket in `P` (close-on-exec).
+    /// A fresh, unbound `AF_UNIX` stream socket in `P` (close-on-exec and
+    /// non-blocking: a connect made on it never waits).
     /// `ENOBUFS` when no private namespace can be had: a caller never lets
     /// the kernel run a call for want of one.
     pub(crate) fn take(self: &Arc<Self>) -> Result<OwnedFd, Errno> {

@@ -55,9 +55,9 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         Err(e) => return super::fd_error(call, e),
     };
     let v6 = name.is_v6();
-    if !matches!(name, SocketName::Listener { .. })
-        || !sockopt::socket_acceptconn(&listener).unwrap_or(false)
-    {
+    // A swapped listener that does not listen yet fails the accept below
+    // with `EINVAL`, as the kernel tells it (and polls readable, `POLLHUP`).
+    if !matches!(name, SocketName::Listener { .. }) {
         return Outcome::Errno(libc::EINVAL);
     }
     let flags = if has_flags { call.int_arg(3) } else { 0 };
@@ -237,8 +237,13 @@ fn complete(
 ) -> Result<Outcome, Errno> {
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
+    // The inode of the connection, where it was read already.
+    let mut inode = None;
     let (conn, peer) = match caller_of(call, &conn, v6, false) {
-        Caller::Client(local) => (conn, local),
+        Caller::Client(local, known) => {
+            inode = known;
+            (conn, local)
+        }
         // Rather than keep the server waiting for it (and every connection
         // behind it), the connection goes back behind a doorbell, and the
         // accept goes on with the next one.
@@ -314,7 +319,7 @@ fn complete(
     } else {
         Ok(())
     };
-    let installed = written.and_then(|()| install(call, &conn, cloexec));
+    let installed = written.and_then(|()| install(call, &conn, inode, cloexec));
     if stashed {
         if let Some(s) = call.stash {
             drop(s.take());
@@ -349,7 +354,7 @@ fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
 /// left, `ECONNABORTED` (logged) when no hello comes.
 fn waited_hello(call: &Call<'_>, conn: &OwnedFd, v6: bool) -> Result<std::net::SocketAddr, Errno> {
     match caller_of(call, conn, v6, true) {
-        Caller::Client(local) => Ok(local),
+        Caller::Client(local, _) => Ok(local),
         Caller::Gone => Err(GONE),
         _ => {
             tracing::warn!(
@@ -364,7 +369,7 @@ fn waited_hello(call: &Call<'_>, conn: &OwnedFd, v6: bool) -> Result<std::net::S
 /// Who is behind an accepted connection.
 enum Caller {
     /// A client under ax, at this VIP:port.
-    Client(std::net::SocketAddr),
+    Client(std::net::SocketAddr, Option<u64>),
     /// A doorbell ([`crate::doors`]) with this token.
     Door(u64),
     /// Anyone else.
@@ -405,7 +410,7 @@ fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Calle
     // may have said all and left since); or made by an earlier version of
     // ax, which bound its client sockets.
     if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
-        return Caller::Client(local);
+        return Caller::Client(local, None);
     }
     match first {
         Hello::Gone => return Caller::Gone,
@@ -446,7 +451,7 @@ fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName, v6: bool) -> Caller
     match (kept, client) {
         (Ok(()), SocketName::Client { local, .. }) => {
             take_hello(conn);
-            Caller::Client(local)
+            Caller::Client(local, Some(inode))
         }
         _ => {
             tracing::warn!(
@@ -512,7 +517,12 @@ fn take_hello(conn: &OwnedFd) {
     let _ = rustix::net::recv(conn, &mut hello[..], rustix::net::RecvFlags::DONTWAIT);
 }
 
-fn install(call: &Call<'_>, conn: &OwnedFd, cloexec: bool) -> Result<Outcome, Errno> {
+fn install(
+    call: &Call<'_>,
+    conn: &OwnedFd,
+    inode: Option<u64>,
+    cloexec: bool,
+) -> Result<Outcome, Errno> {
     // Install, note it, and answer: from the moment the program holds the
     // connection, a daemon killed at any point loses nothing — its
     // successor finds the fd in the journal (or, killed between the
@@ -526,8 +536,10 @@ fn install(call: &Call<'_>, conn: &OwnedFd, cloexec: bool) -> Result<Outcome, Er
     // not the answer — the thread's accept returns 0, an fd it never got,
     // and the connection is lost (the restart tests in `faults.rs` caught
     // it).
-    if let (Some(j), Ok(st)) = (call.journal, rustix::fs::fstat(conn)) {
-        j.note_installing(call.notif.id, st.st_ino);
+    if let Some(j) = call.journal {
+        if let Some(inode) = inode.or_else(|| super::inode(conn)) {
+            j.note_installing(call.notif.id, inode);
+        }
     }
     match call
         .listener

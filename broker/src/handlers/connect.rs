@@ -30,8 +30,8 @@
 //!   program's bytes, and replaces it unless the kernel refuses them).
 
 use super::{
-    classify, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over, is_nonblocking,
-    set_nonblock, Call, Outcome, Sock,
+    classify, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over, install_over_with,
+    is_nonblocking, set_nonblock, Call, Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
 use crate::names::SocketName;
@@ -760,22 +760,20 @@ pub(super) fn deliver(
     };
     // The family of the service reached (see `Directory::served_addr`).
     let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
-    let sock = super::unix_socket(call.shared)?;
-    set_nonblock(&sock, true)?;
-    let hello = bind_client_name(call, &sock, v6, local_ip, bound_port, dst)?;
+    let client = bind_client_name(call, v6, local_ip, bound_port, dst)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
-        match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, rebind, &hello).map(Some),
+        match rustix::net::connect(&client.sock, &target_addr) {
+            Ok(()) => return finish(call, target, copy, client, rebind).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // The listener's backlog is full: TCP would keep retrying
                 // its SYN; wait for room off the receive loop.
                 if waiting {
-                    return wait_for_room(call, copy, sock, target_addr, rebind, &hello).map(Some);
+                    return wait_for_room(call, copy, client, target_addr, rebind).map(Some);
                 }
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
                 return Ok(Some(defer(call, move |call| {
-                    wait_for_room(call, &copy, sock, target_addr, rebind, &hello).into()
+                    wait_for_room(call, &copy, client, target_addr, rebind).into()
                 })));
             }
             Err(e) => {
@@ -793,16 +791,17 @@ pub(super) fn deliver(
 pub(super) fn wait_for_room(
     call: &Call<'_>,
     copy: &OwnedFd,
-    sock: OwnedFd,
+    mut client: Client,
     target_addr: rustix::net::SocketAddrUnix,
     rebind: Option<SocketName>,
-    hello: &Hello,
 ) -> Result<Outcome, Errno> {
     // Wait for room in short slices: a program killed meanwhile, or
     // interrupted by a signal, must not keep this thread (and what it
     // holds) for the whole wait.
-    set_nonblock(&sock, false)?;
-    sockopt::set_socket_timeout(&sock, Timeout::Send, Some(BACKLOG_SLICE))
+    let sock = &client.sock;
+    set_nonblock(sock, false)?;
+    client.nonblocking = false;
+    sockopt::set_socket_timeout(sock, Timeout::Send, Some(BACKLOG_SLICE))
         .map_err(|e| e.raw_os_error())?;
     let deadline = Instant::now() + FULL_BACKLOG_WAIT;
     let target = match super::reopen(call) {
@@ -810,7 +809,7 @@ pub(super) fn wait_for_room(
         Err(answer) => return Ok(answer),
     };
     loop {
-        match rustix::net::connect(&sock, &target_addr) {
+        match rustix::net::connect(sock, &target_addr) {
             Ok(()) => break,
             Err(e) if e == rustix::io::Errno::AGAIN => {}
             Err(e) => return Err(e.raw_os_error()),
@@ -825,8 +824,8 @@ pub(super) fn wait_for_room(
             return Err(libc::ETIMEDOUT);
         }
     }
-    sockopt::set_socket_timeout(&sock, Timeout::Send, None).map_err(|e| e.raw_os_error())?;
-    finish(call, &target, copy, sock, rebind, hello)
+    sockopt::set_socket_timeout(sock, Timeout::Send, None).map_err(|e| e.raw_os_error())?;
+    finish(call, &target, copy, client, rebind)
 }
 
 /// Nobody serves the destination. A blocking connect fails with
@@ -884,12 +883,14 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
 /// [`finish`] sends it to the listener ahead of the program's data.
 pub(super) fn bind_client_name(
     call: &Call<'_>,
-    sock: &OwnedFd,
     v6: bool,
     local_ip: IpAddr,
     bound_port: u16,
     dst: SocketAddr,
-) -> Result<Hello, Errno> {
+) -> Result<Client, Errno> {
+    // Non-blocking, as spare sockets come (see `Sockets::take`): the
+    // connect below never waits on the receive loop.
+    let sock = super::unix_socket(call.shared)?;
     let port = if bound_port != 0 {
         bound_port
     } else {
@@ -901,8 +902,8 @@ pub(super) fn bind_client_name(
         local: SocketAddr::new(local_ip, port),
         peer: dst,
     };
-    let cookie = sockopt::socket_cookie(sock).map_err(|e| e.raw_os_error())?;
-    let inode = super::inode(sock).ok_or(libc::ENOBUFS)?;
+    let cookie = sockopt::socket_cookie(&sock).map_err(|e| e.raw_os_error())?;
+    let inode = super::inode(&sock).ok_or(libc::ENOBUFS)?;
     call.shared
         .idents
         .insert(cookie, inode, crate::idents::Kind::Own, name, None)
@@ -913,11 +914,27 @@ pub(super) fn bind_client_name(
             );
             libc::ENOBUFS
         })?;
-    Ok(call.shared.idents.hello(&name))
+    Ok(Client {
+        hello: call.shared.idents.hello(&name),
+        sock,
+        inode,
+        nonblocking: true,
+    })
 }
 
 /// The hello a client socket sends ahead of the program's data.
 pub(super) type Hello = [u8; crate::idents::HELLO_LEN];
+
+/// A client socket of the broker's, named (see [`bind_client_name`]) and
+/// about to connect.
+pub(super) struct Client {
+    pub(super) sock: OwnedFd,
+    /// Its inode: the key of its state.
+    inode: u64,
+    /// Whether its file is non-blocking now.
+    nonblocking: bool,
+    hello: Hello,
+}
 
 /// Sends the client socket's hello (see `crate::idents`) to the listener it
 /// just connected to, before the program holds the socket.
@@ -937,22 +954,32 @@ pub(super) fn finish(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
-    sock: OwnedFd,
+    client: Client,
     rebind: Option<SocketName>,
-    hello: &Hello,
 ) -> Result<Outcome, Errno> {
-    send_hello(&sock, hello)?;
-    let nonblocking = copy_nonblock(copy, &sock)?;
+    let sock = client.sock;
+    send_hello(&sock, &client.hello)?;
+    // The program's flags as they are now, read once for both.
+    let (nonblocking, cloexec) = match target.fd_info(call.arg(0)) {
+        Some(info) => (
+            info.flags & libc::O_NONBLOCK as u32 != 0,
+            info.flags & libc::O_CLOEXEC as u32 != 0,
+        ),
+        None => (is_nonblocking(copy), true),
+    };
+    if nonblocking != client.nonblocking {
+        set_nonblock(&sock, nonblocking)?;
+    }
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {
             let _ = sockopt::set_socket_timeout(&sock, which, Some(t));
         }
     }
     if nonblocking {
-        set_in_progress(call, &sock, true);
+        set_in_progress(call, client.inode, true);
     }
     // No ID_VALID here: ADDFD itself fails for a call nobody waits on.
-    let outcome = install_over(call, target, call.arg(0), &sock);
+    let outcome = install_over_with(call, call.arg(0), &sock, cloexec);
     if let Outcome::Value(_) = outcome {
         if let Some(name) = rebind {
             release_listener(call, name);
@@ -976,15 +1003,14 @@ pub(super) fn release_listener(call: &Call<'_>, name: SocketName) {
 
 /// Marks (or clears) a swapped client socket as told `EINPROGRESS` and not
 /// connected again since.
-fn set_in_progress(call: &Call<'_>, sock: &OwnedFd, on: bool) {
-    if let Some(key) = super::state_key(sock, super::STATE_CONNECT_IN_PROGRESS) {
-        if !on {
-            call.state.forget_option(key);
-        } else if call.state.remember_option(key, vec![1]).is_err() {
-            // The next connect then answers EISCONN rather than 0, which
-            // programs polling for completion take as connected too.
-            tracing::debug!(app = call.app, "in-progress state not kept: table full");
-        }
+fn set_in_progress(call: &Call<'_>, inode: u64, on: bool) {
+    let key = super::state_key_of(inode, super::STATE_CONNECT_IN_PROGRESS);
+    if !on {
+        call.state.forget_option(key);
+    } else if call.state.remember_option(key, vec![1]).is_err() {
+        // The next connect then answers EISCONN rather than 0, which
+        // programs polling for completion take as connected too.
+        tracing::debug!(app = call.app, "in-progress state not kept: table full");
     }
 }
 
@@ -996,6 +1022,6 @@ pub(super) fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
     if call.state.recall_option(key) != Some(vec![1]) {
         return false;
     }
-    set_in_progress(call, sock, false);
+    set_in_progress(call, key.0, false);
     true
 }

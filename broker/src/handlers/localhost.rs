@@ -24,7 +24,7 @@
 //! so two apps may listen on the same port.
 
 use super::connect::{bind_client_name, finish, wait_for_room};
-use super::{defer, endpoint_addr, set_nonblock, Call, Outcome};
+use super::{defer, endpoint_addr, Call, Outcome};
 use crate::names::SocketName;
 use crate::target::{errno_of, Errno, Target};
 use ax_registry::{ResolveError, UnixEndpoint};
@@ -78,19 +78,17 @@ pub(super) fn connect(
         }
     }
     let peer = SocketAddr::new(lo, dst.port());
-    let sock = super::unix_socket(call.shared)?;
-    set_nonblock(&sock, true)?;
-    let hello = bind_client_name(call, &sock, v6, lo, 0, peer)?;
+    let client = bind_client_name(call, v6, lo, 0, peer)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
-        match rustix::net::connect(&sock, &target_addr) {
-            Ok(()) => return finish(call, target, copy, sock, None, &hello).map(Some),
+        match rustix::net::connect(&client.sock, &target_addr) {
+            Ok(()) => return finish(call, target, copy, client, None).map(Some),
             Err(e) if e == rustix::io::Errno::AGAIN => {
                 // A full backlog: TCP retries its SYN; wait for room off
                 // the receive loop.
                 let copy = copy.try_clone().map_err(|e| errno_of(&e))?;
                 return Ok(Some(defer(call, move |call| {
-                    wait_for_room(call, &copy, sock, target_addr, None, &hello).into()
+                    wait_for_room(call, &copy, client, target_addr, None).into()
                 })));
             }
             Err(e) => {

@@ -421,7 +421,12 @@ pub(crate) const STATE_CONNECT_IN_PROGRESS: i32 = 1;
 
 /// The key under which `what` is kept for the socket `fd`.
 pub(crate) fn state_key(fd: &OwnedFd, what: i32) -> Option<crate::appstate::OptionKey> {
-    Some((inode(fd)?, STATE_LEVEL, what))
+    Some(state_key_of(inode(fd)?, what))
+}
+
+/// [`state_key`] of the socket with `inode`.
+pub(crate) fn state_key_of(inode: u64, what: i32) -> crate::appstate::OptionKey {
+    (inode, STATE_LEVEL, what)
 }
 
 /// The ax name a UNIX socket is bound to, if any.
@@ -526,7 +531,16 @@ pub(crate) fn install_over(
     fd_arg: u64,
     new: &OwnedFd,
 ) -> Outcome {
-    let cloexec = target.fd_cloexec(fd_arg);
+    install_over_with(call, fd_arg, new, target.fd_cloexec(fd_arg))
+}
+
+/// [`install_over`] with the program fd's close-on-exec flag known.
+pub(crate) fn install_over_with(
+    call: &Call<'_>,
+    fd_arg: u64,
+    new: &OwnedFd,
+    cloexec: bool,
+) -> Outcome {
     match call.listener.add_fd(
         call.notif.id,
         new.as_fd(),

@@ -329,8 +329,13 @@ unsafe fn serve(channel: RawFd) -> ! {
         let mut failure = 0i32;
         while made < want {
             // SAFETY: integer arguments only.
-            let fd =
-                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_UNIX,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                )
+            };
             if fd < 0 {
                 failure = neg_errno();
                 break;
