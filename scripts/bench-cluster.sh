@@ -55,10 +55,33 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 if [ -z "${AX_BENCH_INNER:-}" ]; then
+    # Packages, only when missing (package:command pairs; dpkg: a library).
+    missing=()
+    for pc in python3:python3 iproute2:ip util-linux:nsenter util-linux:unshare \
+        libseccomp-dev:dpkg pkg-config:pkg-config; do
+        pkg="${pc%%:*}" chk="${pc#*:}"
+        if [ "$chk" = dpkg ]; then
+            dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" && continue
+        else
+            command -v "$chk" >/dev/null 2>&1 && continue
+        fi
+        case " ${missing[*]:-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
+    done
+    if ((${#missing[@]} > 0)) && command -v apt-get >/dev/null 2>&1; then
+        echo "bench-cluster.sh: installing ${missing[*]}" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
     for prog in python3 ip nsenter unshare; do
         command -v "$prog" >/dev/null || { echo "bench-cluster.sh: $prog is missing (bash scripts/install-deps.sh)" >&2; exit 1; }
     done
     if [ -z "${AX_BIN:-}" ]; then
+        # Under sudo, root's PATH may not have cargo: look where rustup puts it.
+        if ! command -v cargo >/dev/null 2>&1; then
+            for d in "${CARGO_HOME:-}/bin" "$HOME/.cargo/bin" /root/.cargo/bin "/home/${SUDO_USER:-}/.cargo/bin"; do
+                [ -x "$d/cargo" ] && PATH="$d:$PATH" && break
+            done
+        fi
+        command -v cargo >/dev/null 2>&1 || { echo "bench-cluster.sh: cargo not found; install Rust or set AX_BIN" >&2; exit 1; }
         cargo build --release -q -p ax
         export AX_BIN="$ROOT/target/release/ax"
     fi

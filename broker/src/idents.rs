@@ -92,12 +92,22 @@ struct Entry {
     born: u32,
     /// Its inode (sockfs numbers its inodes with 32 bits).
     inode: u32,
+    /// Its [`pair_key`] (0: not a client socket of the broker's).
+    pair: u32,
+    /// Whether `pair` is counted in [`Inner::pairs`]: from the first
+    /// sweep that found the socket live.
+    counted: bool,
 }
 
 struct Inner {
     map: HashMap<u64, Entry>,
     /// Cookie by (32-bit) inode.
     by_inode: HashMap<u32, u64>,
+    /// Client sockets a sweep found live, by [`pair_key`] (how many share
+    /// the key). A socket counts only once a sweep saw it: entries of
+    /// closed connections linger until two sweeps miss them, and a busy
+    /// client would otherwise find every port taken by the dead.
+    pairs: HashMap<u32, u32>,
     free: Vec<u32>,
     next_slot: u32,
     /// Entries made since the last sweep.
@@ -127,28 +137,46 @@ impl Inner {
         }
     }
 
-    /// Enters the socket with `cookie` and `inode` (both indexes).
-    fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32) {
+    /// Enters the socket with `cookie` and `inode` (every index).
+    fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32, pair: u32) {
         let inode = short_inode(inode);
         self.by_inode.insert(inode, cookie);
-        self.map.insert(
+        let old = self.map.insert(
             cookie,
             Entry {
                 slot,
                 missed: 0,
                 born,
                 inode,
+                pair,
+                counted: false,
             },
         );
+        if let Some(old) = old {
+            self.release_pair(&old);
+        }
     }
 
-    /// Takes the socket with `cookie` out of both indexes; its slot.
+    /// Takes the socket with `cookie` out of every index; its slot.
     fn remove(&mut self, cookie: u64) -> Option<u32> {
         let e = self.map.remove(&cookie)?;
         if self.by_inode.get(&e.inode) == Some(&cookie) {
             self.by_inode.remove(&e.inode);
         }
+        self.release_pair(&e);
         Some(e.slot)
+    }
+
+    fn release_pair(&mut self, e: &Entry) {
+        if !e.counted {
+            return;
+        }
+        if let Some(n) = self.pairs.get_mut(&e.pair) {
+            *n -= 1;
+            if *n == 0 {
+                self.pairs.remove(&e.pair);
+            }
+        }
     }
 }
 
@@ -191,6 +219,7 @@ impl Idents {
         let mut inner = Inner {
             map: HashMap::with_capacity(RESERVED),
             by_inode: HashMap::with_capacity(RESERVED),
+            pairs: HashMap::new(),
             free: Vec::with_capacity(RESERVED),
             next_slot: 0,
             fresh: 0,
@@ -372,8 +401,26 @@ impl Idents {
         if inner.fresh == SWEEP_NOW {
             self.wake.notify_one();
         }
-        inner.add(cookie, inode, slot, born);
+        inner.add(cookie, inode, slot, born, pair_key(kind, &name));
         Ok(())
+    }
+
+    /// True when a client socket of the broker's that a sweep found live
+    /// has `name`'s address and peer (or, rarely, one whose [`pair_key`] is
+    /// the same): a new client takes another port, as the kernel never
+    /// gives two connections one address pair. A connection younger than
+    /// the last sweep (a second or two) is not seen: only a daemon making
+    /// more connections than there are client ports in that time could
+    /// give its pair again.
+    pub(crate) fn client_taken(&self, name: &SocketName) -> bool {
+        let key = pair_key(Kind::Own, name);
+        key != 0
+            && self
+                .inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pairs
+                .contains_key(&key)
     }
 
     fn write_slot(&self, slot: u32, record: &[u8; RECORD as usize]) -> Result<(), ()> {
@@ -408,10 +455,17 @@ impl Idents {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         let mut missed = 0;
-        for (cookie, e) in inner.map.iter_mut() {
+        let Inner { map, pairs, .. } = &mut *inner;
+        for (cookie, e) in map.iter_mut() {
             // Made while the fd tables were read: not judged yet.
-            if e.born >= sweep || live.contains(&u64::from(e.inode)) {
+            if e.born >= sweep {
                 e.missed = 0;
+            } else if live.contains(&u64::from(e.inode)) {
+                e.missed = 0;
+                if e.pair != 0 && !e.counted {
+                    e.counted = true;
+                    *pairs.entry(e.pair).or_default() += 1;
+                }
             } else if e.missed != 0 && e.missed < sweep {
                 gone.push(*cookie);
             } else {
@@ -433,6 +487,7 @@ impl Idents {
             let to = 2 * inner.map.len().max(RESERVED);
             inner.map.shrink_to(to);
             inner.by_inode.shrink_to(to);
+            inner.pairs.shrink_to(to);
         }
         let slots = inner.next_slot as usize;
         if inner.free.len() == slots && slots > RESERVED {
@@ -586,6 +641,20 @@ fn decode_record(r: &[u8]) -> Option<Record> {
 }
 
 /// Reads a predecessor's records; their slots are kept, the others freed.
+/// A client socket's own address and peer as a nonzero 32-bit key; 0 for
+/// any other entry.
+fn pair_key(kind: Kind, name: &SocketName) -> u32 {
+    use std::hash::{Hash, Hasher};
+    match (kind, name) {
+        (Kind::Own, SocketName::Client { local, peer, .. }) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (local, peer).hash(&mut h);
+            (h.finish() as u32).max(1)
+        }
+        _ => 0,
+    }
+}
+
 fn load(f: &File, inner: &mut Inner) {
     let Ok(len) = f.metadata().map(|m| m.len()) else {
         return;
@@ -598,8 +667,8 @@ fn load(f: &File, inner: &mut Inner) {
     for (i, r) in buf.chunks_exact(RECORD as usize).enumerate() {
         let Ok(slot) = u32::try_from(i) else { break };
         match decode_record(r) {
-            Some((cookie, inode, ..)) if inner.map.len() < LIMIT => {
-                inner.add(cookie, inode, slot, 0);
+            Some((cookie, inode, kind, name, _)) if inner.map.len() < LIMIT => {
+                inner.add(cookie, inode, slot, 0, pair_key(kind, &name));
             }
             _ => inner.free.push(slot),
         }
@@ -677,6 +746,50 @@ mod tests {
             assert_eq!(ids.read_hello(&bad), None);
         }
         assert_eq!(ids.read_hello(&[0u8; HELLO_LEN]), None);
+    }
+
+    #[test]
+    fn a_client_address_pair_is_taken_while_its_socket_lives() {
+        let ids = Idents::open(7, None);
+        let n = client("10.233.0.4:40000", "10.233.0.9:80");
+        let live = std::os::unix::net::UnixStream::pair().unwrap();
+        let live_inode = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/self/fd/{}", {
+                use std::os::fd::AsRawFd;
+                live.0.as_raw_fd()
+            }))
+            .unwrap()
+            .ino()
+        };
+        assert!(!ids.client_taken(&n));
+        ids.insert(1, live_inode, Kind::Own, n, None).unwrap();
+        // Not before a sweep found it live (a closed connection lingers
+        // until two sweeps miss it, and must not hold its port).
+        assert!(!ids.client_taken(&n));
+        ids.sweep();
+        assert!(ids.client_taken(&n));
+        // Another port, or another destination, is free; an accepted
+        // socket's entry names its peer and takes nothing.
+        assert!(!ids.client_taken(&client("10.233.0.4:40001", "10.233.0.9:80")));
+        assert!(!ids.client_taken(&client("10.233.0.4:40000", "10.233.0.9:81")));
+        let m = client("10.233.0.5:40000", "10.233.0.9:80");
+        ids.insert(2, live_inode, Kind::Peer, m, Some(false))
+            .unwrap();
+        ids.sweep();
+        assert!(!ids.client_taken(&m));
+        // A socket no process holds (sockfs inodes are small numbers) is
+        // never counted.
+        let dead = client("10.233.0.4:40002", "10.233.0.9:80");
+        ids.insert(3, u64::MAX - 3, Kind::Own, dead, None).unwrap();
+        ids.sweep();
+        assert!(!ids.client_taken(&dead));
+        // Gone once its socket is: free again after two sweeps miss it.
+        drop(live);
+        ids.sweep();
+        assert!(ids.client_taken(&n), "gone after one miss");
+        ids.sweep();
+        assert!(!ids.client_taken(&n));
     }
 
     #[test]

@@ -566,7 +566,9 @@ fn resume_parked(
     let parked = std::mem::take(&mut *parking.borrow_mut());
     let mut still = Vec::with_capacity(parked.len());
     for (i, p) in parked.into_iter().enumerate() {
-        let call = link.call(p.notif, false, None);
+        // On the receive loop: what must wait is deferred (a resumed
+        // accept parks nothing again).
+        let call = link.call(p.notif, false, Some(parking));
         let readable = ready.get(i).copied().unwrap_or(false);
         let resumed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             p.resume(&call, readable, housekeeping)
@@ -729,8 +731,14 @@ pub(crate) fn respond(
     }
 }
 
+/// The first of the client ports (Linux's default ephemeral range).
+const FIRST_CLIENT_PORT: u32 = 32768;
+/// How many client ports there are.
+pub(crate) const CLIENT_PORTS: u32 = 60999 - FIRST_CLIENT_PORT + 1;
+
+/// The next client port in turn (see `handlers::connect`, which skips one
+/// a live connection to the same destination holds).
 pub(crate) fn next_client_port(shared: &Shared) -> u16 {
-    const FIRST: u32 = 32768;
-    const SPAN: u32 = 60999 - 32768 + 1;
-    (FIRST + shared.next_client_port.fetch_add(1, Ordering::Relaxed) % SPAN) as u16
+    (FIRST_CLIENT_PORT + shared.next_client_port.fetch_add(1, Ordering::Relaxed) % CLIENT_PORTS)
+        as u16
 }

@@ -14,10 +14,8 @@ use ax_registry::{AppInfo, AppSpec};
 use ax_sys::signal::{ReceivedSignal, SI_KERNEL};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::FdFlags;
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, Read};
-use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -286,48 +284,11 @@ impl Handover {
     }
 }
 
-/// The app spec for the daemon, after the checks clap cannot make alone.
+/// The app spec for the daemon, after the checks clap cannot make alone
+/// (the rules are [`AppSpec`]'s, shared with containers' annotations).
 fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
-    let mut v4: Option<IpAddr> = None;
-    let mut v6: Option<IpAddr> = None;
-    for &ip in &args.ips {
-        let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
-        match slot {
-            Some(prev) if *prev != ip => {
-                let fam = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
-                return Err(Failure::new(
-                    EXIT_AX_FAILED,
-                    format!("--ip {prev} and --ip {ip}: an app has at most one {fam} virtual IP"),
-                )
-                .into());
-            }
-            _ => *slot = Some(ip),
-        }
-    }
-    let mut labels = BTreeMap::new();
-    for (k, v) in &args.labels {
-        if let Some(old) = labels.insert(k.clone(), v.clone()) {
-            if &old != v {
-                return Err(Failure::new(
-                    EXIT_AX_FAILED,
-                    format!("--label {k}={old} and --label {k}={v}: a label has one value"),
-                )
-                .into());
-            }
-        }
-    }
-    let mut names: Vec<String> = Vec::new();
-    for n in &args.names {
-        // `web.ax` and `web` are one name.
-        let n = n.strip_suffix(".ax").unwrap_or(n).to_string();
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
-    Ok(AppSpec {
-        requested_ips: v4.into_iter().chain(v6).collect(),
-        names,
-        labels,
+    let refuse = |what: String| Failure::new(EXIT_AX_FAILED, what);
+    let mut spec = AppSpec {
         command: args
             .command
             .iter()
@@ -337,7 +298,20 @@ fn build_spec(args: &ExecArgs) -> anyhow::Result<AppSpec> {
         connect_wait: args.connect_wait,
         container: None,
         no_hosts_mount: args.no_hosts_mount,
-    })
+        ..AppSpec::default()
+    };
+    for &ip in &args.ips {
+        spec.request_ip(ip)
+            .map_err(|e| refuse(format!("--ip {ip}: {e}")))?;
+    }
+    for (k, v) in &args.labels {
+        spec.add_label(k, v)
+            .map_err(|e| refuse(format!("--label {k}={v}: {e}")))?;
+    }
+    for n in &args.names {
+        spec.add_name(n);
+    }
+    Ok(spec)
 }
 
 fn register(client: &mut Client, spec: &AppSpec) -> anyhow::Result<AppInfo> {
@@ -630,6 +604,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Command as Sub};
     use clap::Parser;
+    use std::net::IpAddr;
 
     fn exec_args(argv: &[&str]) -> ExecArgs {
         let mut full = vec!["ax", "exec"];

@@ -1,10 +1,12 @@
 //! Socket calls that must not tell a program it runs under ax (issue 9):
 //! sshd and ssh over an IPv4 VIP (sshd drops a connection whose
 //! `IP_OPTIONS` answer a non-zero length), and UDP to a VIP, which must
-//! fail with `ENETUNREACH` rather than leave the host. The option-by-option
-//! comparison with TCP is in `hostile.rs`.
+//! fail with `ENETUNREACH` rather than leave the host; and a client's VIP:port,
+//! which no two live connections to one service share, as over TCP. The
+//! option-by-option comparison with TCP is in `hostile.rs`.
 
 use std::process::Command;
+use std::time::Duration;
 
 use ax_e2e::{free_loopback_port, note, require, run, Daemon, TempDir, SHORT};
 
@@ -203,5 +205,77 @@ fn udp_to_a_vip_is_unreachable_and_loopback_works() {
         log.matches("UDP to a VIP is not brokered").count(),
         1,
         "logged once per app:\n{log}"
+    );
+}
+
+/// Under ax: accepts on 0.0.0.0:PORT (argv[1]); keeps the connection that
+/// sends `HOLD`, counts the others (each sends `ping`) and those whose peer
+/// address is the held one's, and prints `N <count> DUPS <same peer>` when
+/// one sends `END!`.
+const PAIR_SERVER: &str = r#"
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", int(sys.argv[1])))
+l.listen(512)
+held, hold, n, dups = None, None, 0, 0
+while True:
+    c, peer = l.accept()
+    what = c.recv(4)
+    if what == b"HOLD":
+        hold, held = c, peer
+        continue
+    if what == b"END!":
+        print("N", n, "DUPS", dups, "HELD", held, flush=True)
+        break
+    n += 1
+    dups += peer == held
+    c.close()
+"#;
+
+/// Under ax: holds one connection to VIP:PORT (argv[1], argv[2]), makes 100
+/// more, waits for the broker's identity table to be swept twice (it runs
+/// about once a second and tells no one), then makes argv[3] more, more
+/// than there are client ports, and says `END!`.
+const PAIR_CLIENT: &str = r#"
+import socket, sys, time
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one(msg):
+    s = socket.create_connection((vip, port))
+    s.sendall(msg)
+    return s
+hold = one(b"HOLD")
+for _ in range(100):
+    one(b"ping").close()
+time.sleep(2.5)
+for _ in range(n):
+    one(b"ping").close()
+one(b"END!").close()
+hold.close()
+print("DONE", flush=True)
+"#;
+
+#[test]
+fn a_live_connection_keeps_its_client_port_to_itself() {
+    require!("python3");
+    const VIP: &str = "10.233.0.163";
+    // The client ports, 32768-60999, and some: the counter comes round to
+    // the held connection's port once.
+    const MORE: u32 = 60999 - 32768 + 1 + 50;
+    let d = Daemon::start();
+    let mut server = d.spawn(&["--ip", VIP], &["python3", "-c", PAIR_SERVER, "7000"]);
+    d.wait_for_service(&mut server, &format!("{VIP}:7000"));
+    let mut client = d.exec_command(
+        &["--ip", "10.233.0.164"],
+        &["python3", "-c", PAIR_CLIENT, VIP, "7000", &MORE.to_string()],
+    );
+    let out = run(&mut client, Duration::from_secs(120));
+    out.assert_success();
+    server.wait(SHORT);
+    let said = server.stdout();
+    assert_eq!(
+        said.split_whitespace().take(4).collect::<Vec<_>>(),
+        ["N", &(100 + MORE).to_string(), "DUPS", "0"],
+        "every connection got through, none with the held one's address: {said}\n{out}"
     );
 }

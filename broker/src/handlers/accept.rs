@@ -55,9 +55,11 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         Err(e) => return super::fd_error(call, e),
     };
     let v6 = name.is_v6();
-    // A swapped listener that does not listen yet fails the accept below
-    // with `EINVAL`, as the kernel tells it (and polls readable, `POLLHUP`).
-    if !matches!(name, SocketName::Listener { .. }) {
+    // An accepted connection bears its listener's name too: only a socket
+    // that listens is accepted on (the kernel's `EINVAL` otherwise).
+    if !matches!(name, SocketName::Listener { .. })
+        || !sockopt::socket_acceptconn(&listener).unwrap_or(false)
+    {
         return Outcome::Errno(libc::EINVAL);
     }
     let flags = if has_flags { call.int_arg(3) } else { 0 };
@@ -249,6 +251,7 @@ fn complete(
         // accept goes on with the next one.
         Caller::NotYet => match requeue(call, conn) {
             Ok(()) => return Err(GONE),
+            Err(conn) if call.on_receive_loop() => return Ok(defer_hello(call, conn, v6, cloexec)),
             Err(conn) => {
                 let local = waited_hello(call, &conn, v6)?;
                 (conn, local)
@@ -297,7 +300,11 @@ fn complete(
                     (real, in_family(peer, v6))
                 }
                 (None, Some(peer)) => (real, in_family(peer, v6)),
-                // One of the broker's own, put back by `requeue`.
+                // One of the broker's own, put back by `requeue`: its
+                // hello was late, and is waited for off the receive loop.
+                (None, None) if call.on_receive_loop() => {
+                    return Ok(defer_hello(call, real, v6, cloexec))
+                }
                 (None, None) => {
                     let local = waited_hello(call, &real, v6)?;
                     (real, local)
@@ -305,6 +312,40 @@ fn complete(
             }
         }
     };
+    hand_over(call, target, conn, peer, inode, v6, cloexec)
+}
+
+/// Waits on a helper thread for the hello of `conn`, a connection whose
+/// hello was late, then hands the connection over: on the receive loop the
+/// wait (up to [`HELLO_WAIT`]) would hold up every trapped call of the app.
+/// A client that left meanwhile fails this accept with `ECONNABORTED`, a
+/// connection reset before it was accepted, which servers accept again
+/// after.
+fn defer_hello(call: &Call<'_>, conn: OwnedFd, v6: bool, cloexec: bool) -> Outcome {
+    super::defer(call, move |call| {
+        let target = match super::reopen(call) {
+            Ok(t) => t,
+            Err(answer) => return answer,
+        };
+        match waited_hello(call, &conn, v6) {
+            Ok(local) => hand_over(call, &target, conn, local, None, v6, cloexec).into(),
+            Err(GONE) => Outcome::Errno(libc::ECONNABORTED),
+            Err(e) => Outcome::Errno(e),
+        }
+    })
+}
+
+/// Installs `conn`, from the client `peer` (`inode`: the connection's, if
+/// read already), writing `peer` to the call's address buffer first.
+fn hand_over(
+    call: &Call<'_>,
+    target: &Target,
+    conn: OwnedFd,
+    peer: std::net::SocketAddr,
+    inode: Option<u64>,
+    v6: bool,
+    cloexec: bool,
+) -> Result<Outcome, Errno> {
     // Park a duplicate where it outlives this daemon (see crate::Stash).
     let stashed = call
         .stash

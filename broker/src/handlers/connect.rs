@@ -891,16 +891,16 @@ pub(super) fn bind_client_name(
     // Non-blocking, as spare sockets come (see `Sockets::take`): the
     // connect below never waits on the receive loop.
     let sock = super::unix_socket(call.shared)?;
-    let port = if bound_port != 0 {
-        bound_port
-    } else {
-        next_client_port(call.shared)
-    };
-    let name = SocketName::Client {
+    let name_with = |port: u16| SocketName::Client {
         instance: call.instance(),
         v6,
         local: SocketAddr::new(local_ip, port),
         peer: dst,
+    };
+    let name = if bound_port != 0 {
+        name_with(bound_port)
+    } else {
+        free_client_name(call, name_with)?
     };
     let cookie = sockopt::socket_cookie(&sock).map_err(|e| e.raw_os_error())?;
     let inode = super::inode(&sock).ok_or(libc::ENOBUFS)?;
@@ -920,6 +920,21 @@ pub(super) fn bind_client_name(
         inode,
         nonblocking: true,
     })
+}
+
+/// The client identity, `name_with` a port in turn, that no live client
+/// socket of the broker's holds, as the kernel gives a connection an
+/// ephemeral port no connection to the same destination uses;
+/// `EADDRNOTAVAIL`, as the kernel's, when all are taken. (Ports are drawn
+/// from one counter, so two connects at once never draw the same.)
+fn free_client_name(
+    call: &Call<'_>,
+    name_with: impl Fn(u16) -> SocketName,
+) -> Result<SocketName, Errno> {
+    (0..crate::serve::CLIENT_PORTS)
+        .map(|_| name_with(next_client_port(call.shared)))
+        .find(|name| !call.shared.idents.client_taken(name))
+        .ok_or(libc::EADDRNOTAVAIL)
 }
 
 /// The hello a client socket sends ahead of the program's data.

@@ -84,12 +84,19 @@ pub(crate) struct Call<'a> {
     /// answering: part of it may already be done.
     pub(crate) replay: bool,
     /// Where a blocking accept waits, in the app's receive loop (`None` on
-    /// helper threads, which wait themselves).
+    /// helper threads, which wait themselves): `Some` exactly when the call
+    /// runs on the receive loop, where nothing may wait.
     pub(crate) parking: Option<&'a std::cell::RefCell<Vec<accept::Parked>>>,
     pub(crate) notif: Notification,
 }
 
 impl Call<'_> {
+    /// True on the app's receive loop: a wait here holds up every trapped
+    /// call of the app, so a handler that must wait defers (see [`defer`]).
+    pub(crate) fn on_receive_loop(&self) -> bool {
+        self.parking.is_some()
+    }
+
     pub(crate) fn arg(&self, i: usize) -> u64 {
         self.notif.args[i]
     }

@@ -110,6 +110,77 @@ pub struct AppSpec {
     pub no_hosts_mount: bool,
 }
 
+/// A rule of [`AppSpec`] that a request broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Two different VIPs of one family.
+    #[error("an app has at most one {} virtual IP ({first} and {second})", if .first.is_ipv4() { "IPv4" } else { "IPv6" })]
+    TwoVips {
+        /// The one asked for first.
+        first: IpAddr,
+        /// The other.
+        second: IpAddr,
+    },
+    /// Two values for one label.
+    #[error("a label has one value (given {key}={first} and {key}={second})")]
+    LabelTwice {
+        /// The label.
+        key: String,
+        /// The value given first.
+        first: String,
+        /// The other.
+        second: String,
+    },
+}
+
+impl AppSpec {
+    /// Asks for the VIP `ip`: at most one of each family (the same one
+    /// again changes nothing), IPv4's first.
+    pub fn request_ip(&mut self, ip: IpAddr) -> Result<(), SpecError> {
+        match self
+            .requested_ips
+            .iter()
+            .find(|p| p.is_ipv4() == ip.is_ipv4())
+        {
+            Some(&first) if first != ip => Err(SpecError::TwoVips { first, second: ip }),
+            Some(_) => Ok(()),
+            None if ip.is_ipv4() => {
+                self.requested_ips.insert(0, ip);
+                Ok(())
+            }
+            None => {
+                self.requested_ips.push(ip);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds the name `name`, once (`web.ax` and `web` are one name).
+    pub fn add_name(&mut self, name: &str) {
+        let name = name.strip_suffix(".ax").unwrap_or(name);
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_string());
+        }
+    }
+
+    /// Adds the label `key=value`: a label has one value (the same one
+    /// again changes nothing).
+    pub fn add_label(&mut self, key: &str, value: &str) -> Result<(), SpecError> {
+        match self.labels.get(key) {
+            Some(first) if first != value => Err(SpecError::LabelTwice {
+                key: key.to_string(),
+                first: first.clone(),
+                second: value.to_string(),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.labels.insert(key.to_string(), value.to_string());
+                Ok(())
+            }
+        }
+    }
+}
+
 /// An OCI container served as an app: its id and the runtime that sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRef {
@@ -516,4 +587,28 @@ pub trait Directory: Send + Sync {
 
     /// The app's last process exited: forget it and its services.
     fn app_exited(&self, app: AppId);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_has_one_vip_per_family_and_one_value_per_label() {
+        let mut s = AppSpec::default();
+        let (v4, v6): (IpAddr, IpAddr) =
+            ("10.233.0.7".parse().unwrap(), "fd00::7".parse().unwrap());
+        s.request_ip(v6).unwrap();
+        s.request_ip(v4).unwrap();
+        s.request_ip(v4).unwrap();
+        assert_eq!(s.requested_ips, vec![v4, v6]);
+        let e = s.request_ip("10.233.0.8".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("at most one IPv4"), "{e}");
+        s.add_label("tier", "front").unwrap();
+        s.add_label("tier", "front").unwrap();
+        assert!(s.add_label("tier", "back").is_err());
+        s.add_name("web.ax");
+        s.add_name("web");
+        assert_eq!(s.names, vec!["web"]);
+    }
 }

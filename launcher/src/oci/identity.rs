@@ -6,7 +6,7 @@
 use crate::cli::{parse_duration, parse_expose, parse_label, parse_lb, parse_name, parse_vip};
 use ax_registry::{AppSpec, ContainerRef};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 /// What a container asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,46 +85,26 @@ pub fn spec(
         let bad = |why: String| format!("{key}={value}: {why}");
         match key.as_str() {
             "io.ax.ip" => {
-                let mut v4: Option<IpAddr> = None;
-                let mut v6: Option<IpAddr> = None;
                 for s in items(value) {
                     let ip = parse_vip(&s).map_err(bad)?;
-                    let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
-                    if slot.is_some_and(|prev| prev != ip) {
-                        return Err(bad("an app has at most one VIP of each family".into()));
-                    }
-                    *slot = Some(ip);
+                    spec.request_ip(ip).map_err(|e| bad(e.to_string()))?;
                 }
-                spec.requested_ips = v4.into_iter().chain(v6).collect();
             }
             "io.ax.name" => {
                 for s in items(value) {
-                    let n = parse_name(&s).map_err(bad)?;
-                    let n = n.strip_suffix(".ax").unwrap_or(&n).to_string();
-                    if !spec.names.contains(&n) {
-                        spec.names.push(n);
-                    }
+                    spec.add_name(&parse_name(&s).map_err(bad)?);
                 }
             }
             "io.ax.labels" => {
                 for s in items(value) {
                     let (k, v) = parse_label(&s).map_err(bad)?;
-                    if let Some(old) = spec.labels.insert(k.clone(), v.clone()) {
-                        if old != v {
-                            return Err(bad(format!("label {k} given twice ({old}, {v})")));
-                        }
-                    }
+                    spec.add_label(&k, &v).map_err(|e| bad(e.to_string()))?;
                 }
             }
             "io.ax.lb" => spec.lb = Some(parse_lb(value).map_err(bad)?),
             "io.ax.connect-wait" => {
                 let d = parse_duration(value).map_err(bad)?;
-                if d > ax_registry::MAX_CONNECT_WAIT {
-                    return Err(bad(format!(
-                        "longer than the {} s allowed",
-                        ax_registry::MAX_CONNECT_WAIT.as_secs()
-                    )));
-                }
+                ax_registry::check_connect_wait(Some(d)).map_err(|e| bad(e.to_string()))?;
                 spec.connect_wait = Some(d);
             }
             "io.ax.expose" => {
@@ -141,6 +121,7 @@ pub fn spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn c() -> ContainerRef {
         ContainerRef {
