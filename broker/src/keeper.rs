@@ -175,11 +175,7 @@ pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppI
         let own = crate::handlers::own_name(&conn);
         // A client socket of the broker is unbound (its identity is kept
         // apart, see `crate::idents`); one an earlier version made is named.
-        let client = crate::handlers::peer_unnamed(&conn)
-            || matches!(
-                crate::handlers::peer_name(&conn),
-                Some(SocketName::Client { .. })
-            );
+        let client = crate::handlers::peer_is_client(&conn);
         if let (Some(SocketName::Listener { instance, app, .. }), true) = (own, client) {
             if instance == config.instance {
                 out.entry(app).or_default().push(conn);

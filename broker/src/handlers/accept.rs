@@ -25,6 +25,7 @@
 //! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
 //! `ENOBUFS`.
 
+use super::caller::{caller_of, requeue, waited_hello, Caller};
 use super::{classify, defer, is_nonblocking, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
@@ -36,17 +37,35 @@ use std::time::{Duration, Instant};
 
 /// How often a waiting accept checks that its caller still waits.
 const WAIT_TICK: Duration = Duration::from_millis(50);
-/// How long an accepted connection's hello may take to arrive.
-const HELLO_WAIT: Duration = Duration::from_secs(1);
-/// How long an accept waits for a hello before it puts the connection
-/// back behind a doorbell (its connecting thread was preempted).
-const HELLO_BRIEF: Duration = Duration::from_millis(2);
-/// What [`complete`] fails with for a connection whose client closed it
-/// before its hello came (its connect was cut short by a daemon killed in
-/// between, and the program got another one): nothing is lost in dropping
-/// it, and the accept goes on with the next connection. Never an errno
-/// the kernel uses.
-const GONE: Errno = 0;
+/// Why [`complete`] installed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotHanded {
+    /// The client closed the connection before its hello came (its connect
+    /// was cut short by a daemon killed in between, and the program got
+    /// another one): nothing is lost in dropping it, and the accept goes on
+    /// with the next connection.
+    ClientLeft,
+    /// The call fails with this errno.
+    Failed(Errno),
+}
+
+impl From<Errno> for NotHanded {
+    fn from(e: Errno) -> Self {
+        NotHanded::Failed(e)
+    }
+}
+
+/// The answer for what [`complete`] did; a client that left is, where the
+/// accept cannot go on with the next connection, a connection reset
+/// before it was accepted (`ECONNABORTED`), which servers accept again
+/// after.
+fn answer(done: Result<Outcome, NotHanded>) -> Outcome {
+    match done {
+        Ok(outcome) => outcome,
+        Err(NotHanded::Failed(e)) => Outcome::Errno(e),
+        Err(NotHanded::ClientLeft) => Outcome::Errno(libc::ECONNABORTED),
+    }
+}
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
     let (name, listener) = match classify(call, target, call.arg(0)) {
@@ -75,18 +94,21 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         loop {
             return match rustix::net::accept_with(&listener, accept_flags) {
                 Ok(conn) => match complete(call, target, conn, v6, cloexec) {
-                    Err(GONE) => continue,
-                    done => done.into(),
+                    Err(NotHanded::ClientLeft) => continue,
+                    done => answer(done),
                 },
                 Err(e) => Outcome::Errno(e.raw_os_error()),
             };
         }
     }
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
-        match conn.and_then(|conn| complete(call, target, conn, v6, cloexec)) {
+        match conn
+            .map_err(NotHanded::Failed)
+            .and_then(|conn| complete(call, target, conn, v6, cloexec))
+        {
             // Nothing to accept after all: wait as below.
-            Err(GONE) => {}
-            done => return done.into(),
+            Err(NotHanded::ClientLeft) => {}
+            done => return answer(done),
         }
     }
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
@@ -123,9 +145,12 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    match conn.and_then(|conn| complete(call, &target, conn, v6, cloexec)) {
-                        Err(GONE) => {}
-                        done => return done.into(),
+                    match conn
+                        .map_err(NotHanded::Failed)
+                        .and_then(|conn| complete(call, &target, conn, v6, cloexec))
+                    {
+                        Err(NotHanded::ClientLeft) => {}
+                        done => return answer(done),
                     }
                 }
             }
@@ -176,10 +201,11 @@ impl Parked {
                 Err(answer) => return Some(answer),
             };
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                let done =
-                    conn.and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec));
-                if done != Err(GONE) {
-                    return Some(done.into());
+                let done = conn
+                    .map_err(NotHanded::Failed)
+                    .and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec));
+                if done != Err(NotHanded::ClientLeft) {
+                    return Some(answer(done));
                 }
             }
         }
@@ -236,7 +262,7 @@ fn complete(
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
-) -> Result<Outcome, Errno> {
+) -> Result<Outcome, NotHanded> {
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     // The inode of the connection, where it was read already.
@@ -250,10 +276,10 @@ fn complete(
         // behind it), the connection goes back behind a doorbell, and the
         // accept goes on with the next one.
         Caller::NotYet => match requeue(call, conn) {
-            Ok(()) => return Err(GONE),
+            Ok(()) => return Err(NotHanded::ClientLeft),
             Err(conn) if call.on_receive_loop() => return Ok(defer_hello(call, conn, v6, cloexec)),
             Err(conn) => {
-                let local = waited_hello(call, &conn, v6)?;
+                let local = waited_hello(call, &conn, v6)?.ok_or(NotHanded::ClientLeft)?;
                 (conn, local)
             }
         },
@@ -262,20 +288,20 @@ fn complete(
         // socket connected natively): never reported with a made-up
         // address. The program sees it as a connection reset before it
         // was accepted, and accepts again.
-        Caller::Gone => return Err(GONE),
+        Caller::Gone => return Err(NotHanded::ClientLeft),
         Caller::Unknown => {
             tracing::warn!(
                 app = call.app,
                 "dropped a connection to a listener of ax that the broker did not make"
             );
             drop(conn);
-            return Err(libc::ECONNABORTED);
+            return Err(NotHanded::Failed(libc::ECONNABORTED));
         }
         Caller::Door(token) => {
             let Some((real, names)) = call.shared.doors.answer(token) else {
                 // Nobody keeps a connection for it (an earlier daemon
                 // rang): nothing to hand over; the accept goes on.
-                return Err(GONE);
+                return Err(NotHanded::ClientLeft);
             };
             super::set_nonblock(&real, is_nonblocking(&conn))?;
             let kernel_peer = crate::doors::inet_peer(&real);
@@ -294,7 +320,7 @@ fn complete(
                             .note_remote(inode, (local, kernel_peer), names)
                             .is_err()
                         {
-                            return Err(libc::ENOMEM);
+                            return Err(NotHanded::Failed(libc::ENOMEM));
                         }
                     }
                     (real, in_family(peer, v6))
@@ -306,18 +332,18 @@ fn complete(
                     return Ok(defer_hello(call, real, v6, cloexec))
                 }
                 (None, None) => {
-                    let local = waited_hello(call, &real, v6)?;
+                    let local = waited_hello(call, &real, v6)?.ok_or(NotHanded::ClientLeft)?;
                     (real, local)
                 }
             }
         }
     };
-    hand_over(call, target, conn, peer, inode, v6, cloexec)
+    Ok(hand_over(call, target, conn, peer, inode, v6, cloexec)?)
 }
 
 /// Waits on a helper thread for the hello of `conn`, a connection whose
 /// hello was late, then hands the connection over: on the receive loop the
-/// wait (up to [`HELLO_WAIT`]) would hold up every trapped call of the app.
+/// wait (up to a second) would hold up every trapped call of the app.
 /// A client that left meanwhile fails this accept with `ECONNABORTED`, a
 /// connection reset before it was accepted, which servers accept again
 /// after.
@@ -328,8 +354,8 @@ fn defer_hello(call: &Call<'_>, conn: OwnedFd, v6: bool, cloexec: bool) -> Outco
             Err(answer) => return answer,
         };
         match waited_hello(call, &conn, v6) {
-            Ok(local) => hand_over(call, &target, conn, local, None, v6, cloexec).into(),
-            Err(GONE) => Outcome::Errno(libc::ECONNABORTED),
+            Ok(Some(local)) => hand_over(call, &target, conn, local, None, v6, cloexec).into(),
+            Ok(None) => answer(Err(NotHanded::ClientLeft)),
             Err(e) => Outcome::Errno(e),
         }
     })
@@ -367,195 +393,6 @@ fn hand_over(
         }
     }
     installed
-}
-
-/// Puts an accepted connection whose hello is not there yet back in its
-/// listener's queue, behind a doorbell (see `crate::doors`); gives it
-/// back when it cannot.
-fn requeue(call: &Call<'_>, conn: OwnedFd) -> Result<(), OwnedFd> {
-    // An accepted socket bears its listener's name.
-    let Some(listener @ SocketName::Listener { .. }) = super::own_name(&conn) else {
-        return Err(conn);
-    };
-    let endpoint = ax_registry::UnixEndpoint::Abstract(listener.encode());
-    call.shared
-        .doors
-        .ring(
-            call.instance(),
-            &call.shared.sockets,
-            conn,
-            &[endpoint],
-            None,
-        )
-        .map_err(|(_, conn)| conn)
-}
-
-/// The client's VIP:port from the hello of `conn`, a connection whose hello
-/// was late once already and is now waited for: `GONE` when its client
-/// left, `ECONNABORTED` (logged) when no hello comes.
-fn waited_hello(call: &Call<'_>, conn: &OwnedFd, v6: bool) -> Result<std::net::SocketAddr, Errno> {
-    match caller_of(call, conn, v6, true) {
-        Caller::Client(local, _) => Ok(local),
-        Caller::Gone => Err(GONE),
-        _ => {
-            tracing::warn!(
-                app = call.app,
-                "dropped a connection whose hello did not come"
-            );
-            Err(libc::ECONNABORTED)
-        }
-    }
-}
-
-/// Who is behind an accepted connection.
-enum Caller {
-    /// A client under ax, at this VIP:port.
-    Client(std::net::SocketAddr, Option<u64>),
-    /// A doorbell ([`crate::doors`]) with this token.
-    Door(u64),
-    /// Anyone else.
-    Unknown,
-    /// A client of the broker's that closed the connection before its
-    /// hello was written.
-    Gone,
-    /// A client of the broker's whose hello is on its way: the thread that
-    /// connected it was preempted between its `connect` and its hello.
-    NotYet,
-}
-
-/// Who connected: only a connection in the broker's private namespace is
-/// believed, and there only what the broker says: a peer bound to a
-/// doorbell name (only the broker binds names there), an identity the
-/// broker kept for this connection, or the hello the broker's client
-/// socket sent ahead of any data (see `crate::idents`).
-fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Caller {
-    if !call.shared.sockets.is_private(conn) {
-        return Caller::Unknown;
-    }
-    // The common case: a fresh connection, the broker's hello at its head
-    // (a doorbell carries no bytes, let alone the broker's secret).
-    let first = peek_hello(call, conn, None);
-    if let Hello::Valid(client) = first {
-        return keep(call, conn, client, v6);
-    }
-    let name = rustix::net::getpeername(conn)
-        .ok()
-        .flatten()
-        .and_then(|a| rustix::net::SocketAddrUnix::try_from(a).ok());
-    if let Some(name) = name.as_ref().and_then(|n| n.abstract_name()) {
-        if let Some(token) = crate::doors::token_of(call.instance(), name) {
-            return Caller::Door(token);
-        }
-    }
-    // Accepted by an earlier daemon, which took its hello out (its client
-    // may have said all and left since); or made by an earlier version of
-    // ax, which bound its client sockets.
-    if let Some(SocketName::Client { local, .. }) = super::peer_ident(call.shared, conn) {
-        return Caller::Client(local, None);
-    }
-    match first {
-        Hello::Gone => return Caller::Gone,
-        // Its connect has just returned on another thread of the broker,
-        // which writes the hello next: a moment's wait is the common case.
-        Hello::NotYet => match peek_hello(call, conn, Some(Instant::now() + HELLO_BRIEF)) {
-            Hello::Valid(client) => return keep(call, conn, client, v6),
-            Hello::Gone => return Caller::Gone,
-            _ if !may_wait => return Caller::NotYet,
-            _ => {}
-        },
-        _ => {}
-    }
-    match peek_hello(call, conn, Some(Instant::now() + HELLO_WAIT)) {
-        Hello::Valid(client) => keep(call, conn, client, v6),
-        Hello::Gone => Caller::Gone,
-        Hello::Missing | Hello::NotYet => {
-            tracing::warn!(
-                app = call.app,
-                "a connection did not start with the broker's hello"
-            );
-            Caller::Unknown
-        }
-    }
-}
-
-/// Keeps the identity a hello gave for the accepted connection, then takes
-/// the hello out: a daemon killed in between leaves a successor the hello
-/// or the identity, never neither.
-fn keep(call: &Call<'_>, conn: &OwnedFd, client: SocketName, v6: bool) -> Caller {
-    let (Ok(cookie), Some(inode)) = (sockopt::socket_cookie(conn), super::inode(conn)) else {
-        return Caller::Unknown;
-    };
-    let kept =
-        call.shared
-            .idents
-            .insert(cookie, inode, crate::idents::Kind::Peer, client, Some(v6));
-    match (kept, client) {
-        (Ok(()), SocketName::Client { local, .. }) => {
-            take_hello(conn);
-            Caller::Client(local, Some(inode))
-        }
-        _ => {
-            tracing::warn!(
-                app = call.app,
-                "connection dropped: the identity table is full"
-            );
-            Caller::Unknown
-        }
-    }
-}
-
-/// What an accepted connection starts with.
-enum Hello {
-    /// The broker's hello, naming the client.
-    Valid(SocketName),
-    /// Nothing, and its client is gone.
-    Gone,
-    /// Nothing yet (when not waiting).
-    NotYet,
-    /// Anything else, or nothing in time.
-    Missing,
-}
-
-/// Looks (without taking it) at the hello at the head of an accepted
-/// connection: written by the broker right after it connected, so already
-/// there but for a thread of the broker preempted in between; waited for
-/// until `deadline` (`None`: not at all). A hello is sent whole, in one
-/// write, so it is never seen in part.
-fn peek_hello(call: &Call<'_>, conn: &OwnedFd, deadline: Option<Instant>) -> Hello {
-    use crate::idents::HELLO_LEN;
-    let mut hello = [0u8; HELLO_LEN];
-    let flags = rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK;
-    loop {
-        match rustix::net::recv(conn, &mut hello[..], flags) {
-            Ok((0, _)) => return Hello::Gone,
-            Ok((n, _)) if n == HELLO_LEN => break,
-            Ok(_) => return Hello::Missing,
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
-                let Some(deadline) = deadline else {
-                    return Hello::NotYet;
-                };
-                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                    return Hello::Missing;
-                };
-                let mut fds = [PollFd::new(conn, PollFlags::IN)];
-                let Ok(wait) = Timespec::try_from(left) else {
-                    return Hello::Missing;
-                };
-                let _ = poll(&mut fds, Some(&wait));
-            }
-            Err(_) => return Hello::Missing,
-        }
-    }
-    match call.shared.idents.read_hello(&hello) {
-        Some(name) => Hello::Valid(name),
-        None => Hello::Missing,
-    }
-}
-
-/// Takes the hello [`peek_hello`] found out of the connection.
-fn take_hello(conn: &OwnedFd) {
-    let mut hello = [0u8; crate::idents::HELLO_LEN];
-    let _ = rustix::net::recv(conn, &mut hello[..], rustix::net::RecvFlags::DONTWAIT);
 }
 
 fn install(
@@ -632,8 +469,8 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     match complete(call, &target, conn, v6, cloexec) {
         // Its client left before saying who it was: accept the next one.
-        Err(GONE) => handle(call, &target, has_flags),
-        done => done.into(),
+        Err(NotHanded::ClientLeft) => handle(call, &target, has_flags),
+        done => answer(done),
     }
 }
 

@@ -760,7 +760,7 @@ pub(super) fn deliver(
     };
     // The family of the service reached (see `Directory::served_addr`).
     let local_ip = client_vip(&dir.app_vips(call.app), dir.served_addr(dst));
-    let client = bind_client_name(call, v6, local_ip, bound_port, dst)?;
+    let client = new_client(call, v6, local_ip, bound_port, dst)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&client.sock, &target_addr) {
@@ -876,12 +876,12 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
     }
 }
 
-/// Gives the client socket its identity: the client's VIP:port (a free
-/// client port unless the program bound one) and the destination. The
-/// socket stays unbound, so that its peer's `recvfrom` reports no address,
+/// A new client socket of the broker's with its identity: the client's
+/// VIP:port (a free client port unless the program bound one) and the
+/// destination. The socket stays unbound, so that its peer's `recvfrom` reports no address,
 /// as over TCP: the broker keeps the identity (see `crate::idents`), and
 /// [`finish`] sends it to the listener ahead of the program's data.
-pub(super) fn bind_client_name(
+pub(super) fn new_client(
     call: &Call<'_>,
     v6: bool,
     local_ip: IpAddr,
@@ -940,7 +940,7 @@ fn free_client_name(
 /// The hello a client socket sends ahead of the program's data.
 pub(super) type Hello = [u8; crate::idents::HELLO_LEN];
 
-/// A client socket of the broker's, named (see [`bind_client_name`]) and
+/// A client socket of the broker's, named (see [`new_client`]) and
 /// about to connect.
 pub(super) struct Client {
     pub(super) sock: OwnedFd,

@@ -23,7 +23,7 @@
 //! The app's own listeners come first: each app's localhost is its own,
 //! so two apps may listen on the same port.
 
-use super::connect::{bind_client_name, finish, wait_for_room};
+use super::connect::{finish, new_client, wait_for_room};
 use super::{defer, endpoint_addr, Call, Outcome};
 use crate::names::SocketName;
 use crate::target::{errno_of, Errno, Target};
@@ -78,7 +78,7 @@ pub(super) fn connect(
         }
     }
     let peer = SocketAddr::new(lo, dst.port());
-    let client = bind_client_name(call, v6, lo, 0, peer)?;
+    let client = new_client(call, v6, lo, 0, peer)?;
     for endpoint in endpoints {
         let target_addr = endpoint_addr(&endpoint)?;
         match rustix::net::connect(&client.sock, &target_addr) {

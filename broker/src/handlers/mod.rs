@@ -28,6 +28,7 @@
 
 pub(crate) mod accept;
 mod bind;
+mod caller;
 mod connect;
 mod egress;
 mod localhost;
@@ -446,14 +447,18 @@ pub(crate) fn peer_name(fd: &OwnedFd) -> Option<SocketName> {
     parse_unix(rustix::net::getpeername(fd).ok()??)
 }
 
-/// True for a connected UNIX socket whose peer is bound to no name (as the
-/// broker's client sockets are).
-pub(crate) fn peer_unnamed(fd: &OwnedFd) -> bool {
-    matches!(
-        rustix::net::getpeername(fd),
-        Ok(Some(a)) if a.address_family() == AddressFamily::UNIX
-            && usize::try_from(a.addr_len()).is_ok_and(|l| l <= std::mem::size_of::<u16>())
-    )
+/// True for a connected UNIX socket whose peer is a client socket of the
+/// broker's: bound to no name, as they are, or (made by an earlier version
+/// of ax) to a client's name. One `getpeername`.
+pub(crate) fn peer_is_client(fd: &OwnedFd) -> bool {
+    let Ok(Some(peer)) = rustix::net::getpeername(fd) else {
+        return false;
+    };
+    if peer.address_family() != AddressFamily::UNIX {
+        return false;
+    }
+    usize::try_from(peer.addr_len()).is_ok_and(|l| l <= std::mem::size_of::<u16>())
+        || matches!(parse_unix(peer), Some(SocketName::Client { .. }))
 }
 
 /// The client at the other end of a connection a swapped listener
@@ -471,8 +476,9 @@ pub(crate) fn peer_ident(shared: &Shared, fd: &OwnedFd) -> Option<SocketName> {
 }
 
 /// A new `AF_UNIX` stream socket for the broker, in its private network
-/// namespace (close-on-exec here; the flag the target sees is chosen at
-/// install time). `ENOBUFS` when there is none to be had.
+/// namespace: close-on-exec here (the flag the target sees is chosen at
+/// install time) and non-blocking (a caller that installs it sets the
+/// program's flag). `ENOBUFS` when there is none to be had.
 pub(crate) fn unix_socket(shared: &Shared) -> Result<OwnedFd, Errno> {
     shared.sockets.take()
 }
