@@ -64,8 +64,12 @@ done
 AXX=("$AX" exec --socket "$SOCK" --no-autostart)
 CLK=$(getconf CLK_TCK)
 
-# Daemon CPU (utime+stime of the whole process, in clock ticks).
-dcpu() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
+# CPU of process $1 (utime+stime of the whole process, in clock ticks), and
+# of the daemon.
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+dcpu() { cpu_of "$DAEMON"; }
+# Microseconds of CPU per unit: the ticks from $1 to $2, over $3 units.
+us_per() { awk -v d=$(($2 - $1)) -v k="$CLK" -v n="$3" 'BEGIN {printf "%.1f", d / k * 1e6 / n}'; }
 
 # Waits until a line READY appears in file $1 (the server's stdout).
 wait_ready() {
@@ -132,7 +136,7 @@ if [ "$GO_OK" = 1 ]; then
                 [ "$errs" = 0 ] || echo "programs: $row ($side): $errs of $reqs requests failed" >&2
                 RES["$row,$side"]+=" $(awk -v n="$reqs" -v s="$secs" 'BEGIN {printf "%.0f", n / s}')"
                 if [ $side = ax ] && [ $ka = 0 ]; then
-                    CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$reqs" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                    CPU["$row"]+=" $(us_per "$c0" "$c1" "$reqs")"
                 fi
             done
         done
@@ -186,7 +190,7 @@ CONF
                 c0=$(dcpu)
                 out=$("${AXX[@]}" -- ab -q -r -c "$CONC" -n "$N" "http://$VIP_NGINX:8090/" 2>&1)
                 c1=$(dcpu)
-                CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$N" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                CPU["$row"]+=" $(us_per "$c0" "$c1" "$N")"
             else
                 out=$(ab -q -r -c "$CONC" -n "$N" "http://127.0.0.1:8091/" 2>&1)
             fi
@@ -321,7 +325,7 @@ else
                 RES["$row,$side"]+=" ${tps:-nan}"
                 if [ $side = ax ] && [ $connect = 1 ] && [ "${tx:-0}" -gt 0 ]; then
                     # Each transaction makes one connection.
-                    CPU["$row"]+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$tx" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                    CPU["$row"]+=" $(us_per "$c0" "$c1" "$tx")"
                 fi
             done
         done
@@ -393,7 +397,6 @@ if want metrics && [ -x "$BENCH" ]; then
     PIDS+=($!)
     MN=$((N * 2))
     crate() { sed -n 's/.*"conn_per_s":\([0-9.]*\).*/\1/p'; }
-    cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
     # Warm-up (and readiness): a few connections through each.
     for _ in $(seq 400); do
         "${AXX[@]}" -- "$BENCH" client --connect 10.233.7.13:5401 --mode connrate --iterations 10 >/dev/null 2>&1 &&
@@ -412,13 +415,13 @@ if want metrics && [ -x "$BENCH" ]; then
                 rate=$("${AXM[@]}" -- "$BENCH" client --connect 10.233.7.14:5401 --mode connrate --iterations "$MN" | crate)
                 c1=$(cpu_of "$MDAEMON")
                 on+=" $rate"
-                cpuon+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$MN" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                cpuon+=" $(us_per "$c0" "$c1" "$MN")"
             else
                 c0=$(dcpu)
                 rate=$("${AXX[@]}" -- "$BENCH" client --connect 10.233.7.13:5401 --mode connrate --iterations "$MN" | crate)
                 c1=$(dcpu)
                 off+=" $rate"
-                cpuoff+=" $(awk -v d=$((c1 - c0)) -v k="$CLK" -v n="$MN" 'BEGIN {printf "%.1f", d / k * 1e6 / n}')"
+                cpuoff+=" $(us_per "$c0" "$c1" "$MN")"
             fi
         done
         ratios+=" $(awk -v a="${on##* }" -v b="${off##* }" 'BEGIN {if (b > 0) printf "%.3f", a / b; else print "nan"}')"

@@ -733,24 +733,15 @@ print(data.decode(errors="replace") if data else "REFUSED", flush=True)
 #[test]
 fn a_header_with_a_wrong_key_is_refused() {
     require!("python3", "ip", "nsenter", "unshare");
-    let Some(switch) = switch() else {
+    let Some(keyed) = KeyedPair::serving("8500", "keyed", "kv") else {
         return;
     };
-    let keys = TempDir::new("key");
-    let key = "0123456789abcdef-cluster-secret";
-    let key_file = keys.write("cluster.key", key);
-    let key_arg = key_file.to_str().expect("a UTF-8 path");
-    let c = cluster(switch, 2, &["--cluster-key-file", key_arg]);
-    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let (a, b, kv) = (&keyed.c.hosts[0], &keyed.c.hosts[1], &keyed.service);
+    let key = KeyedPair::KEY;
     assert!(
         !b.daemon.log().contains("unauthenticated"),
         "a daemon with a key warned anyway"
     );
-    let argv = py(TAGGED_HTTP_SERVER, &["8500", "keyed"]);
-    let mut server = b.spawn(&["--name", "kv"], &as_strs(&argv));
-    server.wait_for_stdout("READY", SHORT);
-    let kv = vip_of(b, "kv");
-    a.wait_for_backend(&format!("{kv}:8500"), "b", true);
 
     let raw = |k: &str| {
         let out = run(
@@ -760,7 +751,7 @@ fn a_header_with_a_wrong_key_is_refused() {
                 RAW_HEADER_CLIENT,
                 &b.addr,
                 &PORT.to_string(),
-                &format!("{kv}:8500"),
+                kv,
                 "10.233.250.9:4000",
                 k,
             ]),
@@ -783,7 +774,43 @@ fn a_header_with_a_wrong_key_is_refused() {
         "b did not log the refusal:\n{}",
         tail(&log)
     );
-    server.kill();
+}
+
+/// Two hosts sharing [`KeyedPair::KEY`] as their cluster key, the second
+/// serving [`TAGGED_HTTP_SERVER`] under a name, which the first has seen.
+struct KeyedPair {
+    /// Ended first (fields drop in order), before its host.
+    _server: App,
+    c: Cluster,
+    /// The service's VIP:port.
+    service: String,
+    _keys: TempDir,
+}
+
+impl KeyedPair {
+    const KEY: &'static str = "0123456789abcdef-cluster-secret";
+
+    /// The pair, its server on `port` answering `tag` under `name`; `None`
+    /// (and a SKIP note) where no switch can be made.
+    fn serving(port: &str, tag: &str, name: &str) -> Option<KeyedPair> {
+        let switch = switch()?;
+        let keys = TempDir::new("key");
+        let key_file = keys.write("cluster.key", Self::KEY);
+        let key_arg = key_file.to_str().expect("a UTF-8 path");
+        let c = cluster(switch, 2, &["--cluster-key-file", key_arg]);
+        let (a, b) = (&c.hosts[0], &c.hosts[1]);
+        let argv = py(TAGGED_HTTP_SERVER, &[port, tag]);
+        let mut server = b.spawn(&["--name", name], &as_strs(&argv));
+        server.wait_for_stdout("READY", SHORT);
+        let service = format!("{}:{port}", vip_of(b, name));
+        a.wait_for_backend(&service, "b", true);
+        Some(KeyedPair {
+            _server: server,
+            c,
+            service,
+            _keys: keys,
+        })
+    }
 }
 
 /// Python that sends one header, authenticated with KEY, twice: on two
@@ -825,20 +852,10 @@ print("STALE", send(header(int(time.time() * 1000) - 3600 * 1000)), flush=True)
 #[test]
 fn a_replayed_or_stale_header_is_refused() {
     require!("python3", "ip", "nsenter", "unshare");
-    let Some(switch) = switch() else {
+    let Some(keyed) = KeyedPair::serving("8550", "replayed", "rp") else {
         return;
     };
-    let keys = TempDir::new("key");
-    let key = "0123456789abcdef-cluster-secret";
-    let key_file = keys.write("cluster.key", key);
-    let key_arg = key_file.to_str().expect("a UTF-8 path");
-    let c = cluster(switch, 2, &["--cluster-key-file", key_arg]);
-    let (a, b) = (&c.hosts[0], &c.hosts[1]);
-    let argv = py(TAGGED_HTTP_SERVER, &["8550", "replayed"]);
-    let mut server = b.spawn(&["--name", "rp"], &as_strs(&argv));
-    server.wait_for_stdout("READY", SHORT);
-    let rp = vip_of(b, "rp");
-    a.wait_for_backend(&format!("{rp}:8550"), "b", true);
+    let (a, b, rp) = (&keyed.c.hosts[0], &keyed.c.hosts[1], &keyed.service);
     let out = run(
         &mut a.ns.command(&[
             "python3",
@@ -846,9 +863,9 @@ fn a_replayed_or_stale_header_is_refused() {
             REPLAYING_CLIENT,
             &b.addr,
             &PORT.to_string(),
-            &format!("{rp}:8550"),
+            rp,
             "10.233.250.9:4000",
-            key,
+            KeyedPair::KEY,
         ]),
         SHORT,
     );
@@ -875,7 +892,6 @@ fn a_replayed_or_stale_header_is_refused() {
         "STALE REFUSED",
         "a stale header got through: {out}"
     );
-    server.kill();
 }
 
 /// With a cluster key, gossip is sealed with it: a node with another key

@@ -14,6 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ax_e2e::{note, poll, require, run, signal_pid, Daemon, Output, TempDir, SHORT};
+// The runc harness there is oci.rs's; this file uses the shared parts.
+#[allow(dead_code)]
+mod oci_support;
+use oci_support::{container_app, curl_under_ax, hosts_file, profile_output, rootfs};
 use rustix::process::Signal;
 use serde_json::{json, Value};
 
@@ -81,30 +85,10 @@ impl Drop for Podman {
     }
 }
 
-/// An empty root filesystem (the host's `/usr` is mounted over `usr`).
-fn rootfs(dir: &TempDir) -> PathBuf {
-    let root = dir.join("rootfs");
-    for sub in ["usr", "proc", "dev", "etc", "tmp", "sys", "www"] {
-        std::fs::create_dir_all(root.join(sub)).expect("rootfs dirs");
-    }
-    for (link, to) in [
-        ("bin", "usr/bin"),
-        ("lib", "usr/lib"),
-        ("lib64", "usr/lib64"),
-    ] {
-        std::os::unix::fs::symlink(to, root.join(link)).expect("rootfs links");
-    }
-    std::fs::write(root.join("www/index.html"), "hello from podman\n").expect("index");
-    root
-}
-
+/// `ax oci profile` (merged into `base`, if any), written to `dir/name`.
 fn ax_profile(d: &Daemon, dir: &TempDir, name: &str, base: Option<&Path>) -> PathBuf {
-    let mut cmd = d.ax();
-    cmd.args(["oci", "profile", "--socket"]).arg(d.socket());
-    if let Some(b) = base {
-        cmd.arg("--base").arg(b);
-    }
-    let out = run(&mut cmd, SHORT);
+    let base = base.map(|b| b.to_str().expect("utf-8 path"));
+    let out = profile_output(d, &base.map_or(vec![], |b| vec!["--base", b]));
     out.assert_success();
     let v: Value = serde_json::from_str(&out.stdout).expect("profile is JSON");
     assert!(v["listenerPath"].is_string());
@@ -141,7 +125,7 @@ fn rootless_podman_with_network_none_is_served_by_ax() {
     let d = Daemon::start();
     let pod = Podman::new();
     let dir = TempDir::new("podman-files");
-    let root = rootfs(&dir);
+    let root = rootfs(&dir, "hello from podman\n");
     let root = root.to_str().expect("utf-8 path");
     // The server with podman's default profile merged in, when there is one.
     let default = Path::new("/usr/share/containers/seccomp.json");
@@ -153,11 +137,7 @@ fn rootless_podman_with_network_none_is_served_by_ax() {
     );
     let plain = ax_profile(&d, &dir, "plain.json", None);
     let seccomp = |p: &Path| format!("seccomp={}", p.display());
-    let hosts = {
-        let mut p = d.socket().as_os_str().to_owned();
-        p.push(".hosts:/etc/hosts:ro");
-        p.into_string().expect("utf-8 path")
-    };
+    let hosts = format!("{}:/etc/hosts:ro", hosts_file(&d).display());
 
     let out = pod.run(
         &[
@@ -201,16 +181,13 @@ fn rootless_podman_with_network_none_is_served_by_ax() {
             d.log()
         )
     });
-    let app = d
-        .apps()
-        .into_iter()
-        .find(|a| a["container"]["id"] == json!(id))
+    let app = container_app(&d, &id)
         .unwrap_or_else(|| panic!("no app for container {id}: {:?}", d.apps()));
     assert_eq!(app["names"], json!(["pweb"]));
 
     // From an app under ax, by VIP and name.
     for url in ["http://10.233.0.70:8000/", "http://pweb:8000/"] {
-        let out = d.run(&[], &["curl", "-sS", "--max-time", "10", url]);
+        let out = curl_under_ax(&d, url);
         assert!(out.stdout.contains("hello from podman"), "{url}: {out}");
     }
     // `podman exec` joins the container's app; the merged profile still

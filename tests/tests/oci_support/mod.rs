@@ -167,18 +167,7 @@ pub struct Spec<'a> {
 impl Bundle {
     pub fn new(d: &Daemon, spec: &Spec<'_>) -> Bundle {
         let dir = TempDir::new("bundle");
-        let rootfs = dir.join("rootfs");
-        for sub in ["usr", "proc", "dev", "etc", "tmp", "sys", "www"] {
-            std::fs::create_dir_all(rootfs.join(sub)).expect("rootfs dirs");
-        }
-        for (link, to) in [
-            ("bin", "usr/bin"),
-            ("lib", "usr/lib"),
-            ("lib64", "usr/lib64"),
-        ] {
-            std::os::unix::fs::symlink(to, rootfs.join(link)).expect("rootfs links");
-        }
-        std::fs::write(rootfs.join("www/index.html"), "hello from the container\n").expect("index");
+        let rootfs = rootfs(&dir, "hello from the container\n");
         std::fs::write(rootfs.join("etc/hosts"), "127.0.0.1 localhost\n").expect("hosts");
         let out = run(
             Command::new("runc")
@@ -220,6 +209,24 @@ impl Bundle {
         std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("write");
         Bundle { dir }
     }
+}
+
+/// A root filesystem in `dir`: empty directories (the host's `/usr` is to
+/// be mounted over `usr`) and `www/index.html` saying `index`.
+pub fn rootfs(dir: &TempDir, index: &str) -> PathBuf {
+    let root = dir.join("rootfs");
+    for sub in ["usr", "proc", "dev", "etc", "tmp", "sys", "www"] {
+        std::fs::create_dir_all(root.join(sub)).expect("rootfs dirs");
+    }
+    for (link, to) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
+        std::os::unix::fs::symlink(to, root.join(link)).expect("rootfs links");
+    }
+    std::fs::write(root.join("www/index.html"), index).expect("index");
+    root
 }
 
 /// The daemon's hosts file (beside its socket).
