@@ -93,7 +93,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     if is_nonblocking(&listener) {
         loop {
             return match rustix::net::accept_with(&listener, accept_flags) {
-                Ok(conn) => match complete(call, target, conn, v6, cloexec) {
+                Ok(conn) => match complete(call, target, Some(&listener), conn, v6, cloexec) {
                     Err(NotHanded::ClientLeft) => continue,
                     done => answer(done),
                 },
@@ -104,7 +104,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     if let Some(conn) = try_accept(call, &listener, accept_flags) {
         match conn
             .map_err(NotHanded::Failed)
-            .and_then(|conn| complete(call, target, conn, v6, cloexec))
+            .and_then(|conn| complete(call, target, Some(&listener), conn, v6, cloexec))
         {
             // Nothing to accept after all: wait as below.
             Err(NotHanded::ClientLeft) => {}
@@ -145,10 +145,9 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
                 if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    match conn
-                        .map_err(NotHanded::Failed)
-                        .and_then(|conn| complete(call, &target, conn, v6, cloexec))
-                    {
+                    match conn.map_err(NotHanded::Failed).and_then(|conn| {
+                        complete(call, &target, Some(&listener), conn, v6, cloexec)
+                    }) {
                         Err(NotHanded::ClientLeft) => {}
                         done => return answer(done),
                     }
@@ -201,9 +200,16 @@ impl Parked {
                 Err(answer) => return Some(answer),
             };
             if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                let done = conn
-                    .map_err(NotHanded::Failed)
-                    .and_then(|conn| complete(call, &target, conn, self.v6, self.cloexec));
+                let done = conn.map_err(NotHanded::Failed).and_then(|conn| {
+                    complete(
+                        call,
+                        &target,
+                        Some(&self.listener),
+                        conn,
+                        self.v6,
+                        self.cloexec,
+                    )
+                });
                 if done != Err(NotHanded::ClientLeft) {
                     return Some(answer(done));
                 }
@@ -256,9 +262,12 @@ fn try_accept(
     }
 }
 
+/// Hands `conn`, accepted on `listener` (the broker's copy of the
+/// program's, when at hand), over to the program.
 fn complete(
     call: &Call<'_>,
     target: &Target,
+    listener: Option<&OwnedFd>,
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
@@ -309,7 +318,9 @@ fn complete(
                 // From another host of a cluster: the client's VIP:port,
                 // kept for getpeername/getsockname too.
                 (Some(names), _) => {
-                    super::remote::inherit_listener_options(call, target, call.arg(0), &real);
+                    if let Some(listener) = listener {
+                        super::remote::inherit_listener_options(call, listener, &real);
+                    }
                     let peer = names.peer;
                     let local = super::connect::inet_name(&real);
                     if let (Some(inode), Some(local), Some(kernel_peer)) =
@@ -457,9 +468,9 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         Ok(t) => t,
         Err(answer) => return answer,
     };
-    let v6 = match classify(call, &target, call.arg(0)) {
-        Ok(Sock::Swapped { name, .. }) => name.is_v6(),
-        _ => false,
+    let (v6, listener) = match classify(call, &target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), Some(fd)),
+        _ => (false, None),
     };
     let has_flags = call.notif.nr as libc::c_long == libc::SYS_accept4;
     let flags = if has_flags { call.int_arg(3) } else { 0 };
@@ -467,7 +478,7 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         let _ = super::set_nonblock(&conn, true);
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    match complete(call, &target, conn, v6, cloexec) {
+    match complete(call, &target, listener.as_ref(), conn, v6, cloexec) {
         // Its client left before saying who it was: accept the next one.
         Err(NotHanded::ClientLeft) => handle(call, &target, has_flags),
         done => answer(done),

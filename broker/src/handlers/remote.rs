@@ -335,27 +335,19 @@ fn carry<T: PartialEq>(
     }
 }
 
-/// Sets on `conn`, a connection from another node accepted on the
-/// program's listener `fd_arg` (a UNIX socket underneath, whose TCP/IP
-/// options the broker remembers: see `super::sockopt`), the options the
-/// program set there, as a TCP listener passes its options on to the
-/// connections it accepts. Best effort: an option that means nothing on an
+/// Sets on `conn`, a connection from another node accepted on `listener`
+/// (the broker's copy of the program's listener, a UNIX socket underneath,
+/// whose TCP/IP options the broker remembers: see `super::sockopt`), the
+/// options the program set there, as a TCP listener passes its options on
+/// to the connections it accepts. Best effort: an option that means nothing on an
 /// established socket (`TCP_FASTOPEN`, `TCP_DEFER_ACCEPT`) or of the other
 /// family is refused by the kernel and skipped.
-pub(super) fn inherit_listener_options(
-    call: &Call<'_>,
-    target: &crate::target::Target,
-    fd_arg: u64,
-    conn: &OwnedFd,
-) {
+pub(super) fn inherit_listener_options(call: &Call<'_>, listener: &OwnedFd, conn: &OwnedFd) {
     // The common case (no options set) costs no look at the listener.
     if !call.state.has_options() {
         return;
     }
-    let Ok(super::Sock::Swapped { fd, .. }) = super::classify(call, target, fd_arg) else {
-        return;
-    };
-    let Some(listener) = super::inode(&fd) else {
+    let Some(listener) = super::inode(listener) else {
         return;
     };
     for (level, name, value) in call.state.options_of(listener) {
