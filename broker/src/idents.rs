@@ -640,7 +640,6 @@ fn decode_record(r: &[u8]) -> Option<Record> {
     Some((cookie, inode, kind, name, local_v6))
 }
 
-/// Reads a predecessor's records; their slots are kept, the others freed.
 /// A client socket's own address and peer as a nonzero 32-bit key; 0 for
 /// any other entry.
 fn pair_key(kind: Kind, name: &SocketName) -> u32 {
@@ -655,6 +654,7 @@ fn pair_key(kind: Kind, name: &SocketName) -> u32 {
     }
 }
 
+/// Reads a predecessor's records; their slots are kept, the others freed.
 fn load(f: &File, inner: &mut Inner) {
     let Ok(len) = f.metadata().map(|m| m.len()) else {
         return;

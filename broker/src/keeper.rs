@@ -94,15 +94,6 @@ pub fn take_salvaged_files() -> Vec<(i32, OwnedFd)> {
     std::mem::take(&mut *SALVAGED_FILES.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// True for a seccomp notify fd or a call journal.
-fn is_kept_file(fd: &OwnedFd) -> bool {
-    use std::os::fd::AsRawFd;
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
-        let l = l.as_os_str().as_encoded_bytes();
-        l == ax_sys::keeper::NOTIFY_FD_LINK || l.starts_with(ax_sys::keeper::JOURNAL_LINK_PREFIX)
-    })
-}
-
 /// True for a socket bound to the anchor name of `instance`.
 pub(crate) fn is_anchor(fd: &OwnedFd, instance: u32) -> bool {
     rustix::net::getsockname(fd)
@@ -165,7 +156,7 @@ pub fn salvage(pid: u32, start_time: u64, config: &BrokerConfig) -> HashMap<AppI
                 Some((config.instance, conn));
             continue;
         }
-        if is_kept_file(&conn) {
+        if ax_sys::keeper::is_kept(conn.as_fd()) {
             SALVAGED_FILES
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -132,20 +132,23 @@ impl PidfdCache {
                 call: OnceCell::new(),
             });
         }
-        let mut target = Target::open(tid)?;
         // The process's fd table, unless this thread has one of its own. A
         // thread-group leader (every single-threaded process: a forking
-        // server's children) is told by a pidfd it alone can have, without
-        // reading `/proc`. (A thread that unshares its fd table after its
-        // first trapped call is still read through the process's until the
-        // cache forgets it; what that could mislead is the program's own
-        // view of its own sockets, nothing of ax's decisions.)
-        let base = if process::pidfd_open(tid, false).is_ok() {
-            tid
-        } else {
-            match thread_group_leader(tid) {
-                Ok(tgid) if process::same_fd_table(tid, tgid).unwrap_or(false) => tgid,
-                _ => tid,
+        // server's children) is told by the process pidfd it alone can
+        // have, which then serves as its pidfd: its tid is not reused before
+        // the whole group is gone. (A thread that unshares its fd table
+        // after its first trapped call is still read through the process's
+        // until the cache forgets it; what that could mislead is the
+        // program's own view of its own sockets, nothing of ax's decisions.)
+        let (mut target, base) = match process::pidfd_open(tid, false) {
+            Ok(pidfd) => (Target::with_pidfd(tid, pidfd), tid),
+            Err(_) => {
+                let target = Target::open(tid)?;
+                let base = match thread_group_leader(tid) {
+                    Ok(tgid) if process::same_fd_table(tid, tgid).unwrap_or(false) => tgid,
+                    _ => tid,
+                };
+                (target, base)
             }
         };
         let kept = &self.fdinfo_kept;
@@ -243,7 +246,13 @@ impl Target {
             }
             Err(e) => return Err(e),
         };
-        Ok(Self {
+        Ok(Self::with_pidfd(tid, pidfd))
+    }
+
+    /// The thread `tid`, known by `pidfd` (its own or, for a thread-group
+    /// leader, its process's).
+    fn with_pidfd(tid: u32, pidfd: OwnedFd) -> Self {
+        Self {
             tid,
             pidfd: Arc::new(pidfd),
             fdinfo: Arc::new(FdinfoFiles {
@@ -253,7 +262,7 @@ impl Target {
             }),
             stale: Cell::new(false),
             call: OnceCell::new(),
-        })
+        }
     }
 
     /// [`Target::open`] for the thread that made notification `id` on

@@ -1442,15 +1442,13 @@ impl Daemon {
                 "process {pid} is not a child of the launcher that hands it over"
             ));
         }
-        if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
-            if std::os::unix::ffi::OsStrExt::as_bytes(link.as_os_str())
-                != ax_sys::keeper::NOTIFY_FD_LINK
-            {
-                return Response::Error(format!(
-                    "the fd sent is not a seccomp notify fd ({})",
-                    link.display()
-                ));
-            }
+        // Fails closed: an fd whose kind cannot be read is refused too.
+        if !ax_sys::keeper::is_notify_fd(fd.as_fd()) {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            return Response::Error(format!(
+                "the fd sent is not a seccomp notify fd ({})",
+                link.map_or_else(|e| e.to_string(), |l| l.display().to_string())
+            ));
         }
         // Checked and recorded under one lock: two attaches cannot race.
         let mut sessions = self.sessions();

@@ -9,7 +9,9 @@
 //! * a fake daemon of another uid on the socket path: `ax exec` refuses it
 //!   before sending anything (root only: it takes a second uid);
 //! * autostarted daemons killed every 2 s under load: no request fails or
-//!   hangs, and every killed daemon is reaped.
+//!   hangs, and every killed daemon is reaped;
+//! * a client of the control socket hands over a pipe as an app's "notify
+//!   fd": refused, and the app is still served.
 //!
 //! Each test kills what it starts (the harness guards do, also on panic).
 
@@ -465,6 +467,70 @@ fn autostarted_daemon_killed_under_load() {
         !server.stdout().contains("ERROR"),
         "server: {}",
         server.stdout()
+    );
+    server.kill();
+}
+
+/// An app's listener is taken only if it is a seccomp notify fd: a pipe
+/// handed over in its place (as a launcher hands over its program's notify
+/// fd, by a process of the app's uid naming a child of its own as the
+/// program) is refused, and the app goes on being served.
+#[test]
+fn a_pipe_handed_over_as_a_notify_fd_is_refused() {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::io::{IoSlice, Read};
+    use std::os::fd::AsFd;
+    require!("python3");
+    let d = Daemon::start();
+    let dir = TempDir::new("pipe");
+    let vip = "10.233.0.180";
+    let mut server = d.spawn(&["--ip", vip], &py(&dir, "hello", HELLO_SERVER, &["8000"]));
+    d.wait_for_service(&mut server, &format!("{vip}:8000"));
+    let app = d
+        .apps()
+        .first()
+        .and_then(|a| a["id"].as_u64())
+        .expect("the server's app id");
+    // The "program": a child of this process, as the daemon requires.
+    let program = App::spawn({
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        c
+    });
+    let frame = ax_proto::encode(&ax_proto::Request::AttachListener {
+        app,
+        pid: program.pid(),
+    })
+    .expect("frame");
+    let (pipe, _w) = rustix::pipe::pipe().expect("pipe");
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).expect("connect");
+    s.set_read_timeout(Some(SHORT)).expect("timeout");
+    let fds = [pipe.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut ancillary = SendAncillaryBuffer::new(&mut space);
+    assert!(ancillary.push(SendAncillaryMessage::ScmRights(&fds)));
+    let sent = rustix::net::sendmsg(
+        &s,
+        &[IoSlice::new(&frame)],
+        &mut ancillary,
+        SendFlags::empty(),
+    )
+    .expect("sendmsg");
+    assert_eq!(sent, frame.len());
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).expect("answer");
+    let mut body = vec![0u8; ax_proto::body_len(prefix).expect("length")];
+    s.read_exact(&mut body).expect("answer");
+    let answer: ax_proto::Response = ax_proto::decode(&body).expect("a response");
+    assert!(
+        matches!(&answer, ax_proto::Response::Error(e) if e.contains("not a seccomp notify fd")),
+        "a pipe was not refused as the app's notify fd: {answer:?}\ndaemon log:\n{}",
+        d.log()
+    );
+    assert_eq!(
+        fetch(&d, &dir, vip, "8000").trim(),
+        "GOT hello",
+        "the app is no longer served"
     );
     server.kill();
 }

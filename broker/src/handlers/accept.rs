@@ -101,15 +101,9 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             };
         }
     }
-    if let Some(conn) = try_accept(call, &listener, accept_flags) {
-        match conn
-            .map_err(NotHanded::Failed)
-            .and_then(|conn| complete(call, target, Some(&listener), conn, v6, cloexec))
-        {
-            // Nothing to accept after all: wait as below.
-            Err(NotHanded::ClientLeft) => {}
-            done => return answer(done),
-        }
+    // Else nothing to accept after all: wait as below.
+    if let Some(done) = take_waiting(call, target, &listener, accept_flags, v6, cloexec) {
+        return done;
     }
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
         .ok()
@@ -144,13 +138,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             });
             let _ = poll(&mut fds, Some(&tick));
             if !fds[0].revents().is_empty() {
-                if let Some(conn) = try_accept(call, &listener, accept_flags) {
-                    match conn.map_err(NotHanded::Failed).and_then(|conn| {
-                        complete(call, &target, Some(&listener), conn, v6, cloexec)
-                    }) {
-                        Err(NotHanded::ClientLeft) => {}
-                        done => return answer(done),
-                    }
+                if let Some(done) =
+                    take_waiting(call, &target, &listener, accept_flags, v6, cloexec)
+                {
+                    return done;
                 }
             }
             if !call.still_valid() {
@@ -199,20 +190,16 @@ impl Parked {
                 Ok(t) => t,
                 Err(answer) => return Some(answer),
             };
-            if let Some(conn) = try_accept(call, &self.listener, self.flags) {
-                let done = conn.map_err(NotHanded::Failed).and_then(|conn| {
-                    complete(
-                        call,
-                        &target,
-                        Some(&self.listener),
-                        conn,
-                        self.v6,
-                        self.cloexec,
-                    )
-                });
-                if done != Err(NotHanded::ClientLeft) {
-                    return Some(answer(done));
-                }
+            let done = take_waiting(
+                call,
+                &target,
+                &self.listener,
+                self.flags,
+                self.v6,
+                self.cloexec,
+            );
+            if done.is_some() {
+                return done;
             }
         }
         if !housekeeping {
@@ -259,6 +246,25 @@ fn try_accept(
             Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error()))
         }
         _ => None,
+    }
+}
+
+/// Accepts a connection waiting on `listener`, if any, and hands it over:
+/// the answer, or `None` when there was none (or its client had left).
+fn take_waiting(
+    call: &Call<'_>,
+    target: &Target,
+    listener: &OwnedFd,
+    flags: SocketFlags,
+    v6: bool,
+    cloexec: bool,
+) -> Option<Outcome> {
+    let done = try_accept(call, listener, flags)?
+        .map_err(NotHanded::Failed)
+        .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec));
+    match done {
+        Err(NotHanded::ClientLeft) => None,
+        done => Some(answer(done)),
     }
 }
 

@@ -878,9 +878,10 @@ fn refusing_connection(v6: bool) -> Result<OwnedFd, Errno> {
 
 /// A new client socket of the broker's with its identity: the client's
 /// VIP:port (a free client port unless the program bound one) and the
-/// destination. The socket stays unbound, so that its peer's `recvfrom` reports no address,
-/// as over TCP: the broker keeps the identity (see `crate::idents`), and
-/// [`finish`] sends it to the listener ahead of the program's data.
+/// destination. The socket stays unbound, so that its peer's `recvfrom`
+/// reports no address, as over TCP: the broker keeps the identity (see
+/// `crate::idents`), and [`finish`] sends it to the listener ahead of the
+/// program's data.
 pub(super) fn new_client(
     call: &Call<'_>,
     v6: bool,

@@ -339,9 +339,9 @@ fn carry<T: PartialEq>(
 /// (the broker's copy of the program's listener, a UNIX socket underneath,
 /// whose TCP/IP options the broker remembers: see `super::sockopt`), the
 /// options the program set there, as a TCP listener passes its options on
-/// to the connections it accepts. Best effort: an option that means nothing on an
-/// established socket (`TCP_FASTOPEN`, `TCP_DEFER_ACCEPT`) or of the other
-/// family is refused by the kernel and skipped.
+/// to the connections it accepts. Best effort: an option that means
+/// nothing on an established socket (`TCP_FASTOPEN`, `TCP_DEFER_ACCEPT`) or
+/// of the other family is refused by the kernel and skipped.
 pub(super) fn inherit_listener_options(call: &Call<'_>, listener: &OwnedFd, conn: &OwnedFd) {
     // The common case (no options set) costs no look at the listener.
     if !call.state.has_options() {

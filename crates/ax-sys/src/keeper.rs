@@ -20,6 +20,7 @@
 //! memory prepared before the clone.
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// How long an orphaned keeper waits for a successor.
 pub const LINGER_SECS: u32 = 120;
@@ -162,13 +163,31 @@ pub const NOTIFY_FD_LINK: &[u8] = b"anon_inode:seccomp notify";
 pub const JOURNAL_LINK_PREFIX: &[u8] = b"/memfd:ax-journal";
 
 /// True when `fd` is a seccomp notify fd (`/proc/self/fd/N` links to
-/// [`NOTIFY_FD_LINK`]) or a call journal. Async-signal-safe: stack buffers
-/// and one `readlink`.
+/// [`NOTIFY_FD_LINK`]); false when the link cannot be read.
+pub fn is_notify_fd(fd: BorrowedFd<'_>) -> bool {
+    let mut link = [0u8; 64];
+    fd_link(fd.as_raw_fd(), &mut link) == Some(NOTIFY_FD_LINK)
+}
+
+/// True when `fd` is a seccomp notify fd or a call journal: what a keeper
+/// keeps.
+pub fn is_kept(fd: BorrowedFd<'_>) -> bool {
+    is_kept_file(fd.as_raw_fd())
+}
+
+/// [`is_kept`] of a raw fd. Async-signal-safe: stack buffers and one
+/// `readlink`.
 fn is_kept_file(fd: i32) -> bool {
+    let mut link = [0u8; 64];
+    fd_link(fd, &mut link)
+        .is_some_and(|link| link == NOTIFY_FD_LINK || link.starts_with(JOURNAL_LINK_PREFIX))
+}
+
+/// Where `/proc/self/fd/FD` links to (cut at `buf`'s length), or `None`.
+/// Async-signal-safe: stack buffers and one `readlink`.
+fn fd_link(fd: i32, buf: &mut [u8; 64]) -> Option<&[u8]> {
     const DIR: &[u8] = b"/proc/self/fd/";
-    let Ok(mut n) = u32::try_from(fd) else {
-        return false;
-    };
+    let mut n = u32::try_from(fd).ok()?;
     // "/proc/self/fd/" + at most 10 digits + NUL.
     let mut path = [0u8; 32];
     path[..DIR.len()].copy_from_slice(DIR);
@@ -185,20 +204,17 @@ fn is_kept_file(fd: i32) -> bool {
     for i in 0..len {
         path[DIR.len() + i] = digits[len - 1 - i];
     }
-    let mut link = [0u8; 64];
-    // SAFETY: `path` is NUL-terminated (zeroed past the digits) and `link`
+    // SAFETY: `path` is NUL-terminated (zeroed past the digits) and `buf`
     // is writable for its length; readlink writes at most that much.
     let n = unsafe {
         libc::readlink(
             path.as_ptr().cast::<libc::c_char>(),
-            link.as_mut_ptr().cast::<libc::c_char>(),
-            link.len(),
+            buf.as_mut_ptr().cast::<libc::c_char>(),
+            buf.len(),
         )
     };
-    usize::try_from(n).is_ok_and(|n| {
-        let link = &link[..n.min(link.len())];
-        link == NOTIFY_FD_LINK || link.starts_with(JOURNAL_LINK_PREFIX)
-    })
+    let n = usize::try_from(n).ok()?;
+    buf.get(..n.min(buf.len()))
 }
 
 /// True for a UNIX socket named `\0<prefix>l…` whose peer is unbound (a
@@ -300,6 +316,11 @@ mod tests {
         assert!(!is_kept_file(i32::MAX));
         let journal = crate::journal::create().unwrap();
         assert!(is_kept_file(journal.as_raw_fd()));
+        use std::os::fd::AsFd;
+        assert!(is_kept(journal.as_fd()));
+        // A journal is kept, but is no notify fd.
+        assert!(!is_notify_fd(journal.as_fd()));
+        assert!(!is_notify_fd(a.as_fd()));
     }
 
     /// A UNIX stream socket bound to abstract `name`, connected to abstract

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -70,9 +70,7 @@ pub fn runtime_name(comm: &str) -> String {
 
 /// True for a seccomp notify fd.
 pub fn is_notify_fd(fd: &OwnedFd) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).is_ok_and(|l| {
-        std::os::unix::ffi::OsStrExt::as_bytes(l.as_os_str()) == ax_sys::keeper::NOTIFY_FD_LINK
-    })
+    ax_sys::keeper::is_notify_fd(fd.as_fd())
 }
 
 /// Reads the runtime's message until it closes its end (or a whole JSON
