@@ -371,6 +371,89 @@ fn a_successor_without_the_fd_keeper_finds_the_namespace() {
 /// A client of the control socket claims a container's identity in its
 /// registration: only the runtime socket may give one, so the daemon
 /// refuses, and no app of that container exists.
+/// Two threads accepting on one listener at argv[1]: each prints `PEER ip
+/// port` for a connection it accepted (and echoes one line on it) or
+/// `ABORTED` for an accept that failed with `ECONNABORTED`.
+const TWO_ACCEPTORS: &str = r#"
+import socket, sys, threading
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(16)
+def acceptor():
+    while True:
+        try:
+            c, peer = srv.accept()
+        except ConnectionAbortedError:
+            print("ABORTED", flush=True)
+            continue
+        print("PEER", peer[0], peer[1], flush=True)
+        with c:
+            line = c.makefile("rb").readline()
+            c.sendall(b"echo:" + line)
+for _ in range(2):
+    threading.Thread(target=acceptor, daemon=True).start()
+print("LISTENING", flush=True)
+threading.Event().wait()
+"#;
+
+/// Connects to the abstract UNIX name argv[1] and says nothing until its
+/// stdin closes.
+const SILENT_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect("\0" + sys.argv[1])
+print("CONNECTED", flush=True)
+sys.stdin.read()
+"#;
+
+/// Waits for a line on stdin, then connects to argv[1]:argv[2], sends a
+/// line and prints the reply.
+const CLIENT_ON_CUE: &str = r#"
+import socket, sys
+sys.stdin.readline()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"hi\n")
+print("REPLY", s.makefile("rb").readline(), flush=True)
+"#;
+
+/// A connection into a listener's private name that never says who it is
+/// (no hello: not made by a broker) is waited for off the app's receive
+/// loop: the server's other threads accept honest clients meanwhile, and
+/// the silent one ends as an accept failing with `ECONNABORTED`, never as
+/// a peer with a made-up address.
+#[test]
+fn a_silent_connection_holds_up_no_other_accept() {
+    require!("python3", "nsenter");
+    let d = Daemon::start();
+    let mut server = d.spawn(&["--ip", "10.233.0.30"], &py(TWO_ACCEPTORS, &["8000"]));
+    server.wait_for_stdout("LISTENING", SHORT);
+    d.wait_for_service(&mut server, "10.233.0.30:8000");
+    let listener = endpoint_of(&d, "10.233.0.30:8000");
+    // Started first, so that only its connect remains once cued.
+    let mut honest = d.spawn(
+        &["--ip", "10.233.0.31"],
+        &py(CLIENT_ON_CUE, &["10.233.0.30", "8000"]),
+    );
+    let silent_argv = py(SILENT_CLIENT, &[&listener]);
+    let mut silent = App::spawn(d.in_private_ns(&silent_argv));
+    silent.wait_for_stdout("CONNECTED", SHORT);
+    honest.send("go\n");
+    let out = honest.wait_for_stdout("REPLY", SHORT);
+    assert!(out.contains("REPLY b'echo:hi\\n'"), "honest client: {out}");
+    let seen = server.wait_for_stdout("PEER 10.233.0.31 ", SHORT);
+    // The silent connection is given up on a second after it was taken
+    // up: the honest client was served while it was still waited for.
+    assert!(
+        !seen.contains("ABORTED"),
+        "the honest client waited behind the silent connection: {seen}"
+    );
+    let seen = server.wait_for_stdout("ABORTED", SHORT);
+    let peers: Vec<&str> = seen.lines().filter(|l| l.starts_with("PEER")).collect();
+    assert_eq!(peers.len(), 1, "the server was handed: {seen}");
+    silent.close_stdin();
+}
+
 #[test]
 fn a_control_client_cannot_register_as_a_container() {
     use std::io::{Read, Write};
