@@ -92,6 +92,14 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
     if is_nonblocking(&listener) {
         loop {
+            // Nothing waiting: `EAGAIN` without trying, as an `accept`
+            // allocates a socket and a file before it finds the queue
+            // empty (3.4 µs here, against 0.3 µs for this poll).
+            match queue_of(&listener) {
+                Queue::Empty => return Outcome::Errno(libc::EAGAIN),
+                Queue::ShutDown => return Outcome::Errno(libc::EINVAL),
+                Queue::Waiting => {}
+            }
             return match rustix::net::accept_with(&listener, accept_flags) {
                 Ok(conn) => match complete(call, target, Some(&listener), conn, v6, cloexec) {
                     Err(NotHanded::ClientLeft) => continue,
@@ -236,16 +244,48 @@ fn try_accept(
         .accept_lock
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    match queue_of(listener) {
+        Queue::Empty => None,
+        Queue::ShutDown => Some(Err(libc::EINVAL)),
+        Queue::Waiting => {
+            Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error()))
+        }
+    }
+}
+
+/// What an accept on a swapped listener would find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    Empty,
+    Waiting,
+    /// The program shut the listener down (`shutdown(2)`). A TCP listener
+    /// then stops listening and its accepts fail with `EINVAL`, which
+    /// wakes a thread blocked in one; a UNIX listener keeps its state and
+    /// its queue and would answer `EAGAIN`, on which a server polling the
+    /// listener (readable for ever) would spin.
+    ShutDown,
+}
+
+/// Polls `listener` without waiting: a connection waits, or none does, or
+/// it was shut down.
+fn queue_of(listener: &OwnedFd) -> Queue {
+    let mut fds = [PollFd::new(listener, PollFlags::IN | PollFlags::RDHUP)];
     let zero = Timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     match poll(&mut fds, Some(&zero)) {
         Ok(n) if n > 0 => {
-            Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error()))
+            if fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP)
+            {
+                Queue::ShutDown
+            } else {
+                Queue::Waiting
+            }
         }
-        _ => None,
+        _ => Queue::Empty,
     }
 }
 
