@@ -4,9 +4,8 @@
 //! peer bound to a name only the broker binds; a connection an earlier
 //! daemon accepted keeps the identity it noted. A hello not there yet
 //! (the connecting thread of the broker was preempted between its
-//! `connect` and its hello) goes back behind a doorbell, so that the
-//! accept goes on with the next: at once on the receive loop, which never
-//! waits for a hello, after a moment's wait elsewhere.
+//! `connect` and its hello) is waited for a moment, then the connection
+//! goes back behind a doorbell, so that the accept goes on with the next.
 
 use super::Call;
 use crate::names::SocketName;
@@ -19,9 +18,8 @@ use std::time::{Duration, Instant};
 
 /// How long an accepted connection's hello may take to arrive.
 const HELLO_WAIT: Duration = Duration::from_secs(1);
-/// How long an accept off the receive loop (on a helper thread, or
-/// replayed) waits for a hello before it puts the connection back behind a
-/// doorbell (its connecting thread was preempted).
+/// How long an accept waits for a hello before it puts the connection
+/// back behind a doorbell (its connecting thread was preempted).
 const HELLO_BRIEF: Duration = Duration::from_millis(2);
 
 /// Puts an accepted connection whose hello is not there yet back in its
@@ -116,11 +114,7 @@ pub(super) fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: boo
     match first {
         Hello::Gone => return Caller::Gone,
         // Its connect has just returned on another thread of the broker,
-        // which writes the hello next. The receive loop waits for nothing:
-        // the connection goes back behind a doorbell at once (about one
-        // accept in a thousand under load). Elsewhere a moment's wait is
-        // the common case.
-        Hello::NotYet if !may_wait && call.on_receive_loop() => return Caller::NotYet,
+        // which writes the hello next: a moment's wait is the common case.
         Hello::NotYet => match peek_hello(call, conn, Some(Instant::now() + HELLO_BRIEF)) {
             Hello::Valid(client) => return keep(call, conn, client, v6),
             Hello::Gone => return Caller::Gone,
