@@ -79,27 +79,33 @@ for n in names:
         s.close()
 "#;
 
-/// A server that, for every connection, prints `PEER ip port GETPEERNAME ip
-/// port` and answers one line with `echo:LINE`. Prints `LISTENING` first.
+/// A server on port argv[1] that, for every connection, prints `PEER ip port
+/// GETPEERNAME ip port` and answers one line with `echo:LINE`, or prints
+/// `ABORTED` for an accept that failed with `ECONNABORTED`; argv[2] threads
+/// (default 1) accept on the listener. Prints `LISTENING` first.
 const PEER_SERVER: &str = r#"
-import socket, sys
+import socket, sys, threading
 srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("0.0.0.0", int(sys.argv[1])))
 srv.listen(16)
+def acceptor():
+    while True:
+        try:
+            c, peer = srv.accept()
+        except ConnectionAbortedError:
+            print("ABORTED", flush=True)
+            continue
+        gp = c.getpeername()
+        print("PEER", peer[0], peer[1], "GETPEERNAME", gp[0], gp[1], flush=True)
+        with c:
+            line = c.makefile("rb").readline()
+            c.sendall(b"echo:" + line)
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+for _ in range(threads):
+    threading.Thread(target=acceptor, daemon=True).start()
 print("LISTENING", flush=True)
-while True:
-    try:
-        c, peer = srv.accept()
-    except ConnectionAbortedError:
-        print("ABORTED", flush=True)
-        continue
-    gp = c.getpeername()
-    print("PEER", peer[0], peer[1], "GETPEERNAME", gp[0], gp[1], flush=True)
-    f = c.makefile("rb")
-    line = f.readline()
-    c.sendall(b"echo:" + line)
-    c.close()
+threading.Event().wait()
 "#;
 
 /// Under ax: binds the abstract client name argv[1] (another VIP's) on a
@@ -371,32 +377,6 @@ fn a_successor_without_the_fd_keeper_finds_the_namespace() {
 /// A client of the control socket claims a container's identity in its
 /// registration: only the runtime socket may give one, so the daemon
 /// refuses, and no app of that container exists.
-/// Two threads accepting on one listener at argv[1]: each prints `PEER ip
-/// port` for a connection it accepted (and echoes one line on it) or
-/// `ABORTED` for an accept that failed with `ECONNABORTED`.
-const TWO_ACCEPTORS: &str = r#"
-import socket, sys, threading
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(16)
-def acceptor():
-    while True:
-        try:
-            c, peer = srv.accept()
-        except ConnectionAbortedError:
-            print("ABORTED", flush=True)
-            continue
-        print("PEER", peer[0], peer[1], flush=True)
-        with c:
-            line = c.makefile("rb").readline()
-            c.sendall(b"echo:" + line)
-for _ in range(2):
-    threading.Thread(target=acceptor, daemon=True).start()
-print("LISTENING", flush=True)
-threading.Event().wait()
-"#;
-
 /// Connects to the abstract UNIX name argv[1] and says nothing until its
 /// stdin closes.
 const SILENT_CLIENT: &str = r#"
@@ -426,7 +406,7 @@ print("REPLY", s.makefile("rb").readline(), flush=True)
 fn a_silent_connection_holds_up_no_other_accept() {
     require!("python3", "nsenter");
     let d = Daemon::start();
-    let mut server = d.spawn(&["--ip", "10.233.0.30"], &py(TWO_ACCEPTORS, &["8000"]));
+    let mut server = d.spawn(&["--ip", "10.233.0.30"], &py(PEER_SERVER, &["8000", "2"]));
     server.wait_for_stdout("LISTENING", SHORT);
     d.wait_for_service(&mut server, "10.233.0.30:8000");
     let listener = endpoint_of(&d, "10.233.0.30:8000");

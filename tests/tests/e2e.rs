@@ -1057,10 +1057,6 @@ print(json.dumps(res, sort_keys=True), flush=True)
 #[test]
 fn bad_sockaddr_errnos_match_the_kernel() {
     require!("python3");
-    let d = Daemon::start();
-    let native = run(Command::new("python3").args(["-c", SOCKADDR_PROBE]), SHORT);
-    native.assert_success();
-    let native = json_line(&native.stdout);
     let want = json!({
         "connect_bad_pointer": "EFAULT",
         "connect_addrlen_3": "EINVAL",
@@ -1071,11 +1067,24 @@ fn bad_sockaddr_errnos_match_the_kernel() {
         "bind_addrlen_3": "EINVAL",
         "bind6_addrlen_16": "EINVAL",
     });
+    same_as_native(&Daemon::start(), &[], SOCKADDR_PROBE, &[], want);
+}
+
+/// Runs the Python `probe` natively, checks that it prints `want` (else the
+/// test's own expectation is wrong), then under ax with `opts`: it must
+/// print the same.
+fn same_as_native(d: &Daemon, opts: &[&str], probe: &str, args: &[&str], want: Value) {
+    let native = run(
+        Command::new("python3").arg("-c").arg(probe).args(args),
+        SHORT,
+    );
+    native.assert_success();
+    let native = json_line(&native.stdout);
     assert_eq!(
         native, want,
         "native reference (the test's own expectation is wrong)"
     );
-    let out = d.run(&[], &py(SOCKADDR_PROBE, &[]));
+    let out = d.run(opts, &py(probe, args));
     out.assert_success();
     assert_eq!(
         json_line(&out.stdout),
@@ -1137,28 +1146,17 @@ print(json.dumps(res, sort_keys=True), flush=True)
 #[test]
 fn accept_on_a_shut_down_listener_matches_the_kernel() {
     require!("python3");
-    let d = Daemon::start();
-    let native = run(
-        Command::new("python3").args(["-c", SHUTDOWN_PROBE, "7610"]),
-        SHORT,
-    );
-    native.assert_success();
-    let native = json_line(&native.stdout);
     let want = json!({
         "nonblocking_empty": "EAGAIN",
         "nonblocking_shut_down": "EINVAL",
         "blocked_shut_down": "EINVAL",
     });
-    assert_eq!(
-        native, want,
-        "native reference (the test's own expectation is wrong)"
-    );
-    let out = d.run(&["--ip", "10.233.0.82"], &py(SHUTDOWN_PROBE, &["7610"]));
-    out.assert_success();
-    assert_eq!(
-        json_line(&out.stdout),
-        native,
-        "under ax vs natively: {out}"
+    same_as_native(
+        &Daemon::start(),
+        &["--ip", "10.233.0.82"],
+        SHUTDOWN_PROBE,
+        &["7610"],
+        want,
     );
 }
 
