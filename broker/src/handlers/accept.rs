@@ -90,24 +90,13 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
         accept_flags |= SocketFlags::NONBLOCK;
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    if is_nonblocking(&listener) {
-        loop {
-            return match try_accept(call, &listener, accept_flags) {
-                None => Outcome::Errno(libc::EAGAIN),
-                Some(Ok(conn)) => {
-                    match complete(call, target, Some(&listener), conn, v6, cloexec) {
-                        Err(NotHanded::ClientLeft) => continue,
-                        done => answer(done),
-                    }
-                }
-                Some(Err(e)) => Outcome::Errno(e),
-            };
-        }
-    }
-    // Else nothing to accept after all: wait as below.
     if let Some(done) = take_waiting(call, target, &listener, accept_flags, v6, cloexec) {
         return done;
     }
+    if is_nonblocking(&listener) {
+        return Outcome::Errno(libc::EAGAIN);
+    }
+    // Nothing to accept yet: wait as below.
     let timeout = sockopt::socket_timeout(&listener, sockopt::Timeout::Recv)
         .ok()
         .flatten();
@@ -287,8 +276,9 @@ fn queue_of(listener: &OwnedFd) -> Queue {
     }
 }
 
-/// Accepts a connection waiting on `listener`, if any, and hands it over:
-/// the answer, or `None` when there was none (or its client had left).
+/// Accepts a connection waiting on `listener`, if any, and hands it over,
+/// going on with the next one while their clients had left: the answer,
+/// or `None` when none is waiting.
 fn take_waiting(
     call: &Call<'_>,
     target: &Target,
@@ -297,12 +287,13 @@ fn take_waiting(
     v6: bool,
     cloexec: bool,
 ) -> Option<Outcome> {
-    let done = try_accept(call, listener, flags)?
-        .map_err(NotHanded::Failed)
-        .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec));
-    match done {
-        Err(NotHanded::ClientLeft) => None,
-        done => Some(answer(done)),
+    loop {
+        let done = try_accept(call, listener, flags)?
+            .map_err(NotHanded::Failed)
+            .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec));
+        if done != Err(NotHanded::ClientLeft) {
+            return Some(answer(done));
+        }
     }
 }
 
@@ -330,11 +321,7 @@ fn complete(
         // accept goes on with the next one.
         Caller::NotYet => match requeue(call, conn) {
             Ok(()) => return Err(NotHanded::ClientLeft),
-            Err(conn) if call.on_receive_loop() => return Ok(defer_hello(call, conn, v6, cloexec)),
-            Err(conn) => {
-                let local = waited_hello(call, &conn, v6)?.ok_or(NotHanded::ClientLeft)?;
-                (conn, local)
-            }
+            Err(conn) => return late_hello(call, target, conn, v6, cloexec),
         },
         // Not a connection the broker made (in its private namespace only
         // the broker binds names, so this is e.g. a program's own swapped
@@ -382,28 +369,33 @@ fn complete(
                 }
                 (None, Some(peer)) => (real, in_family(peer, v6)),
                 // One of the broker's own, put back by `requeue`: its
-                // hello was late, and is waited for off the receive loop.
-                (None, None) if call.on_receive_loop() => {
-                    return Ok(defer_hello(call, real, v6, cloexec))
-                }
-                (None, None) => {
-                    let local = waited_hello(call, &real, v6)?.ok_or(NotHanded::ClientLeft)?;
-                    (real, local)
-                }
+                // hello was late.
+                (None, None) => return late_hello(call, target, real, v6, cloexec),
             }
         }
     };
     Ok(hand_over(call, target, conn, peer, inode, v6, cloexec)?)
 }
 
-/// Waits on a helper thread for the hello of `conn`, a connection whose
-/// hello was late, then hands the connection over: on the receive loop the
-/// wait (up to a second) would hold up every trapped call of the app.
-/// A client that left meanwhile fails this accept with `ECONNABORTED`, a
-/// connection reset before it was accepted, which servers accept again
-/// after.
-fn defer_hello(call: &Call<'_>, conn: OwnedFd, v6: bool, cloexec: bool) -> Outcome {
-    super::defer(call, move |call| {
+/// Waits for the hello of `conn`, a connection whose hello was late, then
+/// hands the connection over: here off the receive loop, on a helper
+/// thread from it, where the wait (up to a second) would hold up every
+/// trapped call of the app.
+fn late_hello(
+    call: &Call<'_>,
+    target: &Target,
+    conn: OwnedFd,
+    v6: bool,
+    cloexec: bool,
+) -> Result<Outcome, NotHanded> {
+    if !call.on_receive_loop() {
+        let local = waited_hello(call, &conn, v6)?.ok_or(NotHanded::ClientLeft)?;
+        return Ok(hand_over(call, target, conn, local, None, v6, cloexec)?);
+    }
+    // A client that left meanwhile fails this accept with `ECONNABORTED`,
+    // a connection reset before it was accepted, which servers accept
+    // again after.
+    Ok(super::defer(call, move |call| {
         let target = match super::reopen(call) {
             Ok(t) => t,
             Err(answer) => return answer,
@@ -413,7 +405,7 @@ fn defer_hello(call: &Call<'_>, conn: OwnedFd, v6: bool, cloexec: bool) -> Outco
             Ok(None) => answer(Err(NotHanded::ClientLeft)),
             Err(e) => Outcome::Errno(e),
         }
-    })
+    }))
 }
 
 /// Installs `conn`, from the client `peer` (`inode`: the connection's, if
