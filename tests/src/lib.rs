@@ -215,6 +215,28 @@ impl Drop for TempDir {
     }
 }
 
+/// Copies the executable `from` to `to` (mode 0755) and returns once it can
+/// be run: until then, a child that another test thread forked while the
+/// copy was open for writing holds it (the kernel answers `ETXTBSY` to an
+/// exec of a file open for writing) until that child execs.
+pub fn copy_executable(from: &Path, to: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", to.display()));
+    let runs = poll(SHORT, Duration::from_millis(10), || {
+        match Command::new(to).arg("--version").output() {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::TXTBSY.raw_os_error()) => None,
+            other => Some(other),
+        }
+    });
+    match runs {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => panic!("{} cannot be run: {e}", to.display()),
+        None => panic!("{} stayed busy (ETXTBSY)", to.display()),
+    }
+}
+
 /// Polls `f` every `every` until it returns `Some` or `limit` passes.
 pub fn poll<T>(limit: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;

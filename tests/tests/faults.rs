@@ -1805,8 +1805,7 @@ fn control_socket_serves_only_its_uid_and_root() {
     let base = TempDir::new("uid");
     chmod(base.path(), 0o755);
     let ax = base.join("ax");
-    fs::copy(ax_e2e::ax_bin(), &ax).expect("copy ax");
-    chmod(&ax, 0o755);
+    ax_e2e::copy_executable(&ax_e2e::ax_bin(), &ax);
     let ax = p(&ax).to_string();
     let own = base.join("a");
     fs::create_dir(&own).expect("mkdir");
