@@ -3,7 +3,10 @@
 # keep-alive, nginx with `ab` without keep-alive, PostgreSQL with `pgbench -S`
 # with and without a connection per transaction (-C), each under ax vs native
 # in the same run, plus the daemon's CPU per connection and per trapped call
-# that needs no target memory. Run by scripts/bench.sh (alone with
+# that needs no target memory. The Go and nginx rows without keep-alive also
+# run natively under `ax-bench null-supervisor` (ax's filter, every trapped
+# call answered CONTINUE: what trapping alone costs), and Go over native
+# AF_UNIX, for the ceiling any broker behind this filter could reach. Run by scripts/bench.sh (alone with
 # `sudo bash scripts/bench.sh --programs`), inside a network namespace with
 # loopback only; it refuses to run anywhere else.
 #
@@ -90,9 +93,31 @@ wait_port() {
     return 1
 }
 
-declare -A RES   # RES[row,ax|native] = space-separated rps per round
+# ax-bench beside ax: its null-supervisor runs a program under ax's filter
+# with every trapped call answered CONTINUE (the "trapped, no broker" side).
+BENCH="$(dirname "$AX")/ax-bench"
+declare -A RES   # RES[row,ax|native|trapped|unix] = space-separated rps per round
 declare -A CPU   # CPU[row] = space-separated daemon µs per connection per round
+declare -A SUP   # SUP[row] = space-separated null-supervisor µs per connection per round
+declare -A TRAPS # TRAPS[row] = space-separated trapped calls per connection per round
 ROWS=()
+CEIL_ROWS=()
+
+# Runs "$@" (a load client) under the null supervisor, its stderr (with the
+# supervisor's closing line) in $TMP/sup.err.
+trapped_run() { "$BENCH" null-supervisor -- "$@" 2>"$TMP/sup.err" || true; }
+TRAPPED_OK=0
+[ -x "$BENCH" ] && TRAPPED_OK=1
+# Notes the null supervisors' CPU per connection for row $1: the server's
+# (ticks $2 to $3 of its supervisor) plus the client's (SUP_US), over $4
+# connections (the client's from the closing line in $TMP/sup.err); and the
+# trapped calls per connection of the client's side.
+sup_note() {
+    local SUP_CALLS SUP_US
+    read -r SUP_CALLS SUP_US < <(sed -n 's/^null-supervisor: \([0-9]*\) trapped calls, \([0-9]*\) us of CPU$/\1 \2/p' "$TMP/sup.err")
+    SUP["$1"]+=" $(awk -v d=$(($3 - $2)) -v k="$CLK" -v c="${SUP_US:-0}" -v n="$4" 'BEGIN {printf "%.1f", (d / k * 1e6 + c) / n}')"
+    TRAPS["$1"]+=" $(awk -v c="${SUP_CALLS:-0}" -v n="$4" 'BEGIN {printf "%.1f", c / n}')"
+}
 
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -116,19 +141,41 @@ if [ "$GO_OK" = 1 ]; then
     PIDS+=($!)
     "${AXX[@]}" --ip "$VIP" -- "$GOH" serve 0.0.0.0:8080 >"$TMP/goa.out" 2>"$TMP/goa.out.err" &
     PIDS+=($!)
+    "$GOH" serve "unix:$TMP/go.sock" >"$TMP/gou.out" 2>"$TMP/gou.out.err" &
+    PIDS+=($!)
     wait_ready "$TMP/gon.out"
     wait_ready "$TMP/goa.out"
+    wait_ready "$TMP/gou.out"
+    if [ "$TRAPPED_OK" = 1 ]; then
+        "$BENCH" null-supervisor -- "$GOH" serve 127.0.0.1:8082 >"$TMP/got.out" 2>"$TMP/got.out.err" &
+        GOT_SUP=$!
+        PIDS+=("$GOT_SUP")
+        wait_ready "$TMP/got.out"
+    fi
     for ka in 0 1; do
         row="Go net/http, $CONC goroutines, keep-alive $([ $ka = 1 ] && echo on || echo off)"
         ROWS+=("$row")
         n=$N
-        [ $ka = 1 ] && n=$((N * 4))
+        sides="native ax"
+        if [ $ka = 1 ]; then
+            n=$((N * 4))
+        else
+            CEIL_ROWS+=("$row")
+            sides="native ax unix"
+            [ "$TRAPPED_OK" = 1 ] && sides+=" trapped"
+        fi
         for r in $(seq "$ROUNDS"); do
-            for side in native ax; do
+            for side in $sides; do
                 if [ $side = ax ]; then
                     c0=$(dcpu)
                     out=$("${AXX[@]}" -- "$GOH" load "http://$VIP:8080/" "$CONC" "$n" $ka)
                     c1=$(dcpu)
+                elif [ $side = unix ]; then
+                    out=$("$GOH" load "http://go/" "$CONC" "$n" $ka "unix:$TMP/go.sock")
+                elif [ $side = trapped ]; then
+                    c0=$(cpu_of "$GOT_SUP")
+                    out=$(trapped_run "$GOH" load "http://127.0.0.1:8082/" "$CONC" "$n" $ka)
+                    c1=$(cpu_of "$GOT_SUP")
                 else
                     out=$("$GOH" load "http://127.0.0.1:8081/" "$CONC" "$n" $ka)
                 fi
@@ -137,6 +184,9 @@ if [ "$GO_OK" = 1 ]; then
                 RES["$row,$side"]+=" $(awk -v n="$reqs" -v s="$secs" 'BEGIN {printf "%.0f", n / s}')"
                 if [ $side = ax ] && [ $ka = 0 ]; then
                     CPU["$row"]+=" $(us_per "$c0" "$c1" "$reqs")"
+                fi
+                if [ $side = trapped ]; then
+                    sup_note "$row" "$c0" "$c1" "$reqs"
                 fi
             done
         done
@@ -149,11 +199,17 @@ fi
 if ! want nginx; then
     :
 elif command -v nginx >/dev/null 2>&1 && command -v ab >/dev/null 2>&1; then
-    for side in native ax; do
+    nginx_sides="native ax"
+    [ "$TRAPPED_OK" = 1 ] && nginx_sides+=" trapped"
+    for side in $nginx_sides; do
         d="$TMP/nginx-$side"
         mkdir -p "$d/html" "$d/tmp"
         echo hello >"$d/html/index.html"
-        if [ $side = ax ]; then listen=8090; else listen=127.0.0.1:8091; fi
+        case $side in
+            ax) listen=8090 ;;
+            native) listen=127.0.0.1:8091 ;;
+            trapped) listen=127.0.0.1:8092 ;;
+        esac
         cat >"$d/nginx.conf" <<CONF
 worker_processes 2;
 daemon off;
@@ -171,12 +227,16 @@ http {
 CONF
         if [ $side = ax ]; then
             "${AXX[@]}" --ip "$VIP_NGINX" -- nginx -c "$d/nginx.conf" -e "$d/error.log" 2>"$d/stderr" &
+        elif [ $side = trapped ]; then
+            "$BENCH" null-supervisor -- nginx -c "$d/nginx.conf" -e "$d/error.log" 2>"$d/stderr" &
+            NGT_SUP=$!
         else
             nginx -c "$d/nginx.conf" -e "$d/error.log" 2>"$d/stderr" &
         fi
         PIDS+=($!)
     done
     wait_port 127.0.0.1 8091
+    [ "$TRAPPED_OK" = 1 ] && wait_port 127.0.0.1 8092
     # The ax side: ready once a client under ax gets an answer.
     for _ in $(seq 400); do
         "${AXX[@]}" -- ab -q -n 1 "http://$VIP_NGINX:8090/" >/dev/null 2>&1 && break
@@ -184,13 +244,19 @@ CONF
     done
     row="nginx (2 workers) + ab -c $CONC, keep-alive off"
     ROWS+=("$row")
+    CEIL_ROWS+=("$row")
     for r in $(seq "$ROUNDS"); do
-        for side in native ax; do
+        for side in $nginx_sides; do
             if [ $side = ax ]; then
                 c0=$(dcpu)
                 out=$("${AXX[@]}" -- ab -q -r -c "$CONC" -n "$N" "http://$VIP_NGINX:8090/" 2>&1)
                 c1=$(dcpu)
                 CPU["$row"]+=" $(us_per "$c0" "$c1" "$N")"
+            elif [ $side = trapped ]; then
+                c0=$(cpu_of "$NGT_SUP")
+                out=$(trapped_run ab -q -r -c "$CONC" -n "$N" "http://127.0.0.1:8092/")
+                c1=$(cpu_of "$NGT_SUP")
+                sup_note "$row" "$c0" "$c1" "$N"
             else
                 out=$(ab -q -r -c "$CONC" -n "$N" "http://127.0.0.1:8091/" 2>&1)
             fi
@@ -455,6 +521,35 @@ fi
         echo "| $row | $nat | $a | $ratio | $c |"
     done
     echo
+    if ((${#CEIL_ROWS[@]} > 0)) && [ "$TRAPPED_OK" = 1 ]; then
+        echo "What trapping alone costs (same rounds): the native TCP servers and clients again, each under \`ax-bench null-supervisor\` (ax's own seccomp filter, every trapped call answered CONTINUE at once, nothing else done), and Go over native AF_UNIX (the data path ax gives). The ceiling is what a broker that did no work at all could reach on AF_UNIX: per round, 1 ÷ (1/unix + 1/trapped − 1/native), ÷ native."
+        echo
+        echo "| workload | trapped, no broker ÷ native | supervisor CPU per connection | client's trapped calls per connection | AF_UNIX ÷ native | ceiling ÷ native | under ax ÷ native |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
+        for row in "${CEIL_ROWS[@]}"; do
+            [ -n "${RES["$row,trapped"]:-}" ] || continue
+            per_round() { # side: ratio to native per round
+                paste -d/ <(tr ' ' '\n' <<<"${RES["$row,$1"]}" | awk 'NF') \
+                    <(tr ' ' '\n' <<<"${RES["$row,native"]}" | awk 'NF') |
+                    awk -F/ '$2 > 0 {print $1 / $2}'
+            }
+            tr_=$(per_round trapped | median | awk '{printf "%.2f×", $1}')
+            ax_=$(per_round ax | median | awk '{printf "%.2f×", $1}')
+            sup=$(median <<<"${SUP["$row"]:-}")
+            calls=$(median <<<"${TRAPS["$row"]:-}")
+            un="–" ceil="–"
+            if [ -n "${RES["$row,unix"]:-}" ]; then
+                un=$(per_round unix | median | awk '{printf "%.2f×", $1}')
+                ceil=$(paste -d' ' <(tr ' ' '\n' <<<"${RES["$row,native"]}" | awk 'NF') \
+                    <(tr ' ' '\n' <<<"${RES["$row,unix"]}" | awk 'NF') \
+                    <(tr ' ' '\n' <<<"${RES["$row,trapped"]}" | awk 'NF') |
+                    awk '$1 > 0 && $2 > 0 && $3 > 0 {print (1 / (1 / $2 + 1 / $3 - 1 / $1)) / $1}' |
+                    median | awk '{printf "%.2f×", $1}')
+            fi
+            echo "| $row | $tr_ | $sup µs | $calls | $un | $ceil | $ax_ |"
+        done
+        echo
+    fi
     if [ -n "$percall" ]; then
         pc=$(median <<<"$percall")
         echo "Daemon CPU per trapped call that needs no target memory (accept4 with nothing pending, EAGAIN): $pc µs (median of$percall)."

@@ -3,11 +3,13 @@
 //!
 //! One binary, two kinds of subcommand: worker roles (`serve`, `client`,
 //! `syscall`, `egress`, `many-listeners`, `unixpair`) that run natively, in
-//! a network namespace or under `ax exec`, and the orchestrator (`run`) that
+//! a network namespace or under `ax exec`, `null-supervisor` (a program
+//! under ax's filter with nothing behind it), and the orchestrator (`run`) that
 //! starts them and writes the report. The documented entry point is
 //! `scripts/bench.sh`.
 
 mod net;
+mod nullsup;
 mod procs;
 mod report;
 mod run;
@@ -22,7 +24,7 @@ use worker::{ClientMode, ClientOpts, ServeMode};
 const AFTER_HELP: &str = "\
 Examples:
   sudo bash scripts/bench.sh --quick          # the documented way: all rows, in a private netns
-  ax-bench run --unprivileged                 # ax local, TCP loopback and AF_UNIX only
+  ax-bench run --unprivileged                 # ax local, TCP loopback, AF_UNIX, trapped TCP
   ax-bench serve --bind 127.0.0.1:5201        # a worker, by hand
   ax-bench client --connect 127.0.0.1:5201 --mode pingpong --iterations 10000
   ax exec --ip 10.233.0.10 -- ax-bench serve --bind 0.0.0.0:5201
@@ -124,6 +126,18 @@ enum Cmd {
         #[arg(long)]
         path: Option<String>,
     },
+    /// Run COMMAND under ax's seccomp filter, every trapped call answered
+    /// CONTINUE: the cost of trapping alone, with no broker work at all
+    #[command(
+        after_help = "Prints \"null-supervisor: CALLS trapped calls, CPU_US us of CPU\" \
+        on stderr when COMMAND exits, and exits with its status.\n\nExample:\n  \
+        ax-bench null-supervisor -- curl -s http://127.0.0.1:8080/"
+    )]
+    NullSupervisor {
+        /// The program and its arguments
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Run the whole benchmark and write the report (needs root, or --unprivileged)
     Run(run::RunArgs),
 }
@@ -192,6 +206,7 @@ fn main() {
         } => worker::unixpair(mode, iterations, bytes, path.as_deref())
             .and_then(|r| worker::print_report(&r))
             .map(|_| 0),
+        Cmd::NullSupervisor { command } => nullsup::run(&command),
         Cmd::Run(args) => {
             let r = run::run(args);
             procs::cleanup_all();

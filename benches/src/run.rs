@@ -39,12 +39,12 @@ pub struct RunArgs {
     /// Write all raw numbers here
     #[arg(long, value_name = "FILE")]
     pub out_json: Option<PathBuf>,
-    /// Without root: only ax local, TCP loopback and AF_UNIX (re-runs itself
+    /// Without root: only ax local, TCP loopback, AF_UNIX and trapped TCP (re-runs itself
     /// in `unshare --user --map-root-user --net` when this namespace has a
     /// default route)
     #[arg(long)]
     pub unprivileged: bool,
-    /// Only these transports (ax, tcp, unix, veth, bridge, slirp4netns, pasta; comma-separated)
+    /// Only these transports (ax, tcp, unix, trapped, veth, bridge, slirp4netns, pasta; comma-separated)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub only: Vec<String>,
     /// Skip the two ax scale checks
@@ -123,6 +123,9 @@ pub enum Kind {
     Tcp,
     /// Native AF_UNIX.
     Unix,
+    /// Native TCP over 127.0.0.1, both ends under ax's filter with a
+    /// supervisor that answers every trapped call `CONTINUE`.
+    Trapped,
     /// Two namespaces joined by a veth pair.
     Veth,
     /// Two namespaces on a Linux bridge.
@@ -135,10 +138,11 @@ pub enum Kind {
 
 impl Kind {
     /// All, in table order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Ax,
         Kind::Tcp,
         Kind::Unix,
+        Kind::Trapped,
         Kind::Veth,
         Kind::Bridge,
         Kind::Slirp4netns,
@@ -151,6 +155,7 @@ impl Kind {
             Kind::Ax => "ax",
             Kind::Tcp => "tcp",
             Kind::Unix => "unix",
+            Kind::Trapped => "trapped",
             Kind::Veth => "veth",
             Kind::Bridge => "bridge",
             Kind::Slirp4netns => "slirp4netns",
@@ -164,6 +169,7 @@ impl Kind {
             Kind::Ax => "ax local",
             Kind::Tcp => "TCP loopback",
             Kind::Unix => "AF_UNIX",
+            Kind::Trapped => "TCP, trapped, no broker",
             Kind::Veth => "veth pair",
             Kind::Bridge => "bridge",
             Kind::Slirp4netns => "slirp4netns",
@@ -177,6 +183,7 @@ impl Kind {
             Kind::Ax => "both ends under `ax exec`; server binds 0.0.0.0 with `--ip 10.233.0.50`, client connects to the VIP (AF_UNIX underneath)",
             Kind::Tcp => "native TCP, client and server on 127.0.0.1",
             Kind::Unix => "native AF_UNIX stream socket at a path",
+            Kind::Trapped => "native TCP on 127.0.0.1, both ends under `ax-bench null-supervisor`: ax's own seccomp filter, every trapped call answered `CONTINUE` at once by a receive loop laid out as ax's; what trapping alone costs, with no broker work at all",
             Kind::Veth => "native TCP between two network namespaces joined by a veth pair (10.99.1.1 → 10.99.1.2)",
             Kind::Bridge => "native TCP between two namespaces attached to a Linux bridge in a third (10.99.2.1 → 10.99.2.2), docker's default",
             Kind::Slirp4netns => "client in a slirp4netns namespace (tap, MTU 65520) → 10.0.2.2 → server on the host side's 127.0.0.1, like a rootless container reaching a host service (client namespace: at most 1,024 TIME_WAIT entries, as slirp does not do TCP timestamps)",
@@ -185,7 +192,7 @@ impl Kind {
     }
 
     fn needs_root(self) -> bool {
-        !matches!(self, Kind::Ax | Kind::Tcp | Kind::Unix)
+        !matches!(self, Kind::Ax | Kind::Tcp | Kind::Unix | Kind::Trapped)
     }
 }
 
@@ -193,6 +200,7 @@ const TCP_PORT: u16 = 5201;
 const SLIRP_PORT: u16 = 5202;
 const PASTA_GW: &str = "10.99.3.254";
 const EGRESS_PORT: u16 = 5203;
+const TRAPPED_PORT: u16 = 5204;
 const AX_PORT: u16 = 5301;
 const AX_VIP: &str = "10.233.0.50";
 const SCALE_SMALL_VIP: &str = "10.233.0.51";
@@ -490,7 +498,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         bail!(
             "`ax-bench run` needs root: it makes network namespaces for the veth, bridge, \
              slirp4netns and pasta rows. Run `sudo bash scripts/bench.sh`, or \
-             `ax-bench run --unprivileged` for the ax local, TCP loopback and AF_UNIX rows only."
+             `ax-bench run --unprivileged` for the ax local, TCP loopback, AF_UNIX and trapped TCP rows only."
         );
     }
     if which("ip").is_none() {
@@ -810,6 +818,22 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             let server = ctx.start_server("unix-server", &[], &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: vec![],
+                connect: a,
+                _server: server,
+                _helpers: vec![],
+                _netns: vec![],
+            })
+        }
+        Kind::Trapped => {
+            let a = format!("127.0.0.1:{TRAPPED_PORT}");
+            let prefix = vec![
+                ctx.exe.display().to_string(),
+                "null-supervisor".into(),
+                "--".into(),
+            ];
+            let server = ctx.start_server("trapped-server", &prefix, &["serve", "--bind", &a])?;
+            Ok(Live {
+                client_prefix: prefix,
                 connect: a,
                 _server: server,
                 _helpers: vec![],
