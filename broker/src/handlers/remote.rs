@@ -47,10 +47,26 @@ pub(super) fn connect(
     rebind: Option<SocketName>,
 ) -> Outcome {
     let nonblocking = is_nonblocking(copy);
-    let carried = Carried::read(copy);
+    // The options are read on the helper thread, from a copy of the fd:
+    // fifteen `getsockopt` calls the app's receive loop need not wait for.
+    // Without a spare fd for the copy, they are read here.
+    let options = match copy.try_clone() {
+        Ok(fd) => Options::Later(fd),
+        Err(_) => Options::Read(Carried::read(copy)),
+    };
     super::defer(call, move |call| {
+        let carried = match options {
+            Options::Later(fd) => Carried::read(&fd),
+            Options::Read(carried) => carried,
+        };
         finish(call, nonblocking, v6, dst, &route, rebind, &carried)
     })
+}
+
+/// The program's socket options, or the copy of its fd to read them from.
+enum Options {
+    Read(Carried),
+    Later(OwnedFd),
 }
 
 /// [`connect`], for a call already on a helper thread: a blocking connect
