@@ -146,12 +146,33 @@ impl Probe {
 /// The state the broker's copy `fd` of a swapped socket stands for.
 pub(crate) fn kind_of(fd: BorrowedFd<'_>) -> Kind {
     if rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false) {
-        Kind::Listening
+        // A TCP listener shut down is closed (`tcp_disconnect`); a UNIX one
+        // keeps listening, and only its shutdown flags tell.
+        if is_shut_down(fd) {
+            Kind::Fresh
+        } else {
+            Kind::Listening
+        }
     } else if rustix::net::getpeername(fd).is_ok() {
         Kind::Connected
     } else {
         Kind::Fresh
     }
+}
+
+/// Whether the program shut the socket down (`shutdown(2)`, either way):
+/// it then polls `POLLRDHUP` or `POLLHUP`.
+pub(crate) fn is_shut_down(fd: BorrowedFd<'_>) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&zero)).is_ok()
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP)
 }
 
 #[cfg(test)]

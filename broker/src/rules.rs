@@ -69,10 +69,12 @@ const SOCKOPT_LEVELS: &[u64] = &[
 ];
 /// `SO_DOMAIN`/`SO_PROTOCOL`, and the socket-level options TCP and UNIX
 /// sockets answer differently (`SO_PASSCRED`, `SO_PASSSEC`, `SO_PASSPIDFD`
-/// are UNIX-only, `SO_TXREHASH` and `SO_REUSEPORT` IP-only).
+/// are UNIX-only, `SO_TXREHASH` and `SO_REUSEPORT` IP-only; `SO_ACCEPTCONN`
+/// stays set on a UNIX listener shut down, where TCP's is closed).
 const SOCKOPT_SOCKET_NAMES: &[u64] = &[
     libc::SO_DOMAIN as u64,
     libc::SO_PROTOCOL as u64,
+    libc::SO_ACCEPTCONN as u64,
     libc::SO_PASSCRED as u64,
     libc::SO_PASSSEC as u64,
     SO_TXREHASH,

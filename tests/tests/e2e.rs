@@ -1112,11 +1112,15 @@ def attempt(s):
         return "OK"
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
+def accepting(s):
+    return s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
 res = {}
 s = listener(port, False)
 res["nonblocking_empty"] = attempt(s)
+res["acceptconn_listening"] = accepting(s)
 s.shutdown(socket.SHUT_RDWR)
 res["nonblocking_shut_down"] = attempt(s)
+res["acceptconn_shut_down"] = accepting(s)
 b = listener(port + 1, True)
 out = {}
 ids = {}
@@ -1142,13 +1146,16 @@ print(json.dumps(res, sort_keys=True), flush=True)
 
 /// A listener shut down stops listening, as TCP's does: its accepts fail
 /// with `EINVAL` (a UNIX listener would answer `EAGAIN`, and a server
-/// polling it would spin), and a thread blocked in one wakes.
+/// polling it would spin), a thread blocked in one wakes, and
+/// `SO_ACCEPTCONN` reads 0 (a UNIX listener would still say 1).
 #[test]
 fn accept_on_a_shut_down_listener_matches_the_kernel() {
     require!("python3");
     let want = json!({
         "nonblocking_empty": "EAGAIN",
+        "acceptconn_listening": 1,
         "nonblocking_shut_down": "EINVAL",
+        "acceptconn_shut_down": 0,
         "blocked_shut_down": "EINVAL",
     });
     same_as_native(

@@ -1,7 +1,8 @@
 //! `setsockopt` and `getsockopt` on swapped sockets.
 //!
-//! The filter only traps the TCP, IP and IPv6 levels and `SO_DOMAIN`/
-//! `SO_PROTOCOL`. On a socket the kernel still owns, they run natively. On a
+//! The filter only traps the TCP, IP and IPv6 levels and the socket-level
+//! options TCP and UNIX sockets answer differently (`SO_DOMAIN`,
+//! `SO_PROTOCOL`, `SO_ACCEPTCONN`, …: see `crate::rules`). On a socket the kernel still owns, they run natively. On a
 //! swapped one (a UNIX socket underneath), every TCP/IP option is answered
 //! by a real TCP socket of the program's family (see `crate::probe`):
 //!
@@ -17,7 +18,9 @@
 //!   expects, and an option ax never heard of answers what the kernel says.
 //!
 //! `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP socket of the program's
-//! family would. `SO_REUSEPORT` (which a UNIX socket refuses) is set and
+//! family would, and `SO_ACCEPTCONN` whether it listens: a listener the
+//! program shut down does not, as a TCP one is closed then (a UNIX one
+//! would go on listening). `SO_REUSEPORT` (which a UNIX socket refuses) is set and
 //! read like a TCP option; a listener bound with it, and the connections
 //! it accepts, read it as set (the listener's name says so).
 //!
@@ -147,14 +150,17 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
     }
     let want = optlen.min(MAX_OPTION_LEN);
     let value = match level {
-        // sk_setsockopt: an int, then the name. SO_DOMAIN and SO_PROTOCOL
-        // are read-only.
+        // sk_setsockopt: an int, then the name. SO_DOMAIN, SO_PROTOCOL and
+        // SO_ACCEPTCONN are read-only.
         libc::SOL_SOCKET => {
             if optlen < INT_LEN {
                 return Ok(Outcome::Errno(libc::EINVAL));
             }
             let int = target.read(optval, INT_LEN)?;
-            if matches!(optname, libc::SO_DOMAIN | libc::SO_PROTOCOL) {
+            if matches!(
+                optname,
+                libc::SO_DOMAIN | libc::SO_PROTOCOL | libc::SO_ACCEPTCONN
+            ) {
                 return Ok(Outcome::Errno(libc::ENOPROTOOPT));
             }
             int
@@ -240,11 +246,18 @@ fn get(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
         Err(_) if level == libc::IPPROTO_IPV6 => usize::MAX,
         Err(_) => return Ok(Outcome::Errno(libc::EINVAL)),
     };
-    if level == libc::SOL_SOCKET && matches!(optname, libc::SO_DOMAIN | libc::SO_PROTOCOL) {
+    if level == libc::SOL_SOCKET
+        && matches!(
+            optname,
+            libc::SO_DOMAIN | libc::SO_PROTOCOL | libc::SO_ACCEPTCONN
+        )
+    {
         // sk_getsockopt: the value, then the length.
         let v = match optname {
             libc::SO_DOMAIN if v6 => libc::AF_INET6,
             libc::SO_DOMAIN => libc::AF_INET,
+            // A listener shut down is closed, as TCP's is.
+            libc::SO_ACCEPTCONN => i32::from(subject.kind == probe::Kind::Listening),
             _ => libc::IPPROTO_TCP,
         };
         let n = len.min(INT_LEN);
