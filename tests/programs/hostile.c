@@ -851,6 +851,11 @@ static void sockopt_cases(int l6)
     GETOPT("getsockopt_so_domain_len2", SOL_SOCKET, SO_DOMAIN, 2);
     GETOPT("getsockopt_so_domain_len_neg1", SOL_SOCKET, SO_DOMAIN, -1);
     GETOPT("getsockopt_so_protocol", SOL_SOCKET, SO_PROTOCOL, 4);
+    GETOPT("getsockopt_so_acceptconn", SOL_SOCKET, SO_ACCEPTCONN, 4);
+    GETOPT("getsockopt_so_acceptconn_len2", SOL_SOCKET, SO_ACCEPTCONN, 2);
+    GETOPT("getsockopt_so_acceptconn_len_neg1", SOL_SOCKET, SO_ACCEPTCONN, -1);
+    CASE("setsockopt_so_acceptconn", SYS_setsockopt, fd, SOL_SOCKET, SO_ACCEPTCONN, &one, 4);
+    CASE("setsockopt_so_acceptconn_len2", SYS_setsockopt, fd, SOL_SOCKET, SO_ACCEPTCONN, &one, 2);
     /* Options nobody set answer TCP's defaults. */
     GETOPT("getsockopt_keepidle", IPPROTO_TCP, TCP_KEEPIDLE, 4);
     GETOPT("getsockopt_keepintvl", IPPROTO_TCP, TCP_KEEPINTVL, 4);
