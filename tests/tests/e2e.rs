@@ -1114,13 +1114,24 @@ def attempt(s):
         return errno.errorcode.get(e.errno, str(e.errno))
 def accepting(s):
     return s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+def outcome(f):
+    try:
+        return repr(f())
+    except socket.timeout:
+        return "TIMED OUT"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
 res = {}
 s = listener(port, False)
 res["nonblocking_empty"] = attempt(s)
 res["acceptconn_listening"] = accepting(s)
+# A client waiting in the queue when the listener is shut down is reset.
+queued = socket.create_connection(("127.0.0.1", port))
+queued.settimeout(10)
 s.shutdown(socket.SHUT_RDWR)
 res["nonblocking_shut_down"] = attempt(s)
 res["acceptconn_shut_down"] = accepting(s)
+res["queued_client_reads"] = outcome(lambda: queued.recv(1))
 b = listener(port + 1, True)
 out = {}
 ids = {}
@@ -1146,8 +1157,10 @@ print(json.dumps(res, sort_keys=True), flush=True)
 
 /// A listener shut down stops listening, as TCP's does: its accepts fail
 /// with `EINVAL` (a UNIX listener would answer `EAGAIN`, and a server
-/// polling it would spin), a thread blocked in one wakes, and
-/// `SO_ACCEPTCONN` reads 0 (a UNIX listener would still say 1).
+/// polling it would spin), a thread blocked in one wakes,
+/// `SO_ACCEPTCONN` reads 0 (a UNIX listener would still say 1), and a
+/// client waiting in its queue is reset (it would wait until the listener
+/// is closed).
 #[test]
 fn accept_on_a_shut_down_listener_matches_the_kernel() {
     require!("python3");
@@ -1156,6 +1169,7 @@ fn accept_on_a_shut_down_listener_matches_the_kernel() {
         "acceptconn_listening": 1,
         "nonblocking_shut_down": "EINVAL",
         "acceptconn_shut_down": 0,
+        "queued_client_reads": "ECONNRESET",
         "blocked_shut_down": "EINVAL",
     });
     same_as_native(

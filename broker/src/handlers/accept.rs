@@ -233,10 +233,52 @@ fn try_accept(
         .unwrap_or_else(|e| e.into_inner());
     match queue_of(listener) {
         Queue::Empty => None,
-        Queue::ShutDown => Some(Err(libc::EINVAL)),
+        Queue::ShutDown => {
+            close_shut_down(call, listener);
+            Some(Err(libc::EINVAL))
+        }
         Queue::Waiting => {
             Some(rustix::net::accept_with(listener, flags).map_err(|e| e.raw_os_error()))
         }
+    }
+}
+
+/// Does to a listener the program shut down what TCP does at `shutdown`,
+/// which a UNIX listener does not: its service stops taking connections
+/// (new clients are refused, `ECONNREFUSED`), and the connections waiting
+/// in its queue are reset (their clients read `ECONNRESET`: each is closed
+/// with its hello unread). Called with the accept lock held, on the first
+/// accept after the shutdown (a thread blocked in one wakes to it); once
+/// the queue is empty, again, it finds nothing to do.
+///
+/// The queue is drained with the listener made non-blocking for the
+/// moment, as an accept on a blocking one would wait for a connection that
+/// no longer comes. A program can see that flag only with `F_GETFL` in that
+/// moment (its accepts all pass through here, under the same lock); a
+/// daemon killed in it leaves the flag set on a listener whose every
+/// accept fails with `EINVAL` from then on.
+fn close_shut_down(call: &Call<'_>, listener: &OwnedFd) {
+    if let Some(name) = super::own_name(listener) {
+        super::connect::release_listener(call, name);
+    }
+    let was_blocking = !is_nonblocking(listener);
+    if was_blocking && super::set_nonblock(listener, true).is_err() {
+        return;
+    }
+    let mut reset = 0usize;
+    while let Ok(conn) = rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
+        drop(conn);
+        reset += 1;
+    }
+    if was_blocking {
+        let _ = super::set_nonblock(listener, false);
+    }
+    if reset > 0 {
+        tracing::debug!(
+            app = call.app,
+            reset,
+            "connections queued on a listener shut down reset"
+        );
     }
 }
 
