@@ -148,7 +148,7 @@ pub(crate) fn kind_of(fd: BorrowedFd<'_>) -> Kind {
     if rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false) {
         // A TCP listener shut down is closed (`tcp_disconnect`); a UNIX one
         // keeps listening, and only its shutdown flags tell.
-        if is_shut_down(fd) {
+        if listener_shut_down(fd) {
             Kind::Fresh
         } else {
             Kind::Listening
@@ -160,9 +160,11 @@ pub(crate) fn kind_of(fd: BorrowedFd<'_>) -> Kind {
     }
 }
 
-/// Whether the program shut the socket down (`shutdown(2)`, either way):
-/// it then polls `POLLRDHUP` or `POLLHUP`.
-pub(crate) fn is_shut_down(fd: BorrowedFd<'_>) -> bool {
+/// Whether the program shut the listener `fd` down for reading
+/// (`shutdown(2)` with `SHUT_RD` or `SHUT_RDWR`): it then polls `POLLRDHUP`,
+/// or `POLLHUP` for both ways. `SHUT_WR` alone changes nothing on a TCP
+/// listener, and is not seen here either.
+pub(crate) fn listener_shut_down(fd: BorrowedFd<'_>) -> bool {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
     let zero = Timespec {

@@ -247,9 +247,9 @@ fn try_accept(
 /// which a UNIX listener does not: its service stops taking connections
 /// (new clients are refused, `ECONNREFUSED`), and the connections waiting
 /// in its queue are reset (their clients read `ECONNRESET`: each is closed
-/// with its hello unread). Called with the accept lock held, on the first
-/// accept after the shutdown (a thread blocked in one wakes to it); once
-/// the queue is empty, again, it finds nothing to do.
+/// with its hello unread). Called with the accept lock held, on every
+/// accept after the shutdown (a thread blocked in one wakes to it): the
+/// first does the work, the later ones find nothing left to do.
 ///
 /// The queue is drained with the listener made non-blocking for the
 /// moment, as an accept on a blocking one would wait for a connection that
