@@ -3,7 +3,8 @@
 //! supervisor that answers every trapped call `CONTINUE` and does nothing
 //! else. The program then works exactly as natively, over the kernel's own
 //! sockets, but pays for every call ax traps: what is left between ax and
-//! native when the broker's work is taken away entirely.
+//! native when the broker's work is taken away entirely. It is a measuring
+//! tool and enforces nothing: `CONTINUE` lets every call through.
 //!
 //! The supervisor is laid out as ax's per-app receive loop is: one thread
 //! polls the notify fd, receives, and answers, with
