@@ -14,6 +14,7 @@
 //! port and has a backlog of zero: a process that connects to it gets at
 //! most one queued connection nobody accepts, and learns nothing.
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
@@ -165,16 +166,18 @@ pub(crate) fn kind_of(fd: BorrowedFd<'_>) -> Kind {
 /// or `POLLHUP` for both ways. `SHUT_WR` alone changes nothing on a TCP
 /// listener, and is not seen here either.
 pub(crate) fn listener_shut_down(fd: BorrowedFd<'_>) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
     let zero = Timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    poll(&mut fds, Some(&zero)).is_ok()
-        && fds[0]
-            .revents()
-            .intersects(PollFlags::RDHUP | PollFlags::HUP)
+    poll(&mut fds, Some(&zero)).is_ok() && shut_down_in(fds[0].revents())
+}
+
+/// Whether a listener's poll events (`POLLRDHUP` asked for) say it was
+/// shut down for reading, as [`listener_shut_down`] tells.
+pub(crate) fn shut_down_in(revents: PollFlags) -> bool {
+    revents.intersects(PollFlags::RDHUP | PollFlags::HUP)
 }
 
 #[cfg(test)]

@@ -305,10 +305,7 @@ fn queue_of(listener: &OwnedFd) -> Queue {
     };
     match poll(&mut fds, Some(&zero)) {
         Ok(n) if n > 0 => {
-            if fds[0]
-                .revents()
-                .intersects(PollFlags::RDHUP | PollFlags::HUP)
-            {
+            if crate::probe::shut_down_in(fds[0].revents()) {
                 Queue::ShutDown
             } else {
                 Queue::Waiting

@@ -157,10 +157,10 @@ unsafe fn close_all_but_accepted(prefix: &[u8]) {
 }
 
 /// What `readlink /proc/self/fd/N` shows for a seccomp notify fd.
-pub const NOTIFY_FD_LINK: &[u8] = b"anon_inode:seccomp notify";
+const NOTIFY_FD_LINK: &[u8] = b"anon_inode:seccomp notify";
 /// How `readlink /proc/self/fd/N` begins for a call journal
 /// ([`crate::journal`]).
-pub const JOURNAL_LINK_PREFIX: &[u8] = b"/memfd:ax-journal";
+const JOURNAL_LINK_PREFIX: &[u8] = b"/memfd:ax-journal";
 
 /// True when `fd` is a seccomp notify fd (`/proc/self/fd/N` links to
 /// [`NOTIFY_FD_LINK`]); false when the link cannot be read.
