@@ -73,6 +73,14 @@ impl Drop for Maker {
     }
 }
 
+/// What [`Sockets::known_name`] remembers of a socket in `P`.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    name: crate::names::SocketName,
+    /// Seen listening (see [`Sockets::known_listening`]).
+    listening: bool,
+}
+
 /// The broker's source of UNIX sockets in its private namespace.
 pub(crate) struct Sockets {
     instance: u32,
@@ -84,7 +92,7 @@ pub(crate) struct Sockets {
     /// The `SO_NETNS_COOKIE` of `P`, once a socket in `P` was seen.
     ns_cookie: OnceLock<u64>,
     /// See [`Sockets::known_name`].
-    known: Mutex<std::collections::HashMap<u64, crate::names::SocketName>>,
+    known: Mutex<std::collections::HashMap<u64, Known>>,
     refill_started: OnceLock<()>,
 }
 
@@ -192,7 +200,7 @@ impl Sockets {
     /// emptied when full (a miss only costs the full look).
     pub(crate) fn known_name(&self, cookie: u64) -> Option<crate::names::SocketName> {
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        known.get(&cookie).copied()
+        known.get(&cookie).map(|k| k.name)
     }
 
     /// Records that the socket with `cookie` is in `P` and bound to `name`.
@@ -201,7 +209,31 @@ impl Sockets {
         if known.len() >= KNOWN_MAX {
             known.clear();
         }
-        known.insert(cookie, name);
+        known
+            .entry(cookie)
+            .and_modify(|k| k.name = name)
+            .or_insert(Known {
+                name,
+                listening: false,
+            });
+    }
+
+    /// True when the socket with `cookie`, known to be in `P` (see
+    /// [`Sockets::known_name`]), was seen listening: a UNIX socket listens
+    /// from its `listen` until it closes, so this too stays true for the
+    /// socket's whole life.
+    pub(crate) fn known_listening(&self, cookie: u64) -> bool {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.get(&cookie).is_some_and(|k| k.listening)
+    }
+
+    /// Records that the socket with `cookie` listens, if it is known to be
+    /// in `P` (anything else is asked again next time).
+    pub(crate) fn remember_listening(&self, cookie: u64) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = known.get_mut(&cookie) {
+            k.listening = true;
+        }
     }
 
     /// The factory's pid (a process in `P`, whose `/proc/PID/net` shows
@@ -562,6 +594,30 @@ mod tests {
     /// The inode of the network namespace `fd` (a socket) lives in.
     fn netns_of(fd: &OwnedFd) -> NsId {
         ns_id(&ax_sys::netns::socket_netns(fd.as_fd()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_socket_is_known_listening_only_once_known_and_seen_listening() {
+        let sockets = Sockets::new(0x5eed_0003);
+        let name = crate::names::SocketName::Listener {
+            instance: 0x5eed_0003,
+            v6: false,
+            app: 1,
+            bound: "0.0.0.0:8000".parse().unwrap(),
+            reuseport: None,
+        };
+        // Not known to be in `P`: nothing is remembered of it.
+        sockets.remember_listening(1);
+        assert!(!sockets.known_listening(1));
+        sockets.remember_name(1, name);
+        assert!(!sockets.known_listening(1));
+        sockets.remember_listening(1);
+        assert!(sockets.known_listening(1));
+        // Classified again: still listening; another cookie is not.
+        sockets.remember_name(1, name);
+        assert!(sockets.known_listening(1));
+        assert_eq!(sockets.known_name(1), Some(name));
+        assert!(!sockets.known_listening(2));
     }
 
     #[test]

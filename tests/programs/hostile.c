@@ -371,6 +371,13 @@ static void connect_cases(void)
     poll(&pfd, 1, 5000);
     CASE("connect_nonblocking_egress_again", SYS_connect, fd, &egress, sizeof egress);
     close(fd);
+    /* Connected elsewhere (a socket the kernel keeps, with a port of its
+     * own), then to the server: EISCONN, the address read first. */
+    fd = tcp(AF_INET);
+    CASE("connect_egress_first", SYS_connect, fd, &egress, sizeof egress);
+    CASE("connect_egress_then_server", SYS_connect, fd, &srv, sizeof srv);
+    CASE("connect_egress_then_server_len1", SYS_connect, fd, &srv, 1);
+    close(fd);
 
     /* AF_INET6 sockets. */
 #define FRESH6(name, ...)                                                 \

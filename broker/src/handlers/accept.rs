@@ -68,8 +68,8 @@ fn answer(done: Result<Outcome, NotHanded>) -> Outcome {
 }
 
 pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outcome {
-    let (name, listener) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name, fd),
+    let (name, listener, cookie) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd, cookie }) => (name, fd, cookie),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
@@ -77,7 +77,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
     // An accepted connection bears its listener's name too: only a socket
     // that listens is accepted on (the kernel's `EINVAL` otherwise).
     if !matches!(name, SocketName::Listener { .. })
-        || !sockopt::socket_acceptconn(&listener).unwrap_or(false)
+        || !super::listens(call.shared, &listener, cookie)
     {
         return Outcome::Errno(libc::EINVAL);
     }
@@ -544,7 +544,7 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         Err(answer) => return answer,
     };
     let (v6, listener) = match classify(call, &target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), Some(fd)),
+        Ok(Sock::Swapped { name, fd, .. }) => (name.is_v6(), Some(fd)),
         _ => (false, None),
     };
     let has_flags = call.notif.nr as libc::c_long == libc::SYS_accept4;

@@ -34,10 +34,10 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let fd_arg = call.arg(0);
     let (v6, copy, swapped) = match classify(call, target, fd_arg) {
-        Ok(Sock::Inet { v6, fd }) => (v6, fd, false),
+        Ok(Sock::Inet { v6, fd, .. }) => (v6, fd, false),
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, true),
+        Ok(Sock::Swapped { name, fd, .. }) => (name.is_v6(), fd, true),
         Ok(Sock::Other) if super::not_a_socket(target, fd_arg) => {
             return Ok(Outcome::Errno(libc::ENOTSOCK))
         }

@@ -67,9 +67,9 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 }
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
-    let (v6, copy, swapped) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Inet { v6, fd }) => (v6, fd, None),
-        Ok(Sock::Swapped { name, fd }) => (name.is_v6(), fd, Some(name)),
+    let (v6, copy, swapped, local) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Inet { v6, fd, local }) => (v6, fd, None, local),
+        Ok(Sock::Swapped { name, fd, .. }) => (name.is_v6(), fd, Some(name), None),
         // No open fd, or not a socket: the kernel's answer, given here, so
         // that no fd swapped in meanwhile gets connected by it.
         Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
@@ -101,7 +101,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     // (The read checks that the call is pending.)
     let bytes = target.read(call.arg(1), addrlen as usize)?;
     let Some(name) = swapped else {
-        return kernel_socket(call, target, copy, v6, bytes);
+        return kernel_socket(call, target, copy, v6, local, bytes);
     };
     let state = state_of(&name, &copy);
     // __inet_stream_connect: a short address and AF_UNSPEC are judged
@@ -125,7 +125,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         State::Connected => Ok(Outcome::Errno(libc::EISCONN)),
         State::Bound => match addr::parse(&bytes, v6, Purpose::Connect) {
             Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
-                connect_virtual(call, target, &copy, v6, dst, Some(name))
+                connect_virtual(call, target, &copy, v6, None, dst, Some(name))
             }
             // The fresh socket would be connected with the broker's rights,
             // and the kernel cannot connect the program's UNIX socket:
@@ -163,18 +163,20 @@ pub(super) fn state_of(name: &SocketName, fd: &OwnedFd) -> State {
     }
 }
 
-/// A socket the kernel still owns: a virtual destination is ours, anything
-/// else (including every malformed address) the kernel's.
+/// A socket the kernel still owns (`local`: its name, as classified): a
+/// virtual destination is ours, anything else (including every malformed
+/// address) the kernel's.
 fn kernel_socket(
     call: &Call<'_>,
     target: &Target,
     copy: OwnedFd,
     v6: bool,
+    local: Option<SocketAddr>,
     bytes: Vec<u8>,
 ) -> Result<Outcome, Errno> {
     match addr::parse(&bytes, v6, Purpose::Connect) {
         Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
-            connect_virtual(call, target, &copy, v6, dst, None)
+            connect_virtual(call, target, &copy, v6, local, dst, None)
         }
         // Begun by the previous daemon: finished as it was begun.
         _ if call.replay => Ok(egress_replayed(call, copy, bytes)),
@@ -187,7 +189,7 @@ fn kernel_socket(
         _ if super::restrict::self_restricted(call, target) => Ok(Outcome::Continue),
         // Loopback: the app's own listener on that port, if it has one.
         Some(dst) if super::localhost::loopback(dst.ip()).is_some() => {
-            match super::localhost::connect(call, target, &copy, v6, dst)? {
+            match super::localhost::connect(call, target, &copy, v6, local, dst)? {
                 Some(outcome) => Ok(outcome),
                 None => Ok(egress(call, copy, bytes, true)),
             }
@@ -359,18 +361,21 @@ fn client_vip(vips: &[IpAddr], dst: SocketAddr) -> IpAddr {
     }
 }
 
+/// `local`: the name of a kernel socket, as classified (`None` for a
+/// swapped one).
 fn connect_virtual(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
     v6: bool,
+    local: Option<SocketAddr>,
     dst: SocketAddr,
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
     let dir = &call.shared.directory;
     // A socket with no local port is neither connected nor listening: the
-    // common case costs one call.
-    let local_port = inet_name(copy).map_or(0, |a| a.port());
+    // common case costs no call.
+    let local_port = local.map_or(0, |a| a.port());
     if rebind.is_none() && local_port != 0 {
         if sockopt::socket_acceptconn(copy).unwrap_or(false) {
             return Ok(Outcome::Errno(libc::EISCONN));
@@ -798,9 +803,8 @@ pub(super) fn wait_for_room(
     // Wait for room in short slices: a program killed meanwhile, or
     // interrupted by a signal, must not keep this thread (and what it
     // holds) for the whole wait.
+    client.set_nonblocking(false)?;
     let sock = &client.sock;
-    set_nonblock(sock, false)?;
-    client.nonblocking = false;
     sockopt::set_socket_timeout(sock, Timeout::Send, Some(BACKLOG_SLICE))
         .map_err(|e| e.raw_os_error())?;
     let deadline = Instant::now() + FULL_BACKLOG_WAIT;
@@ -952,6 +956,30 @@ pub(super) struct Client {
     hello: Hello,
 }
 
+impl Client {
+    /// Makes the socket's file blocking or not.
+    fn set_nonblocking(&mut self, on: bool) -> Result<(), Errno> {
+        if on != self.nonblocking {
+            set_status_flags(&self.sock, on)?;
+            self.nonblocking = on;
+        }
+        Ok(())
+    }
+}
+
+/// Sets the file status flags of a client socket of the broker's, whose
+/// only settable one is `O_NONBLOCK` (spare sockets come with nothing else
+/// set, and the broker sets nothing else): one `fcntl`, where
+/// [`set_nonblock`] needs two for a file whose flags it does not know.
+fn set_status_flags(sock: &OwnedFd, nonblocking: bool) -> Result<(), Errno> {
+    let flags = if nonblocking {
+        rustix::fs::OFlags::NONBLOCK
+    } else {
+        rustix::fs::OFlags::empty()
+    };
+    rustix::fs::fcntl_setfl(sock, flags).map_err(|e| e.raw_os_error())
+}
+
 /// Sends the client socket's hello (see `crate::idents`) to the listener it
 /// just connected to, before the program holds the socket.
 fn send_hello(sock: &OwnedFd, hello: &Hello) -> Result<(), Errno> {
@@ -984,7 +1012,7 @@ pub(super) fn finish(
         None => (is_nonblocking(copy), true),
     };
     if nonblocking != client.nonblocking {
-        set_nonblock(&sock, nonblocking)?;
+        set_status_flags(&sock, nonblocking)?;
     }
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {

@@ -44,12 +44,14 @@ pub(super) fn loopback(ip: IpAddr) -> Option<IpAddr> {
 /// Connects the program's socket to its own app's wildcard listener on
 /// `dst`'s port, else to the service the daemon serves at that host
 /// loopback port. `Ok(None)`: neither (or the socket is not fresh); the
-/// caller connects to the host's loopback instead.
+/// caller connects to the host's loopback instead. `local`: the socket's
+/// name, as classified.
 pub(super) fn connect(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
     v6: bool,
+    local: Option<SocketAddr>,
     dst: SocketAddr,
 ) -> Result<Option<Outcome>, Errno> {
     let Some(lo) = loopback(dst.ip()) else {
@@ -57,7 +59,7 @@ pub(super) fn connect(
     };
     // A socket with a port of its own (bound, listening, connected) is
     // the kernel's to judge.
-    if super::connect::inet_name(copy).is_none_or(|a| a.port() != 0) {
+    if local.is_none_or(|a| a.port() != 0) {
         return Ok(None);
     }
     let mut endpoints = own_listeners(call, lo, dst.port());

@@ -267,10 +267,20 @@ pub(crate) fn reopen(call: &Call<'_>) -> Result<Target, Outcome> {
 
 /// What the broker's copy of a target fd turned out to be.
 pub(crate) enum Sock {
-    /// An `AF_INET`/`AF_INET6` stream socket the kernel still owns.
-    Inet { v6: bool, fd: OwnedFd },
-    /// A UNIX socket this broker installed.
-    Swapped { name: SocketName, fd: OwnedFd },
+    /// An `AF_INET`/`AF_INET6` stream socket the kernel still owns, and
+    /// its local name as it was when classified (`None`: unreadable).
+    Inet {
+        v6: bool,
+        fd: OwnedFd,
+        local: Option<std::net::SocketAddr>,
+    },
+    /// A UNIX socket this broker installed (`cookie`: its `SO_COOKIE`,
+    /// when it could be read).
+    Swapped {
+        name: SocketName,
+        fd: OwnedFd,
+        cookie: Option<u64>,
+    },
     /// Anything else: not ours to touch.
     Other,
 }
@@ -287,12 +297,22 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
         Err(_) => None,
     };
     if let Some(name) = cookie.and_then(|c| call.shared.sockets.known_name(c)) {
-        return Ok(Sock::Swapped { name, fd });
+        return Ok(Sock::Swapped { name, fd, cookie });
     }
-    let domain = match rustix::net::sockopt::socket_domain(&fd) {
-        Ok(d) => d,
+    // Its own name tells its family, and is what a connect asks next;
+    // `SO_DOMAIN` only for a family with no name to tell (`EOPNOTSUPP`).
+    let own = match rustix::net::getsockname(&fd) {
+        Ok(a) => Some(a),
         Err(rustix::io::Errno::NOTSOCK) => return Ok(Sock::Other),
-        Err(e) => return Err(e.raw_os_error()),
+        Err(_) => None,
+    };
+    let domain = match own.as_ref().map(|a| a.address_family()) {
+        Some(d) => d,
+        None => match rustix::net::sockopt::socket_domain(&fd) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NOTSOCK) => return Ok(Sock::Other),
+            Err(e) => return Err(e.raw_os_error()),
+        },
     };
     match rustix::net::sockopt::socket_type(&fd) {
         Ok(t) if t == SocketType::STREAM => {}
@@ -302,6 +322,7 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
     if domain == AddressFamily::INET || domain == AddressFamily::INET6 {
         return Ok(Sock::Inet {
             v6: domain == AddressFamily::INET6,
+            local: own.and_then(|a| std::net::SocketAddr::try_from(a).ok()),
             fd,
         });
     }
@@ -314,9 +335,9 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
             if let Some(c) = cookie {
                 call.shared.sockets.remember_name(c, name);
             }
-            return Ok(Sock::Swapped { name, fd });
+            return Ok(Sock::Swapped { name, fd, cookie });
         }
-        if let Some(name) = own_name(&fd) {
+        if let Some(name) = own.and_then(parse_unix) {
             let ours = match name {
                 SocketName::Listener { instance, .. } | SocketName::Client { instance, .. } => {
                     instance == call.instance()
@@ -328,7 +349,7 @@ pub(crate) fn classify(call: &Call<'_>, target: &Target, arg: u64) -> Result<Soc
                 if let Some(c) = cookie {
                     call.shared.sockets.remember_name(c, name);
                 }
-                return Ok(Sock::Swapped { name, fd });
+                return Ok(Sock::Swapped { name, fd, cookie });
             }
         }
     }
@@ -514,6 +535,22 @@ pub(crate) fn copy_nonblock(from: &OwnedFd, to: &OwnedFd) -> Result<bool, Errno>
     let nonblocking = flags.contains(OFlags::NONBLOCK);
     set_nonblock(to, nonblocking)?;
     Ok(nonblocking)
+}
+
+/// Whether a swapped socket listens. A UNIX socket, once listening,
+/// listens until it closes (`shutdown` leaves it listening, and a stream
+/// socket's `connect` fails on it), so a socket seen listening is known by
+/// its cookie after (see `Sockets::known_listening`): the accept path asks
+/// the kernel once per listener, not once per call.
+pub(crate) fn listens(shared: &Shared, fd: &OwnedFd, cookie: Option<u64>) -> bool {
+    if cookie.is_some_and(|c| shared.sockets.known_listening(c)) {
+        return true;
+    }
+    let listening = rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false);
+    if let (true, Some(c)) = (listening, cookie) {
+        shared.sockets.remember_listening(c);
+    }
+    listening
 }
 
 pub(crate) fn set_nonblock(fd: &OwnedFd, on: bool) -> Result<(), Errno> {

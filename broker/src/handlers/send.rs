@@ -290,15 +290,15 @@ fn kind(call: &Call<'_>, target: &Target, fastopen: bool) -> Result<Kind, Outcom
         // Without Fast Open nothing but a swapped socket is ax's business:
         // see the module docs.
         return match sock {
-            Ok(Sock::Swapped { name, fd }) => Ok(Kind::Swapped { name, fd }),
+            Ok(Sock::Swapped { name, fd, .. }) => Ok(Kind::Swapped { name, fd }),
             Ok(_) => Err(Outcome::Continue),
             // Never CONTINUE for want of an fd or memory.
             Err(e) => Err(super::fd_error(call, e)),
         };
     }
     match sock {
-        Ok(Sock::Inet { v6, fd }) => Ok(Kind::Tcp { v6, fd }),
-        Ok(Sock::Swapped { name, fd }) => Ok(Kind::Swapped { name, fd }),
+        Ok(Sock::Inet { v6, fd, .. }) => Ok(Kind::Tcp { v6, fd }),
+        Ok(Sock::Swapped { name, fd, .. }) => Ok(Kind::Swapped { name, fd }),
         Ok(Sock::Other) => {
             let fd = target.fd(call.arg(0)).map_err(Outcome::Errno)?;
             let domain =
@@ -526,6 +526,7 @@ fn to_service(
         Ok(Sock::Swapped {
             name: SocketName::Client { peer, .. },
             fd,
+            ..
         }) if peer == dst => {
             let len_out = send.len_out;
             let outcome = transfer(call, &target, &fd, send, false);

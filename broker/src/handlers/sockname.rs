@@ -26,8 +26,8 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         };
     }
     let (name, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name, fd),
-        Ok(Sock::Inet { v6, fd }) if call.state.any_remote() => {
+        Ok(Sock::Swapped { name, fd, .. }) => (name, fd),
+        Ok(Sock::Inet { v6, fd, .. }) if call.state.any_remote() => {
             if let Some(outcome) = remote(call, target, &fd, v6, peer) {
                 return outcome;
             }
@@ -36,7 +36,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
             }
             return Outcome::Continue;
         }
-        Ok(Sock::Inet { v6, fd }) if peer => return held_peer(call, target, &fd, v6),
+        Ok(Sock::Inet { v6, fd, .. }) if peer => return held_peer(call, target, &fd, v6),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };

@@ -117,7 +117,7 @@ pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
         return set(call, target, &Subject::known(&conn)).into();
     }
     let (name, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name, fd),
+        Ok(Sock::Swapped { name, fd, .. }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
@@ -209,7 +209,7 @@ pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
         }
     }
     let (name, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd }) => (name, fd),
+        Ok(Sock::Swapped { name, fd, .. }) => (name, fd),
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
