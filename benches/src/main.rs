@@ -134,6 +134,11 @@ enum Cmd {
         ax-bench null-supervisor -- curl -s http://127.0.0.1:8080/"
     )]
     NullSupervisor {
+        /// Also install a copy of the fd of each connect, accept and
+        /// accept4 over itself before answering (SECCOMP_IOCTL_NOTIF_ADDFD,
+        /// the round trip with which ax installs every socket it swaps in)
+        #[arg(long)]
+        install: bool,
         /// The program and its arguments
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -206,7 +211,14 @@ fn main() {
         } => worker::unixpair(mode, iterations, bytes, path.as_deref())
             .and_then(|r| worker::print_report(&r))
             .map(|_| 0),
-        Cmd::NullSupervisor { command } => nullsup::run(&command),
+        Cmd::NullSupervisor { install, command } => nullsup::run(
+            &command,
+            if install {
+                nullsup::Work::Install
+            } else {
+                nullsup::Work::None
+            },
+        ),
         Cmd::Run(args) => {
             let r = run::run(args);
             procs::cleanup_all();

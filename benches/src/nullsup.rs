@@ -26,10 +26,23 @@ use std::sync::Arc;
 /// Signals passed on to the command.
 const FORWARDED: &[i32] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
+/// What the supervisor does besides answering `CONTINUE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Nothing.
+    None,
+    /// On each `connect`, `accept` and `accept4`, first installs a copy of
+    /// the call's fd over that same fd (`SECCOMP_IOCTL_NOTIF_ADDFD`, the
+    /// round trip to the caller with which ax installs each socket it
+    /// swaps in), then answers `CONTINUE`. The program's fd stays the same
+    /// socket (it gains close-on-exec).
+    Install,
+}
+
 /// Runs `command` under the filter, says what it cost on stderr, and
 /// returns the command's exit code.
-pub fn run(command: &[OsString]) -> Result<i32> {
-    let done = supervise(command)?;
+pub fn run(command: &[OsString], work: Work) -> Result<i32> {
+    let done = supervise(command, work)?;
     eprintln!(
         "null-supervisor: {} trapped calls, {} us of CPU",
         done.calls,
@@ -50,7 +63,7 @@ pub struct Supervised {
 }
 
 /// Runs `command` under the filter until it exits.
-pub fn supervise(command: &[OsString]) -> Result<Supervised> {
+pub fn supervise(command: &[OsString], work: Work) -> Result<Supervised> {
     let (program, args) = command.split_first().context("no command given")?;
     let filter = ax_broker::launch::compile_filter().context("compiling ax's filter")?;
     // Blocked here and in every thread started below; the command starts
@@ -70,7 +83,7 @@ pub fn supervise(command: &[OsString]) -> Result<Supervised> {
     let counted = calls.clone();
     std::thread::Builder::new()
         .name("null-supervisor".into())
-        .spawn(move || answer_all(&listener, &counted))
+        .spawn(move || answer_all(&listener, &counted, work))
         .context("starting the receive thread")?;
     // By pidfd, opened before the child can be reaped: a signal that comes
     // after the command exited reaches no other process that got its pid.
@@ -104,8 +117,9 @@ pub fn supervise(command: &[OsString]) -> Result<Supervised> {
 }
 
 /// Answers `CONTINUE` to every notification until no process is left
-/// under the filter (the fd polls hung up).
-fn answer_all(listener: &NotifyFd, calls: &AtomicU64) {
+/// under the filter (the fd polls hung up), after `work`.
+fn answer_all(listener: &NotifyFd, calls: &AtomicU64, work: Work) {
+    let mut pidfds = std::collections::HashMap::new();
     loop {
         let mut fds = [PollFd::new(listener, PollFlags::IN)];
         if poll(&mut fds, None).is_err() {
@@ -123,8 +137,54 @@ fn answer_all(listener: &NotifyFd, calls: &AtomicU64) {
             continue;
         };
         calls.fetch_add(1, Ordering::Relaxed);
+        if work == Work::Install && installs_a_socket(notification.nr) {
+            install_over_itself(listener, &notification, &mut pidfds);
+        }
         // A failed answer means the call was interrupted: nothing to do.
         let _ = listener.respond_continue(notification.id);
+    }
+}
+
+/// The calls on which ax installs a socket.
+fn installs_a_socket(nr: i32) -> bool {
+    [libc::SYS_connect, libc::SYS_accept, libc::SYS_accept4].contains(&libc::c_long::from(nr))
+}
+
+/// Installs a copy of the call's fd (argument 0) over itself: one
+/// `pidfd_getfd` and one `ADDFD`, as ax's cheapest install. The caller's
+/// pidfd is opened once per thread (`PIDFD_THREAD`, or the thread-group
+/// leader's on kernels without it) and kept; nothing is done where
+/// either fails.
+fn install_over_itself(
+    listener: &NotifyFd,
+    notification: &ax_sys::Notification,
+    pidfds: &mut std::collections::HashMap<u32, std::os::fd::OwnedFd>,
+) {
+    use std::os::fd::AsFd;
+    let tid = notification.pid;
+    let Ok(fd) = i32::try_from(notification.args[0]) else {
+        return;
+    };
+    let pidfd = match pidfds.entry(tid) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let Ok(pidfd) = ax_sys::process::pidfd_open(tid, true)
+                .or_else(|_| ax_sys::process::pidfd_open(tid, false))
+            else {
+                return;
+            };
+            e.insert(pidfd)
+        }
+    };
+    match ax_sys::process::pidfd_getfd(pidfd.as_fd(), fd) {
+        Ok(copy) => {
+            let _ = listener.add_fd(notification.id, copy.as_fd(), Some(fd), true, false);
+        }
+        // A thread gone, whose number may come again: opened afresh then.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+            pidfds.remove(&tid);
+        }
+        Err(_) => {}
     }
 }
 
@@ -149,7 +209,7 @@ mod tests {
             .iter()
             .map(OsString::from)
             .collect();
-        let done = supervise(&command).expect("python3 runs under the filter");
+        let done = supervise(&command, Work::None).expect("python3 runs under the filter");
         assert_eq!(
             done.code, 7,
             "connect to a port with no listener is refused"
@@ -157,8 +217,35 @@ mod tests {
         assert!(done.calls >= 3, "bind, getsockname, connect: {done:?}");
     }
 
+    /// With installs, the program's sockets stay what they were: a
+    /// loopback connection is accepted and carries data, and the fds
+    /// installed over themselves are still the program's sockets.
+    #[test]
+    fn installing_an_fd_over_itself_changes_nothing_for_the_program() {
+        let script = "import socket\n\
+            l = socket.socket()\n\
+            l.bind(('127.0.0.1', 0))\n\
+            l.listen(1)\n\
+            c = socket.create_connection(l.getsockname())\n\
+            a, peer = l.accept()\n\
+            assert peer == c.getsockname(), (peer, c.getsockname())\n\
+            c.sendall(b'ping')\n\
+            assert a.recv(4) == b'ping'\n\
+            raise SystemExit(9)\n";
+        let command: Vec<OsString> = ["python3", "-c", script]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let done = supervise(&command, Work::Install).expect("python3 runs under the filter");
+        assert_eq!(done.code, 9, "connect, accept and data work: {done:?}");
+        assert!(
+            done.calls >= 4,
+            "bind, getsockname, connect, accept: {done:?}"
+        );
+    }
+
     #[test]
     fn an_empty_command_is_an_error() {
-        assert!(supervise(&[]).is_err());
+        assert!(supervise(&[], Work::None).is_err());
     }
 }

@@ -216,6 +216,32 @@ pub struct AxSummary {
     pub conc_rate_2core: Option<f64>,
     /// Errors + failed clients, all concurrency runs.
     pub conc_errors: Option<u64>,
+    /// The connection rate a broker that swaps in AF_UNIX sockets and
+    /// does nothing else could reach, ÷ TCP loopback: median over rounds
+    /// of 1 ÷ (1/AF_UNIX + 1/installed − 1/TCP), ÷ TCP. `None` without
+    /// those three rows.
+    pub conn_ceiling_vs_tcp: Option<f64>,
+}
+
+/// Per round: what AF_UNIX's connection rate becomes with what the
+/// "installed" row adds to TCP's, ÷ TCP's (`None` where a figure is
+/// missing or the sum is not a rate).
+fn conn_ceiling(
+    tcp: &[RoundResult],
+    unix: &[RoundResult],
+    installed: &[RoundResult],
+) -> Option<f64> {
+    let per_round: Vec<f64> = tcp
+        .iter()
+        .zip(unix)
+        .zip(installed)
+        .filter_map(|((t, u), i)| {
+            let (t, u, i) = (conn(t)?, conn(u)?, conn(i)?);
+            let secs = 1.0 / u + 1.0 / i - 1.0 / t;
+            (t > 0.0 && u > 0.0 && i > 0.0 && secs > 0.0).then(|| 1.0 / secs / t)
+        })
+        .collect();
+    median(&per_round)
 }
 
 fn paired(a: &[Option<f64>], b: &[Option<f64>]) -> Option<f64> {
@@ -343,6 +369,9 @@ impl Results {
         a.egress_native_us = med_opt(&en);
         a.egress_ax_us = med_opt(&ea);
         a.egress_ratio = paired(&ea, &en);
+        if let (Some(t), Some(u), Some(i)) = (&tcp, &unix, find(Kind::Installed)) {
+            a.conn_ceiling_vs_tcp = conn_ceiling(t, u, &i);
+        }
         if let Some(s) = &ax.scale_services {
             a.scale_small_us = median(&s.small_us);
             a.scale_big_us = median(&s.big_us);
@@ -621,6 +650,22 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     let _ = writeln!(o);
+    if let Some(c) = r.ax_summary.conn_ceiling_vs_tcp {
+        let ax = r
+            .transports
+            .iter()
+            .find(|t| t.key == "ax")
+            .and_then(|t| t.summary.conn_vs_tcp);
+        let _ = writeln!(
+            o,
+            "Connection rate a broker could reach that swaps in AF_UNIX sockets (both ends \
+             trapped, each socket installed) and does no other work: {} TCP loopback (per \
+             round, 1 ÷ (1/AF_UNIX + 1/installed − 1/TCP), ÷ TCP; median); ax local: {}.",
+            ratio(Some(c)),
+            ratio(ax)
+        );
+        let _ = writeln!(o);
+    }
     if let Some(why) = &r.ax_unavailable {
         let _ = writeln!(o, "ax figures: {why}");
         let _ = writeln!(o);
@@ -928,6 +973,35 @@ fn trim_num(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_rate_ceiling_per_round() {
+        let round = |rate: Option<f64>| RoundResult {
+            connrate: rate.map(|conn_per_s| crate::worker::ConnRate {
+                iterations: 1,
+                ok: 1,
+                errors: 0,
+                seconds: 1.0,
+                conn_per_s,
+                connect_median_us: 0.0,
+                connect_p99_us: 0.0,
+                start_ns: 0,
+                end_ns: 0,
+                first_error: None,
+            }),
+            ..Default::default()
+        };
+        let rounds = |v: &[Option<f64>]| v.iter().map(|&r| round(r)).collect::<Vec<_>>();
+        // 100 µs natively, 25 µs over AF_UNIX, 125 µs trapped with
+        // installs: 25 + 25 = 50 µs, twice TCP's rate. A round with a
+        // figure missing counts for nothing.
+        let tcp = rounds(&[Some(10_000.0), None]);
+        let unix = rounds(&[Some(40_000.0), Some(40_000.0)]);
+        let installed = rounds(&[Some(8_000.0), Some(8_000.0)]);
+        let c = conn_ceiling(&tcp, &unix, &installed).unwrap();
+        assert!((c - 2.0).abs() < 1e-9, "{c}");
+        assert_eq!(conn_ceiling(&tcp[1..], &unix[1..], &installed[1..]), None);
+    }
 
     #[test]
     fn formats() {

@@ -39,12 +39,12 @@ pub struct RunArgs {
     /// Write all raw numbers here
     #[arg(long, value_name = "FILE")]
     pub out_json: Option<PathBuf>,
-    /// Without root: only ax local, TCP loopback, AF_UNIX and trapped TCP (re-runs itself
+    /// Without root: only ax local, TCP loopback, AF_UNIX and the two trapped TCP rows (re-runs itself
     /// in `unshare --user --map-root-user --net` when this namespace has a
     /// default route)
     #[arg(long)]
     pub unprivileged: bool,
-    /// Only these transports (ax, tcp, unix, trapped, veth, bridge, slirp4netns, pasta; comma-separated)
+    /// Only these transports (ax, tcp, unix, trapped, installed, veth, bridge, slirp4netns, pasta; comma-separated)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub only: Vec<String>,
     /// Skip the two ax scale checks
@@ -126,6 +126,9 @@ pub enum Kind {
     /// Native TCP over 127.0.0.1, both ends under ax's filter with a
     /// supervisor that answers every trapped call `CONTINUE`.
     Trapped,
+    /// As `Trapped`, and the supervisor installs a copy of the fd of each
+    /// connect and accept over itself first (`null-supervisor --install`).
+    Installed,
     /// Two namespaces joined by a veth pair.
     Veth,
     /// Two namespaces on a Linux bridge.
@@ -138,11 +141,12 @@ pub enum Kind {
 
 impl Kind {
     /// All, in table order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Ax,
         Kind::Tcp,
         Kind::Unix,
         Kind::Trapped,
+        Kind::Installed,
         Kind::Veth,
         Kind::Bridge,
         Kind::Slirp4netns,
@@ -156,6 +160,7 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Unix => "unix",
             Kind::Trapped => "trapped",
+            Kind::Installed => "installed",
             Kind::Veth => "veth",
             Kind::Bridge => "bridge",
             Kind::Slirp4netns => "slirp4netns",
@@ -170,6 +175,7 @@ impl Kind {
             Kind::Tcp => "TCP loopback",
             Kind::Unix => "AF_UNIX",
             Kind::Trapped => "TCP, trapped, no broker",
+            Kind::Installed => "TCP, trapped + installs, no broker",
             Kind::Veth => "veth pair",
             Kind::Bridge => "bridge",
             Kind::Slirp4netns => "slirp4netns",
@@ -184,6 +190,7 @@ impl Kind {
             Kind::Tcp => "native TCP, client and server on 127.0.0.1",
             Kind::Unix => "native AF_UNIX stream socket at a path",
             Kind::Trapped => "native TCP on 127.0.0.1, both ends under `ax-bench null-supervisor`: ax's own seccomp filter, every trapped call answered `CONTINUE` at once by a receive loop laid out as ax's; what trapping alone costs, with no broker work at all",
+            Kind::Installed => "as the row above, and on each `connect`, `accept` and `accept4` the supervisor first installs a copy of the call's fd over that same fd (`ax-bench null-supervisor --install`: `pidfd_getfd`, then `SECCOMP_IOCTL_NOTIF_ADDFD`, the round trip to the caller with which ax installs every socket it swaps in); still no broker work",
             Kind::Veth => "native TCP between two network namespaces joined by a veth pair (10.99.1.1 → 10.99.1.2)",
             Kind::Bridge => "native TCP between two namespaces attached to a Linux bridge in a third (10.99.2.1 → 10.99.2.2), docker's default",
             Kind::Slirp4netns => "client in a slirp4netns namespace (tap, MTU 65520) → 10.0.2.2 → server on the host side's 127.0.0.1, like a rootless container reaching a host service (client namespace: at most 1,024 TIME_WAIT entries, as slirp does not do TCP timestamps)",
@@ -192,7 +199,10 @@ impl Kind {
     }
 
     fn needs_root(self) -> bool {
-        !matches!(self, Kind::Ax | Kind::Tcp | Kind::Unix | Kind::Trapped)
+        !matches!(
+            self,
+            Kind::Ax | Kind::Tcp | Kind::Unix | Kind::Trapped | Kind::Installed
+        )
     }
 }
 
@@ -201,6 +211,7 @@ const SLIRP_PORT: u16 = 5202;
 const PASTA_GW: &str = "10.99.3.254";
 const EGRESS_PORT: u16 = 5203;
 const TRAPPED_PORT: u16 = 5204;
+const INSTALLED_PORT: u16 = 5205;
 const AX_PORT: u16 = 5301;
 const AX_VIP: &str = "10.233.0.50";
 const SCALE_SMALL_VIP: &str = "10.233.0.51";
@@ -824,14 +835,18 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
                 _netns: vec![],
             })
         }
-        Kind::Trapped => {
-            let a = format!("127.0.0.1:{TRAPPED_PORT}");
-            let prefix = vec![
-                ctx.exe.display().to_string(),
-                "null-supervisor".into(),
-                "--".into(),
-            ];
-            let server = ctx.start_server("trapped-server", &prefix, &["serve", "--bind", &a])?;
+        Kind::Trapped | Kind::Installed => {
+            let (port, name, mut prefix) = match k {
+                Kind::Trapped => (TRAPPED_PORT, "trapped-server", vec![]),
+                _ => (INSTALLED_PORT, "installed-server", vec!["--install".into()]),
+            };
+            let a = format!("127.0.0.1:{port}");
+            prefix.splice(
+                0..0,
+                [ctx.exe.display().to_string(), "null-supervisor".into()],
+            );
+            prefix.push("--".into());
+            let server = ctx.start_server(name, &prefix, &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: prefix,
                 connect: a,
