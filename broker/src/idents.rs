@@ -152,14 +152,16 @@ impl Inner {
                 counted: false,
             },
         );
-        if let Some(old) = old {
-            self.release_pair(&old);
+        match old {
+            Some(old) => self.release_pair(&old),
+            None => crate::metrics::identities_kept(1),
         }
     }
 
     /// Takes the socket with `cookie` out of every index; its slot.
     fn remove(&mut self, cookie: u64) -> Option<u32> {
         let e = self.map.remove(&cookie)?;
+        crate::metrics::identities_kept(-1);
         if self.by_inode.get(&e.inode) == Some(&cookie) {
             self.by_inode.remove(&e.inode);
         }
@@ -194,6 +196,13 @@ pub(crate) struct Idents {
 impl std::fmt::Debug for Idents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idents").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Idents {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        crate::metrics::identities_kept(-i64::try_from(inner.map.len()).unwrap_or(0));
     }
 }
 
@@ -451,6 +460,7 @@ impl Idents {
             inner.last_sweep = Instant::now();
             inner.sweeps
         };
+        crate::metrics::identity_sweep();
         let live = crate::orphans::live_socket_inodes();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();

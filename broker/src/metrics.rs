@@ -1,6 +1,6 @@
 //! Counters of what the brokers of this process do: trapped calls by
-//! syscall and outcome, their handling time, policy denials, errors and
-//! quota hits.
+//! syscall and outcome, their handling time, policy denials, errors,
+//! quota hits, and the connection identities they keep.
 //!
 //! Counting costs the hot path a few relaxed atomic additions and two
 //! clock reads per call: no lock, no allocation. The counters are
@@ -9,7 +9,7 @@
 //! (`ax daemon --metrics` renders them in the Prometheus text format).
 
 use crate::handlers::Outcome;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The syscalls counted, as labels; the last one takes any other.
@@ -83,6 +83,10 @@ struct Counters {
     denied: AtomicU64,
     errors: [AtomicU64; ERRORS.len()],
     quota_hits: [AtomicU64; QUOTAS.len()],
+    identity_sweeps: AtomicU64,
+    /// Signed: a table's additions and removals may be counted in either
+    /// order by two threads.
+    identities: AtomicI64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -90,6 +94,8 @@ static COUNTERS: Counters = Counters {
     denied: AtomicU64::new(0),
     errors: [const { AtomicU64::new(0) }; ERRORS.len()],
     quota_hits: [const { AtomicU64::new(0) }; QUOTAS.len()],
+    identity_sweeps: AtomicU64::new(0),
+    identities: AtomicI64::new(0),
 };
 
 fn syscall_index(nr: i32) -> usize {
@@ -148,6 +154,16 @@ pub(crate) fn error(kind: ErrorKind) {
     COUNTERS.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
 }
 
+/// Counts a sweep of an identity table (see `crate::idents`).
+pub(crate) fn identity_sweep() {
+    COUNTERS.identity_sweeps.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` (negative: takes) to the identities kept.
+pub(crate) fn identities_kept(n: i64) {
+    COUNTERS.identities.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Counts a call refused by the quota that describes itself as `what`.
 pub(crate) fn quota_hit(what: &str) {
     COUNTERS.quota_hits[quota_index(what)].fetch_add(1, Ordering::Relaxed);
@@ -196,6 +212,11 @@ pub struct Metrics {
     pub errors: Vec<(&'static str, u64)>,
     /// Quota hits by quota label ([`QUOTAS`]).
     pub quota_hits: Vec<(&'static str, u64)>,
+    /// Sweeps of the identity tables for connections no process holds.
+    pub identity_sweeps: u64,
+    /// Connection identities kept now (two per connection between
+    /// programs under ax, until a sweep finds both ends closed).
+    pub identities: u64,
 }
 
 /// Reads the counters. Each is read atomically, the set is not: a call
@@ -235,6 +256,8 @@ pub fn snapshot() -> Metrics {
             .zip(&COUNTERS.quota_hits)
             .map(|(&q, n)| (q, load(n)))
             .collect(),
+        identity_sweeps: load(&COUNTERS.identity_sweeps),
+        identities: u64::try_from(COUNTERS.identities.load(Ordering::Relaxed)).unwrap_or(0),
     }
 }
 

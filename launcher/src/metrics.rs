@@ -99,6 +99,18 @@ impl Collector for Scrape {
             "quota",
             &b.quota_hits,
         )?;
+        counter(
+            &mut enc,
+            "ax_identity_sweeps",
+            "Sweeps of the connection identity table for sockets no process holds any more",
+            b.identity_sweeps,
+        )?;
+        gauge(
+            &mut enc,
+            "ax_identities",
+            "Connection identities kept: two per connection between programs under ax, until a sweep finds both ends closed (at 131072 new connections are refused)",
+            b.identities,
+        )?;
         gauge(&mut enc, "ax_apps", "Apps registered", self.apps)?;
         gauge(
             &mut enc,
@@ -318,6 +330,8 @@ mod tests {
             "ax_connects_denied_total ",
             "ax_errors_total{kind=\"handler_panic\"}",
             "ax_quota_hits_total{quota=\"helpers\"}",
+            "ax_identity_sweeps_total ",
+            "ax_identities ",
             "ax_apps 2",
             "ax_services 3",
             "ax_daemon_restarts_total 1",

@@ -234,12 +234,20 @@ while True:
 "#;
 
 /// Under ax: holds one connection to VIP:PORT (argv[1], argv[2]), makes 100
-/// more, waits for the broker's identity table to be swept twice (it runs
-/// about once a second and tells no one), then makes argv[3] more, more
-/// than there are client ports, and says `END!`.
+/// more, waits until the broker's identity table has been swept twice
+/// since (`ax_identity_sweeps_total` on the daemon's `--metrics` port,
+/// argv[4]: the first sweep marks the closed connections, the second
+/// forgets them), then makes argv[3] more, more than there are client
+/// ports, and says `END!`.
 const PAIR_CLIENT: &str = r#"
 import socket, sys, time
-vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+vip, port, n, metrics = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def sweeps():
+    host, mport = metrics.rsplit(":", 1)
+    with socket.create_connection((host, int(mport)), timeout=5) as m:
+        m.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        text = b"".join(iter(lambda: m.recv(65536), b"")).decode()
+    return int(next(l.split()[1] for l in text.splitlines() if l.startswith("ax_identity_sweeps_total ")))
 def one(msg):
     s = socket.create_connection((vip, port))
     s.sendall(msg)
@@ -247,7 +255,12 @@ def one(msg):
 hold = one(b"HOLD")
 for _ in range(100):
     one(b"ping").close()
-time.sleep(2.5)
+first = sweeps()
+deadline = time.monotonic() + 30
+while sweeps() < first + 2:
+    if time.monotonic() > deadline:
+        sys.exit("the identity table was not swept twice in 30 s")
+    time.sleep(0.05)
 for _ in range(n):
     one(b"ping").close()
 one(b"END!").close()
@@ -262,12 +275,21 @@ fn a_live_connection_keeps_its_client_port_to_itself() {
     // The client ports, 32768-60999, and some: the counter comes round to
     // the held connection's port once.
     const MORE: u32 = 60999 - 32768 + 1 + 50;
-    let d = Daemon::start();
+    let metrics = format!("127.0.0.1:{}", free_loopback_port());
+    let d = Daemon::start_with(&[], &["--metrics", &metrics]);
     let mut server = d.spawn(&["--ip", VIP], &["python3", "-c", PAIR_SERVER, "7000"]);
     d.wait_for_service(&mut server, &format!("{VIP}:7000"));
     let mut client = d.exec_command(
         &["--ip", "10.233.0.164"],
-        &["python3", "-c", PAIR_CLIENT, VIP, "7000", &MORE.to_string()],
+        &[
+            "python3",
+            "-c",
+            PAIR_CLIENT,
+            VIP,
+            "7000",
+            &MORE.to_string(),
+            &metrics,
+        ],
     );
     let out = run(&mut client, Duration::from_secs(120));
     out.assert_success();

@@ -163,6 +163,13 @@ fn metrics_count_real_traffic() {
     );
     assert_eq!(get(&after, "ax_apps"), 1.0, "{text}");
     assert!(get(&after, "ax_services") >= 1.0, "{text}");
+    // Each connection between two programs under ax keeps two identities
+    // (the client's own, and the client its accepted end names) until two
+    // sweeps miss them; none is due yet (fewer than 64 new, not 30 s).
+    assert!(
+        get(&after, "ax_identities") >= (2 * N) as f64,
+        "two identities per connection:\n{text}"
+    );
     // The histogram counts every call its counter counts.
     for syscall in ["bind", "connect", "accept4"] {
         let count = get(
@@ -181,6 +188,7 @@ fn metrics_count_real_traffic() {
         "ax_quota_hits_total{quota=\"helpers\"}",
         "ax_daemon_restarts_total",
         "ax_daemon_takeovers_total{how=\"handback\"}",
+        "ax_identity_sweeps_total",
     ] {
         assert!(after.contains_key(family), "{family} missing:\n{text}");
     }
