@@ -219,14 +219,19 @@ mod tests {
 
     /// With installs, the program's sockets stay what they were: a
     /// loopback connection is accepted and carries data, and the fds
-    /// installed over themselves are still the program's sockets.
+    /// installed over themselves are still the program's sockets. The
+    /// install did happen: the client's fd, inheritable before its
+    /// connect, comes back close-on-exec.
     #[test]
     fn installing_an_fd_over_itself_changes_nothing_for_the_program() {
-        let script = "import socket\n\
+        let script = "import os, socket\n\
             l = socket.socket()\n\
             l.bind(('127.0.0.1', 0))\n\
             l.listen(1)\n\
-            c = socket.create_connection(l.getsockname())\n\
+            c = socket.socket()\n\
+            os.set_inheritable(c.fileno(), True)\n\
+            c.connect(l.getsockname())\n\
+            assert not os.get_inheritable(c.fileno()), 'not installed'\n\
             a, peer = l.accept()\n\
             assert peer == c.getsockname(), (peer, c.getsockname())\n\
             c.sendall(b'ping')\n\
