@@ -1794,6 +1794,7 @@ import json, os, socket, sys, threading, time
 slow_port, vip, vip_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 state = {"slow": "pending"}
 def slow():
+    state["tid"] = threading.get_native_id()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.connect(("127.0.0.1", slow_port))
@@ -1801,7 +1802,19 @@ def slow():
     except OSError as e:
         state["slow"] = str(e)
 threading.Thread(target=slow, daemon=True).start()
-time.sleep(0.5)
+# Started once the kernel shows the thread waiting in connect(2).
+nr = {"x86_64": "42", "aarch64": "203"}.get(os.uname().machine, "42")
+deadline = time.monotonic() + 10
+while True:
+    try:
+        with open("/proc/self/task/%d/syscall" % state["tid"]) as f:
+            if f.read().split()[0] == nr:
+                break
+    except (KeyError, OSError):
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("the slow connect never started")
+    time.sleep(0.01)
 print("SLOW_STARTED", flush=True)
 sys.stdin.readline()
 t = time.monotonic()
