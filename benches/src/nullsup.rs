@@ -6,6 +6,11 @@
 //! native when the broker's work is taken away entirely. It is a measuring
 //! tool and enforces nothing: `CONTINUE` lets every call through.
 //!
+//! With `--install` ([`Work::Install`]) it also installs, before answering
+//! each `connect`, `accept` and `accept4`, a copy of the call's fd over
+//! that same fd: the `SECCOMP_IOCTL_NOTIF_ADDFD` round trip with which ax
+//! installs every socket it swaps in, still with no broker work.
+//!
 //! The supervisor is laid out as ax's per-app receive loop is: one thread
 //! polls the notify fd, receives, and answers, with
 //! `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` where the kernel has it. When the
