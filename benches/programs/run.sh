@@ -6,9 +6,10 @@
 # that needs no target memory. The Go and nginx rows without keep-alive also
 # run natively under `ax-bench null-supervisor` (ax's filter, every trapped
 # call answered CONTINUE: what trapping alone costs), and Go over native
-# AF_UNIX, for the ceiling any broker behind this filter could reach. Run by scripts/bench.sh (alone with
-# `sudo bash scripts/bench.sh --programs`), inside a network namespace with
-# loopback only; it refuses to run anywhere else.
+# AF_UNIX, for the ceiling any broker behind this filter could reach. Run by
+# scripts/bench.sh (alone with `sudo bash scripts/bench.sh --programs`),
+# inside a network namespace with loopback only; it refuses to run anywhere
+# else.
 #
 #   run.sh AX OUT_MD     (env: PROGRAMS_N requests per row, default 10000;
 #                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50;

@@ -39,12 +39,13 @@ pub struct RunArgs {
     /// Write all raw numbers here
     #[arg(long, value_name = "FILE")]
     pub out_json: Option<PathBuf>,
-    /// Without root: only ax local, TCP loopback, AF_UNIX and the two trapped TCP rows (re-runs itself
-    /// in `unshare --user --map-root-user --net` when this namespace has a
-    /// default route)
+    /// Without root: only ax local, TCP loopback, AF_UNIX and the two
+    /// trapped TCP rows (re-runs itself in `unshare --user --map-root-user
+    /// --net` when this namespace has a default route)
     #[arg(long)]
     pub unprivileged: bool,
-    /// Only these transports (ax, tcp, unix, trapped, installed, veth, bridge, slirp4netns, pasta; comma-separated)
+    /// Only these transports (ax, tcp, unix, trapped, installed, veth,
+    /// bridge, slirp4netns, pasta; comma-separated)
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     pub only: Vec<String>,
     /// Skip the two ax scale checks
@@ -836,16 +837,15 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             })
         }
         Kind::Trapped | Kind::Installed => {
-            let (port, name, mut prefix) = match k {
-                Kind::Trapped => (TRAPPED_PORT, "trapped-server", vec![]),
-                _ => (INSTALLED_PORT, "installed-server", vec!["--install".into()]),
+            let mut prefix = vec![ctx.exe.display().to_string(), "null-supervisor".into()];
+            let (port, name) = if k == Kind::Installed {
+                prefix.push("--install".into());
+                (INSTALLED_PORT, "installed-server")
+            } else {
+                (TRAPPED_PORT, "trapped-server")
             };
-            let a = format!("127.0.0.1:{port}");
-            prefix.splice(
-                0..0,
-                [ctx.exe.display().to_string(), "null-supervisor".into()],
-            );
             prefix.push("--".into());
+            let a = format!("127.0.0.1:{port}");
             let server = ctx.start_server(name, &prefix, &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: prefix,

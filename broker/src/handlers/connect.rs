@@ -957,27 +957,23 @@ pub(super) struct Client {
 }
 
 impl Client {
-    /// Makes the socket's file blocking or not.
+    /// Makes the socket's file blocking or not. Its only settable status
+    /// flag is `O_NONBLOCK` (spare sockets come with nothing else set, and
+    /// the broker sets nothing else), so one `fcntl` sets them all, where
+    /// [`set_nonblock`] needs two for a file whose flags it does not know.
     fn set_nonblocking(&mut self, on: bool) -> Result<(), Errno> {
-        if on != self.nonblocking {
-            set_status_flags(&self.sock, on)?;
-            self.nonblocking = on;
+        if on == self.nonblocking {
+            return Ok(());
         }
+        let flags = if on {
+            rustix::fs::OFlags::NONBLOCK
+        } else {
+            rustix::fs::OFlags::empty()
+        };
+        rustix::fs::fcntl_setfl(&self.sock, flags).map_err(|e| e.raw_os_error())?;
+        self.nonblocking = on;
         Ok(())
     }
-}
-
-/// Sets the file status flags of a client socket of the broker's, whose
-/// only settable one is `O_NONBLOCK` (spare sockets come with nothing else
-/// set, and the broker sets nothing else): one `fcntl`, where
-/// [`set_nonblock`] needs two for a file whose flags it does not know.
-fn set_status_flags(sock: &OwnedFd, nonblocking: bool) -> Result<(), Errno> {
-    let flags = if nonblocking {
-        rustix::fs::OFlags::NONBLOCK
-    } else {
-        rustix::fs::OFlags::empty()
-    };
-    rustix::fs::fcntl_setfl(sock, flags).map_err(|e| e.raw_os_error())
 }
 
 /// Sends the client socket's hello (see `crate::idents`) to the listener it
@@ -998,11 +994,10 @@ pub(super) fn finish(
     call: &Call<'_>,
     target: &Target,
     copy: &OwnedFd,
-    client: Client,
+    mut client: Client,
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
-    let sock = client.sock;
-    send_hello(&sock, &client.hello)?;
+    send_hello(&client.sock, &client.hello)?;
     // The program's flags as they are now, read once for both.
     let (nonblocking, cloexec) = match target.fd_info(call.arg(0)) {
         Some(info) => (
@@ -1011,9 +1006,8 @@ pub(super) fn finish(
         ),
         None => (is_nonblocking(copy), true),
     };
-    if nonblocking != client.nonblocking {
-        set_status_flags(&sock, nonblocking)?;
-    }
+    client.set_nonblocking(nonblocking)?;
+    let sock = client.sock;
     for which in [Timeout::Recv, Timeout::Send] {
         if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {
             let _ = sockopt::set_socket_timeout(&sock, which, Some(t));

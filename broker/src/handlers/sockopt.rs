@@ -2,9 +2,10 @@
 //!
 //! The filter only traps the TCP, IP and IPv6 levels and the socket-level
 //! options TCP and UNIX sockets answer differently (`SO_DOMAIN`,
-//! `SO_PROTOCOL`, `SO_ACCEPTCONN`, …: see `crate::rules`). On a socket the kernel still owns, they run natively. On a
-//! swapped one (a UNIX socket underneath), every TCP/IP option is answered
-//! by a real TCP socket of the program's family (see `crate::probe`):
+//! `SO_PROTOCOL`, `SO_ACCEPTCONN`, …: see `crate::rules`). On a socket the
+//! kernel still owns, they run natively. On a swapped one (a UNIX socket
+//! underneath), every TCP/IP option is answered by a real TCP socket of the
+//! program's family (see `crate::probe`):
 //!
 //! * `setsockopt` sets the program's value on a fresh TCP socket; the
 //!   kernel's verdict there is the answer, and an accepted value is
@@ -20,9 +21,9 @@
 //! `SO_DOMAIN`/`SO_PROTOCOL` answer what a TCP socket of the program's
 //! family would, and `SO_ACCEPTCONN` whether it listens: a listener the
 //! program shut down does not, as a TCP one is closed then (a UNIX one
-//! would go on listening). `SO_REUSEPORT` (which a UNIX socket refuses) is set and
-//! read like a TCP option; a listener bound with it, and the connections
-//! it accepts, read it as set (the listener's name says so).
+//! would go on listening). `SO_REUSEPORT` (which a UNIX socket refuses) is
+//! set and read like a TCP option; a listener bound with it, and the
+//! connections it accepts, read it as set (the listener's name says so).
 //!
 //! Lengths and bad pointers are judged in the kernel's order:
 //! `setsockopt` refuses a negative length first; TCP then wants at least an
