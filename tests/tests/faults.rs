@@ -998,13 +998,14 @@ fn rss_allowance(baseline_kib: u64) -> u64 {
 }
 
 /// Waits (up to 15 s: sessions are reaped every second, idle helper threads
-/// exit on their own) for the daemon's fd count to come back to `base.fds`;
-/// returns the last measurement.
+/// exit on their own, and the spare socket pool refills within a second of
+/// its last take) for the daemon's fd count to come back to `base.fds`,
+/// from above or from below; returns the last measurement.
 fn settle(d: &Daemon, base: Usage) -> Usage {
     let mut last = usage(d);
     let _ = poll(Duration::from_secs(15), Duration::from_millis(100), || {
         last = usage(d);
-        (last.fds <= base.fds).then_some(())
+        (last.fds == base.fds).then_some(())
     });
     last
 }
@@ -1016,7 +1017,7 @@ fn assert_back_to_baseline(d: &Daemon, what: &str, base: Usage, after: Usage) {
         let links = d.fd_links();
         let t = Instant::now();
         let back = poll(Duration::from_secs(75), Duration::from_millis(250), || {
-            (usage(d).fds <= base.fds).then(|| t.elapsed())
+            (usage(d).fds == base.fds).then(|| t.elapsed())
         });
         panic!(
             "{what}: the daemon's fd count did not come back to its baseline within 15 s: {} → {} \
