@@ -10,10 +10,11 @@
 //! lives in `P` ([`Sockets::is_private`]), whatever its name says.
 //!
 //! The pool is refilled in batches by a thread of its own, off the hot
-//! path, so that a connect costs no extra round trip: a burst of takes is
-//! topped up by one request once it pauses ([`SETTLE`]) or the pool runs
-//! below [`LOW`], rather than by a request per socket; at rest it holds
-//! exactly `SPARE` sockets. A successor daemon
+//! path, so that a connect costs no extra round trip or wake-up: the pool
+//! is topped up by one request within [`TOP_UP`] of a take, once takes
+//! pause ([`SETTLE`]), or at once when it runs below [`LOW`], rather than
+//! by a request per socket; at rest it holds exactly `SPARE` sockets. A
+//! successor daemon
 //! keeps using the same `P` (the listeners it takes over live there): it
 //! finds it through the predecessor's anchor, a socket bound to
 //! `ax/<instance>/p` in `P` that the fd keeper keeps
@@ -36,7 +37,11 @@ use std::time::{Duration, Instant};
 const SPARE: usize = 64;
 /// Below this many spare sockets the pool is topped up at once.
 const LOW: usize = SPARE / 2;
-/// Otherwise it is topped up once no socket was taken for this long.
+/// Otherwise the refill thread looks this often, and tops it up once no
+/// socket was taken for [`SETTLE`]: a program that connects now and then
+/// costs the daemon no wake-up per connection.
+const TOP_UP: Duration = Duration::from_secs(1);
+/// See [`TOP_UP`].
 const SETTLE: Duration = Duration::from_millis(2);
 /// Most sockets [`Sockets::known_name`] remembers before it starts afresh.
 const KNOWN_MAX: usize = 16_384;
@@ -128,10 +133,10 @@ impl Sockets {
         {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = spare.pop() {
-                // The refill thread is woken by the first take from a full
-                // pool and when the pool runs low; other takes cost no
-                // wake-up (see `refill_loop`).
-                if spare.len() + 1 == SPARE || spare.len() < LOW {
+                // The refill thread is woken only when the pool runs low;
+                // other takes cost no wake-up: it tops the pool up on its
+                // own within a second (see `refill_loop`).
+                if spare.len() < LOW {
                     self.low.notify_one();
                 }
                 return Ok(s);
@@ -556,7 +561,7 @@ fn refill_loop(weak: Weak<Sockets>) {
             let spare = sockets.spare.lock().unwrap_or_else(|e| e.into_inner());
             let (mut spare, _) = sockets
                 .low
-                .wait_timeout_while(spare, Duration::from_secs(1), |s| s.len() >= SPARE)
+                .wait_timeout_while(spare, TOP_UP, |s| s.len() >= SPARE)
                 .unwrap_or_else(|e| e.into_inner());
             // A burst of takes: one request once it pauses, or at once
             // when the pool runs low.

@@ -337,12 +337,6 @@ impl Target {
         Ok(i32::from_ne_bytes(b))
     }
 
-    /// Reads a C `int` at `addr`.
-    pub(crate) fn read_int(&self, addr: u64) -> Result<i32, Errno> {
-        let b = self.read(addr, 4)?;
-        Ok(i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
     /// Writes `data` at `addr`; `EFAULT` if any byte is not writable.
     pub(crate) fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         if !data.is_empty() && addr == 0 {
