@@ -742,7 +742,9 @@ pub fn markdown(r: &Results) -> String {
         "- Many services: one helper app under `ax exec` listens on many ports of its VIP; \
          median connect time over {} connects to one service; two fresh daemons, one with 10 \
          services and one with {}, each with its own copy of the server, sampled alternately; \
-         ratio = median of per-pair ratios.",
+         ratio = median of per-pair ratios. Daemons, servers and clients of this check all run \
+         on CPU 0 (`taskset`, where installed): spread over two CPUs, where the scheduler puts \
+         them doubles or halves a whole sample's latency for either daemon.",
         thousands(Some(p.scale_connects as f64)),
         thousands(Some(f64::from(p.scale_services)))
     );

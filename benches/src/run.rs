@@ -218,6 +218,8 @@ const AX_VIP: &str = "10.233.0.50";
 const SCALE_SMALL_VIP: &str = "10.233.0.51";
 const SCALE_BIG_VIP: &str = "10.233.0.52";
 const SCALE_BASE_PORT: u16 = 20000;
+/// The CPU the many-services check runs on (see `scale_services_inner`).
+const SCALE_CPU: &str = "0";
 const CONC_VIP: &str = "10.233.0.70";
 const CONC_PORT: u16 = 5401;
 
@@ -1243,10 +1245,26 @@ fn scale_services_inner(ctx: &Ctx, env: &AxEnv, out: &mut report::ScaleServices)
     let p = &ctx.params;
     let target = format!("{AX_VIP}:{AX_PORT}");
     let n = p.scale_connects.to_string();
+    // Everything of the check on one CPU, where taskset is: on two, where
+    // the scheduler happens to place client, server and daemon threads
+    // changes a whole sample's latency twofold (32–40 against 64–77 µs per
+    // connect, for either daemon), which drowns what the registry's size
+    // does.
+    let cpu = which("taskset").map(|_| SCALE_CPU);
+    let pin = |v: Vec<String>| -> Vec<String> {
+        match cpu {
+            Some(c) => ["taskset", "-c", c]
+                .into_iter()
+                .map(String::from)
+                .chain(v)
+                .collect(),
+            None => v,
+        }
+    };
     let sample = |sock: &Path| -> Result<f64> {
         match ctx.worker(
             "scale-client",
-            &exec_prefix(&env.ax, sock, None),
+            &pin(exec_prefix(&env.ax, sock, None)),
             &[
                 "client",
                 "--connect",
@@ -1270,7 +1288,7 @@ fn scale_services_inner(ctx: &Ctx, env: &AxEnv, out: &mut report::ScaleServices)
     let helper = |name: &str, sock: &Path, vip: &str, count: u32| -> Result<Proc> {
         ctx.start_server(
             name,
-            &exec_prefix(&env.ax, sock, Some(vip)),
+            &pin(exec_prefix(&env.ax, sock, Some(vip))),
             &[
                 "many-listeners",
                 "--base-port",
@@ -1286,10 +1304,10 @@ fn scale_services_inner(ctx: &Ctx, env: &AxEnv, out: &mut report::ScaleServices)
     // daemon has served every other row: its history would bias the pair.)
     let registry = |tag: &str, vip: &str, services: u32| -> Result<(PathBuf, Vec<Proc>, f64)> {
         let sock = ctx.tmp.path.join(format!("scale-{tag}.sock"));
-        let daemon = start_daemon(ctx, &env.ax, &sock, &format!("scale-{tag}-daemon"), None)?;
+        let daemon = start_daemon(ctx, &env.ax, &sock, &format!("scale-{tag}-daemon"), cpu)?;
         let server = ctx.start_server(
             &format!("scale-{tag}-server"),
-            &exec_prefix(&env.ax, &sock, Some(AX_VIP)),
+            &pin(exec_prefix(&env.ax, &sock, Some(AX_VIP))),
             &["serve", "--bind", &format!("0.0.0.0:{AX_PORT}")],
         )?;
         wait_services(&env.ax, &sock, Duration::from_secs(10), &target, |s| {
