@@ -29,11 +29,12 @@
 //!   instance; any other content is discarded. Without a path (an
 //!   embedder), a memfd holds the records.
 //!
-//! Entries of sockets no process holds any more are swept by a thread of
-//! the table's own, at most once a [`SWEEP_EVERY`] and only after
-//! [`SWEEP_AFTER`] new entries (or when the table is nearly full): an
-//! entry goes once two sweeps in a row found its socket in no fd table (a
-//! socket passed between processes is in none for a moment). The table is
+//! Entries of closed sockets are swept by a thread of the table's own, at
+//! most once a [`SWEEP_EVERY`] and only after [`SWEEP_AFTER`] new entries
+//! (or when the table is nearly full): an entry goes once two sweeps in a
+//! row found its socket closed, by the list of open sockets of the
+//! broker's private namespace (see [`Idents::sweep`]), which holds a socket
+//! in flight between processes too. The table is
 //! bounded ([`LIMIT`]): one still full refuses the connection (`ENOBUFS`),
 //! never making up an address.
 
@@ -97,6 +98,9 @@ struct Entry {
     /// Whether `pair` is counted in [`Inner::pairs`]: from the first
     /// sweep that found the socket live.
     counted: bool,
+    /// Read back from a predecessor's file: its socket may live in a
+    /// private namespace other than this broker's (see [`Idents::sweep`]).
+    inherited: bool,
 }
 
 struct Inner {
@@ -138,7 +142,7 @@ impl Inner {
     }
 
     /// Enters the socket with `cookie` and `inode` (every index).
-    fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32, pair: u32) {
+    fn add(&mut self, cookie: u64, inode: u64, slot: u32, born: u32, pair: u32, inherited: bool) {
         let inode = short_inode(inode);
         self.by_inode.insert(inode, cookie);
         let old = self.map.insert(
@@ -150,6 +154,7 @@ impl Inner {
                 inode,
                 pair,
                 counted: false,
+                inherited,
             },
         );
         match old {
@@ -185,6 +190,8 @@ impl Inner {
 /// The broker's table of connection identities (see the module docs).
 pub(crate) struct Idents {
     secret: [u8; 16],
+    /// See [`Idents::watch`].
+    live: std::sync::OnceLock<LiveSockets>,
     /// Wakes the sweeper early (see [`SWEEP_NOW`]).
     wake: std::sync::Condvar,
     /// The records: the file beside the daemon's socket, or a memfd (none:
@@ -192,6 +199,10 @@ pub(crate) struct Idents {
     file: Option<File>,
     inner: Mutex<Inner>,
 }
+
+/// The inodes of the sockets open in the broker's private namespace, or
+/// `None` when they cannot be read (see [`Idents::watch`]).
+pub(crate) type LiveSockets = Box<dyn Fn() -> Option<std::collections::HashSet<u64>> + Send + Sync>;
 
 impl std::fmt::Debug for Idents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -291,6 +302,7 @@ impl Idents {
         });
         let idents = std::sync::Arc::new(Idents {
             secret,
+            live: std::sync::OnceLock::new(),
             wake: std::sync::Condvar::new(),
             file,
             inner: Mutex::new(inner),
@@ -410,7 +422,7 @@ impl Idents {
         if inner.fresh == SWEEP_NOW {
             self.wake.notify_one();
         }
-        inner.add(cookie, inode, slot, born, pair_key(kind, &name));
+        inner.add(cookie, inode, slot, born, pair_key(kind, &name), false);
         Ok(())
     }
 
@@ -450,18 +462,53 @@ impl Idents {
             || (!inner.map.is_empty() && inner.last_sweep.elapsed() >= SWEEP_AT_LEAST_EVERY)
     }
 
-    /// Forgets the entries of sockets that two sweeps in a row found in no
-    /// process's fd table. The fd tables are read without the lock held.
+    /// Tells the table where to find the sockets that are still open: the
+    /// inodes of every socket alive in the broker's private namespace
+    /// (`None` when they cannot be read). Without it, or when it answers
+    /// `None`, a sweep reads every process's fd table instead.
+    pub(crate) fn watch(&self, live: LiveSockets) {
+        let _ = self.live.set(live);
+    }
+
+    /// Forgets the entries of sockets that two sweeps in a row found
+    /// closed. Every socket the table names is one of the broker's, made in
+    /// its private namespace, so the namespace's own list of sockets (see
+    /// [`Idents::watch`]) tells which are open, whoever holds them: its
+    /// length is the broker's sockets, not every fd on the machine. An
+    /// entry read back from a predecessor's file and missing from that
+    /// list may be a socket of the predecessor's namespace (one the broker
+    /// could not take over): those are looked for in every process's fd
+    /// table, as are all entries when the list cannot be read. Nothing is
+    /// read with the lock held.
     fn sweep(&self) {
-        let sweep = {
+        let (sweep, inherited) = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.sweeps = inner.sweeps.wrapping_add(1).max(1);
             inner.fresh = 0;
             inner.last_sweep = Instant::now();
-            inner.sweeps
+            let inherited: Vec<u32> = inner
+                .map
+                .values()
+                .filter(|e| e.inherited)
+                .map(|e| e.inode)
+                .collect();
+            (inner.sweeps, inherited)
         };
         crate::metrics::identity_sweep();
-        let live = crate::orphans::live_socket_inodes();
+        let in_namespace = self.live.get().and_then(|live| live());
+        let everywhere = match &in_namespace {
+            Some(open) if inherited.iter().all(|&i| open.contains(&u64::from(i))) => None,
+            _ => Some(crate::orphans::live_socket_inodes()),
+        };
+        let is_open = |e: &Entry| {
+            let inode = u64::from(e.inode);
+            match (&in_namespace, &everywhere) {
+                (Some(open), _) if open.contains(&inode) => true,
+                (Some(_), Some(held)) => e.inherited && held.contains(&inode),
+                (None, Some(held)) => held.contains(&inode),
+                (_, None) => false,
+            }
+        };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut gone = Vec::new();
         let mut missed = 0;
@@ -470,7 +517,7 @@ impl Idents {
             // Made while the fd tables were read: not judged yet.
             if e.born >= sweep {
                 e.missed = 0;
-            } else if live.contains(&u64::from(e.inode)) {
+            } else if is_open(e) {
                 e.missed = 0;
                 if e.pair != 0 && !e.counted {
                     e.counted = true;
@@ -678,7 +725,7 @@ fn load(f: &File, inner: &mut Inner) {
         let Ok(slot) = u32::try_from(i) else { break };
         match decode_record(r) {
             Some((cookie, inode, kind, name, _)) if inner.map.len() < LIMIT => {
-                inner.add(cookie, inode, slot, 0, pair_key(kind, &name));
+                inner.add(cookie, inode, slot, 0, pair_key(kind, &name), true);
             }
             _ => inner.free.push(slot),
         }
@@ -835,6 +882,47 @@ mod tests {
             })
         );
         drop(live);
+    }
+
+    #[test]
+    fn sweeps_go_by_the_namespace_list_and_fd_tables_only_for_inherited_entries() {
+        let inode_of = |s: &std::os::unix::net::UnixStream| rustix::fs::fstat(s).unwrap().st_ino;
+        let (held, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let held_inode = inode_of(&held);
+        // An inode no socket of this process has (sockfs numbers are small).
+        let listed = u64::from(u32::MAX - 5);
+        let n = client("10.233.0.4:40000", "10.233.0.9:80");
+        let dir = std::env::temp_dir().join(format!("ax-idents-watch-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        {
+            let ids = Idents::open(9, Some(&dir));
+            ids.insert(21, held_inode, Kind::Own, n, None).unwrap();
+        }
+        let ids = Idents::open(9, Some(&dir));
+        let _ = std::fs::remove_file(&dir);
+        ids.watch(Box::new(move || Some([listed].into_iter().collect())));
+        // Made by this broker: the namespace's list alone decides, even for
+        // a socket some process holds (as no socket of the broker's is held
+        // outside the list).
+        ids.insert(22, listed, Kind::Own, n, None).unwrap();
+        ids.insert(23, held_inode + 1, Kind::Own, n, None).unwrap();
+        ids.sweep();
+        ids.sweep();
+        assert!(ids.get(22).is_some(), "a listed socket was forgotten");
+        assert_eq!(ids.get(23), None, "an unlisted socket was kept");
+        // Read back from a predecessor and not in the list (a namespace of
+        // its own): kept while a process holds it.
+        assert_eq!(ids.get(21), Some((Kind::Own, n)));
+        drop(held);
+        drop(_peer);
+        ids.sweep();
+        ids.sweep();
+        assert_eq!(
+            ids.get(21),
+            None,
+            "an inherited socket nobody holds was kept"
+        );
+        assert!(ids.get(22).is_some());
     }
 
     #[test]

@@ -124,6 +124,12 @@ impl Session {
 impl Broker {
     /// A broker answering from `directory`.
     pub fn new(directory: Arc<dyn Directory>, config: BrokerConfig) -> Self {
+        let sockets = crate::sockets::Sockets::new(config.instance);
+        let idents = crate::idents::Idents::open(config.instance, config.identities.as_deref());
+        // Every identity names a socket of the private namespace: its list
+        // of open sockets tells the sweeps which are closed.
+        let watched = Arc::downgrade(&sockets);
+        idents.watch(Box::new(move || watched.upgrade()?.live_inodes()));
         Self {
             shared: Arc::new(Shared {
                 directory,
@@ -132,9 +138,9 @@ impl Broker {
                 pool: Arc::new(WorkerPool::default()),
                 doors: crate::doors::Doors::default(),
                 self_restricted: Default::default(),
-                sockets: crate::sockets::Sockets::new(config.instance),
+                sockets,
                 listeners: Mutex::default(),
-                idents: crate::idents::Idents::open(config.instance, config.identities.as_deref()),
+                idents,
                 config,
             }),
         }

@@ -248,6 +248,15 @@ impl Sockets {
         maker.factory.as_ref().map(|f| f.pid)
     }
 
+    /// The inodes of every socket open in `P` now, from the socket
+    /// factory's `/proc/PID/net/unix` (its length is the broker's own
+    /// sockets); `None` without a factory or when it cannot be read.
+    pub(crate) fn live_inodes(&self) -> Option<std::collections::HashSet<u64>> {
+        let pid = self.factory_pid()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).ok()?;
+        parse_unix_inodes(&text)
+    }
+
     fn start_refill(self: &Arc<Self>) {
         if self.refill_started.set(()).is_err() {
             return;
@@ -505,6 +514,20 @@ fn explain(e: &io::Error) -> io::Error {
     )
 }
 
+/// The inodes of a `/proc/net/unix` table: the seventh field of each line
+/// under the header (`Num RefCount Protocol Flags Type St Inode Path`).
+/// `None` for text that is not such a table.
+fn parse_unix_inodes(text: &str) -> Option<std::collections::HashSet<u64>> {
+    let mut lines = text.lines();
+    if !lines.next()?.starts_with("Num ") {
+        return None;
+    }
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().nth(6)?.parse().ok())
+        .collect()
+}
+
 /// Asks the factory on `channel` for `n` sockets.
 fn request(channel: &OwnedFd, n: usize) -> io::Result<Vec<OwnedFd>> {
     let n = n.min(ax_sys::netns::MAX_BATCH);
@@ -659,6 +682,52 @@ mod tests {
         let many: Vec<_> = (0..300).map(|_| sockets.take().unwrap()).collect();
         assert!(many.iter().all(|s| sockets.is_private(s)));
         assert!(sockets.factory_pid().is_some());
+    }
+
+    #[test]
+    fn the_open_sockets_of_the_namespace_are_listed_by_inode() {
+        let sockets = Sockets::new(0x5eed_0004);
+        if let Err(e) = sockets.open() {
+            eprintln!("no private namespace here ({e}); skipped");
+            return;
+        }
+        let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+        let kept = sockets.take().unwrap();
+        let closed = sockets.take().unwrap();
+        let closed_inode = inode(&closed);
+        let open = sockets.live_inodes().expect("the namespace's socket table");
+        assert!(open.contains(&inode(&kept)) && open.contains(&closed_inode));
+        drop(closed);
+        let open = sockets.live_inodes().unwrap();
+        assert!(open.contains(&inode(&kept)));
+        assert!(!open.contains(&closed_inode), "a closed socket is listed");
+        // A socket of this process's own namespace is not in the list.
+        let (host, _) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(!sockets.live_inodes().unwrap().contains(&inode(&host)));
+    }
+
+    #[test]
+    fn unix_tables_parse_to_inodes() {
+        let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 381629 @ax/5eed0004/p\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 17\n";
+        let inodes = parse_unix_inodes(text).unwrap();
+        assert_eq!(inodes.len(), 2);
+        assert!(inodes.contains(&381_629) && inodes.contains(&17));
+        assert_eq!(
+            parse_unix_inodes("Num RefCount\n"),
+            Some(Default::default())
+        );
+        // Not a table, or a line without an inode: nothing is guessed.
+        assert_eq!(parse_unix_inodes("garbage\n1 2 3 4 5 6 7\n"), None);
+        assert_eq!(parse_unix_inodes("Num x\n0: 1 2 3 4 5\n"), None);
+        assert_eq!(parse_unix_inodes(""), None);
     }
 
     #[test]

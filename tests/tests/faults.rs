@@ -1010,6 +1010,22 @@ fn settle(d: &Daemon, base: Usage) -> Usage {
     last
 }
 
+/// The daemon's usage once its fd count held still for three samples in a
+/// row, 100 ms apart (at most 15 s, then the last sample): a baseline read
+/// while a sweep has a `/proc` file open, or while the spare socket pool
+/// is being topped up, would be off by the fds of that moment.
+fn steady_usage(d: &Daemon) -> Usage {
+    let mut last = usage(d);
+    let mut same = 0;
+    let _ = poll(Duration::from_secs(15), Duration::from_millis(100), || {
+        let now = usage(d);
+        same = if now.fds == last.fds { same + 1 } else { 0 };
+        last = now;
+        (same >= 2).then_some(())
+    });
+    last
+}
+
 fn assert_back_to_baseline(d: &Daemon, what: &str, base: Usage, after: Usage) {
     let allowance = rss_allowance(base.rss_kib);
     if after.fds != base.fds {
@@ -1131,7 +1147,7 @@ fn targets_dying() {
     let apps_base = sorted_identities(&d.apps());
     let services_base = sorted_services(&d.services());
     assert_eq!(apps_base.len(), 2, "apps at the baseline: {apps_base:#?}");
-    let base = settle(&d, usage(&d));
+    let base = steady_usage(&d);
 
     // The storm: thread churn and a fork storm run throughout, while
     // victims are started and killed, two at a time.
@@ -1236,7 +1252,7 @@ fn fork_storm_against_a_long_lived_server() {
     );
     warm.assert_success();
     sleep(Duration::from_millis(2500));
-    let base = settle(&d, usage(&d));
+    let base = steady_usage(&d);
     let t0 = Instant::now();
     let mut storm = d.spawn(
         &[],
@@ -1434,7 +1450,7 @@ fn load_16_apps_8_threads() {
         out.assert_success();
     }
     sleep(Duration::from_millis(1500));
-    let base = settle(&d, usage(&d));
+    let base = steady_usage(&d);
     let services_base = sorted_services(&d.services());
 
     let t0 = Instant::now();
