@@ -197,6 +197,81 @@ fn metrics_count_real_traffic() {
     server.kill();
 }
 
+/// Accepts connections on port argv[1] and closes them at once, but for the
+/// one whose first bytes are `HOLD`, which it keeps until `END!` comes.
+const HOLDING_SERVER: &str = r#"
+import socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", int(sys.argv[1])))
+ls.listen(512)
+held = None
+while True:
+    c, _ = ls.accept()
+    what = c.recv(4)
+    if what == b"HOLD":
+        held = c
+        continue
+    c.close()
+    if what == b"END!":
+        break
+"#;
+
+/// Under ax: holds one connection to VIP:PORT (argv[1], argv[2]), makes
+/// argv[3] more and closes each, says `HELD` and waits for a line on stdin.
+const HOLDING_CLIENT: &str = r#"
+import socket, sys
+vip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hold = socket.create_connection((vip, port))
+hold.sendall(b"HOLD")
+for _ in range(n):
+    s = socket.create_connection((vip, port))
+    s.sendall(b"ping")
+    s.close()
+print("HELD", flush=True)
+sys.stdin.readline()
+socket.create_connection((vip, port)).sendall(b"END!")
+hold.close()
+"#;
+
+/// `ax_identities` is exact: a connection between two programs under ax
+/// keeps two identities while it lives, and the sweeps forget those of
+/// closed connections (they find them closed in the list of the broker's
+/// private namespace), so with one connection held and 100 closed the
+/// gauge comes down to exactly 2.
+#[test]
+fn identities_of_closed_connections_are_forgotten_and_a_live_ones_kept() {
+    require!("python3");
+    const VIP: &str = "10.233.51.2";
+    let port = free_loopback_port();
+    let d = Daemon::start_with(&[], &["--metrics", &format!("127.0.0.1:{port}")]);
+    let mut server = d.spawn(&["--ip", VIP], &["python3", "-c", HOLDING_SERVER, "7300"]);
+    d.wait_for_service(&mut server, &format!("{VIP}:7300"));
+    assert_eq!(
+        get(&scrape(port), "ax_identities"),
+        0.0,
+        "before any connection"
+    );
+    let mut client = d.spawn(&[], &["python3", "-c", HOLDING_CLIENT, VIP, "7300", "100"]);
+    client.wait_for_stdout("HELD", SHORT);
+    // 202 identities made: a sweep is due at once (64 new), and the next
+    // one forgets what the first found closed.
+    let sweeps = get(&scrape(port), "ax_identity_sweeps_total");
+    let settled = poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        let m = scrape(port);
+        (get(&m, "ax_identities") == 2.0 && get(&m, "ax_identity_sweeps_total") >= sweeps + 2.0)
+            .then_some(m)
+    });
+    let text = http_get(port, "/metrics").1;
+    assert!(
+        settled.is_some(),
+        "the identities did not come down to the held connection's 2:\n{text}"
+    );
+    client.send("\n");
+    client.wait(SHORT);
+    server.wait(SHORT);
+}
+
 /// A daemon killed with SIGKILL and restarted on the same socket (and the
 /// same --metrics address, which nothing of the dead one holds): the
 /// restart and the take-over of the running app are counted.
