@@ -648,13 +648,24 @@ mod tests {
         assert!(!sockets.known_listening(2));
     }
 
+    /// A pool with its private namespace and factory; `None` (the test is
+    /// skipped) where no namespace can be made.
+    fn opened(instance: u32) -> Option<Arc<Sockets>> {
+        let sockets = Sockets::new(instance);
+        match sockets.open() {
+            Ok(()) => Some(sockets),
+            Err(e) => {
+                eprintln!("no private namespace here ({e}); skipped");
+                None
+            }
+        }
+    }
+
     #[test]
     fn sockets_come_from_one_private_namespace() {
-        let sockets = Sockets::new(0x5eed_0001);
-        if let Err(e) = sockets.open() {
-            eprintln!("no private namespace here ({e}); skipped");
+        let Some(sockets) = opened(0x5eed_0001) else {
             return;
-        }
+        };
         let a = sockets.take().unwrap();
         let b = sockets.take().unwrap();
         assert!(sockets.is_private(&a) && sockets.is_private(&b));
@@ -686,11 +697,9 @@ mod tests {
 
     #[test]
     fn the_open_sockets_of_the_namespace_are_listed_by_inode() {
-        let sockets = Sockets::new(0x5eed_0004);
-        if let Err(e) = sockets.open() {
-            eprintln!("no private namespace here ({e}); skipped");
+        let Some(sockets) = opened(0x5eed_0004) else {
             return;
-        }
+        };
         let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
         let kept = sockets.take().unwrap();
         let closed = sockets.take().unwrap();
@@ -744,10 +753,9 @@ mod tests {
 
     #[test]
     fn a_killed_factory_is_replaced_in_the_same_namespace() {
-        let sockets = Sockets::new(0x5eed_0002);
-        if sockets.open().is_err() {
+        let Some(sockets) = opened(0x5eed_0002) else {
             return;
-        }
+        };
         let before = netns_of(&sockets.take().unwrap());
         let pid = sockets.factory_pid().unwrap();
         rustix::process::kill_process(
