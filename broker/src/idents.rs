@@ -514,7 +514,7 @@ impl Idents {
         let mut missed = 0;
         let Inner { map, pairs, .. } = &mut *inner;
         for (cookie, e) in map.iter_mut() {
-            // Made while the fd tables were read: not judged yet.
+            // Made while the lists were read: not judged yet.
             if e.born >= sweep {
                 e.missed = 0;
             } else if is_open(e) {

@@ -327,7 +327,9 @@ impl Target {
     /// still pending: only for a value that decides what is written next,
     /// whose own check ([`Target::write_parts`]) covers the read too (a call
     /// pending then was pending all along, so the memory read was its
-    /// thread's). Nothing else may be decided on it.
+    /// thread's), or the errno of a call that then writes nothing (an
+    /// answer to a call no longer pending goes nowhere). Nothing else may
+    /// be decided on it: nothing kept, nothing done on the caller's behalf.
     pub(crate) fn read_int_unverified(&self, addr: u64) -> Result<i32, Errno> {
         let mut b = [0u8; 4];
         if addr == 0 {
