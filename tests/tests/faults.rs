@@ -1023,7 +1023,25 @@ fn steady_usage(d: &Daemon) -> Usage {
         last = now;
         (same >= 2).then_some(())
     });
+    BASELINE_LINKS.with(|l| *l.borrow_mut() = d.fd_links());
     last
+}
+
+std::thread_local! {
+    /// The daemon's fds when this test's baseline was taken, to show what
+    /// differs if the count does not come back (each test runs on a thread
+    /// of its own).
+    static BASELINE_LINKS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The fds in `now` and not in the baseline's list, and the other way.
+fn links_changed(now: &[String]) -> String {
+    BASELINE_LINKS.with(|base| {
+        let base = base.borrow();
+        let added: Vec<&String> = now.iter().filter(|l| !base.contains(l)).collect();
+        let gone: Vec<&String> = base.iter().filter(|l| !now.contains(l)).collect();
+        format!("since the baseline: added {added:?}, gone {gone:?}")
+    })
 }
 
 fn assert_back_to_baseline(d: &Daemon, what: &str, base: Usage, after: Usage) {
@@ -1031,13 +1049,14 @@ fn assert_back_to_baseline(d: &Daemon, what: &str, base: Usage, after: Usage) {
     if after.fds != base.fds {
         // For the report: a slow release, or a leak for good?
         let links = d.fd_links();
+        let changed = links_changed(&links);
         let t = Instant::now();
         let back = poll(Duration::from_secs(75), Duration::from_millis(250), || {
             (usage(d).fds == base.fds).then(|| t.elapsed())
         });
         panic!(
             "{what}: the daemon's fd count did not come back to its baseline within 15 s: {} → {} \
-             (RSS {} → {} KiB, threads {} → {}); {}; its fds were:\n{}",
+             (RSS {} → {} KiB, threads {} → {}); {}; {changed}; its fds were:\n{}",
             base.fds,
             after.fds,
             base.rss_kib,
