@@ -731,19 +731,30 @@ fn resolve_ax(given: Option<&Path>) -> Option<PathBuf> {
     which("ax")
 }
 
+/// `argv` run on `cpus` (`taskset -c CPUS`), or as it is without.
+fn pinned(cpus: Option<&str>, argv: Vec<String>) -> Vec<String> {
+    match cpus {
+        Some(c) => ["taskset", "-c", c]
+            .into_iter()
+            .map(String::from)
+            .chain(argv)
+            .collect(),
+        None => argv,
+    }
+}
+
 /// Starts `ax daemon --socket SOCK` (pinned with taskset when `cpus` is
 /// given) and waits until it answers.
 fn start_daemon(ctx: &Ctx, ax: &Path, sock: &Path, name: &str, cpus: Option<&str>) -> Result<Proc> {
-    let mut argv = Vec::new();
-    if let Some(c) = cpus {
-        argv.extend(["taskset".to_string(), "-c".into(), c.to_string()]);
-    }
-    argv.extend([
-        ax.display().to_string(),
-        "daemon".into(),
-        "--socket".into(),
-        sock.display().to_string(),
-    ]);
+    let argv = pinned(
+        cpus,
+        vec![
+            ax.display().to_string(),
+            "daemon".into(),
+            "--socket".into(),
+            sock.display().to_string(),
+        ],
+    );
     let log = ctx.log(name);
     let mut daemon = spawn(
         name,
@@ -1251,16 +1262,7 @@ fn scale_services_inner(ctx: &Ctx, env: &AxEnv, out: &mut report::ScaleServices)
     // connect, for either daemon), which drowns what the registry's size
     // does.
     let cpu = which("taskset").map(|_| SCALE_CPU);
-    let pin = |v: Vec<String>| -> Vec<String> {
-        match cpu {
-            Some(c) => ["taskset", "-c", c]
-                .into_iter()
-                .map(String::from)
-                .chain(v)
-                .collect(),
-            None => v,
-        }
-    };
+    let pin = |v: Vec<String>| pinned(cpu, v);
     let sample = |sock: &Path| -> Result<f64> {
         match ctx.worker(
             "scale-client",
@@ -1399,11 +1401,7 @@ fn concurrency(ctx: &Ctx, ax: &Path) -> report::Concurrency {
 
 fn concurrency_run(ctx: &Ctx, ax: &Path, cpus: &str, i: usize) -> Result<report::ConcRun> {
     let p = &ctx.params;
-    let pin = |mut v: Vec<String>| {
-        let mut w = vec!["taskset".to_string(), "-c".into(), cpus.to_string()];
-        w.append(&mut v);
-        w
-    };
+    let pin = |v: Vec<String>| pinned(Some(cpus), v);
     let sock = ctx.tmp.path.join(format!("conc{i}.sock"));
     let daemon = start_daemon(ctx, ax, &sock, &format!("conc{i}-daemon"), Some(cpus))?;
     let server = ctx.start_server(

@@ -73,6 +73,7 @@ pub use ax_sys::NotifyFd;
 pub use metrics::Metrics;
 pub use names::{Reuseport, SocketName, MAX_NAME_LEN};
 pub use serve::{Broker, BrokerConfig, Session};
+pub use sockets::UnixSocketRow;
 pub use stash::Stash;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz); not part of

@@ -231,18 +231,14 @@ impl Broker {
         self.shared.sockets.find_in_processes(pids)
     }
 
-    /// The kernel's table of UNIX sockets (the text of `/proc/net/unix`)
-    /// of the broker's private network namespace, where its listeners are.
+    /// The kernel's table of UNIX sockets (`/proc/net/unix`) of the
+    /// broker's private network namespace, where its listeners are.
     ///
     /// # Errors
-    /// `ENOENT` when no namespace was opened yet; the read's error.
-    pub fn private_unix_table(&self) -> io::Result<String> {
-        let pid = self
-            .shared
-            .sockets
-            .factory_pid()
-            .ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
-        std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+    /// `ENOENT` when no namespace was opened yet; the read's error;
+    /// `EINVAL` for a table that does not parse.
+    pub fn private_unix_table(&self) -> io::Result<Vec<crate::UnixSocketRow>> {
+        self.shared.sockets.unix_table()
     }
 
     /// True when `fd` is a socket in the broker's private network

@@ -248,13 +248,22 @@ impl Sockets {
         maker.factory.as_ref().map(|f| f.pid)
     }
 
-    /// The inodes of every socket open in `P` now, from the socket
-    /// factory's `/proc/PID/net/unix` (its length is the broker's own
-    /// sockets); `None` without a factory or when it cannot be read.
+    /// Every socket open in `P` now, from the socket factory's
+    /// `/proc/PID/net/unix` (its length is the broker's own sockets).
+    /// `ENOENT` without a factory, `EINVAL` for text that is not such a
+    /// table.
+    pub(crate) fn unix_table(&self) -> io::Result<Vec<UnixSocketRow>> {
+        let pid = self
+            .factory_pid()
+            .ok_or(io::Error::from_raw_os_error(libc::ENOENT))?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix"))?;
+        parse_unix_table(&text).ok_or(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    /// The inodes of every socket open in `P` now (see
+    /// [`Sockets::unix_table`]); `None` when they cannot be read.
     pub(crate) fn live_inodes(&self) -> Option<std::collections::HashSet<u64>> {
-        let pid = self.factory_pid()?;
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).ok()?;
-        parse_unix_inodes(&text)
+        Some(self.unix_table().ok()?.iter().map(|r| r.inode).collect())
     }
 
     fn start_refill(self: &Arc<Self>) {
@@ -514,17 +523,41 @@ fn explain(e: &io::Error) -> io::Error {
     )
 }
 
-/// The inodes of a `/proc/net/unix` table: the seventh field of each line
-/// under the header (`Num RefCount Protocol Flags Type St Inode Path`).
-/// `None` for text that is not such a table.
-fn parse_unix_inodes(text: &str) -> Option<std::collections::HashSet<u64>> {
+/// A socket of the private namespace, as its `/proc/net/unix` line shows
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketRow {
+    /// It listens (`__SO_ACCEPTCON` in its flags).
+    pub listening: bool,
+    /// Its inode.
+    pub inode: u64,
+    /// Its abstract name, without the `@` the table shows it with.
+    pub abstract_name: Option<String>,
+}
+
+/// The rows of a `/proc/net/unix` table, under its header (`Num RefCount
+/// Protocol Flags Type St Inode Path`). `None` for text that is not such a
+/// table, or that has a line without an inode: nothing is guessed.
+fn parse_unix_table(text: &str) -> Option<Vec<UnixSocketRow>> {
+    /// `__SO_ACCEPTCON`, as the table prints a listener's flags.
+    const LISTENING: &str = "00010000";
     let mut lines = text.lines();
     if !lines.next()?.starts_with("Num ") {
         return None;
     }
     lines
         .filter(|l| !l.trim().is_empty())
-        .map(|l| l.split_whitespace().nth(6)?.parse().ok())
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some(UnixSocketRow {
+                listening: *cols.get(3)? == LISTENING,
+                inode: cols.get(6)?.parse().ok()?,
+                abstract_name: cols
+                    .get(7)
+                    .and_then(|p| p.strip_prefix('@'))
+                    .map(String::from),
+            })
+        })
         .collect()
 }
 
@@ -734,21 +767,31 @@ mod tests {
     }
 
     #[test]
-    fn unix_tables_parse_to_inodes() {
+    fn unix_tables_parse_to_rows() {
         let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
             0000000000000000: 00000002 00000000 00010000 0001 01 381629 @ax/5eed0004/p\n\
             0000000000000000: 00000003 00000000 00000000 0001 03 17\n";
-        let inodes = parse_unix_inodes(text).unwrap();
-        assert_eq!(inodes.len(), 2);
-        assert!(inodes.contains(&381_629) && inodes.contains(&17));
+        let rows = parse_unix_table(text).unwrap();
         assert_eq!(
-            parse_unix_inodes("Num RefCount\n"),
-            Some(Default::default())
+            rows,
+            [
+                UnixSocketRow {
+                    listening: true,
+                    inode: 381_629,
+                    abstract_name: Some("ax/5eed0004/p".into()),
+                },
+                UnixSocketRow {
+                    listening: false,
+                    inode: 17,
+                    abstract_name: None,
+                },
+            ]
         );
+        assert_eq!(parse_unix_table("Num RefCount\n"), Some(Vec::new()));
         // Not a table, or a line without an inode: nothing is guessed.
-        assert_eq!(parse_unix_inodes("garbage\n1 2 3 4 5 6 7\n"), None);
-        assert_eq!(parse_unix_inodes("Num x\n0: 1 2 3 4 5\n"), None);
-        assert_eq!(parse_unix_inodes(""), None);
+        assert_eq!(parse_unix_table("garbage\n1 2 3 4 5 6 7\n"), None);
+        assert_eq!(parse_unix_table("Num x\n0: 1 2 3 4 5\n"), None);
+        assert_eq!(parse_unix_table(""), None);
     }
 
     #[test]

@@ -269,18 +269,11 @@ impl Daemon {
         };
         let mut held: std::collections::HashMap<AppId, std::collections::HashSet<u64>> =
             Default::default();
-        for line in table.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // Num RefCount Protocol Flags Type St Inode Path
-            if cols.len() < 8 || cols[3] != "00010000" {
-                continue;
-            }
-            let Ok(inode) = cols[6].parse::<u64>() else {
+        for row in table {
+            let (true, Some(name)) = (row.listening, row.abstract_name) else {
                 continue;
             };
-            let Some(name) = cols[7].strip_prefix('@') else {
-                continue;
-            };
+            let inode = row.inode;
             let Some(SocketName::Listener {
                 instance: inst,
                 v6,
