@@ -99,6 +99,8 @@ pub(crate) struct Sockets {
     /// See [`Sockets::known_name`].
     known: Mutex<std::collections::HashMap<u64, Known>>,
     refill_started: OnceLock<()>,
+    /// An unbound socket in `P` kept for [`Sockets::name_taken`].
+    probe: Mutex<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for Sockets {
@@ -122,6 +124,7 @@ impl Sockets {
             ns_cookie: OnceLock::new(),
             known: Mutex::new(std::collections::HashMap::new()),
             refill_started: OnceLock::new(),
+            probe: Mutex::new(None),
         })
     }
 
@@ -169,6 +172,29 @@ impl Sockets {
         self.keep(batch);
         self.start_refill();
         Ok(())
+    }
+
+    /// Whether a socket in `P` holds the abstract name `addr`: a probe
+    /// socket's `bind` to it fails then (`EADDRINUSE`). A probe that did
+    /// not bind stays unbound and is kept for the next probe, so that a
+    /// check repeated every second (the daemon's host loopback watch) costs
+    /// no socket; one that bound the name (nobody held it) is closed at
+    /// once, which frees the name again. `true` when there is no socket to
+    /// probe with, as when the bind fails for another reason: a name is
+    /// only ever judged free by the kernel's word.
+    pub(crate) fn name_taken(self: &Arc<Self>, addr: &SocketAddrUnix) -> bool {
+        let kept = self.probe.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(probe) = kept.or_else(|| self.take().ok()) else {
+            return true;
+        };
+        if rustix::net::bind(&probe, addr).is_ok() {
+            return false;
+        }
+        self.probe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(probe);
+        true
     }
 
     /// True when `fd` is a socket in `P`.
@@ -726,6 +752,32 @@ mod tests {
         let many: Vec<_> = (0..300).map(|_| sockets.take().unwrap()).collect();
         assert!(many.iter().all(|s| sockets.is_private(s)));
         assert!(sockets.factory_pid().is_some());
+    }
+
+    #[test]
+    fn a_name_is_probed_with_one_kept_socket_and_left_free() {
+        let Some(sockets) = opened(0x5eed_0005) else {
+            return;
+        };
+        let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+        let probe_inode = || sockets.probe.lock().unwrap().as_ref().map(inode);
+        let name = |s: &str| SocketAddrUnix::new_abstract_name(s.as_bytes()).unwrap();
+        let held = sockets.take().unwrap();
+        rustix::net::bind(&held, &name("ax/5eed0005/held")).unwrap();
+        assert!(sockets.name_taken(&name("ax/5eed0005/held")));
+        let first = probe_inode().expect("a probe that did not bind is kept");
+        for _ in 0..100 {
+            assert!(sockets.name_taken(&name("ax/5eed0005/held")));
+        }
+        assert_eq!(probe_inode(), Some(first), "each probe took a socket");
+        // A free name: the probe binds it, and is closed at once.
+        assert!(!sockets.name_taken(&name("ax/5eed0005/free")));
+        assert_eq!(probe_inode(), None);
+        let other = sockets.take().unwrap();
+        rustix::net::bind(&other, &name("ax/5eed0005/free")).expect("the name is free again");
+        // The next probe takes another socket, and keeps it.
+        assert!(sockets.name_taken(&name("ax/5eed0005/free")));
+        assert!(probe_inode().is_some_and(|i| i != first));
     }
 
     #[test]

@@ -1533,6 +1533,70 @@ fn load_16_apps_8_threads() {
     assert_back_to_baseline(&d, "after the load", base, after);
 }
 
+/// A daemon at rest holds the same sockets second after second. The host
+/// loopback watch checks each wildcard service's listener every second
+/// with a probe bind; that probe once took a spare socket each time, so
+/// the spare pool ran a few short and was topped up again every second:
+/// the daemon's fd count then depended on when it was read (which made
+/// the load test's baseline flaky) and the socket factory was asked for
+/// sockets every second by an idle daemon.
+#[test]
+fn a_daemon_at_rest_holds_the_same_sockets() {
+    require!("cc");
+    let dir = TempDir::new("rest");
+    let server = compile_c(&dir, "load_server", LOAD_SERVER_C, &[]);
+    let d = Daemon::start();
+    let vips = ["10.233.5.11", "10.233.5.12", "10.233.5.13", "10.233.5.14"];
+    let mut servers: Vec<App> = vips
+        .iter()
+        .map(|vip| d.spawn(&["--ip", vip], &[server.as_str(), "0.0.0.0", "7000"]))
+        .collect();
+    for (srv, vip) in servers.iter_mut().zip(vips) {
+        d.wait_for_service(srv, &format!("{vip}:7000"));
+    }
+    // The watch has run once the first service is on host loopback.
+    let on_loopback = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        (tcp_listeners_of(d.pid()) == 1).then_some(())
+    });
+    assert!(on_loopback.is_some(), "no host loopback listener");
+    let sockets = || -> Vec<String> {
+        d.fd_links()
+            .into_iter()
+            .filter(|l| l.contains("socket:"))
+            .collect()
+    };
+    // Three seconds (three rounds of the watch) without a change, within
+    // ten: the pool may still be topping up after the servers' binds.
+    let window = Duration::from_secs(3);
+    let mut last = sockets();
+    let mut since = Instant::now();
+    let mut changes = Vec::new();
+    let quiet = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        let now = sockets();
+        if now != last {
+            let added: Vec<&String> = now.iter().filter(|l| !last.contains(l)).collect();
+            let gone: Vec<&String> = last.iter().filter(|l| !now.contains(l)).collect();
+            changes.push(format!("+{added:?} -{gone:?}"));
+            last = now;
+            since = Instant::now();
+        }
+        (since.elapsed() >= window).then_some(())
+    });
+    assert!(
+        quiet.is_some(),
+        "the daemon's sockets changed at rest {} times in 10 s; the last changes: {:?}",
+        changes.len(),
+        changes.iter().rev().take(3).collect::<Vec<_>>()
+    );
+    for srv in servers.iter_mut() {
+        assert!(
+            srv.try_status().is_none(),
+            "a server died: {}",
+            srv.report()
+        );
+    }
+}
+
 // ---------------------------------------------------------------- 4. Go
 
 /// `goload server ADDR` serves one byte for one byte; `goload client ADDR

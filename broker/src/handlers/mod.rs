@@ -519,10 +519,7 @@ pub(crate) fn endpoint_addr(ep: &UnixEndpoint) -> Result<SocketAddrUnix, Errno> 
 pub(crate) fn endpoint_alive(shared: &Shared, ep: &UnixEndpoint) -> bool {
     match ep {
         UnixEndpoint::Abstract(_) => {
-            let (Ok(sock), Ok(addr)) = (unix_socket(shared), endpoint_addr(ep)) else {
-                return true;
-            };
-            !matches!(rustix::net::bind(&sock, &addr), Ok(()))
+            endpoint_addr(ep).map_or(true, |addr| shared.sockets.name_taken(&addr))
         }
         UnixEndpoint::Path(p) => p.exists(),
     }
