@@ -773,8 +773,18 @@ mod tests {
         // A free name: the probe binds it, and is closed at once.
         assert!(!sockets.name_taken(&name("ax/5eed0005/free")));
         assert_eq!(probe_inode(), None);
+        // Free again once no process holds the probe: another test of this
+        // process that forks at this moment holds a copy until its child
+        // execs.
         let other = sockets.take().unwrap();
-        rustix::net::bind(&other, &name("ax/5eed0005/free")).expect("the name is free again");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = rustix::net::bind(&other, &name("ax/5eed0005/free")) {
+            assert!(
+                e == rustix::io::Errno::ADDRINUSE && std::time::Instant::now() < deadline,
+                "the name is not free again: {e}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // The next probe takes another socket, and keeps it.
         assert!(sockets.name_taken(&name("ax/5eed0005/free")));
         assert!(probe_inode().is_some_and(|i| i != first));
