@@ -340,8 +340,13 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     let mut last_housekeeping = Instant::now();
     let mut last_call = Instant::now();
     loop {
+        // How long until a parked accept is due for its check.
+        let mut tick = PARKED_TICK;
         let (revents, ready) = {
             let parked = parking.borrow();
+            if let Some(due) = parked.iter().map(Parked::next_check).min() {
+                tick = due;
+            }
             // The common case, nothing parked, polls from the stack: no
             // allocation per notification.
             let mut one = [PollFd::new(listener.as_ref(), PollFlags::IN)];
@@ -356,13 +361,13 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
                 }
                 &mut many
             };
-            let tick = Timespec::try_from(PARKED_TICK).ok();
+            let parked_tick = Timespec::try_from(tick).ok();
             let idle = Timespec {
                 tv_sec: 1,
                 tv_nsec: 0,
             };
             let timeout = if !parked.is_empty() {
-                tick.as_ref()
+                parked_tick.as_ref()
             } else if !pidfds.is_empty() {
                 Some(&idle)
             } else {
@@ -379,7 +384,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
             (fds[0].revents(), ready)
         };
-        let housekeeping = last_housekeeping.elapsed() >= PARKED_TICK;
+        let housekeeping = last_housekeeping.elapsed() >= tick;
         if housekeeping {
             last_housekeeping = Instant::now();
             pidfds.sweep();

@@ -35,6 +35,87 @@ pub(crate) struct Target {
     /// The call this target is asked about (listener and notification id):
     /// its memory is reached only while that call is pending.
     call: OnceCell<(Arc<NotifyFd>, u64)>,
+    /// See [`Target::signal_pending`].
+    signals: OnceCell<Signals>,
+}
+
+/// The signals pending on one thread, as its `/proc/TID/status` shows them.
+/// The file is opened once and read again at offset 0, which shows the
+/// thread as it is then: a blocking call waited for on the thread's behalf
+/// asks every tick, and an open, a `statx` and a read per kilobyte each time
+/// cost more than the read itself. A file opened for an earlier thread of
+/// the same tid reads nothing (procfs ties it to that thread), so a stale
+/// one says "nothing pending" rather than lie about another thread.
+#[derive(Debug)]
+pub(crate) struct Signals {
+    tid: u32,
+    status: OnceCell<std::fs::File>,
+}
+
+/// Enough for the signal lines of any thread's status file (they come
+/// before the long lists); a file that reads longer is read whole.
+const STATUS_READ: usize = 4096;
+/// A status file is read no further than this.
+const STATUS_MAX: usize = 1 << 20;
+
+impl Signals {
+    /// Opens thread `tid`'s status file now (and again at the next
+    /// [`Signals::pending`] if it cannot be opened now).
+    pub(crate) fn open(tid: u32) -> Self {
+        let signals = Signals {
+            tid,
+            status: OnceCell::new(),
+        };
+        signals.file();
+        signals
+    }
+
+    fn file(&self) -> Option<&std::fs::File> {
+        if let Some(file) = self.status.get() {
+            return Some(file);
+        }
+        let file = std::fs::File::open(format!("/proc/{}/status", self.tid)).ok()?;
+        Some(self.status.get_or_init(|| file))
+    }
+
+    /// True when a signal the thread does not block is pending for it or
+    /// for its process.
+    pub(crate) fn pending(&self) -> bool {
+        let Some(file) = self.file() else {
+            return false;
+        };
+        let mut buf = [0u8; STATUS_READ];
+        let Ok(n) = file.read_at(&mut buf, 0) else {
+            return false;
+        };
+        if let Some(pending) = buf.get(..n).and_then(pending_unblocked) {
+            return pending;
+        }
+        // The signal lines are further on (a thread in very many groups).
+        let mut whole = Vec::new();
+        let mut at = 0;
+        while at < STATUS_MAX {
+            whole.resize(at + STATUS_READ, 0);
+            match file.read_at(&mut whole[at..], at as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => at += n,
+            }
+        }
+        whole.truncate(at);
+        pending_unblocked(&whole).unwrap_or(false)
+    }
+}
+
+/// From the text of a status file: whether a signal is pending (`SigPnd`,
+/// `ShdPnd`) that is not blocked (`SigBlk`); `None` if a line is missing.
+fn pending_unblocked(text: &[u8]) -> Option<bool> {
+    let text = std::str::from_utf8(text).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    Some((field("SigPnd:")? | field("ShdPnd:")?) & !field("SigBlk:")? != 0)
 }
 
 /// Pidfds of an app's threads, kept between calls: opening one is a system
@@ -130,6 +211,7 @@ impl PidfdCache {
                 fdinfo: fdinfo.clone(),
                 stale: Cell::new(false),
                 call: OnceCell::new(),
+                signals: OnceCell::new(),
             });
         }
         // The process's fd table, unless this thread has one of its own. A
@@ -262,6 +344,7 @@ impl Target {
             }),
             stale: Cell::new(false),
             call: OnceCell::new(),
+            signals: OnceCell::new(),
         }
     }
 
@@ -412,17 +495,12 @@ impl Target {
 
     /// True when the thread has a signal pending that it does not block: a
     /// long wait on its behalf should end with `EINTR` so the handler runs.
+    /// Asked every tick of such a wait: the thread's status file is opened
+    /// once (see [`Signals`]).
     pub(crate) fn signal_pending(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", self.tid)) else {
-            return false;
-        };
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-                .unwrap_or(0)
-        };
-        (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") != 0
+        self.signals
+            .get_or_init(|| Signals::open(self.tid))
+            .pending()
     }
 
     /// Sends `SIGPIPE` to the target, as the kernel does to a thread whose
@@ -457,6 +535,37 @@ pub(crate) fn thread_group_leader(tid: u32) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_signal_counts_unless_blocked() {
+        let status = |pnd: &str, shd: &str, blk: &str| {
+            format!(
+                "Name:\tx\nState:\tS (sleeping)\nSigQ:\t0/100\nSigPnd:\t{pnd}\n\
+                 ShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t0\nSigCgt:\t2\n"
+            )
+        };
+        let pending = |t: String| pending_unblocked(t.as_bytes());
+        // SIGINT (bit 1) to the process, SIGUSR1 (bit 9) to the thread.
+        assert_eq!(
+            pending(status("0000000000000000", "0000000000000002", "0")),
+            Some(true)
+        );
+        assert_eq!(
+            pending(status("0000000000000200", "0000000000000000", "0")),
+            Some(true)
+        );
+        assert_eq!(
+            pending(status("0", "0000000000000002", "0000000000000002")),
+            Some(false)
+        );
+        assert_eq!(pending(status("0", "0", "0")), Some(false));
+        // A line missing (a status file cut short): not known.
+        assert_eq!(pending_unblocked(b"Name:\tx\nSigPnd:\t0\n"), None);
+        // This thread's own file reads, twice, through one open file.
+        let own = Signals::open(rustix::thread::gettid().as_raw_nonzero().get() as u32);
+        assert!(!own.pending() && !own.pending());
+        assert!(own.status.get().is_some());
+    }
 
     #[test]
     fn fdinfo_is_read_and_read_again() {

@@ -1590,6 +1590,89 @@ fn signals_are_forwarded() {
     }
 }
 
+/// `accept` on a swapped listener, blocked until Ctrl-C: the broker waits on
+/// the program's behalf, and must end the wait with `EINTR` when a signal
+/// comes, so that the program's handler runs (here Python's
+/// `KeyboardInterrupt`).
+/// With a second argument, the listener's `SO_RCVTIMEO` in seconds: the
+/// accept then fails with `EAGAIN` once it ran out.
+const ACCEPT_UNTIL_INTERRUPTED: &str = r#"
+import errno, socket, struct, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if len(sys.argv) > 2:
+    t = float(sys.argv[2])
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(t), int(t % 1 * 1e6)))
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+print("LISTENING", flush=True)
+t0 = time.monotonic()
+try:
+    s.accept()
+    print("ACCEPTED", flush=True)
+except KeyboardInterrupt:
+    print("INTERRUPTED after %.2f s" % (time.monotonic() - t0), flush=True)
+except OSError as e:
+    print("%s after %.2f s" % (errno.errorcode[e.errno], time.monotonic() - t0), flush=True)
+"#;
+
+/// A server that has waited in `accept` long enough for the broker to look
+/// at it less often (an idle server costs the daemon a few checks a second)
+/// is still interrupted by a signal promptly.
+#[test]
+fn a_long_blocked_accept_is_interrupted_by_a_signal() {
+    require!("python3");
+    let d = Daemon::start();
+    let mut app = d.spawn(
+        &["--ip", "10.233.9.41"],
+        &py(ACCEPT_UNTIL_INTERRUPTED, &["7100"]),
+    );
+    d.wait_for_service(&mut app, "10.233.9.41:7100");
+    app.wait_for_stdout("LISTENING", SHORT);
+    // Past the first second of the wait, when it is checked most often.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!app.stdout().contains("INTERRUPTED"), "{}", app.report());
+    let sent = Instant::now();
+    app.signal(Signal::INT);
+    app.wait_for_stdout("INTERRUPTED", Duration::from_secs(5));
+    let took = sent.elapsed();
+    // A check every 250 ms at most, with room for a loaded machine.
+    assert!(
+        took < Duration::from_secs(2),
+        "the accept was interrupted {took:?} after the signal: {}",
+        app.report()
+    );
+    let st = app.wait(SHORT);
+    assert!(st.success(), "{}", app.report());
+}
+
+/// A blocking accept with a receive timeout (`SO_RCVTIMEO`) fails with
+/// `EAGAIN` when it runs out, as natively, also where the broker checks
+/// on it less often (the timeout ends between two checks).
+#[test]
+fn a_blocked_accept_times_out_on_time() {
+    require!("python3");
+    let d = Daemon::start();
+    let mut app = d.spawn(
+        &["--ip", "10.233.9.42"],
+        &py(ACCEPT_UNTIL_INTERRUPTED, &["7100", "1.6"]),
+    );
+    d.wait_for_service(&mut app, "10.233.9.42:7100");
+    let st = app.wait(Duration::from_secs(10));
+    let out = app.stdout();
+    let after: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("EAGAIN after "))
+        .and_then(|l| l.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("no EAGAIN: {}", app.report()));
+    assert!(
+        (1.55..2.2).contains(&after),
+        "the 1.6 s timeout ended after {after} s: {}",
+        app.report()
+    );
+    assert!(st.success(), "{}", app.report());
+}
+
 // ---------------------------------------------------------------- more broker behaviour
 
 const SOCKOPT_PROBE: &str = r#"

@@ -35,8 +35,29 @@ use rustix::net::{sockopt, SocketFlags};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// How often a waiting accept checks that its caller still waits.
+/// How often a waiting accept checks that its caller still waits, and for
+/// a signal that should interrupt it, in its first [`WAIT_BRISK`]...
 const WAIT_TICK: Duration = Duration::from_millis(50);
+/// ...and after: an idle server blocked in `accept` for hours costs the
+/// daemon a few wake-ups a second, and a signal (Ctrl-C on a server that
+/// handles it) interrupts its accept within this long.
+const WAIT_TICK_IDLE: Duration = Duration::from_millis(250);
+/// See [`WAIT_TICK`].
+const WAIT_BRISK: Duration = Duration::from_secs(1);
+
+/// How long an accept that has waited `waited` so far, and may wait until
+/// `deadline` (its `SO_RCVTIMEO`), waits before its next check.
+fn next_check(waited: Duration, deadline: Option<Instant>) -> Duration {
+    let tick = if waited < WAIT_BRISK {
+        WAIT_TICK
+    } else {
+        WAIT_TICK_IDLE
+    };
+    match deadline {
+        Some(d) => tick.min(d.saturating_duration_since(Instant::now())),
+        None => tick,
+    }
+}
 /// Why [`complete`] installed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NotHanded {
@@ -111,24 +132,24 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, has_flags: bool) -> Outco
             flags: accept_flags,
             v6,
             cloexec,
+            since: Instant::now(),
             // A timeout too long to add never ends.
             deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
+            signals: std::cell::OnceCell::new(),
         });
         return Outcome::Deferred;
     }
     defer(call, move |call| {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let since = Instant::now();
+        let deadline = timeout.and_then(|t| since.checked_add(t));
         let target = match super::reopen(call) {
             Ok(t) => t,
             Err(answer) => return answer,
         };
         loop {
             let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-            let tick = Timespec::try_from(WAIT_TICK).unwrap_or(Timespec {
-                tv_sec: 0,
-                tv_nsec: 50_000_000,
-            });
-            let _ = poll(&mut fds, Some(&tick));
+            let tick = Timespec::try_from(next_check(since.elapsed(), deadline)).ok();
+            let _ = poll(&mut fds, tick.as_ref());
             if !fds[0].revents().is_empty() {
                 if let Some(done) =
                     take_waiting(call, &target, &listener, accept_flags, v6, cloexec)
@@ -157,7 +178,11 @@ pub(crate) struct Parked {
     flags: SocketFlags,
     v6: bool,
     cloexec: bool,
+    /// When it parked.
+    since: Instant,
     deadline: Option<Instant>,
+    /// The caller's pending signals, opened at the first check.
+    signals: std::cell::OnceCell<crate::target::Signals>,
     /// Its place in the app's quota of parked accepts.
     _permit: crate::appstate::Permit,
 }
@@ -168,9 +193,15 @@ impl Parked {
         self.listener.as_fd()
     }
 
+    /// How long it waits before its next check (see [`Parked::resume`]).
+    pub(crate) fn next_check(&self) -> Duration {
+        next_check(self.since.elapsed(), self.deadline)
+    }
+
     /// Tries to finish the call: `readable` when the listener polled
-    /// readable, `housekeeping` every [`WAIT_TICK`] to notice a target that
-    /// left, a signal, or the deadline. `None` means keep waiting.
+    /// readable, `housekeeping` every [`Parked::next_check`] or sooner to
+    /// notice a target that left, a signal, or the deadline. `None` means
+    /// keep waiting.
     pub(crate) fn resume(
         &self,
         call: &Call<'_>,
@@ -197,12 +228,16 @@ impl Parked {
         if !housekeeping {
             return None;
         }
+        // Opened before the check that the call is pending, so that it
+        // names the caller (its tid could name another thread only after
+        // the caller left), and keeps naming it after.
+        let signals = self
+            .signals
+            .get_or_init(|| crate::target::Signals::open(self.notif.pid));
         if !call.still_valid() {
             return Some(Outcome::Answered);
         }
-        if Target::for_call(self.notif.pid, call.listener, self.notif.id)
-            .is_ok_and(|t| t.signal_pending())
-        {
+        if signals.pending() {
             return Some(Outcome::Errno(libc::EINTR));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -212,7 +247,7 @@ impl Parked {
     }
 }
 
-/// How often parked accepts are checked for a target that left.
+/// How often a receive loop with parked accepts looks at them at most.
 pub(crate) const PARKED_TICK: Duration = WAIT_TICK;
 
 /// Accepts if a connection is waiting, without blocking, whatever the

@@ -174,6 +174,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             None => bound_socket(&endpoint)?,
         };
         copy_nonblock(&copy, &sock)?;
+        super::copy_timeouts(&copy, &sock);
         call.check_valid()?;
         Ok(install_over(call, target, fd_arg, &sock))
     })();

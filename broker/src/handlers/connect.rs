@@ -295,6 +295,7 @@ fn disconnect(
 ) -> Result<Outcome, Errno> {
     let fresh = tcp_socket(v6)?;
     copy_nonblock(copy, &fresh)?;
+    super::copy_timeouts(copy, &fresh);
     call.check_valid()?;
     Ok(install_over(call, target, call.arg(0), &fresh))
 }
@@ -313,6 +314,7 @@ fn egress_replacing(
     let prepared = (|| {
         let fresh = tcp_socket(v6)?;
         let nonblocking = copy_nonblock(copy, &fresh)?;
+        super::copy_timeouts(copy, &fresh);
         Ok((fresh, nonblocking))
     })();
     let (fresh, nonblocking) = match prepared {
@@ -851,6 +853,7 @@ pub(super) fn refused(
     let Ok(fresh) = refusing_connection(v6) else {
         return Ok(Outcome::Errno(libc::ECONNREFUSED));
     };
+    super::copy_timeouts(copy, &fresh);
     call.check_valid()?;
     Ok(match install_over(call, target, call.arg(0), &fresh) {
         Outcome::Value(_) => Outcome::Errno(libc::EINPROGRESS),
@@ -1008,11 +1011,7 @@ pub(super) fn finish(
     };
     client.set_nonblocking(nonblocking)?;
     let sock = client.sock;
-    for which in [Timeout::Recv, Timeout::Send] {
-        if let Ok(Some(t)) = sockopt::socket_timeout(copy, which) {
-            let _ = sockopt::set_socket_timeout(&sock, which, Some(t));
-        }
-    }
+    super::copy_timeouts(copy, &sock);
     if nonblocking {
         set_in_progress(call, client.inode, true);
     }

@@ -525,6 +525,19 @@ pub(crate) fn endpoint_alive(shared: &Shared, ep: &UnixEndpoint) -> bool {
     }
 }
 
+/// Copies the receive and send timeouts (`SO_RCVTIMEO`, `SO_SNDTIMEO`)
+/// the program set on its socket `from` to the replacement `to`: socket-level
+/// options run natively, so those set before the swap are on `from` only.
+/// A listener's receive timeout bounds its blocking accepts.
+pub(crate) fn copy_timeouts(from: &OwnedFd, to: &OwnedFd) {
+    use rustix::net::sockopt::{set_socket_timeout, socket_timeout, Timeout};
+    for which in [Timeout::Recv, Timeout::Send] {
+        if let Ok(Some(t)) = socket_timeout(from, which) {
+            let _ = set_socket_timeout(to, which, Some(t));
+        }
+    }
+}
+
 /// Copies `O_NONBLOCK` from the target's file to the replacement.
 pub(crate) fn copy_nonblock(from: &OwnedFd, to: &OwnedFd) -> Result<bool, Errno> {
     use rustix::fs::OFlags;
