@@ -52,8 +52,8 @@ pub(crate) struct Signals {
     status: OnceCell<std::fs::File>,
 }
 
-/// Enough for the signal lines of any thread's status file (they come
-/// before the long lists); a file that reads longer is read whole.
+/// Enough for the signal lines of a status file, but for a thread in very
+/// many groups (its `Groups:` line comes first); such a file is read whole.
 const STATUS_READ: usize = 4096;
 /// A status file is read no further than this.
 const STATUS_MAX: usize = 1 << 20;

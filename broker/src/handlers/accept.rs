@@ -20,8 +20,9 @@
 //! loop polls the listener beside the notify fd and finishes the call when a
 //! connection arrives (a helper thread does the same for replayed calls), so
 //! the broker itself never blocks in `accept`. The wait ends early with
-//! `EINTR` when the thread gets a signal, and with `EAGAIN` at the
-//! listener's `SO_RCVTIMEO`, as natively. An app parks at most
+//! `EINTR` when the thread gets a signal (looked for every 50 ms in the
+//! first second, every 250 ms after), and with `EAGAIN` at the listener's
+//! `SO_RCVTIMEO`, as natively. An app parks at most
 //! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
 //! `ENOBUFS`.
 
