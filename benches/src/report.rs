@@ -79,6 +79,19 @@ pub struct Concurrency {
     pub error: Option<String>,
 }
 
+/// The idle check: servers blocked in `accept`, nothing to accept.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Idle {
+    /// Servers.
+    pub servers: u32,
+    /// Daemon CPU, µs per second and server.
+    pub cpu_us_per_s: Option<f64>,
+    /// Daemon threads' wake-ups, per second and server.
+    pub wakeups_per_s: Option<f64>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
 /// ax-only figures.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AxExtras {
@@ -94,6 +107,8 @@ pub struct AxExtras {
     pub scale_services: Option<ScaleServices>,
     /// Many apps.
     pub concurrency: Option<Concurrency>,
+    /// Idle servers.
+    pub idle: Option<Idle>,
     /// Errors.
     pub errors: Vec<String>,
 }
@@ -540,6 +555,21 @@ fn targets(s: Option<&Summary>, a: &AxSummary, ax: &AxExtras) -> Vec<Target> {
         "no errors; rate grows from 1 to 2 cores",
         &|g| errs == 0 && g > 1.0,
     );
+    let idle = ax.idle.as_ref();
+    add(
+        &format!(
+            "daemon CPU per idle server ({} blocked in `accept`)",
+            idle.map(|i| i.servers).unwrap_or(0)
+        ),
+        idle.and_then(|i| i.cpu_us_per_s),
+        format!(
+            "{} µs a second, {} wake-ups a second",
+            f0(idle.and_then(|i| i.cpu_us_per_s)),
+            f1(idle.and_then(|i| i.wakeups_per_s))
+        ),
+        "≤ 500 µs a second",
+        &|x| x <= 500.0,
+    );
     t
 }
 
@@ -706,6 +736,9 @@ pub fn markdown(r: &Results) -> String {
     if let Some(e) = r.ax.concurrency.as_ref().and_then(|s| s.error.clone()) {
         problems.push(format!("concurrency check: {e}"));
     }
+    if let Some(e) = r.ax.idle.as_ref().and_then(|s| s.error.clone()) {
+        problems.push(format!("idle check: {e}"));
+    }
     if !problems.is_empty() {
         let _ = writeln!(o, "Problems during the run:");
         for e in problems.iter().take(20) {
@@ -754,6 +787,14 @@ pub fn markdown(r: &Results) -> String {
          once; daemon, server and clients pinned with `taskset -c 0`, then `-c 0,1`; rate = \
          all connects ÷ (first start to last end).",
         p.concurrent_apps, p.concurrent_connects_each
+    );
+    let _ = writeln!(
+        o,
+        "- Idle: {} servers under `ax exec` on a fresh daemon, each blocked in `accept` on a \
+         listener of its own with nothing to accept; once they have waited 2 s, the daemon's \
+         CPU time (per-thread schedstat) and its threads' context switches over 5 s, per \
+         second and server.",
+        r.ax.idle.as_ref().map(|i| i.servers).unwrap_or(0)
     );
     let mut tools = Vec::new();
     if let Some(v) = &m.ax_version {

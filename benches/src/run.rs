@@ -221,6 +221,14 @@ const SCALE_BASE_PORT: u16 = 20000;
 /// The CPU the many-services check runs on (see `scale_services_inner`).
 const SCALE_CPU: &str = "0";
 const CONC_VIP: &str = "10.233.0.70";
+/// The idle check: this many servers blocked in `accept`, on VIPs from
+/// `IDLE_VIP_BASE`.1 up...
+const IDLE_SERVERS: u32 = 8;
+const IDLE_VIP_BASE: &str = "10.233.0.1";
+/// ...measured for this long, once they have waited this long (past the
+/// broker's first second of frequent checks on a blocked accept).
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
 const CONC_PORT: u16 = 5401;
 
 /// A transport that is set up: how to start a client, where it connects.
@@ -654,6 +662,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
             p.concurrent_apps
         );
         extras.concurrency = Some(concurrency(&ctx, &ax));
+    }
+
+    if let (Ok(_), Some(ax)) = (&ax_env, &ax_path) {
+        eprintln!(
+            "ax-bench: idle check: {IDLE_SERVERS} servers blocked in accept, for {} s",
+            IDLE_WINDOW.as_secs()
+        );
+        extras.idle = Some(idle(&ctx, ax));
     }
 
     // Stop everything before writing: the namespaces go with the processes.
@@ -1352,6 +1368,78 @@ fn scale_services_inner(ctx: &Ctx, env: &AxEnv, out: &mut report::ScaleServices)
         out.big_us.push(b);
     }
     Ok(())
+}
+
+/// What servers that do nothing cost the daemon: `IDLE_SERVERS` servers
+/// under ax, each blocked in `accept` on a listener of its own, on a fresh
+/// daemon; its CPU time and its threads' wake-ups over `IDLE_WINDOW`, per
+/// second and server.
+fn idle(ctx: &Ctx, ax: &Path) -> report::Idle {
+    let mut out = report::Idle {
+        servers: IDLE_SERVERS,
+        ..Default::default()
+    };
+    if let Err(e) = idle_inner(ctx, ax, &mut out) {
+        out.error = Some(format!("{e:#}"));
+    }
+    out
+}
+
+fn idle_inner(ctx: &Ctx, ax: &Path, out: &mut report::Idle) -> Result<()> {
+    let sock = ctx.tmp.path.join("idle.sock");
+    let daemon = start_daemon(ctx, ax, &sock, "idle-daemon", None)?;
+    let mut servers = Vec::new();
+    for i in 0..IDLE_SERVERS {
+        let vip = format!("{IDLE_VIP_BASE}{i}");
+        servers.push(ctx.start_server(
+            &format!("idle-server-{i}"),
+            &exec_prefix(ax, &sock, Some(&vip)),
+            &[
+                "serve",
+                "--bind",
+                &format!("0.0.0.0:{AX_PORT}"),
+                "--mode",
+                "connrate",
+            ],
+        )?);
+    }
+    wait_services(ax, &sock, Duration::from_secs(30), "idle", |s| {
+        s.len() >= IDLE_SERVERS as usize
+    })?;
+    std::thread::sleep(IDLE_SETTLE);
+    let pid = daemon.pid();
+    let (cpu, woken) = (DaemonCpu::read(pid), wakeups(pid));
+    let t = Instant::now();
+    std::thread::sleep(IDLE_WINDOW);
+    let per_server_s = t.elapsed().as_secs_f64() * f64::from(IDLE_SERVERS);
+    out.cpu_us_per_s = Some(DaemonCpu::read(pid).since(&cpu) as f64 / 1e3 / per_server_s);
+    out.wakeups_per_s = Some(wakeups(pid).saturating_sub(woken) as f64 / per_server_s);
+    if servers.iter_mut().any(|s| s.exited()) {
+        bail!("a server exited during the check");
+    }
+    // Drop order: servers before their daemon.
+    drop(servers);
+    drop(daemon);
+    Ok(())
+}
+
+/// Context switches of all of `pid`'s threads so far: each is a wake-up
+/// (a thread that runs on until it is preempted counts one too).
+fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// `concurrent_apps` `ax exec` clients connecting at once, everything pinned
