@@ -1638,7 +1638,7 @@ fn a_long_blocked_accept_is_interrupted_by_a_signal() {
     let took = sent.elapsed();
     // A check every 250 ms at most, with room for a loaded machine.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(3),
         "the accept was interrupted {took:?} after the signal: {}",
         app.report()
     );
@@ -1666,7 +1666,7 @@ fn a_blocked_accept_times_out_on_time() {
         .and_then(|l| l.trim_end_matches(" s").parse().ok())
         .unwrap_or_else(|| panic!("no EAGAIN: {}", app.report()));
     assert!(
-        (1.55..2.2).contains(&after),
+        (1.55..2.5).contains(&after),
         "the 1.6 s timeout ended after {after} s: {}",
         app.report()
     );
