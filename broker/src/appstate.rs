@@ -152,7 +152,15 @@ impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
     }
 
     fn insert(&mut self, key: K, value: V, inode: impl Fn(&K) -> u64) -> Result<(), TableFull> {
-        if self.map.len() >= SOCKET_STATE_LIMIT && !self.map.contains_key(&key) {
+        self.make_room(&key, inode)?;
+        self.map.insert(key, value);
+        Ok(())
+    }
+
+    /// `Ok` when `key` has an entry or room for one, after a sweep if the
+    /// table is full and one is due.
+    fn make_room(&mut self, key: &K, inode: impl Fn(&K) -> u64) -> Result<(), TableFull> {
+        if self.map.len() >= SOCKET_STATE_LIMIT && !self.map.contains_key(key) {
             let due = self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
             if due {
                 self.last_sweep = Some(Instant::now());
@@ -163,7 +171,6 @@ impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
                 return Err(TableFull);
             }
         }
-        self.map.insert(key, value);
         Ok(())
     }
 }
@@ -247,6 +254,21 @@ impl AppState {
             );
         }
         kept
+    }
+
+    /// `Ok` when [`AppState::remember_option`] of `key` would find room
+    /// now (it may still not, if another of the app's receive loops fills
+    /// the table meanwhile).
+    pub(crate) fn room_for_option(&self, key: OptionKey) -> Result<(), TableFull> {
+        let room = lock(&self.options).make_room(&key, |k| k.0);
+        if room.is_err() {
+            tracing::warn!(
+                app = self.app,
+                limit = SOCKET_STATE_LIMIT,
+                "socket options of too many live sockets; failing setsockopt with ENOMEM"
+            );
+        }
+        room
     }
 
     pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {

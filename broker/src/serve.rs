@@ -384,9 +384,11 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
             (fds[0].revents(), ready)
         };
-        let housekeeping = last_housekeeping.elapsed() >= tick;
+        // One clock read per wake-up, for both of the loop's marks.
+        let now = Instant::now();
+        let housekeeping = now.duration_since(last_housekeeping) >= tick;
         if housekeeping {
-            last_housekeeping = Instant::now();
+            last_housekeeping = now;
             pidfds.sweep();
         }
         if ready.iter().any(|&r| r) || housekeeping {
@@ -396,7 +398,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
             if revents.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 break;
             }
-            if housekeeping && last_call.elapsed() >= FDINFO_IDLE {
+            if housekeeping && now.duration_since(last_call) >= FDINFO_IDLE {
                 // Idle: the fds kept to look at the app's fds go, so that
                 // a quiet daemon holds what it held before the burst.
                 pidfds.forget_fdinfo();
@@ -405,7 +407,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
         }
         match listener.recv() {
             Ok(n) => {
-                last_call = Instant::now();
+                last_call = now;
                 dispatch(link, n, false, Some(&parking), &mut pidfds)
             }
             // The target died or was interrupted between wake-up and read.

@@ -136,10 +136,13 @@ impl Sockets {
         {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = spare.pop() {
-                // The refill thread is woken only when the pool runs low;
-                // other takes cost no wake-up: it tops the pool up on its
-                // own within a second (see `refill_loop`).
-                if spare.len() < LOW {
+                // The refill thread is woken only when the pool runs low,
+                // once, by the take that crosses the mark: it never waits
+                // while the pool is below it (see `refill_loop`), so the
+                // takes after that one need not wake it again. Other takes
+                // cost no wake-up: it tops the pool up on its own within a
+                // second.
+                if spare.len() == LOW - 1 {
                     self.low.notify_one();
                 }
                 return Ok(s);

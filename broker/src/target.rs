@@ -406,6 +406,21 @@ impl Target {
         Ok(buf)
     }
 
+    /// Reads `len` bytes at `addr` without checking after that the call is
+    /// pending, for a value kept only once the call's answer was taken:
+    /// the kernel takes an answer only while the call is pending, which
+    /// proves its thread lived all along and so that the memory read was
+    /// its own. Until then, as for [`Target::read_int_unverified`], only an
+    /// errno may be decided on it.
+    pub(crate) fn read_unverified(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let mut buf = vec![0u8; len];
+        if len > 0 && addr == 0 {
+            return Err(libc::EFAULT);
+        }
+        process::read_memory(self.tid, addr, &mut buf).map_err(|e| errno_of(&e))?;
+        Ok(buf)
+    }
+
     /// Reads a C `int` at `addr` without checking after that the call is
     /// still pending: only for a value that decides what is written next,
     /// whose own check ([`Target::write_parts`]) covers the read too (a call

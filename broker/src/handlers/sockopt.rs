@@ -150,6 +150,9 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
         return Ok(Outcome::Errno(libc::ENOPROTOOPT));
     }
     let want = optlen.min(MAX_OPTION_LEN);
+    // Read without a check that the call is pending: the value is kept only
+    // once the answer was taken (see below), and until then it decides
+    // nothing but an errno.
     let value = match level {
         // sk_setsockopt: an int, then the name. SO_DOMAIN, SO_PROTOCOL and
         // SO_ACCEPTCONN are read-only.
@@ -157,7 +160,7 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
             if optlen < INT_LEN {
                 return Ok(Outcome::Errno(libc::EINVAL));
             }
-            let int = target.read(optval, INT_LEN)?;
+            let int = target.read_unverified(optval, INT_LEN)?;
             if matches!(
                 optname,
                 libc::SO_DOMAIN | libc::SO_PROTOCOL | libc::SO_ACCEPTCONN
@@ -170,15 +173,15 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
             if optlen < INT_LEN {
                 return Ok(Outcome::Errno(libc::EINVAL));
             }
-            let int = target.read(optval, INT_LEN)?;
+            let int = target.read_unverified(optval, INT_LEN)?;
             // A struct option reads on; an int one stops at the int.
             if want > INT_LEN {
-                target.read(optval, want).unwrap_or(int)
+                target.read_unverified(optval, want).unwrap_or(int)
             } else {
                 int
             }
         }
-        _ => target.read(optval, want)?,
+        _ => target.read_unverified(optval, want)?,
     };
     let kind = subject.kind;
     // TCP_QUEUE_SEQ: the state first (repair mode is for closed sockets).
@@ -192,13 +195,34 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
     if let Some(refused) = refused_in_state(kind, level, optname, &value) {
         return Ok(Outcome::Errno(refused));
     }
-    // (The read of the value checked that the call is pending.)
     // The app's table is full of live sockets' options: as the kernel
     // answers an option it cannot allocate for.
-    call.state
-        .remember_option((subject.inode, level, optname), value)
-        .map_err(|_| libc::ENOMEM)?;
-    Ok(Outcome::Value(0))
+    let key = (subject.inode, level, optname);
+    if call.state.room_for_option(key).is_err() {
+        return Ok(Outcome::Errno(libc::ENOMEM));
+    }
+    // Answered first, kept after: an answer the kernel takes proves the
+    // caller was pending all along, so the value read was its own; one it
+    // refuses (the caller died or was interrupted) leaves nothing kept.
+    // The app's calls are answered one at a time by its receive loop, so
+    // the caller's next call finds the value kept.
+    match call.listener.respond_value(call.notif.id, 0) {
+        Ok(()) => {
+            if call.state.remember_option(key, value).is_err() {
+                // Only if another receive loop of the app filled it since.
+                tracing::warn!(
+                    app = call.app,
+                    "a socket option set was not kept: table full"
+                );
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => {
+            crate::metrics::error(crate::metrics::ErrorKind::AnswerFailed);
+            tracing::warn!(id = call.notif.id, error = %e, "answering a setsockopt failed");
+        }
+    }
+    Ok(Outcome::Answered)
 }
 
 pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {

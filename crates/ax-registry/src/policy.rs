@@ -154,13 +154,16 @@ fn describe_origin(path: Option<&Path>) -> String {
 /// Returns the labels policy decisions use for an app with `labels`: the
 /// labels themselves, or `zone=default` when there are none.
 pub fn effective_labels(labels: &BTreeMap<String, String>) -> Cow<'_, BTreeMap<String, String>> {
+    // Made once: a connect of an unlabelled app decides on it.
+    static IMPLICIT: std::sync::LazyLock<BTreeMap<String, String>> =
+        std::sync::LazyLock::new(|| {
+            BTreeMap::from([(
+                IMPLICIT_ZONE_KEY.to_string(),
+                IMPLICIT_ZONE_VALUE.to_string(),
+            )])
+        });
     if labels.is_empty() {
-        let mut implicit = BTreeMap::new();
-        implicit.insert(
-            IMPLICIT_ZONE_KEY.to_string(),
-            IMPLICIT_ZONE_VALUE.to_string(),
-        );
-        Cow::Owned(implicit)
+        Cow::Borrowed(&IMPLICIT)
     } else {
         Cow::Borrowed(labels)
     }
