@@ -65,6 +65,7 @@ mod serve;
 mod sockets;
 mod stash;
 mod target;
+mod tidy;
 mod verdict;
 pub mod verify;
 

@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) listeners: Mutex<std::collections::HashMap<AppId, usize>>,
     /// Who each end of a swapped connection stands for.
     pub(crate) idents: Arc<crate::idents::Idents>,
+    /// Tidies the caches of receive loops that wait in the receive.
+    pub(crate) tidy: Arc<crate::tidy::Tidy>,
 }
 
 impl Shared {
@@ -141,6 +143,7 @@ impl Broker {
                 sockets,
                 listeners: Mutex::default(),
                 idents,
+                tidy: Arc::default(),
                 config,
             }),
         }
@@ -298,7 +301,9 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .entry(app)
             .or_default() += 1;
-        // Same-CPU wake-ups halve the round trip where the kernel has them.
+        // Same-CPU wake-ups halve the round trip where the kernel has them;
+        // such a kernel (6.6+) also ends a receive waiting for a call when
+        // the app's last program exits, so the loop may wait there.
         let sync = listener.set_sync_wake_up();
         tracing::debug!(app, sync_wake_up = sync, "serving app");
         let thread = std::thread::Builder::new()
@@ -312,7 +317,7 @@ impl Broker {
                     stash: &stash,
                     state: &state,
                 };
-                receive_loop(&link, root)
+                receive_loop(&link, root, sync)
             })?;
         Ok(Session { app, thread })
     }
@@ -322,14 +327,24 @@ impl Broker {
 /// look at its fds are closed (see `PidfdCache::forget_fdinfo`).
 const FDINFO_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
+/// Receives and answers the app's calls until its last program exits.
+///
+/// With `wait_in_recv` (a kernel whose receive ends when the filter's last
+/// program exits: see `crate::tidy`), the loop waits in the receive itself
+/// whenever no blocking accept is parked, and the broker's tidy thread
+/// looks after its cache; otherwise, and while accepts are parked, it
+/// polls the notify fd beside the parked listeners, with a timeout for
+/// their checks and its own housekeeping.
+fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
-    let mut pidfds = PidfdCache::default();
+    let cache = Arc::new(Mutex::new(PidfdCache::default()));
+    let marks = Arc::new(crate::tidy::LoopMarks::default());
+    let lock_cache = || cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(j) = journal {
         // Before receiving anything: every call in the "received" state
         // now is a predecessor's.
         let mut orphans = crate::orphans::find(listener, j);
-        orphans.extend(take_over(link, j, &mut pidfds, root));
+        orphans.extend(take_over(link, j, &mut lock_cache(), root));
         orphans.sort_unstable();
         orphans.dedup();
         crate::orphans::recover(link, orphans, root);
@@ -339,7 +354,37 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     let parking = RefCell::new(Vec::<Parked>::new());
     let mut last_housekeeping = Instant::now();
     let mut last_call = Instant::now();
+    if wait_in_recv {
+        shared.tidy.watch(&cache, &marks);
+    }
     loop {
+        if wait_in_recv && parking.borrow().is_empty() {
+            marks.waiting.store(true, Ordering::Relaxed);
+            let received = listener.recv();
+            marks.waiting.store(false, Ordering::Relaxed);
+            match received {
+                Ok(n) => {
+                    marks.calls.fetch_add(1, Ordering::Relaxed);
+                    dispatch(link, n, false, Some(&parking), &mut lock_cache());
+                    last_call = Instant::now();
+                    continue;
+                }
+                // The target died or was interrupted meanwhile, or the
+                // app's last program exited (the notify fd hangs up).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if hung_up(listener) {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(app, error = %e, "receiving a notification failed; giving up on the app");
+                    break;
+                }
+            }
+        }
+        let mut pidfds = lock_cache();
         // How long until a parked accept is due for its check.
         let mut tick = PARKED_TICK;
         let (revents, ready) = {
@@ -408,6 +453,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
         match listener.recv() {
             Ok(n) => {
                 last_call = now;
+                marks.calls.fetch_add(1, Ordering::Relaxed);
                 dispatch(link, n, false, Some(&parking), &mut pidfds)
             }
             // The target died or was interrupted between wake-up and read.
@@ -436,6 +482,22 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>) {
     shared.directory.app_exited(app);
     shared.forget_app_options(app);
     tracing::debug!(app, "app exited; services released");
+}
+
+/// Whether the notify fd hangs up: every program of its filter exited.
+fn hung_up(listener: &NotifyFd) -> bool {
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL),
+        Err(rustix::io::Errno::INTR) => false,
+        Err(_) => true,
+    }
 }
 
 /// Finishes the calls a predecessor left unanswered (see
