@@ -1533,6 +1533,11 @@ fn load_16_apps_8_threads() {
     assert_back_to_baseline(&d, "after the load", base, after);
 }
 
+/// The port of the rest test's servers: one no other test of this file
+/// uses, as the tests run side by side in one network namespace, and a
+/// wildcard service's host loopback port goes to the first daemon to ask.
+const REST_PORT: &str = "7390";
+
 /// A daemon at rest holds the same sockets second after second. The host
 /// loopback watch checks each wildcard service's listener every second
 /// with a probe bind; that probe once took a spare socket each time, so
@@ -1549,10 +1554,10 @@ fn a_daemon_at_rest_holds_the_same_sockets() {
     let vips = ["10.233.5.11", "10.233.5.12", "10.233.5.13", "10.233.5.14"];
     let mut servers: Vec<App> = vips
         .iter()
-        .map(|vip| d.spawn(&["--ip", vip], &[server.as_str(), "0.0.0.0", "7000"]))
+        .map(|vip| d.spawn(&["--ip", vip], &[server.as_str(), "0.0.0.0", REST_PORT]))
         .collect();
     for (srv, vip) in servers.iter_mut().zip(vips) {
-        d.wait_for_service(srv, &format!("{vip}:7000"));
+        d.wait_for_service(srv, &format!("{vip}:{REST_PORT}"));
     }
     // The watch has run once the first service is on host loopback.
     let on_loopback = poll(Duration::from_secs(10), Duration::from_millis(50), || {
