@@ -301,11 +301,12 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .entry(app)
             .or_default() += 1;
-        // Same-CPU wake-ups halve the round trip where the kernel has them;
-        // such a kernel (6.6+) also ends a receive waiting for a call when
-        // the app's last program exits, so the loop may wait there.
+        // Same-CPU wake-ups halve the round trip where the kernel has them
+        // (6.6+). Where it also ends a receive waiting for a call when the
+        // app's last program exits (6.11+), the loop may wait there.
         let sync = listener.set_sync_wake_up();
-        tracing::debug!(app, sync_wake_up = sync, "serving app");
+        let wait_in_recv = sync && crate::tidy::receive_ends_on_exit();
+        tracing::debug!(app, sync_wake_up = sync, wait_in_recv, "serving app");
         let thread = std::thread::Builder::new()
             .name(format!("ax-app-{app}"))
             .spawn(move || {
@@ -317,7 +318,7 @@ impl Broker {
                     stash: &stash,
                     state: &state,
                 };
-                receive_loop(&link, root, sync)
+                receive_loop(&link, root, wait_in_recv)
             })?;
         Ok(Session { app, thread })
     }

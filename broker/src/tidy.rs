@@ -2,7 +2,8 @@
 //! itself.
 //!
 //! Where the kernel wakes a receive blocked in `SECCOMP_IOCTL_NOTIF_RECV`
-//! when the last program of its filter exits (Linux 6.6+), an app's receive
+//! when the last program of its filter exits (Linux 6.11+: see
+//! [`receive_ends_on_exit`]), an app's receive
 //! loop waits there instead of in a `poll` before each receive (see
 //! `serve::receive_loop`): one system call fewer per trapped call. It then
 //! no longer wakes once a second, so the pidfds and fdinfo files it keeps
@@ -17,6 +18,34 @@ use crate::target::PidfdCache;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError, Weak};
 use std::time::Duration;
+
+/// The first kernel whose blocked `SECCOMP_IOCTL_NOTIF_RECV` returns once
+/// the filter has no program left ("seccomp: interrupt
+/// SECCOMP_IOCTL_NOTIF_RECV when all users have exited"). Before it (6.6
+/// to 6.10 included, where a receive waits on the poll queue but its wake
+/// ignores the hang-up) such a receive would wait for ever.
+const RECEIVE_ENDS_ON_EXIT: (u32, u32) = (6, 11);
+
+/// Whether this kernel ends a blocked receive when the filter's last
+/// program exits (read once, from `/proc/sys/kernel/osrelease`; `false`
+/// when it cannot be read or parsed: the loop then polls).
+pub(crate) fn receive_ends_on_exit() -> bool {
+    static KNOWN: OnceLock<bool> = OnceLock::new();
+    *KNOWN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|r| release_version(&r))
+            .is_some_and(|v| v >= RECEIVE_ENDS_ON_EXIT)
+    })
+}
+
+/// (major, minor) of a kernel release string such as `6.18.44-generic`.
+fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
 
 /// How often the caches are looked at: an app's fdinfo files are closed
 /// within a second of its last call (between one and two looks after it),
@@ -119,6 +148,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(release_version("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(release_version("6.8.0-45-generic"), Some((6, 8)));
+        assert_eq!(release_version("5.15.0+"), Some((5, 15)));
+        assert_eq!(release_version("6.11-rc1"), Some((6, 11)));
+        assert_eq!(release_version("garbage"), None);
+        assert!(release_version("6.10.14").unwrap() < RECEIVE_ENDS_ON_EXIT);
+        assert!(release_version("7.0.1").unwrap() >= RECEIVE_ENDS_ON_EXIT);
+    }
 
     #[test]
     fn an_idle_cache_forgets_exited_threads_and_a_dropped_one_is_let_go() {
