@@ -30,6 +30,7 @@
 //! three quarters of it.
 
 use crate::doors::VirtualNames;
+use crate::lock;
 use ax_registry::AppId;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -246,13 +247,7 @@ impl AppState {
 
     pub(crate) fn remember_option(&self, key: OptionKey, value: Vec<u8>) -> Result<(), TableFull> {
         let kept = lock(&self.options).insert(key, value, |k| k.0);
-        if kept.is_err() {
-            tracing::warn!(
-                app = self.app,
-                limit = SOCKET_STATE_LIMIT,
-                "socket options of too many live sockets; failing setsockopt with ENOMEM"
-            );
-        }
+        self.warn_if_options_full(&kept);
         kept
     }
 
@@ -261,14 +256,18 @@ impl AppState {
     /// the table meanwhile).
     pub(crate) fn room_for_option(&self, key: OptionKey) -> Result<(), TableFull> {
         let room = lock(&self.options).make_room(&key, |k| k.0);
-        if room.is_err() {
+        self.warn_if_options_full(&room);
+        room
+    }
+
+    fn warn_if_options_full(&self, outcome: &Result<(), TableFull>) {
+        if outcome.is_err() {
             tracing::warn!(
                 app = self.app,
                 limit = SOCKET_STATE_LIMIT,
                 "socket options of too many live sockets; failing setsockopt with ENOMEM"
             );
         }
-        room
     }
 
     pub(crate) fn recall_option(&self, key: OptionKey) -> Option<Vec<u8>> {
@@ -354,10 +353,6 @@ impl AppState {
             .filter(|(held, _)| *held == peer)
             .map(|(_, dst)| *dst)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

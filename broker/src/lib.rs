@@ -77,6 +77,12 @@ pub use serve::{Broker, BrokerConfig, Session};
 pub use sockets::UnixSocketRow;
 pub use stash::Stash;
 
+/// Locks `m`, taking over a lock a panicking thread left poisoned: every
+/// state the broker keeps under a lock stays valid between its steps.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz); not part of
 /// the embedding API and not covered by semver.
 #[doc(hidden)]

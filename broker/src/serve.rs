@@ -340,7 +340,7 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
     let cache = Arc::new(Mutex::new(PidfdCache::default()));
     let marks = Arc::new(crate::tidy::LoopMarks::default());
-    let lock_cache = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    let lock_cache = || crate::lock(&cache);
     if let Some(j) = journal {
         // Before receiving anything: every call in the "received" state
         // now is a predecessor's.
@@ -795,11 +795,7 @@ pub(crate) fn respond(
         j.clear(n.id);
     }
     if let Err(e) = result {
-        // ENOENT: the target died or was interrupted meanwhile.
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            crate::metrics::error(crate::metrics::ErrorKind::AnswerFailed);
-            tracing::warn!(id = n.id, nr = n.nr, error = %e, "answering a trapped call failed");
-        }
+        handlers::note_answer_failure(n, &e);
     }
 }
 

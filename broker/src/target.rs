@@ -397,11 +397,7 @@ impl Target {
 
     /// Reads `len` bytes at `addr`; `EFAULT` if any is unreadable.
     pub(crate) fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let mut buf = vec![0u8; len];
-        if len > 0 && addr == 0 {
-            return Err(libc::EFAULT);
-        }
-        process::read_memory(self.tid, addr, &mut buf).map_err(|e| errno_of(&e))?;
+        let buf = self.read_unverified(addr, len)?;
         self.still_pending()?;
         Ok(buf)
     }

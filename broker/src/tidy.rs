@@ -14,6 +14,7 @@
 //! since its last look, as the loop itself does while it polls (then the
 //! loop alone looks after its cache).
 
+use crate::lock;
 use crate::target::PidfdCache;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError, Weak};
@@ -139,10 +140,6 @@ fn run(tidy: &Weak<Tidy>) {
             None => return,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

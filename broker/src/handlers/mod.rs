@@ -525,6 +525,16 @@ pub(crate) fn endpoint_alive(shared: &Shared, ep: &UnixEndpoint) -> bool {
     }
 }
 
+/// Counts and logs an answer the kernel refused for `n`, unless it was
+/// refused because nobody waits for it any more (`ENOENT`: the caller
+/// died or was interrupted meanwhile).
+pub(crate) fn note_answer_failure(n: &Notification, e: &std::io::Error) {
+    if e.raw_os_error() != Some(libc::ENOENT) {
+        crate::metrics::error(crate::metrics::ErrorKind::AnswerFailed);
+        tracing::warn!(id = n.id, nr = n.nr, error = %e, "answering a trapped call failed");
+    }
+}
+
 /// Copies the receive and send timeouts (`SO_RCVTIMEO`, `SO_SNDTIMEO`)
 /// the program set on its socket `from` to the replacement `to`: socket-level
 /// options run natively, so those set before the swap are on `from` only.

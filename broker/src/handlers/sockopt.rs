@@ -207,20 +207,12 @@ fn set(call: &Call<'_>, target: &Target, subject: &Subject) -> Result<Outcome, E
     // The app's calls are answered one at a time by its receive loop, so
     // the caller's next call finds the value kept.
     match call.listener.respond_value(call.notif.id, 0) {
+        // Full only if another receive loop of the app filled the table
+        // since (`remember_option` says so in the log).
         Ok(()) => {
-            if call.state.remember_option(key, value).is_err() {
-                // Only if another receive loop of the app filled it since.
-                tracing::warn!(
-                    app = call.app,
-                    "a socket option set was not kept: table full"
-                );
-            }
+            let _ = call.state.remember_option(key, value);
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(e) => {
-            crate::metrics::error(crate::metrics::ErrorKind::AnswerFailed);
-            tracing::warn!(id = call.notif.id, error = %e, "answering a setsockopt failed");
-        }
+        Err(e) => super::note_answer_failure(&call.notif, &e),
     }
     Ok(Outcome::Answered)
 }
