@@ -86,10 +86,29 @@ struct Known {
     listening: bool,
 }
 
+/// A spare socket, with what a connect asks of it first (its cookie and
+/// inode, the keys of its identity: see `crate::idents`) read ahead, off
+/// the connect's path, when the pool was filled.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    pub(crate) fd: OwnedFd,
+    pub(crate) cookie: u64,
+    pub(crate) inode: u64,
+}
+
+impl Spare {
+    /// `fd` with its cookie and inode; `None` if either cannot be read.
+    fn read(fd: OwnedFd) -> Option<Self> {
+        let cookie = rustix::net::sockopt::socket_cookie(&fd).ok()?;
+        let inode = rustix::fs::fstat(&fd).ok()?.st_ino;
+        Some(Spare { fd, cookie, inode })
+    }
+}
+
 /// The broker's source of UNIX sockets in its private namespace.
 pub(crate) struct Sockets {
     instance: u32,
-    spare: Mutex<Vec<OwnedFd>>,
+    spare: Mutex<Vec<Spare>>,
     low: Condvar,
     maker: Mutex<Maker>,
     /// `P`, once known.
@@ -133,6 +152,11 @@ impl Sockets {
     /// `ENOBUFS` when no private namespace can be had: a caller never lets
     /// the kernel run a call for want of one.
     pub(crate) fn take(self: &Arc<Self>) -> Result<OwnedFd, Errno> {
+        self.take_spare().map(|s| s.fd)
+    }
+
+    /// [`Sockets::take`], with the socket's cookie and inode.
+    pub(crate) fn take_spare(self: &Arc<Self>) -> Result<Spare, Errno> {
         {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(s) = spare.pop() {
@@ -159,7 +183,7 @@ impl Sockets {
     }
 
     /// Adds `batch` to the spare sockets, up to `SPARE`; the rest close.
-    fn keep(&self, batch: Vec<OwnedFd>) {
+    fn keep(&self, batch: Vec<Spare>) {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let room = SPARE.saturating_sub(spare.len());
         spare.extend(batch.into_iter().take(room));
@@ -308,9 +332,20 @@ impl Sockets {
         }
     }
 
+    /// Up to `n` sockets from the factory (see [`Sockets::make_sockets`]),
+    /// with their cookies and inodes.
+    fn make(&self, n: usize) -> io::Result<Vec<Spare>> {
+        let made = self.make_sockets(n)?;
+        let spares: Vec<Spare> = made.into_iter().filter_map(Spare::read).collect();
+        if spares.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        Ok(spares)
+    }
+
     /// Up to `n` sockets from the factory, starting (or restarting) it in
     /// `P` as needed.
-    fn make(&self, n: usize) -> io::Result<Vec<OwnedFd>> {
+    fn make_sockets(&self, n: usize) -> io::Result<Vec<OwnedFd>> {
         let mut maker = self.maker.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = &maker.factory {
             match request(&f.channel, n) {

@@ -26,7 +26,7 @@
 //! `crate::appstate::MAX_PARKED_ACCEPTS` accepts; one more fails with
 //! `ENOBUFS`.
 
-use super::caller::{caller_of, requeue, waited_hello, Caller};
+use super::caller::{caller_of, requeue, waited_hello, Caller, Namespace};
 use super::{classify, defer, is_nonblocking, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
 use crate::names::SocketName;
@@ -351,9 +351,9 @@ fn queue_of(listener: &OwnedFd) -> Queue {
     }
 }
 
-/// Accepts a connection waiting on `listener`, if any, and hands it over,
-/// going on with the next one while their clients had left: the answer,
-/// or `None` when none is waiting.
+/// Accepts a connection waiting on `listener` (a swapped listener), if any,
+/// and hands it over, going on with the next one while their clients had
+/// left: the answer, or `None` when none is waiting.
 fn take_waiting(
     call: &Call<'_>,
     target: &Target,
@@ -365,7 +365,7 @@ fn take_waiting(
     loop {
         let done = try_accept(call, listener, flags)?
             .map_err(NotHanded::Failed)
-            .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec));
+            .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec, true));
         if done != Err(NotHanded::ClientLeft) {
             return Some(answer(done));
         }
@@ -373,7 +373,12 @@ fn take_waiting(
 }
 
 /// Hands `conn`, accepted on `listener` (the broker's copy of the
-/// program's, when at hand), over to the program.
+/// program's, when at hand), over to the program. `accepted_here`: `conn`
+/// was accepted just now from `listener`, a swapped listener, and so is in
+/// the broker's private namespace: the kernel makes an accepted UNIX socket
+/// in its client's namespace, and a client finds an abstract name (every
+/// swapped listener has one) only in its own, here the listener's.
+/// Otherwise (a connection an earlier daemon parked) that is checked.
 fn complete(
     call: &Call<'_>,
     target: &Target,
@@ -381,12 +386,18 @@ fn complete(
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
+    accepted_here: bool,
 ) -> Result<Outcome, NotHanded> {
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     // The inode of the connection, where it was read already.
     let mut inode = None;
-    let (conn, peer) = match caller_of(call, &conn, v6, false) {
+    let seen = if accepted_here {
+        Namespace::Private
+    } else {
+        Namespace::Unchecked
+    };
+    let (conn, peer) = match caller_of(call, &conn, v6, false, seen) {
         Caller::Client(local, known) => {
             inode = known;
             (conn, local)
@@ -589,7 +600,7 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         let _ = super::set_nonblock(&conn, true);
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    match complete(call, &target, listener.as_ref(), conn, v6, cloexec) {
+    match complete(call, &target, listener.as_ref(), conn, v6, cloexec, false) {
         // Its client left before saying who it was: accept the next one.
         Err(NotHanded::ClientLeft) => handle(call, &target, has_flags),
         done => answer(done),

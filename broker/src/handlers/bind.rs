@@ -12,8 +12,8 @@
 //!   the error the kernel finds first in the address, else `EINVAL`.
 
 use super::{
-    classify, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket, Call,
-    Outcome, Sock,
+    classify_expecting, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket,
+    Call, Expect, Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
 use crate::names::{Reuseport, SocketName};
@@ -33,7 +33,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let fd_arg = call.arg(0);
-    let (v6, copy, swapped) = match classify(call, target, fd_arg) {
+    let (v6, copy, swapped) = match classify_expecting(call, target, fd_arg, Expect::Kernel) {
         Ok(Sock::Inet { v6, fd, .. }) => (v6, fd, false),
         // An earlier daemon installed it and died before answering.
         Ok(Sock::Swapped { .. }) if call.replay => return Ok(Outcome::Value(0)),

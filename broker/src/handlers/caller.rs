@@ -52,7 +52,7 @@ pub(super) fn waited_hello(
     conn: &OwnedFd,
     v6: bool,
 ) -> Result<Option<SocketAddr>, Errno> {
-    match caller_of(call, conn, v6, true) {
+    match caller_of(call, conn, v6, true, Namespace::Unchecked) {
         Caller::Client(local, _) => Ok(Some(local)),
         Caller::Gone => Ok(None),
         _ => {
@@ -81,13 +81,29 @@ pub(super) enum Caller {
     NotYet,
 }
 
+/// What is known of an accepted connection's network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Namespace {
+    /// The broker's private one: it was accepted from a listener known to
+    /// be there.
+    Private,
+    /// Not known yet: [`caller_of`] asks the kernel.
+    Unchecked,
+}
+
 /// Who connected: only a connection in the broker's private namespace is
 /// believed, and there only what the broker says: a peer bound to a
 /// doorbell name (only the broker binds names there), an identity the
 /// broker kept for this connection, or the hello the broker's client
 /// socket sent ahead of any data (see `crate::idents`).
-pub(super) fn caller_of(call: &Call<'_>, conn: &OwnedFd, v6: bool, may_wait: bool) -> Caller {
-    if !call.shared.sockets.is_private(conn) {
+pub(super) fn caller_of(
+    call: &Call<'_>,
+    conn: &OwnedFd,
+    v6: bool,
+    may_wait: bool,
+    namespace: Namespace,
+) -> Caller {
+    if namespace == Namespace::Unchecked && !call.shared.sockets.is_private(conn) {
         return Caller::Unknown;
     }
     // The common case: a fresh connection, the broker's hello at its head

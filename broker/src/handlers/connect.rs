@@ -30,8 +30,8 @@
 //!   program's bytes, and replaces it unless the kernel refuses them).
 
 use super::{
-    classify, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over, install_over_with,
-    is_nonblocking, set_nonblock, Call, Outcome, Sock,
+    classify_expecting, copy_nonblock, defer, endpoint_addr, endpoint_alive, install_over,
+    install_over_with, is_nonblocking, set_nonblock, Call, Expect, Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
 use crate::names::SocketName;
@@ -67,28 +67,29 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 }
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
-    let (v6, copy, swapped, local) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Inet { v6, fd, local }) => (v6, fd, None, local),
-        Ok(Sock::Swapped { name, fd, .. }) => (name.is_v6(), fd, Some(name), None),
-        // No open fd, or not a socket: the kernel's answer, given here, so
-        // that no fd swapped in meanwhile gets connected by it.
-        Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
-        Ok(Sock::Other) if super::not_a_socket(target, call.arg(0)) => {
-            return not_a_socket(call, target)
-        }
-        // Another kind of socket (UNIX, UDP): the kernel's to connect.
-        // Nothing of ax's rests on this CONTINUE, whatever another thread
-        // puts on the fd meanwhile: the daemon tells programs under ax by
-        // their namespaces, not by their connects, and a TCP socket
-        // swapped in is connected by the kernel to an address on no
-        // interface, reaching no service of ax and carrying no VIP.
-        // But a UDP socket to a VIP: ENETUNREACH (see udp.rs).
-        Ok(Sock::Other) => {
-            let to_vip = super::udp::to_vip(call, target, call.arg(1), call.int_arg(2));
-            return Ok(to_vip.unwrap_or(Outcome::Continue));
-        }
-        Err(e) => return Ok(super::fd_error(call, e)),
-    };
+    let (v6, copy, swapped, local) =
+        match classify_expecting(call, target, call.arg(0), Expect::Kernel) {
+            Ok(Sock::Inet { v6, fd, local }) => (v6, fd, None, local),
+            Ok(Sock::Swapped { name, fd, .. }) => (name.is_v6(), fd, Some(name), None),
+            // No open fd, or not a socket: the kernel's answer, given here, so
+            // that no fd swapped in meanwhile gets connected by it.
+            Err(libc::EBADF) => return Ok(Outcome::Errno(libc::EBADF)),
+            Ok(Sock::Other) if super::not_a_socket(target, call.arg(0)) => {
+                return not_a_socket(call, target)
+            }
+            // Another kind of socket (UNIX, UDP): the kernel's to connect.
+            // Nothing of ax's rests on this CONTINUE, whatever another thread
+            // puts on the fd meanwhile: the daemon tells programs under ax by
+            // their namespaces, not by their connects, and a TCP socket
+            // swapped in is connected by the kernel to an address on no
+            // interface, reaching no service of ax and carrying no VIP.
+            // But a UDP socket to a VIP: ENETUNREACH (see udp.rs).
+            Ok(Sock::Other) => {
+                let to_vip = super::udp::to_vip(call, target, call.arg(1), call.int_arg(2));
+                return Ok(to_vip.unwrap_or(Outcome::Continue));
+            }
+            Err(e) => return Ok(super::fd_error(call, e)),
+        };
     // An earlier daemon installed it and died before answering.
     if call.replay && matches!(swapped, Some(SocketName::Client { .. })) {
         return Ok(Outcome::Value(0));
@@ -898,7 +899,7 @@ pub(super) fn new_client(
 ) -> Result<Client, Errno> {
     // Non-blocking, as spare sockets come (see `Sockets::take`): the
     // connect below never waits on the receive loop.
-    let sock = super::unix_socket(call.shared)?;
+    let spare = call.shared.sockets.take_spare()?;
     let name_with = |port: u16| SocketName::Client {
         instance: call.instance(),
         v6,
@@ -910,11 +911,10 @@ pub(super) fn new_client(
     } else {
         free_client_name(call, name_with)?
     };
-    let cookie = sockopt::socket_cookie(&sock).map_err(|e| e.raw_os_error())?;
-    let inode = super::inode(&sock).ok_or(libc::ENOBUFS)?;
+    let (sock, inode) = (spare.fd, spare.inode);
     call.shared
         .idents
-        .insert(cookie, inode, crate::idents::Kind::Own, name, None)
+        .insert(spare.cookie, inode, crate::idents::Kind::Own, name, None)
         .map_err(|_| {
             tracing::warn!(
                 app = call.app,
