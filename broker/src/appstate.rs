@@ -48,6 +48,11 @@ pub(crate) const MAX_HELPERS: usize = 64;
 /// waits on a helper thread of its own, outside [`MAX_HELPERS`]: one app
 /// alone cannot take every thread of the pool).
 pub(crate) const MAX_HELD_CONNECTS: usize = 128;
+/// Distinct options noted per socket before it is swapped at most (TCP and
+/// IP have about 60 settable ones; a program sets a handful).
+const PRESETS_PER_SOCKET: usize = 64;
+/// Listeners with options noted one app keeps at most.
+const LISTENERS_WITH_OPTIONS: usize = 4096;
 /// Least time between two sweeps of one table.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -179,6 +184,9 @@ impl<K: std::hash::Hash + Eq + Copy, V> SocketTable<K, V> {
 /// A connection's kernel addresses: (local, peer).
 type KernelNames = (SocketAddr, SocketAddr);
 
+/// A listener's inode, and (level, name) of each option set on it.
+pub(crate) type ListenerOptions = (u64, Vec<(i32, i32)>);
+
 /// (inode, level, name) of a remembered option.
 pub(crate) type OptionKey = (u64, i32, i32);
 
@@ -188,6 +196,14 @@ pub(crate) struct AppState {
     /// TCP/IP options set on swapped sockets (and state under a level no
     /// program can name).
     options: Mutex<SocketTable<OptionKey, Vec<u8>>>,
+    /// TCP/IP options set on sockets the kernel still owned, by inode:
+    /// (level, name) of each, carried when ax swaps the socket (see
+    /// `handlers::carry`).
+    presets: Mutex<SocketTable<u64, Vec<(i32, i32)>>>,
+    /// Swapped listeners the program set TCP/IP options on, by cookie:
+    /// their inode and (level, name) of each option, passed on to the
+    /// connections they accept (see `handlers::carry`).
+    listener_options: Mutex<HashMap<u64, ListenerOptions>>,
     /// TCP sockets whose connect is held on a loopback port: by inode,
     /// that port and the VIP:port the program asked for.
     held: Mutex<SocketTable<u64, (SocketAddr, SocketAddr)>>,
@@ -216,6 +232,8 @@ impl AppState {
         Arc::new(Self {
             app,
             options: Mutex::new(SocketTable::new()),
+            presets: Mutex::new(SocketTable::new()),
+            listener_options: Mutex::new(HashMap::new()),
             held: Mutex::new(SocketTable::new()),
             remote: Mutex::new(SocketTable::new()),
             alive: AtomicBool::new(true),
@@ -241,6 +259,8 @@ impl AppState {
     pub(crate) fn app_exited(&self) {
         self.alive.store(false, Ordering::Release);
         lock(&self.options).map.clear();
+        lock(&self.presets).map.clear();
+        lock(&self.listener_options).clear();
         lock(&self.held).map.clear();
         lock(&self.remote).map.clear();
     }
@@ -292,6 +312,55 @@ impl AppState {
 
     pub(crate) fn forget_option(&self, key: OptionKey) {
         lock(&self.options).map.remove(&key);
+    }
+
+    /// Notes that the program set option (`level`, `name`) on the socket
+    /// with `inode` while the kernel still owned it.
+    pub(crate) fn note_preset(&self, inode: u64, level: i32, name: i32) -> Result<(), TableFull> {
+        let mut presets = lock(&self.presets);
+        if let Some(names) = presets.map.get_mut(&inode) {
+            if !names.contains(&(level, name)) && names.len() < PRESETS_PER_SOCKET {
+                names.push((level, name));
+            }
+            return Ok(());
+        }
+        presets.insert(inode, vec![(level, name)], |k| *k)
+    }
+
+    /// Notes that the program set option (`level`, `name`) on the swapped
+    /// listener with `cookie` and `inode`. Listeners are few: a table that
+    /// fills up anyway (listeners closed long ago, whose cookies never come
+    /// back) starts afresh.
+    pub(crate) fn note_listener_option(&self, cookie: u64, inode: u64, level: i32, name: i32) {
+        let mut listeners = lock(&self.listener_options);
+        if listeners.len() >= LISTENERS_WITH_OPTIONS && !listeners.contains_key(&cookie) {
+            listeners.clear();
+        }
+        let (_, names) = listeners.entry(cookie).or_insert((inode, Vec::new()));
+        if !names.contains(&(level, name)) && names.len() < PRESETS_PER_SOCKET {
+            names.push((level, name));
+        }
+    }
+
+    /// Whether any listener of the app has an option noted.
+    pub(crate) fn has_listener_options(&self) -> bool {
+        !lock(&self.listener_options).is_empty()
+    }
+
+    /// The inode of the listener with `cookie` and the options noted for
+    /// it, if any.
+    pub(crate) fn listener_options(&self, cookie: u64) -> Option<ListenerOptions> {
+        lock(&self.listener_options).get(&cookie).cloned()
+    }
+
+    /// Whether any socket of the app has a preset noted.
+    pub(crate) fn has_presets(&self) -> bool {
+        !lock(&self.presets).map.is_empty()
+    }
+
+    /// The options noted for the socket with `inode`, forgotten here.
+    pub(crate) fn take_presets(&self, inode: u64) -> Vec<(i32, i32)> {
+        lock(&self.presets).map.remove(&inode).unwrap_or_default()
     }
 
     /// Remembers that the socket with `inode` stands for `dst` while its

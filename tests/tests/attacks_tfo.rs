@@ -90,12 +90,19 @@ const ADDRESSED_NATIVE: &str = "blocking ADDRESSED 5\nblocking FASTOPEN ERRNO 10
 
 fn start_server(d: &Daemon, vip: &str, port: u16) -> (App, u32) {
     let mut server = d.spawn(&["--ip", vip], &py(SERVER, &[&port.to_string()]));
-    let ready = server.wait_for_stdout("READY", SHORT);
-    let pid = ready
-        .lines()
-        .find_map(|l| l.strip_prefix("READY "))
-        .and_then(|p| p.trim().parse().ok())
-        .expect("server pid");
+    server.wait_for_stdout("READY", SHORT);
+    // Read once its line is whole (the file may be read mid-write).
+    let pid = poll(SHORT, Duration::from_millis(10), || {
+        server
+            .stdout()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .find_map(|l| l.strip_prefix("READY "))
+            .and_then(|p| p.trim().parse().ok())
+    });
+    let Some(pid) = pid else {
+        panic!("no server pid: {}", server.report());
+    };
     d.wait_for_service(&mut server, &format!("{vip}:{port}"));
     (server, pid)
 }

@@ -301,3 +301,67 @@ fn a_live_connection_keeps_its_client_port_to_itself() {
         "every connection got through, none with the held one's address: {said}\n{out}"
     );
 }
+
+/// `python3 -c OPTIONS BIND_HOST CONNECT_HOST PORT`: sets TCP/IP options on
+/// a listener before its `bind` and on a client socket before its
+/// `connect`, connects the two, and prints the options as the client, the
+/// listener and the accepted connection read them.
+const OPTIONS: &str = r#"
+import socket, sys
+bind_host, connect_host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+TCP, IP = socket.IPPROTO_TCP, socket.IPPROTO_IP
+FASTOPEN = 23
+listener_opts = [(TCP, socket.TCP_NODELAY, 1), (TCP, socket.TCP_KEEPCNT, 3),
+                 (TCP, socket.TCP_USER_TIMEOUT, 1234), (IP, socket.IP_TOS, 8),
+                 (TCP, socket.TCP_DEFER_ACCEPT, 5), (TCP, FASTOPEN, 5)]
+client_opts = [(TCP, socket.TCP_NODELAY, 1), (TCP, socket.TCP_KEEPIDLE, 77),
+               (TCP, socket.TCP_KEEPINTVL, 11), (TCP, socket.TCP_USER_TIMEOUT, 4321),
+               (IP, socket.IP_TOS, 16)]
+l = socket.socket()
+for level, name, value in listener_opts:
+    l.setsockopt(level, name, value)
+l.bind((bind_host, port))
+l.listen()
+c = socket.socket()
+for level, name, value in client_opts:
+    c.setsockopt(level, name, value)
+c.connect((connect_host, port))
+a, _ = l.accept()
+def show(tag, s, opts):
+    print(tag, " ".join(f"{name}={s.getsockopt(level, name)}" for level, name, _ in opts))
+show("client", c, client_opts)
+show("listener", l, listener_opts)
+show("accepted", a, listener_opts)
+"#;
+
+/// TCP/IP options set before ax swaps a socket (before `connect` to a VIP,
+/// before `bind`) read back afterwards as they would over TCP, and a
+/// listener's options pass on to the connections it accepts (but
+/// `TCP_DEFER_ACCEPT` and `TCP_FASTOPEN`, which TCP does not pass on).
+#[test]
+fn options_set_before_the_swap_and_on_listeners_read_as_over_tcp() {
+    require!("python3");
+    const VIP: &str = "10.233.0.165";
+    let port = free_loopback_port().to_string();
+    let native = run(
+        Command::new("python3").args(["-c", OPTIONS, "127.0.0.1", "127.0.0.1", &port]),
+        SHORT,
+    );
+    native.assert_success();
+    let d = Daemon::start();
+    let under_ax = d.run(
+        &["--ip", VIP],
+        &["python3", "-c", OPTIONS, "0.0.0.0", VIP, "7000"],
+    );
+    under_ax.assert_success();
+    assert!(
+        native
+            .stdout
+            .contains("accepted 1=1 6=3 18=1234 1=8 9=0 23=0"),
+        "the native baseline is as expected: {native}"
+    );
+    assert_eq!(
+        under_ax.stdout, native.stdout,
+        "under ax as over TCP:\n{under_ax}\nnatively:\n{native}"
+    );
+}

@@ -400,6 +400,9 @@ fn complete(
     let (conn, peer) = match caller_of(call, &conn, v6, false, seen) {
         Caller::Client(local, known) => {
             inode = known;
+            if let Some(listener) = listener {
+                super::carry::inherit(call, listener, || inode.or_else(|| super::inode(&conn)));
+            }
             (conn, local)
         }
         // Rather than keep the server waiting for it (and every connection

@@ -12,8 +12,8 @@
 //!   the error the kernel finds first in the address, else `EINVAL`.
 
 use super::{
-    classify_expecting, copy_nonblock, endpoint_addr, endpoint_alive, install_over, unix_socket,
-    Call, Expect, Outcome, Sock,
+    classify_expecting, copy_nonblock, endpoint_addr, endpoint_alive, install_over, Call, Expect,
+    Outcome, Sock,
 };
 use crate::addr::{self, Purpose};
 use crate::names::{Reuseport, SocketName};
@@ -111,7 +111,12 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     }
     let instance = call.instance();
     let app = call.app;
-    let sock = unix_socket(call.shared)?;
+    let spare = call.shared.sockets.take_spare()?;
+    let swapped = super::carry::Swapped {
+        inode: spare.inode,
+        listener: Some(spare.cookie),
+    };
+    let sock = spare.fd;
     let reuseport = reuseport_of(&copy, &sock)?;
     let name_for = |port: u16| {
         UnixEndpoint::Abstract(
@@ -175,6 +180,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         };
         copy_nonblock(&copy, &sock)?;
         super::copy_timeouts(&copy, &sock);
+        super::carry::carry(call, &copy, v6, swapped);
         call.check_valid()?;
         Ok(install_over(call, target, fd_arg, &sock))
     })();

@@ -202,6 +202,7 @@ fn kernel_socket(
 /// `loopback`: the destination is a loopback address, where a blocking
 /// connect is first tried on this thread (see `super::egress`).
 fn egress(call: &Call<'_>, copy: OwnedFd, bytes: Vec<u8>, loopback: bool) -> Outcome {
+    super::carry::forget(call, &copy);
     let nonblocking = is_nonblocking(&copy);
     if loopback && !nonblocking {
         match super::egress::try_inline(&copy, &bytes) {
@@ -927,6 +928,7 @@ pub(super) fn new_client(
         sock,
         inode,
         nonblocking: true,
+        v6,
     })
 }
 
@@ -957,6 +959,8 @@ pub(super) struct Client {
     /// Whether its file is non-blocking now.
     nonblocking: bool,
     hello: Hello,
+    /// Whether the program's socket is `AF_INET6`.
+    v6: bool,
 }
 
 impl Client {
@@ -1012,6 +1016,11 @@ pub(super) fn finish(
     client.set_nonblocking(nonblocking)?;
     let sock = client.sock;
     super::copy_timeouts(copy, &sock);
+    let swapped = super::carry::Swapped {
+        inode: client.inode,
+        listener: None,
+    };
+    super::carry::carry(call, copy, client.v6, swapped);
     if nonblocking {
         set_in_progress(call, client.inode, true);
     }

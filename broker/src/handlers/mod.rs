@@ -29,6 +29,7 @@
 pub(crate) mod accept;
 mod bind;
 mod caller;
+mod carry;
 mod classify;
 mod connect;
 mod egress;
@@ -290,14 +291,6 @@ pub(crate) fn state_key(fd: &OwnedFd, what: i32) -> Option<crate::appstate::Opti
 /// [`state_key`] of the socket with `inode`.
 pub(crate) fn state_key_of(inode: u64, what: i32) -> crate::appstate::OptionKey {
     (inode, STATE_LEVEL, what)
-}
-
-/// A new `AF_UNIX` stream socket for the broker, in its private network
-/// namespace: close-on-exec here (the flag the target sees is chosen at
-/// install time) and non-blocking (a caller that installs it sets the
-/// program's flag). `ENOBUFS` when there is none to be had.
-pub(crate) fn unix_socket(shared: &Shared) -> Result<OwnedFd, Errno> {
-    shared.sockets.take()
 }
 
 /// The socket address of an endpoint.

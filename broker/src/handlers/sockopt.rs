@@ -41,7 +41,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 /// Enough room for any TCP/IP option a program sets or reads (`struct
 /// tcp_info`, 40 bytes of IP options, a congestion control name).
-const MAX_OPTION_LEN: usize = 512;
+pub(super) const MAX_OPTION_LEN: usize = 512;
 const INT_LEN: usize = std::mem::size_of::<libc::c_int>();
 
 /// TCP options whose value is a string or a struct of any length, read
@@ -117,13 +117,26 @@ pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
     if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
         return set(call, target, &Subject::known(&conn)).into();
     }
-    let (name, fd) = match classify(call, target, call.arg(0)) {
-        Ok(Sock::Swapped { name, fd, .. }) => (name, fd),
-        Ok(_) => return Outcome::Continue,
+    let (name, fd, cookie) = match classify(call, target, call.arg(0)) {
+        Ok(Sock::Swapped { name, fd, cookie }) => (name, fd, cookie),
+        // The kernel's to set; noted, to carry it if ax swaps the socket.
+        // A note decides nothing: at the swap the value is read back from
+        // the socket, whatever fd the number names by then.
+        Ok(Sock::Inet { fd, .. }) => {
+            super::carry::note(call, &fd, call.int_arg(1), call.int_arg(2));
+            return Outcome::Continue;
+        }
+        Ok(Sock::Other) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
     Subject::of(call, &name, &fd, false)
-        .and_then(|subject| set(call, target, &subject))
+        .and_then(|subject| {
+            if let (SocketName::Listener { .. }, Some(cookie)) = (name, cookie) {
+                let (level, optname) = (call.int_arg(1), call.int_arg(2));
+                super::carry::note_listener(call, cookie, subject.inode, level, optname);
+            }
+            set(call, target, &subject)
+        })
         .into()
 }
 
