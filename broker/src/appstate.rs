@@ -294,22 +294,6 @@ impl AppState {
         lock(&self.options).map.get(&key).cloned()
     }
 
-    /// Whether any socket of the app has an option remembered.
-    pub(crate) fn has_options(&self) -> bool {
-        !lock(&self.options).map.is_empty()
-    }
-
-    /// Every option remembered for the socket with `inode`, as (level,
-    /// name, value).
-    pub(crate) fn options_of(&self, inode: u64) -> Vec<(i32, i32, Vec<u8>)> {
-        lock(&self.options)
-            .map
-            .iter()
-            .filter(|(k, _)| k.0 == inode)
-            .map(|(k, v)| (k.1, k.2, v.clone()))
-            .collect()
-    }
-
     pub(crate) fn forget_option(&self, key: OptionKey) {
         lock(&self.options).map.remove(&key);
     }

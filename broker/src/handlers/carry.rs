@@ -82,9 +82,10 @@ pub(super) fn carry(call: &Call<'_>, program: &OwnedFd, v6: bool, swapped: Swapp
     }
 }
 
-/// Forgets the options noted for `program`, a socket the kernel keeps
-/// (its connect goes out natively): so that an app that sets options
-/// before each egress connect does not fill its table with them.
+/// Forgets the options noted for `program`, a socket whose connect goes
+/// out over TCP (egress, or to another host, where the options are read
+/// whole): so that an app that sets options before each such connect does
+/// not fill its table with them.
 pub(super) fn forget(call: &Call<'_>, program: &OwnedFd) {
     if call.state.has_presets() {
         if let Some(inode) = inode(program) {
@@ -106,25 +107,16 @@ pub(super) fn note_listener(call: &Call<'_>, cookie: u64, inode: u64, level: i32
 /// Remembers for `conn` (its inode given by `accepted`), a connection
 /// accepted on `listener`, the TCP/IP options the program set on the
 /// listener, as a TCP listener passes its options on to the connections it
-/// accepts. Costs one `getsockopt` per accept, and only in an app that set
-/// options on a listener.
+/// accepts.
 pub(super) fn inherit(call: &Call<'_>, listener: &OwnedFd, accepted: impl FnOnce() -> Option<u64>) {
-    if !call.state.has_listener_options() {
+    let options = listener_options(call, listener);
+    if options.is_empty() {
         return;
     }
-    let Ok(cookie) = rustix::net::sockopt::socket_cookie(listener) else {
-        return;
-    };
-    let Some((listener, names)) = call.state.listener_options(cookie) else {
-        return;
-    };
     let Some(conn) = accepted() else {
         return;
     };
-    for (level, name) in names {
-        let Some(value) = call.state.recall_option((listener, level, name)) else {
-            continue;
-        };
+    for (level, name, value) in options {
         if call
             .state
             .remember_option((conn, level, name), value)
@@ -133,6 +125,28 @@ pub(super) fn inherit(call: &Call<'_>, listener: &OwnedFd, accepted: impl FnOnce
             break;
         }
     }
+}
+
+/// The TCP/IP options the program set on `listener` (a swapped one) that
+/// pass on to the connections it accepts, as (level, name, value). Costs
+/// one `getsockopt`, and only in an app that set options on a listener.
+pub(super) fn listener_options(call: &Call<'_>, listener: &OwnedFd) -> Vec<(i32, i32, Vec<u8>)> {
+    if !call.state.has_listener_options() {
+        return Vec::new();
+    }
+    let Ok(cookie) = rustix::net::sockopt::socket_cookie(listener) else {
+        return Vec::new();
+    };
+    let Some((inode, names)) = call.state.listener_options(cookie) else {
+        return Vec::new();
+    };
+    names
+        .into_iter()
+        .filter_map(|(level, name)| {
+            let value = call.state.recall_option((inode, level, name))?;
+            Some((level, name, value))
+        })
+        .collect()
 }
 
 fn is_ip_level(level: i32) -> bool {

@@ -47,6 +47,8 @@ pub(super) fn connect(
     rebind: Option<SocketName>,
 ) -> Outcome {
     let nonblocking = is_nonblocking(copy);
+    // Read whole below, not from the notes (see `super::carry`).
+    super::carry::forget(call, copy);
     // The options are read on the helper thread, from a copy of the fd:
     // fifteen `getsockopt` calls the app's receive loop need not wait for.
     // Without a spare fd for the copy, they are read here.
@@ -355,24 +357,10 @@ fn carry<T: PartialEq>(
 /// (the broker's copy of the program's listener, a UNIX socket underneath,
 /// whose TCP/IP options the broker remembers: see `super::sockopt`), the
 /// options the program set there, as a TCP listener passes its options on
-/// to the connections it accepts. Best effort: an option that means
-/// nothing on an established socket (`TCP_FASTOPEN`, `TCP_DEFER_ACCEPT`) or
-/// of the other family is refused by the kernel and skipped.
+/// to the connections it accepts (see `super::carry`). Best effort: an
+/// option the kernel refuses here is skipped.
 pub(super) fn inherit_listener_options(call: &Call<'_>, listener: &OwnedFd, conn: &OwnedFd) {
-    // The common case (no options set) costs no look at the listener.
-    if !call.state.has_options() {
-        return;
-    }
-    let Some(listener) = super::inode(listener) else {
-        return;
-    };
-    for (level, name, value) in call.state.options_of(listener) {
-        if !matches!(
-            level,
-            libc::IPPROTO_TCP | libc::IPPROTO_IP | libc::IPPROTO_IPV6
-        ) {
-            continue;
-        }
+    for (level, name, value) in super::carry::listener_options(call, listener) {
         if let Err(e) = ax_sys::sockopt::set_raw(conn.as_fd(), level, name, &value) {
             tracing::debug!(app = call.app, level, name, error = %e, "a listener option not passed on to a connection from another node");
         }
