@@ -413,6 +413,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn presets_are_noted_once_each_and_taken_once() {
+        let state = AppState::new(1);
+        assert!(!state.has_presets());
+        state
+            .note_preset(7, libc::IPPROTO_TCP, libc::TCP_NODELAY)
+            .unwrap();
+        state
+            .note_preset(7, libc::IPPROTO_TCP, libc::TCP_NODELAY)
+            .unwrap();
+        state
+            .note_preset(7, libc::IPPROTO_IP, libc::IP_TOS)
+            .unwrap();
+        assert!(state.has_presets());
+        assert_eq!(
+            state.take_presets(7),
+            vec![
+                (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+                (libc::IPPROTO_IP, libc::IP_TOS)
+            ]
+        );
+        assert!(state.take_presets(7).is_empty());
+        assert!(!state.has_presets());
+    }
+
+    #[test]
+    fn listener_notes_keep_their_inode_and_go_with_the_app() {
+        let state = AppState::new(1);
+        assert!(!state.has_listener_options());
+        state.note_listener_option(42, 7, libc::IPPROTO_TCP, libc::TCP_NODELAY);
+        state.note_listener_option(42, 7, libc::IPPROTO_TCP, libc::TCP_NODELAY);
+        assert_eq!(
+            state.listener_options(42),
+            Some((7, vec![(libc::IPPROTO_TCP, libc::TCP_NODELAY)]))
+        );
+        assert_eq!(state.listener_options(43), None);
+        state.app_exited();
+        assert!(!state.has_listener_options());
+    }
+
+    #[test]
     fn quota_counts_and_returns() {
         let q = Quota::new("things", 1, 2);
         let a = q.take().expect("first");
