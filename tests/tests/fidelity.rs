@@ -302,27 +302,30 @@ fn a_live_connection_keeps_its_client_port_to_itself() {
     );
 }
 
-/// `python3 -c OPTIONS BIND_HOST CONNECT_HOST PORT`: sets TCP/IP options on
-/// a listener before its `bind` and on a client socket before its
-/// `connect`, connects the two, and prints the options as the client, the
-/// listener and the accepted connection read them.
+/// `python3 -c OPTIONS BIND_HOST CONNECT_HOST PORT FAMILY`: sets TCP/IP
+/// options on a listener before its `bind` and on a client socket before
+/// its `connect` (FAMILY `4` or `6`), connects the two, and prints the
+/// options as the client, the listener and the accepted connection read
+/// them.
 const OPTIONS: &str = r#"
 import socket, sys
 bind_host, connect_host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-TCP, IP = socket.IPPROTO_TCP, socket.IPPROTO_IP
+family = socket.AF_INET6 if sys.argv[4] == "6" else socket.AF_INET
+TCP = socket.IPPROTO_TCP
+TOS = (socket.IPPROTO_IPV6, socket.IPV6_TCLASS) if sys.argv[4] == "6" else (socket.IPPROTO_IP, socket.IP_TOS)
 FASTOPEN = 23
 listener_opts = [(TCP, socket.TCP_NODELAY, 1), (TCP, socket.TCP_KEEPCNT, 3),
-                 (TCP, socket.TCP_USER_TIMEOUT, 1234), (IP, socket.IP_TOS, 8),
+                 (TCP, socket.TCP_USER_TIMEOUT, 1234), (*TOS, 8),
                  (TCP, socket.TCP_DEFER_ACCEPT, 5), (TCP, FASTOPEN, 5)]
 client_opts = [(TCP, socket.TCP_NODELAY, 1), (TCP, socket.TCP_KEEPIDLE, 77),
                (TCP, socket.TCP_KEEPINTVL, 11), (TCP, socket.TCP_USER_TIMEOUT, 4321),
-               (IP, socket.IP_TOS, 16)]
-l = socket.socket()
+               (*TOS, 16)]
+l = socket.socket(family)
 for level, name, value in listener_opts:
     l.setsockopt(level, name, value)
 l.bind((bind_host, port))
 l.listen()
-c = socket.socket()
+c = socket.socket(family)
 for level, name, value in client_opts:
     c.setsockopt(level, name, value)
 c.connect((connect_host, port))
@@ -341,27 +344,31 @@ show("accepted", a, listener_opts)
 #[test]
 fn options_set_before_the_swap_and_on_listeners_read_as_over_tcp() {
     require!("python3");
-    const VIP: &str = "10.233.0.165";
-    let port = free_loopback_port().to_string();
-    let native = run(
-        Command::new("python3").args(["-c", OPTIONS, "127.0.0.1", "127.0.0.1", &port]),
-        SHORT,
-    );
-    native.assert_success();
     let d = Daemon::start();
-    let under_ax = d.run(
-        &["--ip", VIP],
-        &["python3", "-c", OPTIONS, "0.0.0.0", VIP, "7000"],
-    );
-    under_ax.assert_success();
-    assert!(
-        native
-            .stdout
-            .contains("accepted 1=1 6=3 18=1234 1=8 9=0 23=0"),
-        "the native baseline is as expected: {native}"
-    );
-    assert_eq!(
-        under_ax.stdout, native.stdout,
-        "under ax as over TCP:\n{under_ax}\nnatively:\n{native}"
-    );
+    for (family, loopback, wildcard, vip, tos) in [
+        ("4", "127.0.0.1", "0.0.0.0", "10.233.0.165", "1=8"),
+        ("6", "::1", "::", "fd00:a8::165", "67=8"),
+    ] {
+        let port = free_loopback_port().to_string();
+        let native = run(
+            Command::new("python3").args(["-c", OPTIONS, loopback, loopback, &port, family]),
+            SHORT,
+        );
+        native.assert_success();
+        let under_ax = d.run(
+            &["--ip", vip],
+            &["python3", "-c", OPTIONS, wildcard, vip, "7000", family],
+        );
+        under_ax.assert_success();
+        assert!(
+            native
+                .stdout
+                .contains(&format!("accepted 1=1 6=3 18=1234 {tos} 9=0 23=0")),
+            "the native baseline is as expected: {native}"
+        );
+        assert_eq!(
+            under_ax.stdout, native.stdout,
+            "IPv{family} under ax as over TCP:\n{under_ax}\nnatively:\n{native}"
+        );
+    }
 }
