@@ -365,7 +365,17 @@ fn take_waiting(
     loop {
         let done = try_accept(call, listener, flags)?
             .map_err(NotHanded::Failed)
-            .and_then(|conn| complete(call, target, Some(listener), conn, v6, cloexec, true));
+            .and_then(|conn| {
+                complete(
+                    call,
+                    target,
+                    Some(listener),
+                    conn,
+                    v6,
+                    cloexec,
+                    Namespace::Private,
+                )
+            });
         if done != Err(NotHanded::ClientLeft) {
             return Some(answer(done));
         }
@@ -373,12 +383,12 @@ fn take_waiting(
 }
 
 /// Hands `conn`, accepted on `listener` (the broker's copy of the
-/// program's, when at hand), over to the program. `accepted_here`: `conn`
-/// was accepted just now from `listener`, a swapped listener, and so is in
+/// program's, when at hand), over to the program. `namespace`: `Private`
+/// for a connection accepted just now from a swapped listener, which is in
 /// the broker's private namespace: the kernel makes an accepted UNIX socket
 /// in its client's namespace, and a client finds an abstract name (every
 /// swapped listener has one) only in its own, here the listener's.
-/// Otherwise (a connection an earlier daemon parked) that is checked.
+/// `Unchecked` for one an earlier daemon parked.
 fn complete(
     call: &Call<'_>,
     target: &Target,
@@ -386,18 +396,13 @@ fn complete(
     conn: OwnedFd,
     v6: bool,
     cloexec: bool,
-    accepted_here: bool,
+    namespace: Namespace,
 ) -> Result<Outcome, NotHanded> {
     // Who connected, from the peer's name (read once): a client under ax
     // (its VIP:port), or a doorbell, whose real connection takes its place.
     // The inode of the connection, where it was read already.
     let mut inode = None;
-    let seen = if accepted_here {
-        Namespace::Private
-    } else {
-        Namespace::Unchecked
-    };
-    let (conn, peer) = match caller_of(call, &conn, v6, false, seen) {
+    let (conn, peer) = match caller_of(call, &conn, v6, false, namespace) {
         Caller::Client(local, known) => {
             inode = known;
             if let Some(listener) = listener {
@@ -603,7 +608,15 @@ pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
         let _ = super::set_nonblock(&conn, true);
     }
     let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-    match complete(call, &target, listener.as_ref(), conn, v6, cloexec, false) {
+    match complete(
+        call,
+        &target,
+        listener.as_ref(),
+        conn,
+        v6,
+        cloexec,
+        Namespace::Unchecked,
+    ) {
         // Its client left before saying who it was: accept the next one.
         Err(NotHanded::ClientLeft) => handle(call, &target, has_flags),
         done => answer(done),
