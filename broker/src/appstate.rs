@@ -48,9 +48,11 @@ pub(crate) const MAX_HELPERS: usize = 64;
 /// waits on a helper thread of its own, outside [`MAX_HELPERS`]: one app
 /// alone cannot take every thread of the pool).
 pub(crate) const MAX_HELD_CONNECTS: usize = 128;
-/// Distinct options noted per socket before it is swapped at most (TCP and
-/// IP have about 60 settable ones; a program sets a handful).
-const PRESETS_PER_SOCKET: usize = 64;
+/// Distinct options noted per socket (or listener) at most: a program
+/// sets a handful. Notes are taken before the kernel judges the option, so
+/// this bounds what a program can make the daemon hold (with
+/// [`SOCKET_STATE_LIMIT`] sockets: 8 MiB), not a count of valid options.
+const PRESETS_PER_SOCKET: usize = 16;
 /// Listeners with options noted one app keeps at most.
 const LISTENERS_WITH_OPTIONS: usize = 4096;
 /// Least time between two sweeps of one table.
@@ -435,6 +437,12 @@ mod tests {
         );
         assert!(state.take_presets(7).is_empty());
         assert!(!state.has_presets());
+        // Bogus names are noted too (the kernel judges them after), up to
+        // the bound.
+        for name in 0..100 {
+            state.note_preset(8, libc::IPPROTO_TCP, name).unwrap();
+        }
+        assert_eq!(state.take_presets(8).len(), PRESETS_PER_SOCKET);
     }
 
     #[test]
