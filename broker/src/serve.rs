@@ -363,27 +363,14 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
             marks.waiting.store(true, Ordering::Relaxed);
             let received = listener.recv();
             marks.waiting.store(false, Ordering::Relaxed);
-            match received {
-                Ok(n) => {
-                    marks.calls.fetch_add(1, Ordering::Relaxed);
-                    dispatch(link, n, false, Some(&parking), &mut lock_cache());
-                    last_call = Instant::now();
-                    continue;
-                }
-                // The target died or was interrupted meanwhile, or the
-                // app's last program exited (the notify fd hangs up).
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    if hung_up(listener) {
-                        break;
-                    }
-                    continue;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(app, error = %e, "receiving a notification failed; giving up on the app");
-                    break;
-                }
+            // ENOENT here may also mean the app's last program exited.
+            let gone = || hung_up(listener);
+            match answer_received(link, received, &parking, &marks, &mut lock_cache(), gone) {
+                Received::Call => last_call = Instant::now(),
+                Received::Nothing => {}
+                Received::End => break,
             }
+            continue;
         }
         let mut pidfds = lock_cache();
         // How long until a parked accept is due for its check.
@@ -451,18 +438,13 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
             }
             continue;
         }
-        match listener.recv() {
-            Ok(n) => {
-                last_call = now;
-                marks.calls.fetch_add(1, Ordering::Relaxed);
-                dispatch(link, n, false, Some(&parking), &mut pidfds)
-            }
-            // The target died or was interrupted between wake-up and read.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => {
-                tracing::error!(app, error = %e, "receiving a notification failed; giving up on the app");
-                break;
-            }
+        // The poll told a hang-up apart already.
+        match answer_received(link, listener.recv(), &parking, &marks, &mut pidfds, || {
+            false
+        }) {
+            Received::Call => last_call = now,
+            Received::Nothing => {}
+            Received::End => break,
         }
     }
     link.state.app_exited();
@@ -483,6 +465,42 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     shared.directory.app_exited(app);
     shared.forget_app_options(app);
     tracing::debug!(app, "app exited; services released");
+}
+
+/// What a receive of the loop came to.
+enum Received {
+    /// A call, answered (or handed on).
+    Call,
+    /// No call: its target died or was interrupted since it trapped
+    /// (`ENOENT`), or the receive itself was interrupted.
+    Nothing,
+    /// The app's last program exited, or receiving failed: the loop ends.
+    End,
+}
+
+/// Answers what a receive brought. `gone` tells, after an `ENOENT`,
+/// whether the app's last program exited.
+fn answer_received(
+    link: &AppLink<'_>,
+    received: std::io::Result<Notification>,
+    parking: &RefCell<Vec<Parked>>,
+    marks: &crate::tidy::LoopMarks,
+    pidfds: &mut PidfdCache,
+    gone: impl FnOnce() -> bool,
+) -> Received {
+    match received {
+        Ok(n) => {
+            marks.calls.fetch_add(1, Ordering::Relaxed);
+            dispatch(link, n, false, Some(parking), pidfds);
+            Received::Call
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && gone() => Received::End,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINTR)) => Received::Nothing,
+        Err(e) => {
+            tracing::error!(app = link.app, error = %e, "receiving a notification failed; giving up on the app");
+            Received::End
+        }
+    }
 }
 
 /// Whether the notify fd hangs up: every program of its filter exited.
