@@ -54,6 +54,11 @@ enum Cmd {
         /// listen() backlog
         #[arg(long, default_value_t = 4096)]
         backlog: i32,
+        /// Accept in a busy loop that never sleeps, closing each connection
+        /// at once (the egress rows' server: with no wake-up to receive, its
+        /// scheduling stays out of the connects measured)
+        #[arg(long)]
+        spin: bool,
     },
     /// Run one test against a server and print one JSON line
     Client {
@@ -155,7 +160,13 @@ fn main() {
             mode,
             threads,
             backlog,
-        } => worker::serve(&bind, mode, threads, backlog).map(|_| 0),
+            spin,
+        } => if spin {
+            worker::serve_spinning(&bind, backlog)
+        } else {
+            worker::serve(&bind, mode, threads, backlog)
+        }
+        .map(|_| 0),
         Cmd::Client {
             connect,
             mode,

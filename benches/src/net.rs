@@ -105,6 +105,15 @@ impl Listener {
         }
     }
 
+    /// Makes `accept` answer `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&self) -> Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l) => l.set_nonblocking(true),
+        }
+        .context("O_NONBLOCK")
+    }
+
     /// Another handle on the same listening socket (for accept threads).
     pub fn try_clone(&self) -> io::Result<Listener> {
         match self {

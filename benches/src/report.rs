@@ -103,6 +103,10 @@ pub struct AxExtras {
     pub egress_native: Vec<ConnRate>,
     /// Egress connect under ax, per round.
     pub egress_ax: Vec<ConnRate>,
+    /// Egress connect natively to a server that never sleeps, per round.
+    pub egress_busy_native: Vec<ConnRate>,
+    /// Egress connect under ax to a server that never sleeps, per round.
+    pub egress_busy_ax: Vec<ConnRate>,
     /// Many services.
     pub scale_services: Option<ScaleServices>,
     /// Many apps.
@@ -219,6 +223,14 @@ pub struct AxSummary {
     pub egress_ax_us: Option<f64>,
     /// Median of per-round ax ÷ native.
     pub egress_ratio: Option<f64>,
+    /// Median of per-round (ax − native), µs.
+    pub egress_extra_us: Option<f64>,
+    /// Egress connect µs, native, to a server that never sleeps.
+    pub egress_busy_native_us: Option<f64>,
+    /// Egress connect µs, under ax, to a server that never sleeps.
+    pub egress_busy_ax_us: Option<f64>,
+    /// Median of per-round (ax − native), µs, to a server that never sleeps.
+    pub egress_busy_extra_us: Option<f64>,
     /// Connect µs with few services.
     pub scale_small_us: Option<f64>,
     /// Connect µs with many services.
@@ -269,6 +281,16 @@ fn paired(a: &[Option<f64>], b: &[Option<f64>]) -> Option<f64> {
         })
         .collect();
     median(&r)
+}
+
+/// Median of per-round differences `a − b`.
+fn paired_extra(a: &[Option<f64>], b: &[Option<f64>]) -> Option<f64> {
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter_map(|(x, y)| Some((*x)? - (*y)?))
+        .collect();
+    median(&d)
 }
 
 fn col(rr: &[RoundResult], f: impl Fn(&RoundResult) -> Option<f64>) -> Vec<Option<f64>> {
@@ -371,19 +393,18 @@ impl Results {
             .filter_map(|(n, x)| Some((*x)? - (*n)?))
             .collect();
         a.syscall_extra_ns = median(&diffs);
-        let en: Vec<Option<f64>> = ax
-            .egress_native
-            .iter()
-            .map(|c| Some(c.connect_median_us))
-            .collect();
-        let ea: Vec<Option<f64>> = ax
-            .egress_ax
-            .iter()
-            .map(|c| Some(c.connect_median_us))
-            .collect();
+        let medians = |v: &[ConnRate]| -> Vec<Option<f64>> {
+            v.iter().map(|c| Some(c.connect_median_us)).collect()
+        };
+        let (en, ea) = (medians(&ax.egress_native), medians(&ax.egress_ax));
         a.egress_native_us = med_opt(&en);
         a.egress_ax_us = med_opt(&ea);
         a.egress_ratio = paired(&ea, &en);
+        a.egress_extra_us = paired_extra(&ea, &en);
+        let (bn, ba) = (medians(&ax.egress_busy_native), medians(&ax.egress_busy_ax));
+        a.egress_busy_native_us = med_opt(&bn);
+        a.egress_busy_ax_us = med_opt(&ba);
+        a.egress_busy_extra_us = paired_extra(&ba, &bn);
         if let (Some(t), Some(u), Some(i)) = (&tcp, &unix, find(Kind::Installed)) {
             a.conn_ceiling_vs_tcp = conn_ceiling(t, u, &i);
         }
@@ -555,6 +576,18 @@ fn targets(s: Option<&Summary>, a: &AxSummary, ax: &AxExtras) -> Vec<Target> {
         "no errors; rate grows from 1 to 2 cores",
         &|g| errs == 0 && g > 1.0,
     );
+    add(
+        "egress connect to a native server on 127.0.0.1 that never sleeps, extra over native",
+        a.egress_busy_extra_us,
+        format!(
+            "{:+.1} µs ({} µs native, {} µs under ax)",
+            a.egress_busy_extra_us.unwrap_or(f64::NAN),
+            f1(a.egress_busy_native_us),
+            f1(a.egress_busy_ax_us)
+        ),
+        "≤ +15 µs",
+        &|x| x <= 15.0,
+    );
     let idle = ax.idle.as_ref();
     add(
         &format!(
@@ -713,9 +746,11 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "| egress connect to a native server on 127.0.0.1 | {} µs native, {} µs under ax ({}) | — | |",
+        "| egress connect to a native server on 127.0.0.1 blocked in `accept` | \
+         {} µs native, {} µs under ax ({:+.1} µs, {}) | — | |",
         f1(a.egress_native_us),
         f1(a.egress_ax_us),
+        a.egress_extra_us.unwrap_or(f64::NAN),
         ratio(a.egress_ratio)
     );
     let _ = writeln!(o);
@@ -766,7 +801,11 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         o,
         "- Overheads: getppid × {} natively vs under `ax exec` (median ns per call over \
-         batches of 10,000); egress: {} × (connect, close) to a native server on 127.0.0.1.",
+         batches of 10,000); egress: {} × (connect, close) to a native server on 127.0.0.1, \
+         one blocked in `accept` between connections and, on two CPUs or more, one that never \
+         sleeps (`ax-bench serve --spin`, a busy accept loop on the last CPU, the clients on the \
+         first; the daemon is never pinned): a connect wakes a server blocked in `accept`, and \
+         what that costs the connecting thread is the machine's scheduling, not ax's.",
         thousands(Some(p.syscall_iterations as f64)),
         thousands(Some(p.egress_iterations as f64))
     );

@@ -211,6 +211,8 @@ const TCP_PORT: u16 = 5201;
 const SLIRP_PORT: u16 = 5202;
 const PASTA_GW: &str = "10.99.3.254";
 const EGRESS_PORT: u16 = 5203;
+/// The egress server that never sleeps (`serve --spin`, see [`cpus_apart`]).
+const EGRESS_BUSY_PORT: u16 = 5206;
 const TRAPPED_PORT: u16 = 5204;
 const INSTALLED_PORT: u16 = 5205;
 const AX_PORT: u16 = 5301;
@@ -1211,19 +1213,68 @@ fn overheads(ctx: &Ctx, env: &AxEnv, round: usize, x: &mut report::AxExtras) {
             Err(e) => x.errors.push(format!("syscall: {e:#}")),
         }
     }
-    let n = p.egress_iterations.to_string();
     let target = format!("127.0.0.1:{EGRESS_PORT}");
-    for (under_ax, prefix) in pair {
+    let (native, under_ax) = egress_pair(ctx, &pair, &[], &target, &mut x.errors);
+    x.egress_native.extend(native);
+    x.egress_ax.extend(under_ax);
+    // The same against a server that never sleeps, on a CPU of its own
+    // (started for these two runs only: it keeps its CPU busy).
+    if let Some((client_cpu, server_cpu)) = cpus_apart() {
+        let target = format!("127.0.0.1:{EGRESS_BUSY_PORT}");
+        match ctx.start_server(
+            "egress-busy-server",
+            &pinned(Some(&server_cpu.to_string()), Vec::new()),
+            &["serve", "--bind", &target, "--spin"],
+        ) {
+            Ok(server) => {
+                let pin = pinned(Some(&client_cpu.to_string()), Vec::new());
+                let (native, under_ax) = egress_pair(ctx, &pair, &pin, &target, &mut x.errors);
+                drop(server);
+                x.egress_busy_native.extend(native);
+                x.egress_busy_ax.extend(under_ax);
+            }
+            Err(e) => x.errors.push(format!("egress, busy server: {e:#}")),
+        }
+    }
+    let med = |v: &[Syscall]| v.last().map(|s| s.median_ns).unwrap_or(f64::NAN);
+    let emed = |v: &[ConnRate]| v.last().map(|s| s.connect_median_us).unwrap_or(f64::NAN);
+    eprintln!(
+        "  {:<13} getppid {:.0} → {:.0} ns under ax; egress connect {:.1} → {:.1} µs, \
+         to a server that never sleeps {:.1} → {:.1} µs",
+        "ax overheads",
+        med(&x.syscall_native),
+        med(&x.syscall_ax),
+        emed(&x.egress_native),
+        emed(&x.egress_ax),
+        emed(&x.egress_busy_native),
+        emed(&x.egress_busy_ax)
+    );
+}
+
+/// One egress run natively and one under ax, in `pair`'s order, to the
+/// server at `target`, each client started behind `pin` (empty: unpinned):
+/// (native, under ax) reports.
+fn egress_pair(
+    ctx: &Ctx,
+    pair: &[(bool, &[String]); 2],
+    pin: &[String],
+    target: &str,
+    errors: &mut Vec<String>,
+) -> (Vec<ConnRate>, Vec<ConnRate>) {
+    let n = ctx.params.egress_iterations.to_string();
+    let (mut native, mut under) = (Vec::new(), Vec::new());
+    for &(under_ax, prefix) in pair {
+        let prefix: Vec<String> = pin.iter().chain(prefix).cloned().collect();
         match ctx.worker(
             "egress",
-            prefix,
-            &["egress", "--connect", &target, "--iterations", &n],
+            &prefix,
+            &["egress", "--connect", target, "--iterations", &n],
             Duration::from_secs(120),
         ) {
             Ok(Report::Egress(c)) => {
                 if c.errors > 0 {
-                    x.errors.push(format!(
-                        "egress{}: {} of {} failed: {}",
+                    errors.push(format!(
+                        "egress to {target}{}: {} of {} failed: {}",
                         if under_ax { " under ax" } else { "" },
                         c.errors,
                         c.iterations,
@@ -1231,25 +1282,57 @@ fn overheads(ctx: &Ctx, env: &AxEnv, round: usize, x: &mut report::AxExtras) {
                     ));
                 }
                 if under_ax {
-                    x.egress_ax.push(c)
+                    under.push(c)
                 } else {
-                    x.egress_native.push(c)
+                    native.push(c)
                 }
             }
-            Ok(o) => x.errors.push(format!("egress: unexpected {o:?}")),
-            Err(e) => x.errors.push(format!("egress: {e:#}")),
+            Ok(o) => errors.push(format!("egress: unexpected {o:?}")),
+            Err(e) => errors.push(format!("egress: {e:#}")),
         }
     }
-    let med = |v: &[Syscall]| v.last().map(|s| s.median_ns).unwrap_or(f64::NAN);
-    let emed = |v: &[ConnRate]| v.last().map(|s| s.connect_median_us).unwrap_or(f64::NAN);
-    eprintln!(
-        "  {:<13} getppid {:.0} → {:.0} ns under ax; egress connect {:.1} → {:.1} µs",
-        "ax overheads",
-        med(&x.syscall_native),
-        med(&x.syscall_ax),
-        emed(&x.egress_native),
-        emed(&x.egress_ax)
-    );
+    (native, under)
+}
+
+/// Two CPUs this process may run on: (the egress clients', the busy egress
+/// server's), or `None` with fewer than two.
+///
+/// Why a busy server: a connect to a server blocked in `accept` wakes it,
+/// within the connect, and what that wake-up costs the connecting thread
+/// depends on the server's CPU (on a VM, up to 20 µs and more to reach
+/// another vCPU). A native client outpaces the server, which then never
+/// sleeps; ax's connect, slower, lets it catch up and sleep, so that the
+/// wake-up lands in ax's connect at times and not in the native one's, a
+/// measure of the machine's scheduling rather than of ax. A real egress
+/// connect reaches another machine, whose wake-ups cost nothing here.
+fn cpus_apart() -> Option<(usize, usize)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    let cpus = parse_cpu_list(list.trim())?;
+    match (cpus.first(), cpus.last()) {
+        (Some(&a), Some(&b)) if a != b => Some((a, b)),
+        _ => None,
+    }
+}
+
+/// `0-3,6,8-9` → [0, 1, 2, 3, 6, 8, 9]; `None` if malformed.
+fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a || b - a > 4096 {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
 }
 
 /// Connect latency to one service with 10 services registered, and with
@@ -1645,6 +1728,16 @@ fn meta(ax: Option<&Path>, unprivileged: bool) -> report::Meta {
 mod tests {
     use super::*;
     use crate::worker::Bulk;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0-1"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_list("0,2-3,7"), Some(vec![0, 2, 3, 7]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+        assert_eq!(parse_cpu_list("0-99999999"), None);
+    }
 
     fn round(gbit: f64) -> RoundResult {
         RoundResult {

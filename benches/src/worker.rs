@@ -200,6 +200,25 @@ pub fn serve(addr: &Addr, mode: ServeMode, threads: usize, backlog: i32) -> Resu
     accept_loop(&l, mode);
 }
 
+/// Accepts on `addr` in a busy loop, never sleeping, and closes each
+/// connection at once (see `ax-bench serve --spin`).
+pub fn serve_spinning(addr: &Addr, backlog: i32) -> Result<()> {
+    let l = net::listen(addr, backlog)?;
+    l.set_nonblocking()?;
+    say("READY");
+    loop {
+        match l.accept() {
+            Ok(s) => drop(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("ax-bench serve: accept: {e}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 fn accept_loop(l: &Listener, mode: ServeMode) -> ! {
     let mut logged = 0u32;
     loop {
