@@ -68,6 +68,7 @@ mod target;
 mod tidy;
 mod verdict;
 pub mod verify;
+mod watch;
 
 pub use ax_registry::{AppId, Directory, UnixEndpoint};
 pub use ax_sys::NotifyFd;

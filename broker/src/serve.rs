@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) idents: Arc<crate::idents::Idents>,
     /// Tidies the caches of receive loops that wait in the receive.
     pub(crate) tidy: Arc<crate::tidy::Tidy>,
+    /// Looks at the blocking accepts parked for a while, for every loop.
+    pub(crate) watch: Arc<crate::watch::Watch>,
 }
 
 impl Shared {
@@ -144,6 +146,7 @@ impl Broker {
                 listeners: Mutex::default(),
                 idents,
                 tidy: Arc::default(),
+                watch: Arc::default(),
                 config,
             }),
         }
@@ -335,7 +338,11 @@ const FDINFO_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// whenever no blocking accept is parked, and the broker's tidy thread
 /// looks after its cache; otherwise, and while accepts are parked, it
 /// polls the notify fd beside the parked listeners, with a timeout for
-/// their checks and its own housekeeping.
+/// their checks and its own housekeeping. An accept parked for over a
+/// second is looked at by the broker's watch thread (`crate::watch`),
+/// which wakes the loop through an eventfd polled beside them when the
+/// accept needs it: the loop polls with no timeout then, but for a
+/// listener's `SO_RCVTIMEO`.
 fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     let (shared, app, listener, journal) = (link.shared, link.app, link.listener, link.journal);
     let cache = Arc::new(Mutex::new(PidfdCache::default()));
@@ -355,11 +362,19 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     let parking = RefCell::new(Vec::<Parked>::new());
     let mut last_housekeeping = Instant::now();
     let mut last_call = Instant::now();
+    // This loop's part in the broker's watch of long-parked accepts, from
+    // the first one on, and how many it watched at the last look.
+    let mut loop_watch: Option<Arc<crate::watch::LoopWatch>> = None;
+    let mut watched_before = 0usize;
     if wait_in_recv {
         shared.tidy.watch(&cache, &marks);
     }
     loop {
         if wait_in_recv && parking.borrow().is_empty() {
+            if let (Some(lw), true) = (&loop_watch, watched_before > 0) {
+                lw.set(&[]);
+                watched_before = 0;
+            }
             marks.waiting.store(true, Ordering::Relaxed);
             let received = listener.recv();
             marks.waiting.store(false, Ordering::Relaxed);
@@ -372,14 +387,35 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
             }
             continue;
         }
-        let mut pidfds = lock_cache();
-        // How long until a parked accept is due for its check.
-        let mut tick = PARKED_TICK;
-        let (revents, ready) = {
-            let parked = parking.borrow();
-            if let Some(due) = parked.iter().map(Parked::next_check).min() {
-                tick = due;
+        // Accepts parked past their first second are watched by the
+        // broker's watch thread (see crate::watch), which wakes the loop
+        // when one needs it; the loop looks at the others itself.
+        if loop_watch.is_none() && parking.borrow().iter().any(Parked::watchable) {
+            loop_watch = shared.watch.join(listener);
+        }
+        if let Some(lw) = &loop_watch {
+            let watched: Vec<(u64, u32)> = parking
+                .borrow()
+                .iter()
+                .filter(|p| p.watchable())
+                .map(|p| (p.notif.id, p.notif.pid))
+                .collect();
+            if watched.len() + watched_before > 0 {
+                lw.set(&watched);
             }
+            watched_before = watched.len();
+        }
+        let watched = loop_watch.is_some();
+        // How long until a parked accept is due for a check of the loop's
+        // own: `None` when none is (all are watched, with no timeout).
+        let due = parking
+            .borrow()
+            .iter()
+            .filter_map(|p| p.next_check(watched))
+            .min();
+        let cache_empty = lock_cache().is_empty();
+        let (revents, ready, woken) = {
+            let parked = parking.borrow();
             // The common case, nothing parked, polls from the stack: no
             // allocation per notification.
             let mut one = [PollFd::new(listener.as_ref(), PollFlags::IN)];
@@ -387,26 +423,40 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
             let fds: &mut [PollFd<'_>] = if parked.is_empty() {
                 &mut one
             } else {
-                many = Vec::with_capacity(1 + parked.len());
+                many = Vec::with_capacity(2 + parked.len());
                 many.push(PollFd::new(listener.as_ref(), PollFlags::IN));
                 for p in parked.iter() {
                     many.push(PollFd::from_borrowed_fd(p.listener(), PollFlags::IN));
                 }
+                if let Some(lw) = &loop_watch {
+                    many.push(PollFd::from_borrowed_fd(lw.fd(), PollFlags::IN));
+                }
                 &mut many
             };
-            let parked_tick = Timespec::try_from(tick).ok();
+            let due_in = due.and_then(|d| Timespec::try_from(d).ok());
             let idle = Timespec {
                 tv_sec: 1,
                 tv_nsec: 0,
             };
-            let timeout = if !parked.is_empty() {
-                parked_tick.as_ref()
-            } else if !pidfds.is_empty() {
+            let timeout = if due_in.is_some() {
+                due_in.as_ref()
+            } else if !cache_empty && !wait_in_recv {
+                // Where no tidy thread looks after the cache: once a second.
                 Some(&idle)
             } else {
                 None
             };
-            match poll(fds, timeout) {
+            // With nothing due, the tidy thread looks after the cache (it
+            // does so only while this is set).
+            let long_wait = timeout.is_none() && wait_in_recv;
+            if long_wait {
+                marks.waiting.store(true, Ordering::Relaxed);
+            }
+            let polled = poll(fds, timeout);
+            if long_wait {
+                marks.waiting.store(false, Ordering::Relaxed);
+            }
+            match polled {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
@@ -414,12 +464,26 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
                     break;
                 }
             }
-            let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
-            (fds[0].revents(), ready)
+            let listeners = fds.len().min(1 + parked.len());
+            let ready: Vec<bool> = fds[1..listeners]
+                .iter()
+                .map(|f| !f.revents().is_empty())
+                .collect();
+            let woken = !parked.is_empty()
+                && loop_watch.is_some()
+                && fds.last().is_some_and(|f| !f.revents().is_empty());
+            (fds[0].revents(), ready, woken)
         };
+        if woken {
+            if let Some(lw) = &loop_watch {
+                lw.clear();
+            }
+        }
+        let mut pidfds = lock_cache();
         // One clock read per wake-up, for both of the loop's marks.
         let now = Instant::now();
-        let housekeeping = now.duration_since(last_housekeeping) >= tick;
+        let housekeeping =
+            woken || now.duration_since(last_housekeeping) >= due.unwrap_or(PARKED_TICK);
         if housekeeping {
             last_housekeeping = now;
             pidfds.sweep();

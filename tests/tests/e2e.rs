@@ -1646,6 +1646,60 @@ fn a_long_blocked_accept_is_interrupted_by_a_signal() {
     assert!(st.success(), "{}", app.report());
 }
 
+/// Context switches so far of the daemon thread named `ax-app-*` (the
+/// receive loop of the daemon's only app), and its tid.
+fn receive_loop_switches(daemon: u32) -> (u32, u64) {
+    let tasks = std::fs::read_dir(format!("/proc/{daemon}/task")).expect("daemon's threads");
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("ax-app-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        let tid = t.file_name().to_string_lossy().parse().unwrap_or(0);
+        return (tid, switches);
+    }
+    panic!("no receive loop thread in daemon {daemon}");
+}
+
+/// Past its first second in `accept`, an idle server leaves its app's
+/// receive loop asleep: the broker's watch thread looks at every such
+/// accept for signals instead (four times a second), and wakes the loop
+/// only for one (the loop used to wake four times a second itself, per
+/// app: the daemon's main cost for idle servers).
+#[test]
+fn an_idle_server_leaves_its_receive_loop_asleep() {
+    require!("python3");
+    let d = Daemon::start();
+    let mut app = d.spawn(
+        &["--ip", "10.233.9.43"],
+        &py(ACCEPT_UNTIL_INTERRUPTED, &["7100"]),
+    );
+    d.wait_for_service(&mut app, "10.233.9.43:7100");
+    app.wait_for_stdout("LISTENING", SHORT);
+    // Past the first second, when the loop itself looks every 50 ms.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (tid, before) = receive_loop_switches(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let (tid_after, after) = receive_loop_switches(d.pid());
+    assert_eq!(tid, tid_after, "{}", app.report());
+    assert!(
+        after - before <= 2,
+        "the receive loop woke {} times in 2 s with its server idle in accept: {}",
+        after - before,
+        app.report()
+    );
+    // It is still woken for a signal.
+    app.signal(Signal::INT);
+    app.wait_for_stdout("INTERRUPTED", Duration::from_secs(5));
+    assert!(app.wait(SHORT).success(), "{}", app.report());
+}
+
 /// A blocking accept with a receive timeout (`SO_RCVTIMEO`) fails with
 /// `EAGAIN` when it runs out, as natively, also where the broker checks
 /// on it less often (the timeout ends between two checks).

@@ -39,10 +39,12 @@ use std::time::{Duration, Instant};
 /// How often a waiting accept checks that its caller still waits, and for
 /// a signal that should interrupt it, in its first [`WAIT_BRISK`]...
 const WAIT_TICK: Duration = Duration::from_millis(50);
-/// ...and after: an idle server blocked in `accept` for hours costs the
-/// daemon a few wake-ups a second, and a signal (Ctrl-C on a server that
-/// handles it) interrupts its accept within this long.
-const WAIT_TICK_IDLE: Duration = Duration::from_millis(250);
+/// ...and after: a signal (Ctrl-C on a server that handles it) interrupts
+/// an accept within this long. An accept parked in its receive loop is
+/// looked at this often by the broker's watch thread instead (see
+/// `crate::watch`), and its loop sleeps; one waiting on a helper thread
+/// wakes that thread this often.
+const WAIT_TICK_IDLE: Duration = crate::watch::EVERY;
 /// See [`WAIT_TICK`].
 const WAIT_BRISK: Duration = Duration::from_secs(1);
 
@@ -194,9 +196,23 @@ impl Parked {
         self.listener.as_fd()
     }
 
-    /// How long it waits before its next check (see [`Parked::resume`]).
-    pub(crate) fn next_check(&self) -> Duration {
-        next_check(self.since.elapsed(), self.deadline)
+    /// How long it waits before its loop's next check (see
+    /// [`Parked::resume`]); with `watched` (the broker's watch looks at its
+    /// signals and caller once it is [`Parked::watchable`]), only its
+    /// deadline is the loop's to keep, if it has one.
+    pub(crate) fn next_check(&self, watched: bool) -> Option<Duration> {
+        if watched && self.watchable() {
+            return self
+                .deadline
+                .map(|d| d.saturating_duration_since(Instant::now()));
+        }
+        Some(next_check(self.since.elapsed(), self.deadline))
+    }
+
+    /// Whether it has waited past its first second, after which the
+    /// broker's watch (`crate::watch`) may look at it instead of its loop.
+    pub(crate) fn watchable(&self) -> bool {
+        self.since.elapsed() >= WAIT_BRISK
     }
 
     /// Tries to finish the call: `readable` when the listener polled
