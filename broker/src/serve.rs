@@ -363,17 +363,17 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
     let mut last_housekeeping = Instant::now();
     let mut last_call = Instant::now();
     // This loop's part in the broker's watch of long-parked accepts, from
-    // the first one on, and how many it watched at the last look.
+    // the first one on, and what it was told to watch last.
     let mut loop_watch: Option<Arc<crate::watch::LoopWatch>> = None;
-    let mut watched_before = 0usize;
+    let mut watched_before: Vec<(u64, u32)> = Vec::new();
     if wait_in_recv {
         shared.tidy.watch(&cache, &marks);
     }
     loop {
         if wait_in_recv && parking.borrow().is_empty() {
-            if let (Some(lw), true) = (&loop_watch, watched_before > 0) {
+            if let (Some(lw), false) = (&loop_watch, watched_before.is_empty()) {
                 lw.set(&[]);
-                watched_before = 0;
+                watched_before.clear();
             }
             marks.waiting.store(true, Ordering::Relaxed);
             let received = listener.recv();
@@ -394,16 +394,19 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
             loop_watch = shared.watch.join(listener);
         }
         if let Some(lw) = &loop_watch {
-            let watched: Vec<(u64, u32)> = parking
+            let mut watched: Vec<(u64, u32)> = parking
                 .borrow()
                 .iter()
                 .filter(|p| p.watchable())
                 .map(|p| (p.notif.id, p.notif.pid))
                 .collect();
-            if watched.len() + watched_before > 0 {
+            watched.sort_unstable();
+            // Told only when it changed: a loop with many parked accepts
+            // goes round once per call of its app.
+            if watched != watched_before {
                 lw.set(&watched);
+                watched_before = watched;
             }
-            watched_before = watched.len();
         }
         let watched = loop_watch.is_some();
         // How long until a parked accept is due for a check of the loop's

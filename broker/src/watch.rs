@@ -99,17 +99,22 @@ impl Watch {
 
 impl LoopWatch {
     /// Watches exactly the accepts `parked` names, as (notification id,
-    /// caller's tid); a caller's status file is opened once, when its
-    /// accept is first watched.
+    /// caller's tid), sorted by id; a caller's status file is opened once,
+    /// when its accept is first watched. Kept sorted by id.
     pub(crate) fn set(&self, parked: &[(u64, u32)]) {
         let mut accepts = lock(&self.accepts);
-        accepts.retain(|w| parked.iter().any(|&(id, _)| id == w.id));
+        let had = std::mem::take(&mut *accepts);
+        let mut had = had.into_iter().peekable();
         for &(id, tid) in parked {
-            if !accepts.iter().any(|w| w.id == id) {
-                accepts.push(Watched {
+            // Both sorted: what was watched before and is still parked
+            // keeps its open status file.
+            while had.next_if(|w| w.id < id).is_some() {}
+            match had.next_if(|w| w.id == id) {
+                Some(w) => accepts.push(w),
+                None => accepts.push(Watched {
                     id,
                     signals: Signals::open(tid),
-                });
+                }),
             }
         }
     }
@@ -179,6 +184,12 @@ mod tests {
         assert!(readable(lw.fd()));
         lw.clear();
         assert!(!readable(lw.fd()));
+        // The set follows the loop's, keeping what stays.
+        let me = std::process::id();
+        lw.set(&[(1, me), (3, me), (7, me)]);
+        lw.set(&[(2, me), (3, me)]);
+        let ids: Vec<u64> = lock(&lw.accepts).iter().map(|w| w.id).collect();
+        assert_eq!(ids, [2, 3]);
         // No longer watched: no more wake-ups.
         lw.set(&[]);
         watch.tick();
