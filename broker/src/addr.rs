@@ -107,6 +107,10 @@ pub(crate) fn bind_when_bound(
 /// v4-mapped on v6 sockets.
 pub(crate) fn encode(addr: SocketAddr, v6: bool) -> Vec<u8> {
     if !v6 {
+        // Never an `AF_INET6` name for an `AF_INET` socket: callers fit the
+        // address to the family first (see [`own_in_family`]); what does
+        // not fit is told as [`peer_in_family`] tells it.
+        let addr = peer_in_family(addr, false);
         if let IpAddr::V4(ip) = addr.ip() {
             let mut out = vec![0u8; SOCKADDR_IN_LEN];
             out[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
@@ -124,6 +128,49 @@ pub(crate) fn encode(addr: SocketAddr, v6: bool) -> Vec<u8> {
     out[2..4].copy_from_slice(&addr.port().to_be_bytes());
     out[8..24].copy_from_slice(&ip6.octets());
     out
+}
+
+/// A peer's address as a socket of family `v6` reports it: v4-mapped on
+/// an `AF_INET6` socket; an IPv6 peer of an `AF_INET` socket cannot be
+/// told, and is reported unspecified (`0.0.0.0:0`).
+pub(crate) fn peer_in_family(peer: SocketAddr, v6: bool) -> SocketAddr {
+    match (peer, v6) {
+        (SocketAddr::V6(p), false) => match p.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), p.port()),
+            None => unspecified(false),
+        },
+        _ => peer,
+    }
+}
+
+/// An address of the app's own (`own`: the VIP:port a client dialled, as
+/// its server's connection answers it, or a client's own VIP:port) as a
+/// socket of family `v6` reports it. An IPv6 VIP on an `AF_INET` socket
+/// (a client that dialled an app's IPv6 VIP and reached its listener on
+/// `0.0.0.0`, see `Directory::served_addr`) becomes `served` when that
+/// is IPv4, else the same port on the first IPv4 VIP of `vips` (the
+/// app's), else, as for a peer, unspecified.
+pub(crate) fn own_in_family(
+    own: SocketAddr,
+    v6: bool,
+    served: impl FnOnce() -> SocketAddr,
+    vips: impl FnOnce() -> Vec<IpAddr>,
+) -> SocketAddr {
+    let is_v6_only = |a: &SocketAddr| match a {
+        SocketAddr::V6(p) => p.ip().to_ipv4_mapped().is_none(),
+        SocketAddr::V4(_) => false,
+    };
+    if v6 || !is_v6_only(&own) {
+        return peer_in_family(own, v6);
+    }
+    let served = served();
+    if served.is_ipv4() {
+        return served;
+    }
+    match vips().into_iter().find(IpAddr::is_ipv4) {
+        Some(ip) => SocketAddr::new(ip, own.port()),
+        None => unspecified(false),
+    }
 }
 
 /// The unspecified address of a family, port 0.
@@ -148,6 +195,39 @@ mod tests {
         assert_eq!(parse(&mapped, true, Purpose::Connect), Some(a));
         let b: SocketAddr = "[fd00:a8::30]:9000".parse().unwrap();
         assert_eq!(parse(&encode(b, true), true, Purpose::Connect), Some(b));
+    }
+
+    #[test]
+    fn an_ipv6_address_never_makes_an_af_inet6_name_for_an_af_inet_socket() {
+        let v6: SocketAddr = "[fd00:a8::2]:9000".parse().unwrap();
+        let out = encode(v6, false);
+        assert_eq!(out.len(), SOCKADDR_IN_LEN);
+        assert_eq!(
+            parse(&out, false, Purpose::Bind),
+            Some("0.0.0.0:0".parse().unwrap())
+        );
+        // A mapped one is its IPv4 address.
+        let mapped: SocketAddr = "[::ffff:10.233.0.2]:9000".parse().unwrap();
+        assert_eq!(
+            parse(&encode(mapped, false), false, Purpose::Connect),
+            Some("10.233.0.2:9000".parse().unwrap())
+        );
+        // An app's own IPv6 VIP on AF_INET: the service reached if IPv4,
+        // else the app's IPv4 VIP, else unspecified; untouched on AF_INET6.
+        let served = || "10.233.0.2:9000".parse().unwrap();
+        let vips = || vec!["fd00:a8::2".parse().unwrap(), "10.233.0.7".parse().unwrap()];
+        assert_eq!(own_in_family(v6, false, served, vips), served());
+        assert_eq!(
+            own_in_family(v6, false, || v6, vips),
+            "10.233.0.7:9000".parse().unwrap()
+        );
+        assert_eq!(
+            own_in_family(v6, false, || v6, Vec::new),
+            "0.0.0.0:0".parse().unwrap()
+        );
+        assert_eq!(own_in_family(v6, true, served, vips), v6);
+        let v4: SocketAddr = "10.233.0.3:32768".parse().unwrap();
+        assert_eq!(own_in_family(v4, false, || v6, Vec::new), v4);
     }
 
     #[test]

@@ -412,6 +412,71 @@ fn an_ipv4_only_server_is_reached_at_its_ipv6_vip() {
     server.kill();
 }
 
+/// A connection that reached a server bound on `0.0.0.0` only through its
+/// app's IPv6 VIP is an `AF_INET` socket: its own name is the app's IPv4
+/// VIP and the port (the service reached), its peer the client's IPv4 VIP.
+/// (It used to answer an `AF_INET6` name cut to an `AF_INET` buffer: an
+/// IPv6 address made of the VIP's first bytes and the program's own
+/// memory.)
+#[test]
+fn an_ipv4_only_servers_connection_names_its_ipv4_vip() {
+    require!("python3");
+    let d = Daemon::start();
+    let mut server = d.spawn(
+        &["--name", "fourname"],
+        &py(
+            r#"
+import socket
+l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.bind(("0.0.0.0", 7710))
+l.listen(8)
+print("READY", flush=True)
+c, peer = l.accept()
+print("ACCEPTED", c.family == socket.AF_INET, repr(c.getsockname()), repr(c.getpeername()), repr(peer), flush=True)
+c.sendall(b"hi\n")
+c.close()
+"#,
+            &[],
+        ),
+    );
+    server.wait_for_stdout("READY", SHORT);
+    let app = app_named(&d, "fourname").expect("the server");
+    let server_vips = vips(&app);
+    assert_eq!(server_vips.len(), 2, "{app}");
+    let client = d.run(
+        &[],
+        &py(
+            r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], 7710))
+print("CLIENT", repr(c.getsockname()[0]), c.recv(10).decode().strip(), flush=True)
+"#,
+            &[&server_vips[1]],
+        ),
+    );
+    client.assert_success();
+    let client_ip = client
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CLIENT "))
+        .and_then(|l| l.split('\'').nth(1))
+        .unwrap_or_else(|| panic!("{client}"))
+        .trim_start_matches("::ffff:")
+        .to_string();
+    assert!(client_ip.starts_with("10.233."), "{client}");
+    let out = server.wait_for_stdout("ACCEPTED", SHORT);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("ACCEPTED"))
+        .unwrap_or_default();
+    let want_local = format!("('{}', 7710)", server_vips[0]);
+    assert!(line.starts_with("ACCEPTED True "), "{line}");
+    assert!(line.contains(&want_local), "want {want_local}: {line}");
+    assert!(line.contains(&format!("('{client_ip}', ")), "{line}");
+    assert!(!line.contains("fd00:"), "{line}");
+    assert!(server.wait(SHORT).success(), "{}", server.report());
+}
+
 /// A daemon killed outright and restarted on the same socket keeps the
 /// declared services: same VIPs, still resolving.
 #[test]

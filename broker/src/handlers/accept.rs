@@ -475,9 +475,9 @@ fn complete(
                             return Err(NotHanded::Failed(libc::ENOMEM));
                         }
                     }
-                    (real, in_family(peer, v6))
+                    (real, addr::peer_in_family(peer, v6))
                 }
-                (None, Some(peer)) => (real, in_family(peer, v6)),
+                (None, Some(peer)) => (real, addr::peer_in_family(peer, v6)),
                 // One of the broker's own, put back by `requeue`: its
                 // hello was late.
                 (None, None) => return late_hello(call, target, real, v6, cloexec),
@@ -594,19 +594,6 @@ fn install(
     }
 }
 
-/// A real peer address as a listener of the program's family reports it:
-/// v4-mapped on an `AF_INET6` listener; an IPv6 peer of an `AF_INET`
-/// listener cannot be told, and is reported unspecified.
-fn in_family(peer: std::net::SocketAddr, v6: bool) -> std::net::SocketAddr {
-    match (peer, v6) {
-        (std::net::SocketAddr::V6(p), false) => match p.ip().to_ipv4_mapped() {
-            Some(v4) => std::net::SocketAddr::new(v4.into(), p.port()),
-            None => addr::unspecified(false),
-        },
-        _ => peer,
-    }
-}
-
 /// Finishes an accept with `conn`, a connection an earlier daemon accepted
 /// for it and parked before dying.
 pub(crate) fn finish_with(call: &Call<'_>, conn: OwnedFd) -> Outcome {
@@ -661,7 +648,7 @@ pub(crate) fn finish_installed(call: &Call<'_>, fd: i32) -> Outcome {
                 .then(|| super::peer_ident(call.shared, &conn))
                 .flatten();
             let peer = match (crate::doors::inet_peer(&conn), named) {
-                (Some(real), _) => in_family(real, v6),
+                (Some(real), _) => addr::peer_in_family(real, v6),
                 (None, Some(SocketName::Client { local, .. })) => local,
                 _ => addr::unspecified(v6),
             };

@@ -6,7 +6,9 @@
 //!   connection answers the VIP:port the client dialled and the client's
 //!   VIP:port; a client answers its own VIP:port and the destination.
 //! * Effect: the address is written in the family of the socket the
-//!   program created (v4-mapped on `AF_INET6`), cut as the kernel does.
+//!   program created (v4-mapped on `AF_INET6`; on `AF_INET`, an IPv6 VIP of
+//!   the app's own, which a client reaches a listener on `0.0.0.0` by, as
+//!   the app's IPv4 VIP), cut as the kernel does.
 
 use super::{classify, peer_ident, write_sockaddr, Call, Outcome, Sock};
 use crate::addr;
@@ -19,7 +21,11 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     // The common case, a connection of the broker's: answered from what it
     // keeps, without copying the fd.
     if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
-        let a = if peer { conn.peer } else { conn.local };
+        let a = if peer {
+            conn.peer
+        } else {
+            own_in_family(call, conn.local, conn.v6)
+        };
         return match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, conn.v6)) {
             Ok(()) => Outcome::Value(0),
             Err(e) => Outcome::Errno(e),
@@ -40,10 +46,15 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         Ok(_) => return Outcome::Continue,
         Err(e) => return super::fd_error(call, e),
     };
+    let v6 = name.is_v6();
     let answer: Result<SocketAddr, Errno> = match name {
         SocketName::Client {
             local, peer: dst, ..
-        } => Ok(if peer { dst } else { local }),
+        } => Ok(if peer {
+            dst
+        } else {
+            own_in_family(call, local, v6)
+        }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
             let client = if listening {
@@ -57,24 +68,29 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
                         local, peer: dst, ..
                     }),
                     _,
-                ) => Ok(if peer { local } else { dst }),
+                ) => Ok(if peer {
+                    local
+                } else {
+                    own_in_family(call, dst, v6)
+                }),
                 (_, false) => Ok(bound),
                 (_, true) => Err(libc::ENOTCONN),
             }
         }
     };
-    let result = answer.and_then(|a| {
-        write_sockaddr(
-            target,
-            call.arg(1),
-            call.arg(2),
-            &addr::encode(a, name.is_v6()),
-        )
-    });
+    let result =
+        answer.and_then(|a| write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, v6)));
     match result {
         Ok(()) => Outcome::Value(0),
         Err(e) => Outcome::Errno(e),
     }
+}
+
+/// A local address of the calling app's, as its socket of family `v6`
+/// holds it (see [`addr::own_in_family`]).
+fn own_in_family(call: &Call<'_>, own: SocketAddr, v6: bool) -> SocketAddr {
+    let dir = &call.shared.directory;
+    addr::own_in_family(own, v6, || dir.served_addr(own), || dir.app_vips(call.app))
 }
 
 /// A TCP socket whose connect ax held for a service that was not up yet
@@ -120,7 +136,11 @@ fn remote(
     let names = call
         .state
         .remote_names(super::inode(fd)?, (local, real_peer))?;
-    let answer = if peer { names.peer } else { names.local };
+    let answer = if peer {
+        names.peer
+    } else {
+        own_in_family(call, names.local, v6)
+    };
     Some(
         match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(answer, v6)) {
             Ok(()) => Outcome::Value(0),
