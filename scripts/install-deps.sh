@@ -17,6 +17,7 @@ PKGS=(
     g++              # libfuzzer-sys (the fuzz targets) builds C++
     openssh-server openssh-client  # sshd and ssh under ax (tests/tests/fidelity.rs)
     nginx            # nginx with `listen … reuseport` under ax (tests/tests/reuseport.rs)
+    apache2-utils    # ab, whose APR connects every socket twice (tests/tests/e2e.rs)
     erlang-base      # erl/epmd: Erlang distribution under ax (tests/tests/localhost.rs)
     runc crun podman uidmap  # containers served by ax as their OCI seccomp agent (tests/tests/oci*.rs)
 )

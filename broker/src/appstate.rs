@@ -216,6 +216,9 @@ pub(crate) struct AppState {
     alive: AtomicBool,
     /// Set once a UDP datagram to a VIP was refused (and logged).
     udp_to_vip: AtomicBool,
+    /// Set once the app connected a socket again after its connect was
+    /// told `EINPROGRESS` (APR does, for every connection: `ab`, httpd).
+    reconnects: AtomicBool,
     pub(crate) parked: Arc<Quota>,
     pub(crate) helpers: Arc<Quota>,
     pub(crate) held_connects: Arc<Quota>,
@@ -240,6 +243,7 @@ impl AppState {
             remote: Mutex::new(SocketTable::new()),
             alive: AtomicBool::new(true),
             udp_to_vip: AtomicBool::new(false),
+            reconnects: AtomicBool::new(false),
             parked: Quota::new("parked blocking accepts", app, MAX_PARKED_ACCEPTS),
             helpers: Quota::new("calls waiting on helper threads", app, MAX_HELPERS),
             held_connects: Quota::new("held connects (--connect-wait)", app, MAX_HELD_CONNECTS),
@@ -255,6 +259,17 @@ impl AppState {
     /// refused, and is logged once per app.
     pub(crate) fn first_udp_to_vip(&self) -> bool {
         !self.udp_to_vip.swap(true, Ordering::Relaxed)
+    }
+
+    /// Notes that the app connects sockets again after `EINPROGRESS`.
+    pub(crate) fn note_reconnects(&self) {
+        self.reconnects.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the app was seen connecting a socket again after
+    /// `EINPROGRESS`.
+    pub(crate) fn reconnects(&self) -> bool {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The app has exited: its state goes, and waits on its behalf end.

@@ -924,6 +924,105 @@ for label, host, port in [("v4", sys.argv[1], int(sys.argv[3])), ("v6", sys.argv
 print(json.dumps(res, sort_keys=True), flush=True)
 "#;
 
+/// Connects a non-blocking socket, waits until it is writable and connects
+/// it twice more (what APR, and so `ab` and Apache httpd, does with every
+/// socket), three times over, then connects a blocking socket again: the
+/// errno of each, as JSON (`seq`).
+const RECONNECT_PROBE: &str = r#"
+import errno, json, select, socket, sys
+def name(e):
+    return "OK" if e == 0 else errno.errorcode.get(e, str(e))
+host, port = sys.argv[1], int(sys.argv[2])
+out = []
+for i in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    seq = [name(s.connect_ex((host, port)))]
+    select.select([], [s], [], 10)
+    seq.append(name(s.connect_ex((host, port))))
+    seq.append(name(s.connect_ex((host, port))))
+    s.setblocking(True)
+    s.sendall(b"x\n")
+    seq.append(s.recv(100).decode().strip())
+    s.close()
+    out.append(seq)
+b = socket.create_connection((host, port))
+out.append([name(b.connect_ex((host, port)))])
+print(json.dumps({"seq": out}), flush=True)
+"#;
+
+/// A socket connected again after `EINPROGRESS` answers as over TCP: 0 the
+/// first time (the connect completes), `EISCONN` after. The second round
+/// on is answered from the broker's records of its connections (an app
+/// seen connecting again takes that shorter path); a fresh socket's
+/// connect still takes the full one.
+#[test]
+fn connecting_again_after_einprogress_answers_as_tcp() {
+    require!("python3");
+    let native = App::spawn({
+        let mut c = Command::new("python3");
+        c.args(["-c", THREADED_ECHO_SERVER, "127.0.0.1", "7311"]);
+        c
+    });
+    let mut native = native;
+    native.wait_for_stdout("LISTENING", SHORT);
+    let reference = run(
+        Command::new("python3").args(["-c", RECONNECT_PROBE, "127.0.0.1", "7311"]),
+        SHORT,
+    );
+    reference.assert_success();
+    native.kill();
+    let d = Daemon::start();
+    let mut server = d.spawn(
+        &["--ip", "10.233.0.75"],
+        &py(THREADED_ECHO_SERVER, &["0.0.0.0", "7311"]),
+    );
+    d.wait_for_service(&mut server, "10.233.0.75:7311");
+    let out = d.run(&[], &py(RECONNECT_PROBE, &["10.233.0.75", "7311"]));
+    out.assert_success();
+    let want = json!({"seq": [
+        ["EINPROGRESS", "OK", "EISCONN", "echo:x"],
+        ["EINPROGRESS", "OK", "EISCONN", "echo:x"],
+        ["EINPROGRESS", "OK", "EISCONN", "echo:x"],
+        ["EISCONN"],
+    ]});
+    assert_eq!(json_line(&reference.stdout), want, "{reference}");
+    assert_eq!(json_line(&out.stdout), want, "{out}");
+}
+
+/// `ab` (APR) against a server under ax, every socket connected twice:
+/// every request completes.
+#[test]
+fn ab_completes_every_request() {
+    require!("ab", "python3");
+    let d = Daemon::start();
+    let dir = TempDir::new("ab");
+    dir.write("index.html", "hello\n");
+    let mut cmd = d.exec_command(
+        &["--ip", "10.233.0.76"],
+        &["python3", "-m", "http.server", "--bind", "0.0.0.0", "7312"],
+    );
+    cmd.current_dir(dir.path());
+    let mut server = App::spawn(cmd);
+    d.wait_for_service(&mut server, "10.233.0.76:7312");
+    let out = d.run(
+        &[],
+        &[
+            "ab",
+            "-q",
+            "-c",
+            "4",
+            "-n",
+            "200",
+            "http://10.233.0.76:7312/index.html",
+        ],
+    );
+    out.assert_success();
+    assert!(out.stdout.contains("Complete requests:      200"), "{out}");
+    assert!(out.stdout.contains("Failed requests:        0"), "{out}");
+    server.kill();
+}
+
 #[test]
 fn connect_to_unserved_vip_port_is_refused() {
     require!("python3");

@@ -67,6 +67,11 @@ pub(super) fn handle(call: &Call<'_>, target: &Target) -> Outcome {
 }
 
 fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
+    if !call.replay && call.state.reconnects() {
+        if let Some(done) = connect_known(call, target)? {
+            return Ok(done);
+        }
+    }
     let (v6, copy, swapped, local) =
         match classify_expecting(call, target, call.arg(0), Expect::Kernel) {
             Ok(Sock::Inet { v6, fd, local }) => (v6, fd, None, local),
@@ -122,7 +127,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     match state {
         State::Listening => Ok(Outcome::Errno(libc::EISCONN)),
         // The connect that follows an EINPROGRESS completes it.
-        State::Connected if take_in_progress(call, &copy) => Ok(Outcome::Value(0)),
+        State::Connected if take_in_progress(call, &copy) => {
+            call.state.note_reconnects();
+            Ok(Outcome::Value(0))
+        }
         State::Connected => Ok(Outcome::Errno(libc::EISCONN)),
         State::Bound => match addr::parse(&bytes, v6, Purpose::Connect) {
             Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
@@ -135,6 +143,37 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
             _ => Ok(egress_replacing(call, &copy, v6, bytes, name)),
         },
     }
+}
+
+/// A `connect` on one of the broker's connections, known by its inode
+/// without a copy of the fd (see `super::known_conn`): 0 for the connect
+/// that follows an `EINPROGRESS`, `EISCONN` after, as TCP answers. Tried
+/// only in an app seen connecting again after `EINPROGRESS` (APR does it
+/// for every connection), where it takes one read of the fd's fdinfo
+/// instead of a copy of the fd and four questions to it. `None`: the full
+/// path (another socket, or `AF_UNSPEC`, which disconnects and needs the
+/// socket).
+fn connect_known(call: &Call<'_>, target: &Target) -> Result<Option<Outcome>, Errno> {
+    let Some(conn) = super::known_conn(call, target, call.arg(0)) else {
+        return Ok(None);
+    };
+    let addrlen = call.int_arg(2);
+    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
+        return Ok(Some(Outcome::Errno(libc::EINVAL)));
+    }
+    // (The read checks that the call is pending.)
+    let bytes = target.read(call.arg(1), addrlen as usize)?;
+    if bytes.len() < 2 {
+        return Ok(Some(Outcome::Errno(libc::EINVAL)));
+    }
+    if addr::family(&bytes) == libc::AF_UNSPEC as u16 {
+        return Ok(None);
+    }
+    Ok(Some(if take_in_progress_of(call, conn.inode) {
+        Outcome::Value(0)
+    } else {
+        Outcome::Errno(libc::EISCONN)
+    }))
 }
 
 /// `ENOTSOCK`, after what `__sys_connect` checks before it looks at the
@@ -1062,12 +1101,15 @@ fn set_in_progress(call: &Call<'_>, inode: u64, on: bool) {
 
 /// True (once) if the socket was told `EINPROGRESS` and not connected again.
 pub(super) fn take_in_progress(call: &Call<'_>, sock: &OwnedFd) -> bool {
-    let Some(key) = super::state_key(sock, super::STATE_CONNECT_IN_PROGRESS) else {
-        return false;
-    };
+    super::inode(sock).is_some_and(|inode| take_in_progress_of(call, inode))
+}
+
+/// [`take_in_progress`] of the socket with `inode`.
+fn take_in_progress_of(call: &Call<'_>, inode: u64) -> bool {
+    let key = super::state_key_of(inode, super::STATE_CONNECT_IN_PROGRESS);
     if call.state.recall_option(key) != Some(vec![1]) {
         return false;
     }
-    set_in_progress(call, key.0, false);
+    set_in_progress(call, inode, false);
     true
 }

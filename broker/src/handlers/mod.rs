@@ -283,12 +283,7 @@ const STATE_LEVEL: i32 = -1;
 /// "Told `EINPROGRESS`, not connected again since": `[1]`, else `[0]`.
 pub(crate) const STATE_CONNECT_IN_PROGRESS: i32 = 1;
 
-/// The key under which `what` is kept for the socket `fd`.
-pub(crate) fn state_key(fd: &OwnedFd, what: i32) -> Option<crate::appstate::OptionKey> {
-    Some(state_key_of(inode(fd)?, what))
-}
-
-/// [`state_key`] of the socket with `inode`.
+/// The key under which `what` is kept for the socket with `inode`.
 pub(crate) fn state_key_of(inode: u64, what: i32) -> crate::appstate::OptionKey {
     (inode, STATE_LEVEL, what)
 }
