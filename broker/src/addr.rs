@@ -145,11 +145,17 @@ pub(crate) fn peer_in_family(peer: SocketAddr, v6: bool) -> SocketAddr {
 
 /// An address of the app's own (`own`: the VIP:port a client dialled, as
 /// its server's connection answers it, or a client's own VIP:port) as a
-/// socket of family `v6` reports it. An IPv6 VIP on an `AF_INET` socket
-/// (a client that dialled an app's IPv6 VIP and reached its listener on
-/// `0.0.0.0`, see `Directory::served_addr`) becomes `served` when that
-/// is IPv4, else the same port on the first IPv4 VIP of `vips` (the
-/// app's), else, as for a peer, unspecified.
+/// socket of family `v6` reports it. `served` is the address of the
+/// service the connection reached (see `Directory::served_addr`; `own`
+/// itself for a client's socket), which differs from `own` in its family
+/// when the client dialled the app's VIP of the family the server does not
+/// listen on:
+/// * an IPv6 VIP on an `AF_INET` socket (a listener on `0.0.0.0` only)
+///   becomes `served` when that is IPv4, else the same port on the first
+///   IPv4 VIP of `vips` (the app's), else, as for a peer, unspecified;
+/// * an IPv4 VIP on an `AF_INET6` socket is v4-mapped, as a dual-stack
+///   socket reports it, unless `served` is IPv6 (a listener on `::` with
+///   `IPV6_V6ONLY`, which no IPv4 client reaches natively): then that.
 pub(crate) fn own_in_family(
     own: SocketAddr,
     v6: bool,
@@ -160,8 +166,17 @@ pub(crate) fn own_in_family(
         SocketAddr::V6(p) => p.ip().to_ipv4_mapped().is_none(),
         SocketAddr::V4(_) => false,
     };
-    if v6 || !is_v6_only(&own) {
-        return peer_in_family(own, v6);
+    if v6 {
+        if !is_v6_only(&own) {
+            let served = served();
+            if is_v6_only(&served) {
+                return served;
+            }
+        }
+        return peer_in_family(own, true);
+    }
+    if !is_v6_only(&own) {
+        return peer_in_family(own, false);
     }
     let served = served();
     if served.is_ipv4() {
@@ -228,6 +243,10 @@ mod tests {
         assert_eq!(own_in_family(v6, true, served, vips), v6);
         let v4: SocketAddr = "10.233.0.3:32768".parse().unwrap();
         assert_eq!(own_in_family(v4, false, || v6, Vec::new), v4);
+        // An app's own IPv4 VIP on AF_INET6: v4-mapped (it stays an IPv4
+        // address), but the IPv6 service reached if that is what it was.
+        assert_eq!(own_in_family(v4, true, || v4, Vec::new), v4);
+        assert_eq!(own_in_family(v4, true, || v6, Vec::new), v6);
     }
 
     #[test]

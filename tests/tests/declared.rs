@@ -477,6 +477,59 @@ print("CLIENT", repr(c.getsockname()[0]), c.recv(10).decode().strip(), flush=Tru
     assert!(server.wait(SHORT).success(), "{}", server.report());
 }
 
+/// The same the other way round: a connection that reached a server on
+/// `::` with `IPV6_V6ONLY` through its app's IPv4 VIP names the app's IPv6
+/// VIP (the service reached), not a v4-mapped address, which no such
+/// socket has natively.
+#[test]
+fn an_ipv6_only_servers_connection_names_its_ipv6_vip() {
+    require!("python3");
+    let d = Daemon::start();
+    let mut server = d.spawn(
+        &["--name", "sixname"],
+        &py(
+            r#"
+import socket
+l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+l.bind(("::", 7711))
+l.listen(8)
+print("READY", flush=True)
+c, peer = l.accept()
+print("ACCEPTED", repr(c.getsockname()[0]), repr(peer[0]), flush=True)
+c.sendall(b"hi\n")
+c.close()
+"#,
+            &[],
+        ),
+    );
+    server.wait_for_stdout("READY", SHORT);
+    let app = app_named(&d, "sixname").expect("the server");
+    let server_vips = vips(&app);
+    assert_eq!(server_vips.len(), 2, "{app}");
+    let client = d.run(
+        &[],
+        &py(
+            r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], 7711))
+print("CLIENT", c.recv(10).decode().strip(), flush=True)
+"#,
+            &[&server_vips[0]],
+        ),
+    );
+    client.assert_success();
+    let out = server.wait_for_stdout("ACCEPTED", SHORT);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("ACCEPTED"))
+        .unwrap_or_default();
+    let want = format!("ACCEPTED '{}' ", server_vips[1]);
+    assert!(line.starts_with(&want), "want {want}: {line}");
+    assert!(!line.contains("::ffff:"), "{line}");
+    assert!(server.wait(SHORT).success(), "{}", server.report());
+}
+
 /// A daemon killed outright and restarted on the same socket keeps the
 /// declared services: same VIPs, still resolving.
 #[test]

@@ -167,6 +167,8 @@ pub(crate) struct KnownConn {
     pub(crate) local: std::net::SocketAddr,
     /// What `getpeername` answers.
     pub(crate) peer: std::net::SocketAddr,
+    /// Accepted from a listener (else the client's own socket).
+    pub(crate) accepted: bool,
 }
 
 /// The connection behind the target's fd `arg`, if it is one of the
@@ -197,12 +199,14 @@ pub(crate) fn known_conn(call: &Call<'_>, target: &Target, arg: u64) -> Option<K
             v6,
             local,
             peer,
+            accepted: false,
         },
         crate::idents::Kind::Peer => KnownConn {
             inode: info.ino,
             v6: ident.local_v6?,
             local: peer,
             peer: local,
+            accepted: true,
         },
     })
 }

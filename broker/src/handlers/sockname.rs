@@ -24,7 +24,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         let a = if peer {
             conn.peer
         } else {
-            own_in_family(call, conn.local, conn.v6)
+            own_in_family(call, conn.local, conn.v6, conn.accepted)
         };
         return match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, conn.v6)) {
             Ok(()) => Outcome::Value(0),
@@ -53,7 +53,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         } => Ok(if peer {
             dst
         } else {
-            own_in_family(call, local, v6)
+            own_in_family(call, local, v6, false)
         }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
@@ -71,7 +71,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
                 ) => Ok(if peer {
                     local
                 } else {
-                    own_in_family(call, dst, v6)
+                    own_in_family(call, dst, v6, true)
                 }),
                 (_, false) => Ok(bound),
                 (_, true) => Err(libc::ENOTCONN),
@@ -87,10 +87,18 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
 }
 
 /// A local address of the calling app's, as its socket of family `v6`
-/// holds it (see [`addr::own_in_family`]).
-fn own_in_family(call: &Call<'_>, own: SocketAddr, v6: bool) -> SocketAddr {
+/// holds it (see [`addr::own_in_family`]): `accepted`, the VIP:port a
+/// client dialled to reach it, else a client's own.
+fn own_in_family(call: &Call<'_>, own: SocketAddr, v6: bool, accepted: bool) -> SocketAddr {
     let dir = &call.shared.directory;
-    addr::own_in_family(own, v6, || dir.served_addr(own), || dir.app_vips(call.app))
+    let served = || {
+        if accepted {
+            dir.served_addr(own)
+        } else {
+            own
+        }
+    };
+    addr::own_in_family(own, v6, served, || dir.app_vips(call.app))
 }
 
 /// A TCP socket whose connect ax held for a service that was not up yet
@@ -139,7 +147,7 @@ fn remote(
     let answer = if peer {
         names.peer
     } else {
-        own_in_family(call, names.local, v6)
+        own_in_family(call, names.local, v6, true)
     };
     Some(
         match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(answer, v6)) {
