@@ -387,12 +387,7 @@ impl Results {
         let sa: Vec<Option<f64>> = ax.syscall_ax.iter().map(|s| Some(s.median_ns)).collect();
         a.syscall_native_ns = med_opt(&sn);
         a.syscall_ax_ns = med_opt(&sa);
-        let diffs: Vec<f64> = sn
-            .iter()
-            .zip(&sa)
-            .filter_map(|(n, x)| Some((*x)? - (*n)?))
-            .collect();
-        a.syscall_extra_ns = median(&diffs);
+        a.syscall_extra_ns = paired_extra(&sa, &sn);
         let medians = |v: &[ConnRate]| -> Vec<Option<f64>> {
             v.iter().map(|c| Some(c.connect_median_us)).collect()
         };

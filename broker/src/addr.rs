@@ -143,48 +143,45 @@ pub(crate) fn peer_in_family(peer: SocketAddr, v6: bool) -> SocketAddr {
     }
 }
 
-/// An address of the app's own (`own`: the VIP:port a client dialled, as
-/// its server's connection answers it, or a client's own VIP:port) as a
-/// socket of family `v6` reports it. `served` is the address of the
-/// service the connection reached (see `Directory::served_addr`; `own`
-/// itself for a client's socket), which differs from `own` in its family
-/// when the client dialled the app's VIP of the family the server does not
-/// listen on:
+/// An address of the app's own as a socket of family `v6` reports it:
+/// `own` is the VIP:port a client dialled, as its server's connection
+/// answers it (then `peer` is the client's VIP:port), or a client's own
+/// VIP:port (`peer` `None`). A client that dials an app's VIP of the
+/// family the server does not listen on reaches its listener of the other
+/// family, and takes a VIP of that family itself (see
+/// `Directory::served_addr`), so the client's family is the family of the
+/// service reached; a server's connection names the app's VIP of that
+/// family (from `vips`, asked only then):
 /// * an IPv6 VIP on an `AF_INET` socket (a listener on `0.0.0.0` only)
-///   becomes `served` when that is IPv4, else the same port on the first
-///   IPv4 VIP of `vips` (the app's), else, as for a peer, unspecified;
+///   becomes the app's IPv4 VIP and the port (unspecified without one);
 /// * an IPv4 VIP on an `AF_INET6` socket is v4-mapped, as a dual-stack
-///   socket reports it, unless `served` is IPv6 (a listener on `::` with
-///   `IPV6_V6ONLY`, which no IPv4 client reaches natively): then that.
+///   socket reports it, unless the client is IPv6 (a listener on `::` with
+///   `IPV6_V6ONLY`, which no IPv4 client reaches natively): then the app's
+///   IPv6 VIP and the port.
 pub(crate) fn own_in_family(
     own: SocketAddr,
     v6: bool,
-    served: impl FnOnce() -> SocketAddr,
+    peer: Option<SocketAddr>,
     vips: impl FnOnce() -> Vec<IpAddr>,
 ) -> SocketAddr {
     let is_v6_only = |a: &SocketAddr| match a {
         SocketAddr::V6(p) => p.ip().to_ipv4_mapped().is_none(),
         SocketAddr::V4(_) => false,
     };
-    if v6 {
-        if !is_v6_only(&own) {
-            let served = served();
-            if is_v6_only(&served) {
-                return served;
-            }
-        }
-        return peer_in_family(own, true);
-    }
-    if !is_v6_only(&own) {
-        return peer_in_family(own, false);
-    }
-    let served = served();
-    if served.is_ipv4() {
-        return served;
-    }
-    match vips().into_iter().find(IpAddr::is_ipv4) {
-        Some(ip) => SocketAddr::new(ip, own.port()),
-        None => unspecified(false),
+    let reached_v6 = peer.map_or(is_v6_only(&own), |p| is_v6_only(&p));
+    let app_vip = |want_v6: bool| {
+        vips()
+            .into_iter()
+            .find(|ip| match ip {
+                IpAddr::V6(v6) => want_v6 && v6.to_ipv4_mapped().is_none(),
+                IpAddr::V4(_) => !want_v6,
+            })
+            .map(|ip| SocketAddr::new(ip, own.port()))
+    };
+    match (v6, is_v6_only(&own)) {
+        (true, false) if reached_v6 => app_vip(true).unwrap_or(own),
+        (false, true) => app_vip(false).unwrap_or_else(|| unspecified(false)),
+        _ => peer_in_family(own, v6),
     }
 }
 
@@ -227,26 +224,29 @@ mod tests {
             parse(&encode(mapped, false), false, Purpose::Connect),
             Some("10.233.0.2:9000".parse().unwrap())
         );
-        // An app's own IPv6 VIP on AF_INET: the service reached if IPv4,
-        // else the app's IPv4 VIP, else unspecified; untouched on AF_INET6.
-        let served = || "10.233.0.2:9000".parse().unwrap();
+        // A server's connection dialled at the app's IPv6 VIP on AF_INET
+        // (its client is IPv4): the app's IPv4 VIP, else unspecified;
+        // untouched on AF_INET6.
+        let client4: SocketAddr = "10.233.0.3:32768".parse().unwrap();
         let vips = || vec!["fd00:a8::2".parse().unwrap(), "10.233.0.7".parse().unwrap()];
-        assert_eq!(own_in_family(v6, false, served, vips), served());
         assert_eq!(
-            own_in_family(v6, false, || v6, vips),
+            own_in_family(v6, false, Some(client4), vips),
             "10.233.0.7:9000".parse().unwrap()
         );
         assert_eq!(
-            own_in_family(v6, false, || v6, Vec::new),
+            own_in_family(v6, false, Some(client4), Vec::new),
             "0.0.0.0:0".parse().unwrap()
         );
-        assert_eq!(own_in_family(v6, true, served, vips), v6);
-        let v4: SocketAddr = "10.233.0.3:32768".parse().unwrap();
-        assert_eq!(own_in_family(v4, false, || v6, Vec::new), v4);
-        // An app's own IPv4 VIP on AF_INET6: v4-mapped (it stays an IPv4
-        // address), but the IPv6 service reached if that is what it was.
-        assert_eq!(own_in_family(v4, true, || v4, Vec::new), v4);
-        assert_eq!(own_in_family(v4, true, || v6, Vec::new), v6);
+        assert_eq!(own_in_family(v6, true, Some(client4), vips), v6);
+        let v4: SocketAddr = "10.233.0.2:9000".parse().unwrap();
+        assert_eq!(own_in_family(v4, false, Some(client4), Vec::new), v4);
+        // An IPv4 VIP on AF_INET6: v4-mapped (it stays an IPv4 address),
+        // but the app's IPv6 VIP when the client is IPv6 (the service
+        // reached is); a client's own address as it is.
+        assert_eq!(own_in_family(v4, true, Some(client4), Vec::new), v4);
+        let client6: SocketAddr = "[fd00:a8::3]:32768".parse().unwrap();
+        assert_eq!(own_in_family(v4, true, Some(client6), vips), v6);
+        assert_eq!(own_in_family(v4, true, None, vips), v4);
     }
 
     #[test]

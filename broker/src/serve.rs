@@ -390,23 +390,21 @@ fn receive_loop(link: &AppLink<'_>, root: Option<u32>, wait_in_recv: bool) {
         // Accepts parked past their first second are watched by the
         // broker's watch thread (see crate::watch), which wakes the loop
         // when one needs it; the loop looks at the others itself.
-        if loop_watch.is_none() && parking.borrow().iter().any(Parked::watchable) {
+        let mut watchable: Vec<(u64, u32)> = parking
+            .borrow()
+            .iter()
+            .filter(|p| p.watchable())
+            .map(|p| (p.notif.id, p.notif.pid))
+            .collect();
+        watchable.sort_unstable();
+        if loop_watch.is_none() && !watchable.is_empty() {
             loop_watch = shared.watch.join(listener);
         }
-        if let Some(lw) = &loop_watch {
-            let mut watched: Vec<(u64, u32)> = parking
-                .borrow()
-                .iter()
-                .filter(|p| p.watchable())
-                .map(|p| (p.notif.id, p.notif.pid))
-                .collect();
-            watched.sort_unstable();
-            // Told only when it changed: a loop with many parked accepts
-            // goes round once per call of its app.
-            if watched != watched_before {
-                lw.set(&watched);
-                watched_before = watched;
-            }
+        // Told only when it changed: a loop with many parked accepts goes
+        // round once per call of its app.
+        if let (Some(lw), true) = (&loop_watch, watchable != watched_before) {
+            lw.set(&watchable);
+            watched_before = watchable;
         }
         let watched = loop_watch.is_some();
         // How long until a parked accept is due for a check of the loop's

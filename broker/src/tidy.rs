@@ -85,15 +85,14 @@ impl Tidy {
     /// idle).
     pub(crate) fn watch(self: &Arc<Self>, cache: &Arc<Mutex<PidfdCache>>, marks: &Arc<LoopMarks>) {
         self.add(cache, marks);
-        if self.started.set(()).is_ok() {
-            let weak = Arc::downgrade(self);
-            let spawned = std::thread::Builder::new()
-                .name("ax-tidy".into())
-                .spawn(move || run(&weak));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start the thread that tidies idle apps' caches");
-            }
-        }
+        start_ticking(
+            &self.started,
+            self,
+            "ax-tidy",
+            EVERY,
+            Tidy::tick,
+            "the thread that tidies idle apps' caches",
+        );
     }
 
     fn add(&self, cache: &Arc<Mutex<PidfdCache>>, marks: &Arc<LoopMarks>) {
@@ -132,13 +131,32 @@ impl Tidy {
     }
 }
 
-fn run(tidy: &Weak<Tidy>) {
-    loop {
-        std::thread::sleep(EVERY);
-        match tidy.upgrade() {
-            Some(t) => t.tick(),
-            None => return,
-        }
+/// Starts, the first time only (`started`), a thread `name` that calls
+/// `tick` on `owner` every `every` for as long as `owner` lives; `what`
+/// names it in the warning if it cannot start.
+pub(crate) fn start_ticking<T: Send + Sync + 'static>(
+    started: &OnceLock<()>,
+    owner: &Arc<T>,
+    name: &str,
+    every: Duration,
+    tick: fn(&T),
+    what: &str,
+) {
+    if started.set(()).is_err() {
+        return;
+    }
+    let weak: Weak<T> = Arc::downgrade(owner);
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match weak.upgrade() {
+                Some(owner) => tick(&owner),
+                None => return,
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start {what}");
     }
 }
 

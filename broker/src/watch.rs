@@ -71,15 +71,14 @@ impl Watch {
             accepts: Mutex::new(Vec::new()),
         });
         lock(&self.loops).push(Arc::downgrade(&lw));
-        if self.started.set(()).is_ok() {
-            let weak = Arc::downgrade(self);
-            let spawned = std::thread::Builder::new()
-                .name("ax-watch".into())
-                .spawn(move || run(&weak));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start the thread that watches parked accepts");
-            }
-        }
+        crate::tidy::start_ticking(
+            &self.started,
+            self,
+            "ax-watch",
+            EVERY,
+            Watch::tick,
+            "the thread that watches parked accepts",
+        );
         Some(lw)
     }
 
@@ -140,16 +139,6 @@ impl LoopWatch {
 
     fn wake_up(&self) {
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
-    }
-}
-
-fn run(watch: &Weak<Watch>) {
-    loop {
-        std::thread::sleep(EVERY);
-        match watch.upgrade() {
-            Some(w) => w.tick(),
-            None => return,
-        }
     }
 }
 

@@ -412,6 +412,65 @@ fn an_ipv4_only_server_is_reached_at_its_ipv6_vip() {
     server.kill();
 }
 
+/// Starts a server as app `name` whose listener `l` (made by `listener`,
+/// python lines) listens on one family only, and connects to it from
+/// another app at its VIP `dial` (0: the IPv4 one, 1: the IPv6 one), the
+/// one of the family the server does not listen on. Returns the server's
+/// VIPs, the client's `CLIENT` line (its own address, what it read) and
+/// the server's `ACCEPTED` line: whether the accepted socket is `AF_INET`,
+/// its name, its peer's name and the address `accept` gave.
+fn across_families(
+    d: &Daemon,
+    name: &str,
+    listener: &str,
+    port: u16,
+    dial: usize,
+) -> (Vec<String>, String, String) {
+    let server_code = format!(
+        r#"
+import socket
+{listener}
+l.listen(8)
+print("READY", flush=True)
+c, peer = l.accept()
+print("ACCEPTED", c.family == socket.AF_INET, repr(c.getsockname()), repr(c.getpeername()), repr(peer), flush=True)
+c.sendall(b"hi\n")
+c.close()
+"#
+    );
+    let mut server = d.spawn(&["--name", name], &py(&server_code, &[]));
+    server.wait_for_stdout("READY", SHORT);
+    let app = app_named(d, name).expect("the server");
+    let server_vips = vips(&app);
+    assert_eq!(server_vips.len(), 2, "{app}");
+    let client = d.run(
+        &[],
+        &py(
+            r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print("CLIENT", repr(c.getsockname()[0]), c.recv(10).decode().strip(), flush=True)
+"#,
+            &[&server_vips[dial], &port.to_string()],
+        ),
+    );
+    client.assert_success();
+    let client_line = client
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("CLIENT "))
+        .unwrap_or_else(|| panic!("{client}"))
+        .to_string();
+    let out = server.wait_for_stdout("ACCEPTED", SHORT);
+    let accepted = out
+        .lines()
+        .find(|l| l.starts_with("ACCEPTED"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(server.wait(SHORT).success(), "{}", server.report());
+    (server_vips, client_line, accepted)
+}
+
 /// A connection that reached a server bound on `0.0.0.0` only through its
 /// app's IPv6 VIP is an `AF_INET` socket: its own name is the app's IPv4
 /// VIP and the port (the service reached), its peer the client's IPv4 VIP.
@@ -422,59 +481,26 @@ fn an_ipv4_only_server_is_reached_at_its_ipv6_vip() {
 fn an_ipv4_only_servers_connection_names_its_ipv4_vip() {
     require!("python3");
     let d = Daemon::start();
-    let mut server = d.spawn(
-        &["--name", "fourname"],
-        &py(
-            r#"
-import socket
-l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-l.bind(("0.0.0.0", 7710))
-l.listen(8)
-print("READY", flush=True)
-c, peer = l.accept()
-print("ACCEPTED", c.family == socket.AF_INET, repr(c.getsockname()), repr(c.getpeername()), repr(peer), flush=True)
-c.sendall(b"hi\n")
-c.close()
-"#,
-            &[],
-        ),
+    let (server_vips, client, line) = across_families(
+        &d,
+        "fourname",
+        r#"l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l.bind(("0.0.0.0", 7710))"#,
+        7710,
+        1,
     );
-    server.wait_for_stdout("READY", SHORT);
-    let app = app_named(&d, "fourname").expect("the server");
-    let server_vips = vips(&app);
-    assert_eq!(server_vips.len(), 2, "{app}");
-    let client = d.run(
-        &[],
-        &py(
-            r#"
-import socket, sys
-c = socket.create_connection((sys.argv[1], 7710))
-print("CLIENT", repr(c.getsockname()[0]), c.recv(10).decode().strip(), flush=True)
-"#,
-            &[&server_vips[1]],
-        ),
-    );
-    client.assert_success();
     let client_ip = client
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("CLIENT "))
-        .and_then(|l| l.split('\'').nth(1))
+        .split('\'')
+        .nth(1)
         .unwrap_or_else(|| panic!("{client}"))
         .trim_start_matches("::ffff:")
         .to_string();
     assert!(client_ip.starts_with("10.233."), "{client}");
-    let out = server.wait_for_stdout("ACCEPTED", SHORT);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("ACCEPTED"))
-        .unwrap_or_default();
     let want_local = format!("('{}', 7710)", server_vips[0]);
     assert!(line.starts_with("ACCEPTED True "), "{line}");
     assert!(line.contains(&want_local), "want {want_local}: {line}");
     assert!(line.contains(&format!("('{client_ip}', ")), "{line}");
     assert!(!line.contains("fd00:"), "{line}");
-    assert!(server.wait(SHORT).success(), "{}", server.report());
 }
 
 /// The same the other way round: a connection that reached a server on
@@ -485,49 +511,18 @@ print("CLIENT", repr(c.getsockname()[0]), c.recv(10).decode().strip(), flush=Tru
 fn an_ipv6_only_servers_connection_names_its_ipv6_vip() {
     require!("python3");
     let d = Daemon::start();
-    let mut server = d.spawn(
-        &["--name", "sixname"],
-        &py(
-            r#"
-import socket
-l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    let (server_vips, _, line) = across_families(
+        &d,
+        "sixname",
+        r#"l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-l.bind(("::", 7711))
-l.listen(8)
-print("READY", flush=True)
-c, peer = l.accept()
-print("ACCEPTED", repr(c.getsockname()[0]), repr(peer[0]), flush=True)
-c.sendall(b"hi\n")
-c.close()
-"#,
-            &[],
-        ),
+l.bind(("::", 7711))"#,
+        7711,
+        0,
     );
-    server.wait_for_stdout("READY", SHORT);
-    let app = app_named(&d, "sixname").expect("the server");
-    let server_vips = vips(&app);
-    assert_eq!(server_vips.len(), 2, "{app}");
-    let client = d.run(
-        &[],
-        &py(
-            r#"
-import socket, sys
-c = socket.create_connection((sys.argv[1], 7711))
-print("CLIENT", c.recv(10).decode().strip(), flush=True)
-"#,
-            &[&server_vips[0]],
-        ),
-    );
-    client.assert_success();
-    let out = server.wait_for_stdout("ACCEPTED", SHORT);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("ACCEPTED"))
-        .unwrap_or_default();
-    let want = format!("ACCEPTED '{}' ", server_vips[1]);
+    let want = format!("ACCEPTED False ('{}', 7711, ", server_vips[1]);
     assert!(line.starts_with(&want), "want {want}: {line}");
     assert!(!line.contains("::ffff:"), "{line}");
-    assert!(server.wait(SHORT).success(), "{}", server.report());
 }
 
 /// A daemon killed outright and restarted on the same socket keeps the

@@ -99,13 +99,10 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     if call.replay && matches!(swapped, Some(SocketName::Client { .. })) {
         return Ok(Outcome::Value(0));
     }
-    // move_addr_to_kernel: the length, then the bytes.
-    let addrlen = call.int_arg(2);
-    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
-        return Ok(Outcome::Errno(libc::EINVAL));
-    }
-    // (The read checks that the call is pending.)
-    let bytes = target.read(call.arg(1), addrlen as usize)?;
+    let bytes = match address(call, target)? {
+        Ok(bytes) => bytes,
+        Err(refused) => return Ok(refused),
+    };
     let Some(name) = swapped else {
         return kernel_socket(call, target, copy, v6, local, bytes);
     };
@@ -126,12 +123,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     }
     match state {
         State::Listening => Ok(Outcome::Errno(libc::EISCONN)),
-        // The connect that follows an EINPROGRESS completes it.
-        State::Connected if take_in_progress(call, &copy) => {
-            call.state.note_reconnects();
-            Ok(Outcome::Value(0))
-        }
-        State::Connected => Ok(Outcome::Errno(libc::EISCONN)),
+        State::Connected => Ok(connected_again(call, super::inode(&copy))),
         State::Bound => match addr::parse(&bytes, v6, Purpose::Connect) {
             Some(dst) if call.shared.directory.is_virtual(dst.ip()) => {
                 connect_virtual(call, target, &copy, v6, None, dst, Some(name))
@@ -157,33 +149,48 @@ fn connect_known(call: &Call<'_>, target: &Target) -> Result<Option<Outcome>, Er
     let Some(conn) = super::known_conn(call, target, call.arg(0)) else {
         return Ok(None);
     };
-    let addrlen = call.int_arg(2);
-    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
-        return Ok(Some(Outcome::Errno(libc::EINVAL)));
-    }
-    // (The read checks that the call is pending.)
-    let bytes = target.read(call.arg(1), addrlen as usize)?;
+    let bytes = match address(call, target)? {
+        Ok(bytes) => bytes,
+        Err(refused) => return Ok(Some(refused)),
+    };
     if bytes.len() < 2 {
         return Ok(Some(Outcome::Errno(libc::EINVAL)));
     }
     if addr::family(&bytes) == libc::AF_UNSPEC as u16 {
         return Ok(None);
     }
-    Ok(Some(if take_in_progress_of(call, conn.inode) {
+    Ok(Some(connected_again(call, Some(conn.inode))))
+}
+
+/// The address a `connect` names, as `move_addr_to_kernel` takes it: the
+/// length (`EINVAL` out of range, as an answer), then the bytes (the read
+/// checks that the call is pending).
+fn address(call: &Call<'_>, target: &Target) -> Result<Result<Vec<u8>, Outcome>, Errno> {
+    let addrlen = call.int_arg(2);
+    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
+        return Ok(Err(Outcome::Errno(libc::EINVAL)));
+    }
+    Ok(Ok(target.read(call.arg(1), addrlen as usize)?))
+}
+
+/// A `connect` on a connected socket (the one with `inode`), as TCP answers
+/// it: 0 for the connect that follows an `EINPROGRESS` (it completes it;
+/// the app is noted as one that connects again), `EISCONN` after.
+fn connected_again(call: &Call<'_>, inode: Option<u64>) -> Outcome {
+    if inode.is_some_and(|inode| take_in_progress_of(call, inode)) {
+        call.state.note_reconnects();
         Outcome::Value(0)
     } else {
         Outcome::Errno(libc::EISCONN)
-    }))
+    }
 }
 
 /// `ENOTSOCK`, after what `__sys_connect` checks before it looks at the
 /// file: the address's length and bytes.
 fn not_a_socket(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
-    let addrlen = call.int_arg(2);
-    if addrlen < 0 || addrlen as usize > ax_sys::sockaddr::SOCKADDR_STORAGE_LEN {
-        return Ok(Outcome::Errno(libc::EINVAL));
+    if let Err(refused) = address(call, target)? {
+        return Ok(refused);
     }
-    target.read(call.arg(1), addrlen as usize)?;
     call.check_valid()?;
     Ok(Outcome::Errno(libc::ENOTSOCK))
 }

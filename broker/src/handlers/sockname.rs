@@ -24,7 +24,12 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         let a = if peer {
             conn.peer
         } else {
-            own_in_family(call, conn.local, conn.v6, conn.accepted)
+            own_in_family(
+                call,
+                conn.local,
+                conn.v6,
+                conn.accepted.then_some(conn.peer),
+            )
         };
         return match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(a, conn.v6)) {
             Ok(()) => Outcome::Value(0),
@@ -53,7 +58,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
         } => Ok(if peer {
             dst
         } else {
-            own_in_family(call, local, v6, false)
+            own_in_family(call, local, v6, None)
         }),
         SocketName::Listener { bound, .. } => {
             let listening = sockopt::socket_acceptconn(&fd).unwrap_or(false);
@@ -71,7 +76,7 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
                 ) => Ok(if peer {
                     local
                 } else {
-                    own_in_family(call, dst, v6, true)
+                    own_in_family(call, dst, v6, Some(local))
                 }),
                 (_, false) => Ok(bound),
                 (_, true) => Err(libc::ENOTCONN),
@@ -87,18 +92,15 @@ pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
 }
 
 /// A local address of the calling app's, as its socket of family `v6`
-/// holds it (see [`addr::own_in_family`]): `accepted`, the VIP:port a
-/// client dialled to reach it, else a client's own.
-fn own_in_family(call: &Call<'_>, own: SocketAddr, v6: bool, accepted: bool) -> SocketAddr {
-    let dir = &call.shared.directory;
-    let served = || {
-        if accepted {
-            dir.served_addr(own)
-        } else {
-            own
-        }
-    };
-    addr::own_in_family(own, v6, served, || dir.app_vips(call.app))
+/// holds it (see [`addr::own_in_family`]): `peer`, the client's address,
+/// for a connection the app accepted.
+fn own_in_family(
+    call: &Call<'_>,
+    own: SocketAddr,
+    v6: bool,
+    peer: Option<SocketAddr>,
+) -> SocketAddr {
+    addr::own_in_family(own, v6, peer, || call.shared.directory.app_vips(call.app))
 }
 
 /// A TCP socket whose connect ax held for a service that was not up yet
@@ -147,7 +149,7 @@ fn remote(
     let answer = if peer {
         names.peer
     } else {
-        own_in_family(call, names.local, v6, true)
+        own_in_family(call, names.local, v6, Some(names.peer))
     };
     Some(
         match write_sockaddr(target, call.arg(1), call.arg(2), &addr::encode(answer, v6)) {
