@@ -819,6 +819,7 @@ impl<'a> AppLink<'a> {
             replay,
             parking,
             notif,
+            fd_info: std::cell::OnceCell::new(),
         }
     }
 }

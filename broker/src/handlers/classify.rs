@@ -171,12 +171,12 @@ pub(crate) struct KnownConn {
     pub(crate) accepted: bool,
 }
 
-/// The connection behind the target's fd `arg`, if it is one of the
+/// The connection behind the call's fd (argument 0), if it is one of the
 /// broker's (see [`KnownConn`]); `None` sends the caller to [`classify`],
 /// which copies the fd and asks the socket. Only an fd on sockfs's mount
 /// is looked up: a file elsewhere may have any inode number.
-pub(crate) fn known_conn(call: &Call<'_>, target: &Target, arg: u64) -> Option<KnownConn> {
-    let info = target.fd_info(arg)?;
+pub(crate) fn known_conn(call: &Call<'_>, target: &Target) -> Option<KnownConn> {
+    let info = call.fd_info(target)?;
     if Some(info.mnt_id) != sockfs_mnt_id() {
         return None;
     }

@@ -146,7 +146,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
 /// path (another socket, or `AF_UNSPEC`, which disconnects and needs the
 /// socket).
 fn connect_known(call: &Call<'_>, target: &Target) -> Result<Option<Outcome>, Errno> {
-    let Some(conn) = super::known_conn(call, target, call.arg(0)) else {
+    let Some(conn) = super::known_conn(call, target) else {
         return Ok(None);
     };
     let bytes = match address(call, target)? {
@@ -1051,8 +1051,10 @@ pub(super) fn finish(
     rebind: Option<SocketName>,
 ) -> Result<Outcome, Errno> {
     send_hello(&client.sock, &client.hello)?;
-    // The program's flags as they are now, read once for both.
-    let (nonblocking, cloexec) = match target.fd_info(call.arg(0)) {
+    // The program's flags, read once for both (and once in the call: an
+    // app that connects again read them to look the fd up, see
+    // `connect_known`).
+    let (nonblocking, cloexec) = match call.fd_info(target) {
         Some(info) => (
             info.flags & libc::O_NONBLOCK as u32 != 0,
             info.flags & libc::O_CLOEXEC as u32 != 0,

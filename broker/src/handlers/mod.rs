@@ -94,6 +94,9 @@ pub(crate) struct Call<'a> {
     /// runs on the receive loop, where nothing may wait.
     pub(crate) parking: Option<&'a std::cell::RefCell<Vec<accept::Parked>>>,
     pub(crate) notif: Notification,
+    /// What the fdinfo of the call's fd (argument 0) said, once read (see
+    /// [`Call::fd_info`]).
+    pub(crate) fd_info: std::cell::OnceCell<Option<crate::target::FdInfo>>,
 }
 
 impl Call<'_> {
@@ -125,6 +128,13 @@ impl Call<'_> {
         } else {
             Err(libc::ENOENT)
         }
+    }
+
+    /// The fdinfo of the call's fd (argument 0 of every socket call),
+    /// read once per call: a handler that looks the fd up by its inode and
+    /// then needs its flags reads the file once.
+    pub(crate) fn fd_info(&self, target: &Target) -> Option<crate::target::FdInfo> {
+        *self.fd_info.get_or_init(|| target.fd_info(self.arg(0)))
     }
 
     pub(crate) fn instance(&self) -> u32 {

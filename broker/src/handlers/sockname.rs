@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 pub(super) fn handle(call: &Call<'_>, target: &Target, peer: bool) -> Outcome {
     // The common case, a connection of the broker's: answered from what it
     // keeps, without copying the fd.
-    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+    if let Some(conn) = super::known_conn(call, target) {
         let a = if peer {
             conn.peer
         } else {

@@ -114,7 +114,7 @@ impl Subject {
 }
 
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
-    if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+    if let Some(conn) = super::known_conn(call, target) {
         return set(call, target, &Subject::known(&conn)).into();
     }
     let (name, fd, cookie) = match classify(call, target, call.arg(0)) {
@@ -234,7 +234,7 @@ pub(super) fn handle_get(call: &Call<'_>, target: &Target) -> Outcome {
     // SO_REUSEPORT of an accepted connection follows its listener's name,
     // which only the socket itself tells.
     if (call.int_arg(1), call.int_arg(2)) != (libc::SOL_SOCKET, libc::SO_REUSEPORT) {
-        if let Some(conn) = super::known_conn(call, target, call.arg(0)) {
+        if let Some(conn) = super::known_conn(call, target) {
             return get(call, target, &Subject::known(&conn)).into();
         }
     }
