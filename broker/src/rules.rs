@@ -81,6 +81,24 @@ const SOCKOPT_SOCKET_NAMES: &[u64] = &[
     SO_PASSPIDFD,
     libc::SO_REUSEPORT as u64,
 ];
+/// Socket-level options whose `setsockopt` alone is trapped: a TCP socket
+/// keeps them across a connect and passes them on to the connections it
+/// accepts, which a UNIX socket swapped in, or accepted on a swapped
+/// listener, would not. The broker notes who set them and carries them
+/// (see `handlers::carry`); the kernel sets them, on either family alike.
+/// Not among them, as programs set them on every connection, where a trap
+/// would cost each one a notification: `SO_KEEPALIVE` (Go; a UNIX socket
+/// has nothing to keep alive) and the timeouts (Rust's `set_read_timeout`,
+/// hiredis…), which the broker copies at every swap and accept instead.
+pub const CARRIED_SOCKET_OPTIONS: &[i32] = &[
+    libc::SO_SNDBUF,
+    libc::SO_RCVBUF,
+    libc::SO_SNDBUFFORCE,
+    libc::SO_RCVBUFFORCE,
+    libc::SO_LINGER,
+    libc::SO_PRIORITY,
+    libc::SO_RCVLOWAT,
+];
 /// `SO_TXREHASH` (Linux 5.18), not in the libc crate.
 const SO_TXREHASH: u64 = 74;
 /// `SO_PASSPIDFD` (Linux 6.5).
@@ -119,8 +137,10 @@ fn notify(syscall: &'static str, args: Vec<Arg>) -> Rule {
 /// * the calls in [`TRAPPED_SYSCALLS`] are trapped (`SECCOMP_RET_USER_NOTIF`);
 /// * `setsockopt`/`getsockopt` are trapped only at the TCP, IP and IPv6
 ///   levels and for the socket-level names in `SOCKOPT_SOCKET_NAMES` —
-///   the cases a swapped socket must answer as TCP would; every other
-///   option runs untouched (a UNIX socket answers it as TCP does);
+///   the cases a swapped socket must answer as TCP would — and
+///   `setsockopt` for those in [`CARRIED_SOCKET_OPTIONS`], which a swap
+///   or an accept passes on; every other option runs untouched (a UNIX
+///   socket answers it as TCP does);
 /// * `sendto` is trapped when it names a destination (its address argument
 ///   is not NULL) or has `MSG_FASTOPEN`, and `sendmsg`/`sendmmsg` when they
 ///   have `MSG_FASTOPEN` (a masked comparison of the flags argument): a
@@ -141,6 +161,12 @@ pub fn rules() -> Vec<Rule> {
         for &opt in SOCKOPT_SOCKET_NAMES {
             out.push(notify(name, vec![int(1, SOL_SOCKET), int(2, opt)]));
         }
+    }
+    for &opt in CARRIED_SOCKET_OPTIONS {
+        out.push(notify(
+            "setsockopt",
+            vec![int(1, SOL_SOCKET), int(2, opt as u64)],
+        ));
     }
     // TCP Fast Open: the flag bit alone decides, whatever else is set.
     for &(name, flags) in FASTOPEN_CALLS {

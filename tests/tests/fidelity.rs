@@ -372,3 +372,104 @@ fn options_set_before_the_swap_and_on_listeners_read_as_over_tcp() {
         );
     }
 }
+
+/// `python3 -c SOCKET_OPTIONS BIND_HOST CONNECT_HOST PORT FAMILY`: sets
+/// socket-level options on a listener before its `bind` and after its
+/// `listen`, and on a client socket before its `connect`; connects the two;
+/// prints each option as the client, the listener and the accepted
+/// connection read it; then reads from the accepted connection, which
+/// nobody writes to: its receive timeout, taken from the listener, ends
+/// the read.
+const SOCKET_OPTIONS: &str = r#"
+import socket, struct, sys, signal, time
+bind_host, connect_host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if sys.argv[4] == "6" else socket.AF_INET
+S = socket.SOL_SOCKET
+def tv(sec, usec): return struct.pack("ll", sec, usec)
+before_bind = [(socket.SO_RCVTIMEO, tv(0, 300000)), (socket.SO_SNDBUF, 65536),
+               (socket.SO_LINGER, struct.pack("ii", 1, 7)), (socket.SO_PRIORITY, 3),
+               (socket.SO_RCVLOWAT, 5)]
+after_listen = [(socket.SO_RCVBUF, 70000)]
+before_connect = [(socket.SO_SNDTIMEO, tv(2, 500000)), (socket.SO_RCVBUF, 50000),
+                  (socket.SO_LINGER, struct.pack("ii", 1, 3)), (socket.SO_PRIORITY, 5),
+                  (socket.SO_RCVLOWAT, 2)]
+def show(tag, s, opts):
+    vals = []
+    for name, value in opts:
+        if isinstance(value, bytes):
+            vals.append(f"{name}={s.getsockopt(S, name, 16).hex()}")
+        else:
+            vals.append(f"{name}={s.getsockopt(S, name)}")
+    print(tag, " ".join(vals))
+l = socket.socket(family)
+for name, value in before_bind:
+    l.setsockopt(S, name, value)
+l.bind((bind_host, port))
+l.listen()
+for name, value in after_listen:
+    l.setsockopt(S, name, value)
+c = socket.socket(family)
+for name, value in before_connect:
+    c.setsockopt(S, name, value)
+c.connect((connect_host, port))
+a, _ = l.accept()
+show("client", c, before_connect)
+show("listener", l, before_bind + after_listen)
+show("accepted", a, before_bind + after_listen)
+def hung(*_): raise SystemExit("the accepted connection's recv did not time out")
+signal.signal(signal.SIGALRM, hung)
+signal.alarm(5)
+start = time.monotonic()
+try:
+    a.recv(1)
+    print("recv returned")
+except BlockingIOError:
+    print("recv timed out", round(time.monotonic() - start, 1))
+"#;
+
+/// Socket-level options (timeouts, buffer sizes, `SO_LINGER`,
+/// `SO_PRIORITY`, `SO_RCVLOWAT`) set before ax swaps a socket read back
+/// afterwards as over TCP, and a listener's pass on to the connections it
+/// accepts, as TCP's do (but `SO_PRIORITY`, which TCP does not pass on):
+/// so a server that sets `SO_RCVTIMEO` on its listener gets connections
+/// whose reads time out. Before, the client read the UNIX socket's
+/// defaults and the accepted connection's read never ended.
+#[test]
+fn socket_level_options_carry_across_the_swap_as_over_tcp() {
+    require!("python3");
+    let d = Daemon::start();
+    for (family, loopback, wildcard, vip) in [
+        ("4", "127.0.0.1", "0.0.0.0", "10.233.0.167"),
+        ("6", "::1", "::", "fd00:a8::167"),
+    ] {
+        let port = free_loopback_port().to_string();
+        let native = run(
+            Command::new("python3").args(["-c", SOCKET_OPTIONS, loopback, loopback, &port, family]),
+            SHORT,
+        );
+        native.assert_success();
+        let under_ax = d.run(
+            &["--ip", vip],
+            &[
+                "python3",
+                "-c",
+                SOCKET_OPTIONS,
+                wildcard,
+                vip,
+                "7000",
+                family,
+            ],
+        );
+        under_ax.assert_success();
+        assert!(
+            native
+                .stdout
+                .contains("12=0 18=5 8=140000\nrecv timed out 0.3"),
+            "the native baseline is as expected: {native}"
+        );
+        assert_eq!(
+            under_ax.stdout, native.stdout,
+            "IPv{family} under ax as over TCP:\n{under_ax}\nnatively:\n{native}"
+        );
+    }
+}

@@ -422,7 +422,7 @@ fn complete(
         Caller::Client(local, known) => {
             inode = known;
             if let Some(listener) = listener {
-                super::carry::inherit(call, listener, || inode.or_else(|| super::inode(&conn)));
+                super::carry::inherit(call, listener, &conn, inode);
             }
             (conn, local)
         }

@@ -112,10 +112,7 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
     let instance = call.instance();
     let app = call.app;
     let spare = call.shared.sockets.take_spare()?;
-    let swapped = super::carry::Swapped {
-        inode: spare.inode,
-        listener: Some(spare.cookie),
-    };
+    let (spare_inode, spare_cookie) = (spare.inode, spare.cookie);
     let sock = spare.fd;
     let reuseport = reuseport_of(&copy, &sock)?;
     let name_for = |port: u16| {
@@ -180,6 +177,11 @@ fn run(call: &Call<'_>, target: &Target) -> Result<Outcome, Errno> {
         };
         copy_nonblock(&copy, &sock)?;
         super::copy_timeouts(&copy, &sock);
+        let swapped = super::carry::Swapped {
+            fd: sock.as_fd(),
+            inode: spare_inode,
+            listener: Some(spare_cookie),
+        };
         super::carry::carry(call, &copy, v6, swapped);
         call.check_valid()?;
         Ok(install_over(call, target, fd_arg, &sock))

@@ -1065,6 +1065,7 @@ pub(super) fn finish(
     let sock = client.sock;
     super::copy_timeouts(copy, &sock);
     let swapped = super::carry::Swapped {
+        fd: sock.as_fd(),
         inode: client.inode,
         listener: None,
     };

@@ -360,6 +360,7 @@ fn carry<T: PartialEq>(
 /// to the connections it accepts (see `super::carry`). Best effort: an
 /// option the kernel refuses here is skipped.
 pub(super) fn inherit_listener_options(call: &Call<'_>, listener: &OwnedFd, conn: &OwnedFd) {
+    super::copy_timeouts(listener, conn);
     for (level, name, value) in super::carry::listener_options(call, listener) {
         if let Err(e) = ax_sys::sockopt::set_raw(conn.as_fd(), level, name, &value) {
             tracing::debug!(app = call.app, level, name, error = %e, "a listener option not passed on to a connection from another node");

@@ -114,6 +114,11 @@ impl Subject {
 }
 
 pub(super) fn handle_set(call: &Call<'_>, target: &Target) -> Outcome {
+    if call.int_arg(1) == libc::SOL_SOCKET
+        && crate::rules::CARRIED_SOCKET_OPTIONS.contains(&call.int_arg(2))
+    {
+        return super::carry::set_socket_option(call, target);
+    }
     if let Some(conn) = super::known_conn(call, target) {
         return set(call, target, &Subject::known(&conn)).into();
     }
