@@ -343,27 +343,37 @@ show("accepted", a, listener_opts)
 /// `TCP_DEFER_ACCEPT` and `TCP_FASTOPEN`, which TCP does not pass on).
 #[test]
 fn options_set_before_the_swap_and_on_listeners_read_as_over_tcp() {
+    options_as_over_tcp(OPTIONS, "165", |family| {
+        let tos = if family == "4" { "1=8" } else { "67=8" };
+        format!("accepted 1=1 6=3 18=1234 {tos} 9=0 23=0")
+    });
+}
+
+/// Runs `program` (`python3 -c PROGRAM BIND_HOST CONNECT_HOST PORT
+/// FAMILY`) over TCP loopback and under ax (its VIP ending in `vip_tail`),
+/// for IPv4 and IPv6, and asserts that it prints the same both ways, and
+/// natively what `baseline(FAMILY)` says (so that the comparison compares
+/// something).
+fn options_as_over_tcp(program: &str, vip_tail: &str, baseline: impl Fn(&str) -> String) {
     require!("python3");
     let d = Daemon::start();
-    for (family, loopback, wildcard, vip, tos) in [
-        ("4", "127.0.0.1", "0.0.0.0", "10.233.0.165", "1=8"),
-        ("6", "::1", "::", "fd00:a8::165", "67=8"),
+    for (family, loopback, wildcard, vip) in [
+        ("4", "127.0.0.1", "0.0.0.0", format!("10.233.0.{vip_tail}")),
+        ("6", "::1", "::", format!("fd00:a8::{vip_tail}")),
     ] {
         let port = free_loopback_port().to_string();
         let native = run(
-            Command::new("python3").args(["-c", OPTIONS, loopback, loopback, &port, family]),
+            Command::new("python3").args(["-c", program, loopback, loopback, &port, family]),
             SHORT,
         );
         native.assert_success();
         let under_ax = d.run(
-            &["--ip", vip],
-            &["python3", "-c", OPTIONS, wildcard, vip, "7000", family],
+            &["--ip", &vip],
+            &["python3", "-c", program, wildcard, &vip, "7000", family],
         );
         under_ax.assert_success();
         assert!(
-            native
-                .stdout
-                .contains(&format!("accepted 1=1 6=3 18=1234 {tos} 9=0 23=0")),
+            native.stdout.contains(&baseline(family)),
             "the native baseline is as expected: {native}"
         );
         assert_eq!(
@@ -436,40 +446,7 @@ except BlockingIOError:
 /// defaults and the accepted connection's read never ended.
 #[test]
 fn socket_level_options_carry_across_the_swap_as_over_tcp() {
-    require!("python3");
-    let d = Daemon::start();
-    for (family, loopback, wildcard, vip) in [
-        ("4", "127.0.0.1", "0.0.0.0", "10.233.0.167"),
-        ("6", "::1", "::", "fd00:a8::167"),
-    ] {
-        let port = free_loopback_port().to_string();
-        let native = run(
-            Command::new("python3").args(["-c", SOCKET_OPTIONS, loopback, loopback, &port, family]),
-            SHORT,
-        );
-        native.assert_success();
-        let under_ax = d.run(
-            &["--ip", vip],
-            &[
-                "python3",
-                "-c",
-                SOCKET_OPTIONS,
-                wildcard,
-                vip,
-                "7000",
-                family,
-            ],
-        );
-        under_ax.assert_success();
-        assert!(
-            native
-                .stdout
-                .contains("12=0 18=5 8=140000\nrecv timed out 0.3"),
-            "the native baseline is as expected: {native}"
-        );
-        assert_eq!(
-            under_ax.stdout, native.stdout,
-            "IPv{family} under ax as over TCP:\n{under_ax}\nnatively:\n{native}"
-        );
-    }
+    options_as_over_tcp(SOCKET_OPTIONS, "167", |_| {
+        "12=0 18=5 8=140000\nrecv timed out 0.3".to_string()
+    });
 }
