@@ -311,7 +311,7 @@ fn try_accept(
 /// accept fails with `EINVAL` from then on.
 fn close_shut_down(call: &Call<'_>, listener: &OwnedFd) {
     if let Some(name) = super::own_name(listener) {
-        super::connect::release_listener(call, name);
+        super::client::release_listener(call, name);
     }
     let was_blocking = !is_nonblocking(listener);
     if was_blocking && super::set_nonblock(listener, true).is_err() {
@@ -463,7 +463,7 @@ fn complete(
                         super::remote::inherit_listener_options(call, listener, &real);
                     }
                     let peer = names.peer;
-                    let local = super::connect::inet_name(&real);
+                    let local = super::inet_name(&real);
                     if let (Some(inode), Some(local), Some(kernel_peer)) =
                         (super::inode(&real), local, kernel_peer)
                     {

@@ -23,7 +23,7 @@
 //! The app's own listeners come first: each app's localhost is its own,
 //! so two apps may listen on the same port.
 
-use super::connect::{finish, new_client, wait_for_room};
+use super::client::{finish, new_client, wait_for_room};
 use super::{defer, endpoint_addr, Call, Outcome};
 use crate::names::SocketName;
 use crate::target::{errno_of, Errno, Target};
@@ -74,7 +74,7 @@ pub(super) fn connect(
             Ok(eps) => endpoints = eps,
             Err(ResolveError::NoService(_)) => return Ok(None),
             Err(e) => {
-                super::connect::log_denied(&e);
+                super::log_denied(&e);
                 return super::connect::refused(call, target, copy, v6, false).map(Some);
             }
         }

@@ -31,7 +31,9 @@ mod bind;
 mod caller;
 mod carry;
 mod classify;
+mod client;
 mod connect;
+mod connect_wait;
 mod egress;
 mod localhost;
 mod remote;
@@ -43,14 +45,15 @@ mod udp;
 
 use crate::serve::{respond, Shared};
 use crate::target::{Errno, PidfdCache, Target};
-use ax_registry::{AppId, UnixEndpoint};
+use ax_registry::{AppId, ResolveError, UnixEndpoint};
 use ax_sys::journal::Journal;
 use ax_sys::{Notification, NotifyFd};
 pub(crate) use classify::{
     classify, classify_expecting, known_conn, not_a_socket, own_name, peer_ident, peer_is_client,
     Expect, KnownConn, Sock,
 };
-use rustix::net::SocketAddrUnix;
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
@@ -470,4 +473,64 @@ where
         Ok(_) => Outcome::Deferred,
         Err(_) => Outcome::Errno(libc::ENOBUFS),
     }
+}
+
+/// The IP address and port an IP socket is bound to.
+pub(crate) fn inet_name(fd: &OwnedFd) -> Option<SocketAddr> {
+    rustix::net::getsockname(fd)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+}
+
+/// A broker TCP socket bound to a free port on 127.0.0.1, and that address.
+pub(crate) fn loopback_port() -> Result<(OwnedFd, SocketAddr), Errno> {
+    let sock = tcp_socket(false)?;
+    rustix::net::bind(&sock, &SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .map_err(|e| e.raw_os_error())?;
+    let here = inet_name(&sock).ok_or(libc::EIO)?;
+    Ok((sock, here))
+}
+
+/// A new TCP socket of the program's family, close-on-exec for the broker.
+pub(crate) fn tcp_socket(v6: bool) -> Result<OwnedFd, Errno> {
+    let family = if v6 {
+        AddressFamily::INET6
+    } else {
+        AddressFamily::INET
+    };
+    rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(|e| e.raw_os_error())
+}
+
+/// Logs a connect the policy refused (and counts it), with both apps'
+/// labels and the rule that decided.
+pub(crate) fn log_denied(e: &ResolveError) {
+    if let ResolveError::Denied {
+        dst,
+        client,
+        client_labels,
+        server,
+        server_labels,
+        rule,
+    } = e
+    {
+        crate::metrics::connect_denied();
+        tracing::warn!(
+            client_app = client,
+            client_labels = %labels_text(client_labels),
+            server_app = server,
+            server_labels = %labels_text(server_labels),
+            %dst,
+            %rule,
+            "connect denied by policy"
+        );
+    }
+}
+
+fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -122,10 +122,7 @@ fn finish(
         return Outcome::Answered;
     }
     // Noted before the program can ask, and for the socket it will hold.
-    let real = (
-        super::connect::inet_name(&fresh),
-        crate::doors::inet_peer(&fresh),
-    );
+    let real = (super::inet_name(&fresh), crate::doors::inet_peer(&fresh));
     if let (Some(inode), (Some(local), Some(peer))) = (super::inode(&fresh), real) {
         if call.state.note_remote(inode, (local, peer), names).is_err() {
             return Outcome::Errno(libc::ENOMEM);
@@ -134,7 +131,7 @@ fn finish(
     match install_over(call, &target, call.arg(0), &fresh) {
         Outcome::Value(_) => {
             if let Some(name) = rebind {
-                super::connect::release_listener(call, name);
+                super::client::release_listener(call, name);
             }
             tracing::debug!(app = call.app, %dst, node = %route.node, "connected to another node");
             Outcome::Value(0)
@@ -178,7 +175,7 @@ fn open(
         rustix::io::Errno::INPROGRESS | rustix::io::Errno::AGAIN => libc::ETIMEDOUT,
         e => e.raw_os_error(),
     })?;
-    let local = super::connect::inet_name(&sock).ok_or(libc::EIO)?;
+    let local = super::inet_name(&sock).ok_or(libc::EIO)?;
     let from = SocketAddr::new(route.client_vip, local.port());
     let header = call
         .shared

@@ -446,7 +446,9 @@ fn swapped(
     }
     match state {
         State::Listening => Outcome::Errno(libc::EISCONN),
-        State::Connected if connect::take_in_progress(call, &fd) => send_on(call, target, fd, send),
+        State::Connected if super::client::take_in_progress(call, &fd) => {
+            send_on(call, target, fd, send)
+        }
         State::Connected => Outcome::Errno(libc::EISCONN),
         State::Bound => match virtual_destination(call, &send, name.is_v6()) {
             Some(dst) => {
@@ -550,7 +552,7 @@ fn virtual_connect(
 ) -> Result<Outcome, Errno> {
     let dir = &call.shared.directory;
     let bound = rebind.is_some();
-    let local_port = connect::inet_name(copy).map_or(0, |a| a.port());
+    let local_port = super::inet_name(copy).map_or(0, |a| a.port());
     if !bound && local_port != 0 {
         if sockopt::socket_acceptconn(copy).unwrap_or(false) {
             return Ok(Outcome::Errno(libc::EISCONN));
@@ -561,7 +563,7 @@ fn virtual_connect(
     }
     match dir.resolve(call.app, dst) {
         Ok(endpoints) => {
-            match connect::deliver(
+            match super::client::deliver(
                 call, target, copy, v6, dst, rebind, endpoints, local_port, true,
             )? {
                 Some(outcome) => Ok(outcome),
@@ -576,11 +578,11 @@ fn virtual_connect(
                 tracing::debug!(app = call.app, %dst, "fast open refused: no service");
                 connect::refused(call, target, copy, v6, bound)
             } else {
-                connect::wait_for_service(call, copy, v6, dst, rebind, wait)
+                super::connect_wait::wait_for_service(call, copy, v6, dst, rebind, wait)
             }
         }
         Err(e) => {
-            connect::log_denied(&e);
+            super::log_denied(&e);
             connect::refused(call, target, copy, v6, bound)
         }
     }

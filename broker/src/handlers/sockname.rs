@@ -141,7 +141,7 @@ fn remote(
     v6: bool,
     peer: bool,
 ) -> Option<Outcome> {
-    let local = super::connect::inet_name(fd)?;
+    let local = super::inet_name(fd)?;
     let real_peer = crate::doors::inet_peer(fd)?;
     let names = call
         .state
