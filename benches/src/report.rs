@@ -791,7 +791,12 @@ pub fn markdown(r: &Results) -> String {
          loop. CPU times are the processes' own (CLOCK_PROCESS_CPUTIME_ID = getrusage \
          utime+stime); broker CPU is the daemon's (per-thread schedstat, /proc/PID/stat as a \
          floor), sampled when the connected client starts its transfer and when the server's \
-         report arrives (the client waits for the sample at both points)."
+         report arrives (the client waits for the sample at both points). On two CPUs or \
+         more, every transport's client runs on the first and its server on the last \
+         (`taskset`, where installed); supervisors (the ax daemon, `ax exec`, the null \
+         supervisor) are not pinned. Left to the scheduler, a client and its server share a \
+         CPU in some rounds and not in others, which on a VM changes a TCP loopback round \
+         trip tenfold (6.5 against 60 µs)."
     );
     let _ = writeln!(
         o,

@@ -345,6 +345,9 @@ struct Ctx {
     tmp: TempDir,
     params: Params,
     tag: String,
+    /// The CPUs every transport's client and server run on, apart (see
+    /// [`transport_cpus`]).
+    apart: Option<(String, String)>,
 }
 
 impl Ctx {
@@ -566,6 +569,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         tmp: TempDir::new("ax-bench")?,
         params,
         tag: format!("axb{}", std::process::id()),
+        apart: transport_cpus(),
     };
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
@@ -824,11 +828,56 @@ fn setup_ax(ctx: &Ctx, ax: &Path) -> Result<AxEnv> {
     Ok(env)
 }
 
+/// Starts transport `k`'s server, and says how its client reaches it: the
+/// client on the first CPU and the server on the last, where there are two
+/// (see [`transport_cpus`]).
 fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
+    let mut live = start_transport(ctx, k, ax)?;
+    let client_cpu = ctx.apart.as_ref().map(|(client, _)| client.as_str());
+    live.client_prefix = pinned_program(client_cpu, std::mem::take(&mut live.client_prefix));
+    Ok(live)
+}
+
+/// `prefix` (which runs a program) with the program it runs on `cpus`:
+/// after the last `--` of a supervisor's prefix (`ax exec … --`,
+/// `ax-bench null-supervisor … --`), so that the supervisor itself is not
+/// pinned; in front of any other (`ip netns exec NAME`).
+fn pinned_program(cpus: Option<&str>, prefix: Vec<String>) -> Vec<String> {
+    match prefix.iter().rposition(|a| a == "--") {
+        Some(at) if cpus.is_some() => {
+            let (outer, inner) = prefix.split_at(at + 1);
+            let mut argv = outer.to_vec();
+            argv.extend(pinned(cpus, inner.to_vec()));
+            argv
+        }
+        _ => pinned(cpus, prefix),
+    }
+}
+
+/// The CPUs (client, server) every transport's client and server run on:
+/// the first and the last this process may use, when there are two and
+/// `taskset` is installed. Left to the scheduler, a client and its server
+/// land on one CPU in some rounds and on two in others, and on a VM the two
+/// differ tenfold (a TCP loopback round trip of 6.5 µs against 60 µs), so
+/// that a transport's median would tell where its rounds happened to run.
+/// Supervisors (the ax daemon, `ax exec`, the null supervisor) are never
+/// pinned.
+fn transport_cpus() -> Option<(String, String)> {
+    which("taskset")?;
+    let (client, server) = cpus_apart()?;
+    Some((client.to_string(), server.to_string()))
+}
+
+fn start_transport(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
+    // Every server on the server's CPU (see `transport_cpus`).
+    let server_cpu = ctx.apart.as_ref().map(|(_, server)| server.as_str());
+    let serve = |name: &str, prefix: &[String], args: &[&str]| {
+        ctx.start_server(name, &pinned_program(server_cpu, prefix.to_vec()), args)
+    };
     match k {
         Kind::Ax => {
             let env = ax.context("no ax daemon")?;
-            let server = ctx.start_server(
+            let server = serve(
                 "ax-server",
                 &env.exec_prefix(Some(AX_VIP)),
                 &["serve", "--bind", &format!("0.0.0.0:{AX_PORT}")],
@@ -847,7 +896,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
         }
         Kind::Tcp => {
             let a = format!("127.0.0.1:{TCP_PORT}");
-            let server = ctx.start_server("tcp-server", &[], &["serve", "--bind", &a])?;
+            let server = serve("tcp-server", &[], &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: vec![],
                 connect: a,
@@ -858,7 +907,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
         }
         Kind::Unix => {
             let a = format!("unix:{}", ctx.tmp.path.join("unix.sock").display());
-            let server = ctx.start_server("unix-server", &[], &["serve", "--bind", &a])?;
+            let server = serve("unix-server", &[], &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: vec![],
                 connect: a,
@@ -877,7 +926,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             };
             prefix.push("--".into());
             let a = format!("127.0.0.1:{port}");
-            let server = ctx.start_server(name, &prefix, &["serve", "--bind", &a])?;
+            let server = serve(name, &prefix, &["serve", "--bind", &a])?;
             Ok(Live {
                 client_prefix: prefix,
                 connect: a,
@@ -897,7 +946,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             n1.ip(&["link", "set", "veth0", "up"])?;
             n2.ip(&["link", "set", "veth1", "up"])?;
             let a = format!("10.99.1.2:{TCP_PORT}");
-            let server = ctx.start_server("veth-server", &n2.prefix(), &["serve", "--bind", &a])?;
+            let server = serve("veth-server", &n2.prefix(), &["serve", "--bind", &a])?;
             probe(ctx, &n1.prefix(), &a)?;
             Ok(Live {
                 client_prefix: n1.prefix(),
@@ -924,8 +973,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
                 b.ip(&["link", "set", "eth0", "up"])?;
             }
             let a = format!("10.99.2.2:{TCP_PORT}");
-            let server =
-                ctx.start_server("bridge-server", &b2.prefix(), &["serve", "--bind", &a])?;
+            let server = serve("bridge-server", &b2.prefix(), &["serve", "--bind", &a])?;
             // A new bridge port learns and forwards after a moment.
             probe(ctx, &b1.prefix(), &a)?;
             Ok(Live {
@@ -943,7 +991,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             // maps to this namespace's loopback (a rootless container
             // talking to a service on its host).
             let a = format!("127.0.0.1:{SLIRP_PORT}");
-            let server = ctx.start_server("slirp-server", &[], &["serve", "--bind", &a])?;
+            let server = serve("slirp-server", &[], &["serve", "--bind", &a])?;
             let ns = ctx.ns("slirp")?;
             let mut slirp = spawn(
                 "slirp4netns",
@@ -1001,7 +1049,7 @@ fn setup(ctx: &Ctx, k: Kind, ax: Option<&AxEnv>) -> Result<Live> {
             host.ip(&["addr", "add", "10.99.3.1/24", "dev", "ext0"])?;
             host.ip(&["link", "set", "ext1", "up"])?;
             host.ip(&["link", "set", "ext0", "up"])?;
-            let server = ctx.start_server(
+            let server = serve(
                 "pasta-server",
                 &host.prefix(),
                 &["serve", "--bind", &format!("127.0.0.1:{TCP_PORT}")],
@@ -1764,6 +1812,25 @@ mod tests {
         // 1 Gbit/s: 8 s is 1e9 bytes, rounded down to whole MiB.
         assert_eq!(bulk_bytes_for(full, &[round(1.0)]), 953 << 20);
         assert_eq!(bulk_bytes_for(full, &[round(0.01)]), 64 << 20);
+    }
+
+    #[test]
+    fn a_supervisors_program_is_pinned_not_the_supervisor() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ax = v(&["ax", "exec", "--ip", "10.0.0.1", "--"]);
+        assert_eq!(
+            pinned_program(Some("1"), ax.clone()),
+            v(&["ax", "exec", "--ip", "10.0.0.1", "--", "taskset", "-c", "1"])
+        );
+        assert_eq!(
+            pinned_program(Some("0"), v(&["ip", "netns", "exec", "n1"])),
+            v(&["taskset", "-c", "0", "ip", "netns", "exec", "n1"])
+        );
+        assert_eq!(
+            pinned_program(Some("0"), vec![]),
+            v(&["taskset", "-c", "0"])
+        );
+        assert_eq!(pinned_program(None, ax.clone()), ax);
     }
 
     #[test]
