@@ -13,7 +13,7 @@
 //!   same number and arguments (`/proc/TID/syscall`).
 //!
 //! The ids of entries that fail are still the kernel's to wait on: they are
-//! treated as calls whose record was lost (see [`crate::orphans`]), whose
+//! treated as calls whose record was lost (see `crate::orphans`), whose
 //! thread and arguments are found from `/proc` alone.
 
 use ax_sys::{Notification, NotifyFd};

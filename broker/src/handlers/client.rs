@@ -250,7 +250,7 @@ pub(super) fn finish(
     send_hello(&client.sock, &client.hello)?;
     // The program's flags, read once for both (and once in the call: an
     // app that connects again read them to look the fd up, see
-    // `connect_known`).
+    // `connect.rs`'s `connect_known`).
     let (nonblocking, cloexec) = match call.fd_info(target) {
         Some(info) => (
             info.flags & libc::O_NONBLOCK as u32 != 0,
