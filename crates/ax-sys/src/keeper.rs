@@ -163,7 +163,7 @@ const NOTIFY_FD_LINK: &[u8] = b"anon_inode:seccomp notify";
 const JOURNAL_LINK_PREFIX: &[u8] = b"/memfd:ax-journal";
 
 /// True when `fd` is a seccomp notify fd (`/proc/self/fd/N` links to
-/// [`NOTIFY_FD_LINK`]); false when the link cannot be read.
+/// `anon_inode:seccomp notify`); false when the link cannot be read.
 pub fn is_notify_fd(fd: BorrowedFd<'_>) -> bool {
     let mut link = [0u8; 64];
     fd_link(fd.as_raw_fd(), &mut link) == Some(NOTIFY_FD_LINK)
