@@ -25,12 +25,13 @@
 # e.g. --rounds 3, --only ax,tcp,unix, --no-scale.
 #
 # Real programs (benches/programs/run.sh): Go net/http with and without
-# keep-alive, nginx with `ab` without keep-alive, and PostgreSQL with
-# `pgbench -S` with and without a connection per transaction, under ax vs
+# keep-alive, nginx with `ab` and redis with `redis-benchmark` without
+# keep-alive, and PostgreSQL with `pgbench -S` with and without a
+# connection per transaction, under ax vs
 # native in the same run, with the daemon's CPU per connection and per
 # trapped call. They run after the rows above, into
-# benches/results/programs.md; a row whose program (go, nginx, ab, postgres,
-# pgbench) is missing is skipped, and so are the PostgreSQL rows without the
+# benches/results/programs.md; a row whose program (go, nginx, ab, redis,
+# postgres, pgbench) is missing is skipped, and so are the PostgreSQL rows without the
 # unprivileged user axtest (postgres refuses to run as root).
 #
 #   sudo bash scripts/bench.sh --programs      # only the real-program rows
@@ -72,6 +73,7 @@ need=(slirp4netns:slirp4netns passt:pasta iproute2:ip python3:python3
 if [ "$programs" = 1 ] || [ "$only_programs" = 1 ]; then
     # pgbench comes with the server (postgresql-NN), not postgresql-client.
     need+=(golang-go:go nginx-light:nginx apache2-utils:ab
+        redis-server:redis-server redis-tools:redis-benchmark
         postgresql:dpkg postgresql-contrib:dpkg)
 fi
 have() {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Real-program rows of the ax benchmark: Go net/http with and without
-# keep-alive, nginx with `ab` without keep-alive, PostgreSQL with `pgbench -S`
+# keep-alive, nginx with `ab` without keep-alive, redis with
+# `redis-benchmark` without keep-alive, PostgreSQL with `pgbench -S`
 # with and without a connection per transaction (-C), each under ax vs native
 # in the same run, plus the daemon's CPU per connection and per trapped call
-# that needs no target memory. The Go and nginx rows without keep-alive also
+# that needs no target memory. The Go, nginx and redis rows without keep-alive also
 # run natively under `ax-bench null-supervisor` (ax's filter, every trapped
 # call answered CONTINUE: what trapping alone costs), and Go over native
 # AF_UNIX, for the ceiling any broker behind this filter could reach. Run by
@@ -15,7 +16,7 @@
 #                         PROGRAMS_ROUNDS rounds, default 3; PROGRAMS_CONC, default 50;
 #                         PROGRAMS_PG_SECONDS seconds per pgbench run, default 5;
 #                         PROGRAMS_ONLY: a comma-separated subset of
-#                         go,nginx,pg,percall,floor,metrics, default all)
+#                         go,nginx,redis,pg,percall,floor,metrics, default all)
 #
 # The "pg" rows run postgres (initdb and the server, natively on
 # 127.0.0.1:5433 and under ax on 10.233.7.15:5432), pgbench and an ax daemon
@@ -26,7 +27,8 @@
 # The "metrics" row is the cost of counting (`ax daemon --metrics`): the
 # connection rate of `ax-bench client --mode connrate` (next to AX) through
 # a daemon with --metrics and one without, alternately in each round.
-# A row whose program is missing (go, nginx, ab, postgres, pgbench) says so
+# A row whose program is missing (go, nginx, ab, redis-server,
+# redis-benchmark, postgres, pgbench) says so
 # and is skipped.
 set -euo pipefail
 AX="$1"
@@ -36,7 +38,7 @@ N="${PROGRAMS_N:-10000}"
 ROUNDS="${PROGRAMS_ROUNDS:-3}"
 CONC="${PROGRAMS_CONC:-50}"
 PG_SECS="${PROGRAMS_PG_SECONDS:-5}"
-ONLY="${PROGRAMS_ONLY:-go,nginx,pg,percall,floor,metrics}"
+ONLY="${PROGRAMS_ONLY:-go,nginx,redis,pg,percall,floor,metrics}"
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 if ip -o route show default 2>/dev/null | grep -q . || [ "$(ip -o link show | grep -vc ' lo:')" -ne 0 ]; then
@@ -136,6 +138,7 @@ fi
 GOH="$TMP/go/gohttp"
 VIP=10.233.7.10   # Go server
 VIP_NGINX=10.233.7.11
+VIP_REDIS=10.233.7.17
 VIP_PY=10.233.7.12
 if [ "$GO_OK" = 1 ]; then
     "$GOH" serve 127.0.0.1:8081 >"$TMP/gon.out" 2>"$TMP/gon.out.err" &
@@ -269,6 +272,74 @@ CONF
     done
 else
     ROWS+=("nginx + ab (nginx or apache2-utils not installed)")
+fi
+
+# --- redis + redis-benchmark ---------------------------------------------------------
+# A new connection per request (-k 0), GET of a key that is not there: what
+# a connection-per-request client of a small server costs. The server under
+# ax runs with --protected-mode no: a client in another app comes from its
+# VIP, which protected mode refuses as it would a remote one.
+if ! want redis; then
+    :
+elif command -v redis-server >/dev/null 2>&1 && command -v redis-benchmark >/dev/null 2>&1; then
+    redis_sides="native ax unix"
+    [ "$TRAPPED_OK" = 1 ] && redis_sides+=" trapped"
+    for side in $redis_sides; do
+        d="$TMP/redis-$side"
+        mkdir -p "$d"
+        args=(--save "" --appendonly no --dir "$d" --protected-mode no)
+        case $side in
+            ax) "${AXX[@]}" --ip "$VIP_REDIS" -- redis-server --port 6379 "${args[@]}" >"$d/log" 2>&1 & ;;
+            native) redis-server --bind 127.0.0.1 --port 6380 "${args[@]}" >"$d/log" 2>&1 & ;;
+            unix) redis-server --port 0 --unixsocket "$d/redis.sock" "${args[@]}" >"$d/log" 2>&1 & ;;
+            trapped)
+                "$BENCH" null-supervisor -- redis-server --bind 127.0.0.1 --port 6381 "${args[@]}" >"$d/log" 2>&1 &
+                RDT_SUP=$!
+                ;;
+        esac
+        PIDS+=($!)
+    done
+    wait_port 127.0.0.1 6380
+    [ "$TRAPPED_OK" = 1 ] && wait_port 127.0.0.1 6381
+    for _ in $(seq 400); do
+        [ -S "$TMP/redis-unix/redis.sock" ] && break
+        sleep 0.025
+    done
+    for _ in $(seq 400); do
+        "${AXX[@]}" -- redis-benchmark -h "$VIP_REDIS" -p 6379 -q -n 1 -t ping 2>/dev/null | grep -q "requests per second" && break
+        sleep 0.025
+    done
+    # requests a second of a `redis-benchmark -q` run (its last result line;
+    # progress lines end in carriage returns).
+    redis_rps() { tr '\r' '\n' | awk '/requests per second/ {v = $2} END {print v}'; }
+    rb=(timeout 300 redis-benchmark -q -k 0 -c "$CONC" -n "$N" -t get)
+    row="redis + redis-benchmark -c $CONC -t get, keep-alive off"
+    ROWS+=("$row")
+    CEIL_ROWS+=("$row")
+    for r in $(seq "$ROUNDS"); do
+        for side in $redis_sides; do
+            if [ $side = ax ]; then
+                c0=$(dcpu)
+                out=$("${AXX[@]}" -- "${rb[@]}" -h "$VIP_REDIS" -p 6379 2>&1)
+                c1=$(dcpu)
+                CPU["$row"]+=" $(us_per "$c0" "$c1" "$N")"
+            elif [ $side = trapped ]; then
+                c0=$(cpu_of "$RDT_SUP")
+                out=$(trapped_run "${rb[@]}" -h 127.0.0.1 -p 6381)
+                c1=$(cpu_of "$RDT_SUP")
+                sup_note "$row" "$c0" "$c1" "$N"
+            elif [ $side = unix ]; then
+                out=$("${rb[@]}" -s "$TMP/redis-unix/redis.sock" 2>&1)
+            else
+                out=$("${rb[@]}" -h 127.0.0.1 -p 6380 2>&1)
+            fi
+            rps=$(redis_rps <<<"$out")
+            [ -n "$rps" ] || echo "programs: $row ($side): no result: $(tail -c 300 <<<"$out")" >&2
+            RES["$row,$side"]+=" ${rps:-nan}"
+        done
+    done
+elif want redis; then
+    ROWS+=("redis + redis-benchmark (redis-server or redis-tools not installed)")
 fi
 
 # --- PostgreSQL + pgbench -----------------------------------------------------------
