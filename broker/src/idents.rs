@@ -103,10 +103,41 @@ struct Entry {
     inherited: bool,
 }
 
+/// Hashes a key the kernel assigned (a socket cookie or inode): numbers
+/// nobody chooses, counted up, which one multiplication spreads over the
+/// table (SipHash, the default, guards against keys an attacker picks and
+/// costs several times as much on a path every connection takes).
+#[derive(Default, Clone, Copy)]
+struct KernelNumberHasher(u64);
+
+impl std::hash::Hasher for KernelNumberHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits, which hashbrown uses for its
+        // control bytes, depend on every bit of the key.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type KernelNumbers = std::hash::BuildHasherDefault<KernelNumberHasher>;
+
 struct Inner {
-    map: HashMap<u64, Entry>,
+    map: HashMap<u64, Entry, KernelNumbers>,
     /// Cookie by (32-bit) inode.
-    by_inode: HashMap<u32, u64>,
+    by_inode: HashMap<u32, u64, KernelNumbers>,
     /// Client sockets a sweep found live, by [`pair_key`] (how many share
     /// the key). A socket counts only once a sweep saw it: entries of
     /// closed connections linger until two sweeps miss them, and a busy
@@ -237,8 +268,8 @@ impl Idents {
     /// back if a predecessor of this boot left one), or in memory only.
     pub(crate) fn open(instance: u32, path: Option<&Path>) -> std::sync::Arc<Self> {
         let mut inner = Inner {
-            map: HashMap::with_capacity(RESERVED),
-            by_inode: HashMap::with_capacity(RESERVED),
+            map: HashMap::with_capacity_and_hasher(RESERVED, KernelNumbers::default()),
+            by_inode: HashMap::with_capacity_and_hasher(RESERVED, KernelNumbers::default()),
             pairs: HashMap::new(),
             free: Vec::with_capacity(RESERVED),
             next_slot: 0,

@@ -18,6 +18,8 @@ pub struct FdKeeper {
     pid: u32,
     start_time: u64,
     pidfd: OwnedFd,
+    /// Set by [`FdKeeper::stop`], for [`FdKeeper::watch`].
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FdKeeper {
@@ -33,6 +35,7 @@ impl FdKeeper {
             pid,
             start_time,
             pidfd,
+            stopping: Default::default(),
         })
     }
 
@@ -60,8 +63,32 @@ impl FdKeeper {
         )
     }
 
+    /// Calls `on_exit` from a thread of its own once the keeper has
+    /// exited, with `true` when [`FdKeeper::stop`] ended it.
+    ///
+    /// # Errors
+    /// Why the pidfd could not be duplicated or the thread not started.
+    pub fn watch(&self, on_exit: impl FnOnce(bool) + Send + 'static) -> io::Result<()> {
+        let pidfd = self.pidfd.try_clone()?;
+        let stopping = self.stopping.clone();
+        std::thread::Builder::new()
+            .name("ax-keeper-watch".into())
+            .spawn(move || {
+                // A pidfd polls readable once its process has exited.
+                let mut fds = [rustix::event::PollFd::new(
+                    &pidfd,
+                    rustix::event::PollFlags::IN,
+                )];
+                while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+                on_exit(stopping.load(std::sync::atomic::Ordering::SeqCst));
+            })?;
+        Ok(())
+    }
+
     /// Ends it (the daemon is stopping cleanly).
     pub fn stop(self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = ax_sys::process::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
     }
 }

@@ -76,6 +76,10 @@ pub(crate) struct Shared {
     pub(crate) tidy: Arc<crate::tidy::Tidy>,
     /// Looks at the blocking accepts parked for a while, for every loop.
     pub(crate) watch: Arc<crate::watch::Watch>,
+    /// Whether an fd keeper shares this process's fd table (see
+    /// [`Broker::kept_by`]): then a connection being handed to a server
+    /// outlives the daemon without a duplicate in the app's stash.
+    pub(crate) fd_kept: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Shared {
@@ -147,6 +151,7 @@ impl Broker {
                 idents,
                 tidy: Arc::default(),
                 watch: Arc::default(),
+                fd_kept: Arc::default(),
                 config,
             }),
         }
@@ -203,6 +208,31 @@ impl Broker {
     /// closed one leaves its name free).
     pub fn listener_alive(&self, endpoint: &ax_registry::UnixEndpoint) -> bool {
         crate::handlers::endpoint_alive(&self.shared, endpoint)
+    }
+
+    /// Tells the broker that `keeper` shares its fd table, until the keeper
+    /// exits. A connection accepted for a server is then parked in the
+    /// app's stash only where no keeper runs: the keeper already holds it
+    /// if the daemon dies before the server has it, and a successor
+    /// collects it from there ([`keeper::salvage`]) — one `sendmsg`, one
+    /// `recvmsg` and one `close` fewer per connection.
+    ///
+    /// [`keeper::salvage`]: crate::keeper::salvage
+    pub fn kept_by(&self, keeper: &crate::keeper::FdKeeper) {
+        let kept = self.shared.fd_kept.clone();
+        kept.store(true, std::sync::atomic::Ordering::SeqCst);
+        let watched = keeper.watch(move |stopped| {
+            kept.store(false, std::sync::atomic::Ordering::SeqCst);
+            if !stopped {
+                tracing::warn!("the fd keeper exited; connections are parked in each app's stash while they are handed over");
+            }
+        });
+        if let Err(e) = watched {
+            self.shared
+                .fd_kept
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(error = %e, "cannot watch the fd keeper; connections are parked in each app's stash while they are handed over");
+        }
     }
 
     /// Treats `app` as restricting itself (see `handlers::restrict`): its

@@ -9,6 +9,11 @@
 //! install is done the duplicate is taken back out and closed; a successor
 //! daemon drains whatever is left and installs it for the accepts its
 //! predecessor did not finish.
+//!
+//! While the daemon's fd keeper runs ([`crate::keeper`]), connections being
+//! handed over skip the stash: the keeper shares the daemon's fd table and
+//! holds them already (see `Broker::kept_by`). The stash then only carries
+//! the connections a successor collected from its predecessor's keeper.
 
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,

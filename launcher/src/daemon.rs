@@ -539,6 +539,7 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             if let Err(e) = write_private(&keeper_path, k.record().as_bytes()) {
                 tracing::warn!(file = %keeper_path.display(), error = %e, "cannot record the fd keeper");
             }
+            broker.kept_by(&k);
             Some(k)
         }
         Err(e) => {

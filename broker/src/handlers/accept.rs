@@ -529,11 +529,16 @@ fn hand_over(
     v6: bool,
     cloexec: bool,
 ) -> Result<Outcome, Errno> {
-    // Park a duplicate where it outlives this daemon (see crate::Stash).
-    let stashed = call
-        .stash
-        .as_ref()
-        .is_some_and(|s| s.put(conn.as_fd()).is_ok());
+    // Park a duplicate where it outlives this daemon (see crate::Stash),
+    // unless the fd keeper, which shares this table, holds it already.
+    let stashed = !call
+        .shared
+        .fd_kept
+        .load(std::sync::atomic::Ordering::Relaxed)
+        && call
+            .stash
+            .as_ref()
+            .is_some_and(|s| s.put(conn.as_fd()).is_ok());
     // The client's address first, as the kernel's accept copies it before
     // the program has the connection: a bad addr/addrlen loses the
     // connection and fails the call.
