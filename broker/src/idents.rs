@@ -331,6 +331,7 @@ impl Idents {
                 .ok()
                 .map(File::from)
         });
+        let kept_entries = inner.map.len();
         let idents = std::sync::Arc::new(Idents {
             secret,
             live: std::sync::OnceLock::new(),
@@ -339,11 +340,19 @@ impl Idents {
             inner: Mutex::new(inner),
         });
         let weak = std::sync::Arc::downgrade(&idents);
+        // Entries read back from a predecessor are swept at once: most name
+        // connections closed long ago (a record stays in the file until its
+        // slot is reused), and an entry goes only at its second miss, a
+        // sweep period later. A daemon restarted every few seconds under
+        // load would otherwise pile up its predecessors' dead entries until
+        // the table was full and refused connections.
+        let mut inherited = kept_entries > 0;
         let spawned = std::thread::Builder::new()
             .name("ax-idents".into())
             .spawn(move || loop {
                 let Some(idents) = weak.upgrade() else { return };
-                {
+                let at_once = std::mem::take(&mut inherited);
+                if !at_once {
                     let inner = idents.inner.lock().unwrap_or_else(|e| e.into_inner());
                     // Sleeps holding a strong reference for one period at
                     // most: the table goes a period after its broker.
@@ -351,7 +360,7 @@ impl Idents {
                         .wake
                         .wait_timeout_while(inner, SWEEP_EVERY, |i| i.fresh < SWEEP_NOW);
                 }
-                if idents.sweep_due() {
+                if at_once || idents.sweep_due() {
                     idents.sweep();
                 }
             });
@@ -878,6 +887,31 @@ mod tests {
         assert!(ids.client_taken(&n), "gone after one miss");
         ids.sweep();
         assert!(!ids.client_taken(&n));
+    }
+
+    #[test]
+    fn a_successor_sweeps_its_predecessors_dead_entries_at_once() {
+        let path = std::env::temp_dir().join(format!("ax-idents-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let n = client("10.233.0.4:40000", "10.233.0.9:80");
+        {
+            let ids = Idents::open(9, Some(&path));
+            // Inodes no socket has: connections closed since.
+            ids.insert(21, u64::MAX - 3, Kind::Own, n, None).unwrap();
+            ids.insert(22, u64::MAX - 4, Kind::Peer, n, Some(false))
+                .unwrap();
+        }
+        let again = Idents::open(9, Some(&path));
+        // Two sweeps a period apart, the first at once: before, a quiet
+        // table waited 30 s for its first sweep, and a daemon restarted
+        // every few seconds never swept what it inherited.
+        let deadline = Instant::now() + SWEEP_EVERY * 5;
+        while again.get(21).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(again.get(21), None);
+        assert_eq!(again.get(22), None);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
